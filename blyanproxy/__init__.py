@@ -1,0 +1,1 @@
+"""blyanproxy: a streaming reverse proxy and load balancer for GPU inference nodes."""

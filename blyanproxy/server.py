@@ -1,0 +1,133 @@
+"""The listening side: the request class, the root resource and the ``Site``."""
+
+from __future__ import annotations
+
+from typing import Dict
+
+
+from twisted.web import server
+from twisted.web.resource import Resource
+
+from .errors import ProxyError, write_error
+from .logs import logger
+
+log = logger("server")
+
+
+def body_too_large(limit: int) -> ProxyError:
+    """The 413 for a body over ``limit`` bytes."""
+    return ProxyError(413, "body_too_large", f"the request body exceeds {limit} bytes")
+
+
+class _Sink:
+    """A file-like object that forgets what is written (the body of a refused request)."""
+
+    def write(self, data: bytes) -> None:
+        """Drop ``data``."""
+
+    def seek(self, *args) -> int:
+        return 0
+
+    def read(self, *args) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+class ProxyRequest(server.Request):
+    """A request that refuses an oversized body as soon as its size is known.
+
+    A declared ``Content-Length`` over the site's ``max_body_bytes`` is answered
+    413 before the body is read; a chunked body is refused the moment it
+    passes the limit. Either way the connection closes and nothing is kept.
+    """
+
+    _refused = False
+    _received = 0
+
+    def gotLength(self, length) -> None:
+        limit = self.channel.site.max_body_bytes
+        if length is not None and length > limit:
+            self._refuse(limit)
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        limit = self.channel.site.max_body_bytes
+        if self._received > limit:
+            self.content.close()
+            self._refuse(limit)
+            return
+        super().handleContentChunk(data)
+
+    def _refuse(self, limit: int) -> None:
+        self._refused = True
+        self.content = _Sink()
+        # No "100 Continue" after the refusal: the channel reads Expect after gotLength.
+        self.requestHeaders.removeHeader(b"expect")
+        log.info(
+            "refused {method} {path} from {client}: body over {limit} bytes",
+            method=self.method, path=self.path, client=self.getClientAddress(), limit=limit,
+        )
+        self.channel.transport.write(body_too_large(limit).raw_response())
+        self.channel.transport.loseConnection()
+
+    def process(self) -> None:
+        if not self._refused:
+            super().process()
+
+
+class RootResource(Resource):
+    """Dispatch: the proxy's own endpoints by exact path, everything else to the forwarder.
+
+    ``prefixes`` own a whole subtree (``/_admin/...``); ``exact`` answer only their
+    own path (``/health``), so ``/health/x`` still goes to a node.
+    """
+
+    def __init__(self, forwarder: Resource, prefixes: Dict[bytes, Resource], exact: Dict[bytes, Resource]):
+        super().__init__()
+        self._forwarder = forwarder
+        self._prefixes = prefixes
+        self._exact = exact
+
+    def getChildWithDefault(self, name: bytes, request):
+        if name in self._prefixes:
+            return self._prefixes[name]
+        if name in self._exact and not request.postpath:
+            return self._exact[name]
+        request.postpath.insert(0, request.prepath.pop())
+        return self._forwarder
+
+
+class ProxySite(server.Site):
+    """The ``Site`` for the proxy: our request class, no form parsing, no per-request log line."""
+
+    noisy = False
+
+    def __init__(self, root: Resource, max_body_bytes: int, reactor=None) -> None:
+        # Request bodies are forwarded, never parsed as forms (Twisted >= 25.5).
+        super().__init__(
+            root, requestFactory=ProxyRequest, reactor=reactor, parsePOSTFormSubmission=False
+        )
+        self.max_body_bytes = max_body_bytes
+
+    def log(self, request) -> None:
+        """Access logging is the proxy's own job, not twisted.web's."""
+
+
+class NotFoundResource(Resource):
+    """Answers every path with a JSON 404 (a reserved prefix with nothing behind it yet)."""
+
+    isLeaf = True
+
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self._message = message
+
+    def render(self, request):
+        write_error(request, ProxyError(404, "not_found", self._message))
+        return server.NOT_DONE_YET

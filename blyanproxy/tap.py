@@ -1,0 +1,183 @@
+"""``twistd blyan-proxy``: the command-line options and the composition root.
+
+``makeService`` builds every object from the ``Settings`` and returns one
+``MultiService``; nothing below it reads the environment or imports the reactor.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.application import strports
+from twisted.application.service import MultiService, Service
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+from .balancer import Balancer, rotating_chooser
+from .config import LISTEN_OPTION, SETTINGS, ConfigError, NodeSpec, Settings, settings_from
+from .logs import logger, set_log_level
+from .nodes import Node, NodeRegistry, new_node_id
+from .proxy import ProxyResource
+from .server import NotFoundResource, ProxySite, RootResource
+from .upstream import NodeTLSPolicy, PoolSettings, load_trust_root, make_agent
+
+log = logger("tap")
+
+
+def _option_help(setting) -> str:
+    env = f"env {setting.env}, " if setting.env else ""
+    return f"{setting.meaning} [{env}default {setting.default}]"
+
+
+class Options(usage.Options):
+    """Options of ``twistd blyan-proxy``; each has an environment variable (see README)."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Streaming reverse proxy and load balancer for GPU inference nodes. Settings come from "
+        "built-in defaults, then environment variables, then these options. Nodes come from "
+        "NODE_<n>=name|url[|weight=N|tags=a,b|tls_verify=false] variables and --node."
+    )
+    optParameters = [[LISTEN_OPTION.option, "p", None, _option_help(LISTEN_OPTION)]] + [
+        [setting.option, None, None, _option_help(setting)]
+        for setting in SETTINGS
+        if setting.option is not None
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.node_options: list = []
+        self.settings: Settings = Settings()
+
+    def opt_node(self, value: str) -> None:
+        """Add a node: name|url[|weight=N|tags=a,b|tls_verify=false] (repeatable)."""
+        self.node_options.append(value)
+
+    def postOptions(self) -> None:
+        try:
+            self.settings = settings_from(os.environ, self, self.node_options)
+        except ConfigError as exc:
+            raise usage.UsageError(str(exc)) from None
+        from twisted.internet import reactor
+
+        try:
+            serverFromString(reactor, self.settings.listen)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise usage.UsageError(f"--port: {self.settings.listen!r} is not usable ({exc})") from None
+        if self.settings.tls_ca_file:
+            try:
+                load_trust_root(self.settings.tls_ca_file)
+            except ValueError as exc:
+                raise usage.UsageError(f"TLS_CA_FILE: {exc}") from None
+
+
+def node_from_spec(spec: NodeSpec, now: float) -> Node:
+    """A registry ``Node`` for a node named in the environment or on the command line."""
+    return Node(
+        id=new_node_id(),
+        name=spec.name,
+        base_url=spec.base_url,
+        tags=spec.tags,
+        weight=spec.weight,
+        tls_verify=spec.tls_verify,
+        added_at=now,
+    )
+
+
+class _PoolService(Service):
+    """Closes the upstream connection pool when the proxy stops."""
+
+    def __init__(self, pool) -> None:
+        self._pool = pool
+
+    def stopService(self):
+        super().stopService()
+        return self._pool.closeCachedConnections()
+
+
+class DemoNodesService(Service):
+    """Starts simulated nodes on free loopback ports and registers them (``--demo N``)."""
+
+    def __init__(self, reactor, registry: NodeRegistry, count: int) -> None:
+        self._reactor = reactor
+        self._registry = registry
+        self._count = count
+        self._ports: list = []
+
+    def startService(self) -> None:
+        from .devnode import DevNodeConfig, listen_devnode
+
+        super().startService()
+        for index in range(self._count):
+            config = DevNodeConfig(name=f"demo-{index}")
+            _, port = listen_devnode(self._reactor, config)
+            self._ports.append(port)
+            url = f"http://127.0.0.1:{port.getHost().port}"
+            self._registry.add(
+                Node(id=new_node_id(), name=config.name, base_url=url, added_at=self._reactor.seconds())
+            )
+            log.info("demo node {name} listening on {url}", name=config.name, url=url)
+
+    def stopService(self):
+        super().stopService()
+        from twisted.internet.defer import gatherResults
+
+        ports, self._ports = self._ports, []
+        return gatherResults([port.stopListening() for port in ports])
+
+
+def build_proxy(settings: Settings, reactor):
+    """The proxy's parts for ``settings``: ``(site, registry, pool, services)``."""
+    registry = NodeRegistry()
+    for spec in settings.nodes:
+        registry.add(node_from_spec(spec, reactor.seconds()))
+    trust_root = load_trust_root(settings.tls_ca_file) if settings.tls_ca_file else None
+
+    def verify_for(host: bytes, port: int) -> bool:
+        for node in registry.nodes():
+            if node.url.host.encode("ascii") == host and node.url.port == port:
+                return node.tls_verify
+        return True
+
+    tls_policy = NodeTLSPolicy(verify_for, trust_root)
+    agent, pool = make_agent(
+        reactor,
+        PoolSettings(
+            max_idle_per_node=settings.pool_max_idle,
+            idle_timeout=settings.pool_idle_timeout,
+            connect_timeout=settings.connect_timeout,
+        ),
+        tls_policy,
+    )
+    balancer = Balancer(registry, rotating_chooser())
+    forwarder = ProxyResource(balancer, agent, tls_policy, reactor, settings, reactor)
+    root = RootResource(
+        forwarder,
+        prefixes={b"_admin": NotFoundResource("no such admin route")},
+        exact={},
+    )
+    site = ProxySite(root, settings.max_body_bytes, reactor=reactor)
+    return site, registry, pool
+
+
+def make_proxy_service(settings: Settings, reactor) -> MultiService:
+    """Every service of one proxy process, as children of one ``MultiService``."""
+    set_log_level(settings.log_level)
+    site, registry, pool = build_proxy(settings, reactor)
+    top = MultiService()
+    _PoolService(pool).setServiceParent(top)
+    if settings.demo:
+        DemoNodesService(reactor, registry, settings.demo).setServiceParent(top)
+    strports.service(settings.listen, site, reactor=reactor).setServiceParent(top)
+    log.info(
+        "blyan-proxy on {listen}: {count} node(s), policy {policy}",
+        listen=settings.listen, count=len(settings.nodes) + settings.demo, policy=settings.selection_policy,
+    )
+    return top
+
+
+def makeService(options: Options) -> MultiService:
+    """twistd's entry point."""
+    from twisted.internet import reactor
+
+    return make_proxy_service(options.settings, reactor)
