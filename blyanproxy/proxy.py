@@ -12,6 +12,7 @@ from typing import Optional, Set
 
 from twisted.internet import defer, error
 from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
 
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
@@ -55,6 +56,11 @@ def classify_failure(failure) -> tuple:
     if isinstance(value, ResponseFailed):
         return "upstream_broke", ProxyError(502, "upstream_failed", "the node's response broke off")
     return "upstream_error", ProxyError(502, "upstream_failed", "the request to the node failed")
+
+
+def _timed_out(result, timeout: float):
+    """Whatever a cancelled attempt failed with, a timeout is what happened."""
+    return Failure(defer.TimeoutError(f"no response headers within {timeout:g} s"))
 
 
 class _Discard(Protocol):
@@ -126,7 +132,7 @@ class Exchange:
             Headers(dict(headers)),
             body_producer(self._method, self._body),
         )
-        d.addTimeout(self._settings.proxy_timeout, self._forwarder.clock)
+        d.addTimeout(self._settings.proxy_timeout, self._forwarder.clock, onTimeoutCancel=_timed_out)
         self._pending = d
         d.addCallbacks(self._on_response, self._on_failure, callbackArgs=(lease,), errbackArgs=(lease,))
 

@@ -70,8 +70,8 @@ class ProxyRequest(server.Request):
         # No "100 Continue" after the refusal: the channel reads Expect after gotLength.
         self.requestHeaders.removeHeader(b"expect")
         log.info(
-            "refused {method} {path} from {client}: body over {limit} bytes",
-            method=self.method, path=self.path, client=self.getClientAddress(), limit=limit,
+            "refused a request from {client}: body over the {limit}-byte limit",
+            client=getattr(self.getClientAddress(), "host", "unknown"), limit=limit,
         )
         self.channel.transport.write(body_too_large(limit).raw_response())
         self.channel.transport.loseConnection()
@@ -95,11 +95,12 @@ class RootResource(Resource):
         self._exact = exact
 
     def getChildWithDefault(self, name: bytes, request):
+        # twisted.web announces its name and version; the proxy does not.
+        request.responseHeaders.removeHeader(b"server")
         if name in self._prefixes:
             return self._prefixes[name]
         if name in self._exact and not request.postpath:
             return self._exact[name]
-        request.postpath.insert(0, request.prepath.pop())
         return self._forwarder
 
 

@@ -1,6 +1,13 @@
 """Fixtures shared by every test module."""
 
+import attrs
 import pytest
+import pytest_twisted
+from twisted.internet.defer import ensureDeferred
+from twisted.protocols.policies import WrappingFactory
+
+from blyanproxy.config import NodeSpec, Settings
+from blyanproxy.tap import build_proxy
 
 
 @pytest.fixture
@@ -9,3 +16,45 @@ def reactor():
     from twisted.internet import reactor as global_reactor
 
     return global_reactor
+
+
+class RunningProxy:
+    """A proxy built from ``Settings`` and listening on 127.0.0.1 (see ``proxy_factory``)."""
+
+    def __init__(self, settings, site, registry, pool, port, connections):
+        self.settings = settings
+        self.site = site
+        self.registry = registry
+        self.pool = pool
+        self.port = port
+        self.connections = connections
+        self.url = f"http://127.0.0.1:{port.getHost().port}"
+
+    async def stop(self):
+        """Stop listening, cut open client connections and close the upstream pool."""
+        await self.port.stopListening()
+        for protocol in list(self.connections.protocols):
+            protocol.transport.abortConnection()
+        await self.pool.closeCachedConnections()
+
+
+@pytest.fixture
+def proxy_factory(reactor):
+    """Start proxies: ``await proxy_factory([node_url, ...], **settings)``; stopped at teardown."""
+    running = []
+
+    async def start(node_urls=(), **overrides):
+        nodes = tuple(
+            NodeSpec(name=f"node{i}", base_url=url, source="test") for i, url in enumerate(node_urls)
+        )
+        settings = attrs.evolve(Settings(), nodes=nodes, **overrides)
+        site, registry, pool = build_proxy(settings, reactor)
+        connections = WrappingFactory(site)
+        port = reactor.listenTCP(0, connections, interface="127.0.0.1")
+        proxy = RunningProxy(settings, site, registry, pool, port, connections)
+        running.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in running:
+        pytest_twisted.blockon(ensureDeferred(proxy.stop()))

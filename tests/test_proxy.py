@@ -1,0 +1,112 @@
+"""The forwarding engine's timeouts and refusals, driven by a MemoryReactorClock (no sockets)."""
+
+import io
+import json
+
+import attrs
+from twisted.internet import error
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.web.test.requesthelper import DummyRequest
+
+from blyanproxy.config import NodeSpec, Settings
+from blyanproxy.tap import build_proxy
+
+
+class Request(DummyRequest):
+    """A DummyRequest with the few extras the proxy reads."""
+
+    def __init__(self, uri: bytes, method: bytes = b"GET", body: bytes = b""):
+        super().__init__([part for part in uri.split(b"?")[0].split(b"/")[1:]])
+        self.uri = uri
+        self.method = method
+        self.content = io.BytesIO(body)
+
+    def isSecure(self):
+        return False
+
+    @property
+    def body(self):
+        return json.loads(b"".join(self.written))
+
+
+def proxy_on(reactor, *urls, **overrides):
+    nodes = tuple(NodeSpec(name=f"n{i}", base_url=u, source="t") for i, u in enumerate(urls))
+    site, registry, _ = build_proxy(attrs.evolve(Settings(), nodes=nodes, **overrides), reactor)
+    return site.resource, registry
+
+
+def render(root, request):
+    resource = root.getChildWithDefault(request.postpath.pop(0), request)
+    resource.render(request)
+    return request
+
+
+def fail_connect(reactor, index, exception):
+    """Make the index-th connection attempt fail as the reactor would."""
+    factory = reactor.tcpClients[index][2]
+    factory.clientConnectionFailed(reactor.connectors[index], Failure(exception))
+    reactor.advance(0.5)  # HostnameEndpoint reports once its attempt loop has ended
+
+
+def test_connect_timeout_is_504_after_every_attempt():
+    reactor = MemoryReactorClock()
+    root, registry = proxy_on(reactor, "http://10.1.1.1:8000", "http://10.1.1.2:8001", connect_timeout=4.5)
+    request = render(root, Request(b"/v1/models"))
+    assert [(c[1], c[3]) for c in reactor.tcpClients] == [(8000, 4.5)]  # the timeout reaches connect
+    fail_connect(reactor, 0, error.TimeoutError())
+    assert [(c[1], c[3]) for c in reactor.tcpClients] == [(8000, 4.5), (8001, 4.5)]  # failed over
+    fail_connect(reactor, 1, error.TimeoutError())
+    assert request.responseCode == 504
+    assert request.body == {"error": "connecting to the node timed out", "code": "upstream_timeout"}
+    assert [registry.stats(n.id).last_failure for n in registry.nodes()] == ["connect_timeout"] * 2
+    assert all(registry.stats(n.id).in_flight == 0 for n in registry.nodes())
+
+
+def test_response_header_timeout_is_504():
+    reactor = MemoryReactorClock()
+    root, registry = proxy_on(reactor, "http://10.1.1.1:8000", proxy_timeout=30.0, connect_timeout=5.0)
+    request = render(root, Request(b"/v1/models"))
+    host, port, factory, _, _ = reactor.tcpClients[0]
+    from twisted.internet.testing import StringTransport
+
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    reactor.advance(29)
+    assert transport.value().startswith(b"GET /v1/models HTTP/1.1")
+    assert not request.finished
+    reactor.advance(2)
+    assert request.responseCode == 504
+    assert request.body["code"] == "upstream_timeout"
+    assert registry.stats(registry.nodes()[0].id).last_failure == "response_timeout"
+
+
+def test_client_leaving_before_the_answer_cancels_the_attempt():
+    reactor = MemoryReactorClock()
+    root, registry = proxy_on(reactor, "http://10.1.1.1:8000")
+    request = render(root, Request(b"/v1/models"))
+    node = registry.nodes()[0]
+    assert registry.stats(node.id).in_flight == 1
+    request.processingFailed(Failure(error.ConnectionLost("client gone")))
+    assert registry.stats(node.id).in_flight == 0
+    assert not reactor.getDelayedCalls() or all(not c.active() for c in reactor.getDelayedCalls())
+
+
+def test_admin_prefix_is_never_forwarded():
+    reactor = MemoryReactorClock()
+    root, _ = proxy_on(reactor, "http://10.1.1.1:8000")
+    request = render(root, Request(b"/_admin/anything/below"))
+    assert request.responseCode == 404
+    assert request.body["code"] == "not_found"
+    assert reactor.tcpClients == []
+
+
+def test_authority_form_target_is_400():
+    reactor = MemoryReactorClock()
+    root, _ = proxy_on(reactor, "http://10.1.1.1:8000")
+    request = Request(b"/x")
+    request.uri = b"evil.example.com:443"
+    render(root, request)
+    assert request.responseCode == 400
+    assert reactor.tcpClients == []
