@@ -175,7 +175,6 @@ class Exchange:
         request = self._request
         request.setResponseCode(response.code, response.phrase)
         out = request.responseHeaders
-        out.removeHeader(b"server")
         for name, values in downstream_response_headers(response.headers.getAllRawHeaders()):
             out.setRawHeaders(name, values)
         out.setRawHeaders(b"X-Blyan-Node", [lease.node.name.encode("utf-8", "replace")])

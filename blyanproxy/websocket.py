@@ -156,7 +156,8 @@ class _Splice(Protocol):
     def _refusal_done(self, extra: bytes = b"") -> None:
         if not self._ended:
             self._ended = True
-            self._attempt.request.finish()
+            if self._attempt.request.channel is not None:
+                self._attempt.request.finish()
             self.transport.loseConnection()
             self._attempt.lease.release()
 
@@ -193,8 +194,7 @@ class _Splice(Protocol):
                 self._refusal_done()
         elif not self._ended:
             self._ended = True
-            self._attempt.lease.failed("no_response")
-            self._attempt.retry(ProxyError(502, "upstream_failed", "the node closed the connection without answering"))
+            self._attempt.lost_before_answer()
 
 
 class _Handshake:
@@ -210,6 +210,9 @@ class _Handshake:
         self._attempts = 0
         self._pending: Optional[defer.Deferred] = None
         self._timeout = None
+        self._splice: Optional[_Splice] = None
+        self._answered = False
+        self._timed_out_waiting = False
         self._client_gone = False
         request.notifyFinish().addErrback(self._on_client_gone)
 
@@ -228,6 +231,8 @@ class _Handshake:
         self._attempts += 1
         self._excluded.add(lease.node.id)
         self.lease = lease
+        self._splice = None
+        self._timed_out_waiting = False
         node = lease.node
         headers = upstream_request_headers(
             self.request.requestHeaders.getAllRawHeaders(),
@@ -260,18 +265,30 @@ class _Handshake:
 
     def answered(self) -> None:
         """The node sent its handshake answer."""
+        self._answered = True
         self._cancel_timeout()
+
+    def lost_before_answer(self) -> None:
+        """The node's connection closed before its handshake answer: try the next node."""
+        if self._client_gone:
+            self.lease.release()
+        elif self._timed_out_waiting:
+            self.lease.failed("response_timeout")
+            self.retry(ProxyError(504, "upstream_timeout", "the node did not answer the upgrade in time"))
+        else:
+            self.lease.failed("no_response")
+            self.retry(ProxyError(502, "upstream_failed", "the node closed the connection without answering"))
 
     def _timed_out(self) -> None:
         self._timeout = None
         if self._pending is not None:
             self._pending.cancel()
             self._pending = None
+            self.lease.failed("connect_timeout")
+            self.retry(ProxyError(504, "upstream_timeout", "connecting to the node timed out"))
         else:
+            self._timed_out_waiting = True
             self._splice.transport.abortConnection()
-            return
-        self.lease.failed("response_timeout")
-        self.retry(ProxyError(504, "upstream_timeout", "the node did not answer the upgrade in time"))
 
     def _cancel_timeout(self) -> None:
         if self._timeout is not None and self._timeout.active():
@@ -289,6 +306,8 @@ class _Handshake:
         self._cancel_timeout()
         if self._pending is not None:
             self._pending.cancel()
+        elif self._splice is not None and not self._answered:
+            self._splice.transport.abortConnection()
 
 
 class WebSocketForwarder:

@@ -375,3 +375,40 @@ async def test_websocket_fails_over_from_a_dead_node(devnode_factory, proxy_fact
             return ws.recv(timeout=5)
 
     assert await deferToThread(talk) == "again"
+
+
+@pytest_twisted.ensureDeferred
+async def test_websocket_handshake_timeout_fails_over(devnode_factory, proxy_factory):
+    hung = devnode_factory(hang=True)
+    node = devnode_factory()
+    proxy = await proxy_factory([hung.url, node.url], proxy_timeout=0.3)
+
+    def talk():
+        from websockets.sync.client import connect as ws_connect
+
+        with ws_connect(proxy.url.replace("http", "ws") + "/ws/echo", open_timeout=5) as ws:
+            ws.send("once more")
+            return ws.recv(timeout=5), ws.response.headers.get("X-Blyan-Node")
+
+    assert await deferToThread(talk) == ("once more", "node1")
+    hung_node = proxy.registry.nodes()[0]
+    assert proxy.registry.stats(hung_node.id).last_failure == "response_timeout"
+
+
+@pytest_twisted.ensureDeferred
+async def test_open_websockets_count_in_flight_until_closed(reactor, devnode_factory, proxy_factory):
+    node = devnode_factory()
+    proxy = await proxy_factory([node.url])
+    stats = proxy.registry.stats(proxy.registry.nodes()[0].id)
+
+    def talk():
+        from twisted.internet.threads import blockingCallFromThread
+        from websockets.sync.client import connect as ws_connect
+
+        with ws_connect(proxy.url.replace("http", "ws") + "/ws/echo", open_timeout=5) as ws:
+            ws.send("ping")
+            assert ws.recv(timeout=5) == "ping"
+            return blockingCallFromThread(reactor, lambda: stats.in_flight)
+
+    assert await deferToThread(talk) == 1
+    await eventually(reactor, lambda: stats.in_flight == 0)
