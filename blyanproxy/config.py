@@ -66,7 +66,7 @@ class Settings:
     max_attempts: int = 3
     retry_on_status: frozenset = frozenset({502, 503, 504})
     max_body_bytes: int = 32 * 1024 * 1024
-    pool_max_idle: int = 32
+    pool_max_idle: int = 128
     pool_idle_timeout: float = 4.0
     tls_ca_file: Optional[str] = None
     trust_forwarded: bool = False
@@ -246,7 +246,7 @@ SETTINGS = (
             "node statuses that fail over to another node (none: never)"),
     Setting("max_body_bytes", "MAX_BODY_BYTES", "max-body-bytes", str(32 * 1024 * 1024),
             _whole(0, 2**40), "largest request body accepted, in bytes (413 above)"),
-    Setting("pool_max_idle", "POOL_MAX_IDLE", "pool-max-idle", "32", _whole(0, 10000),
+    Setting("pool_max_idle", "POOL_MAX_IDLE", "pool-max-idle", "128", _whole(0, 10000),
             "idle keep-alive connections kept per node"),
     Setting("pool_idle_timeout", "POOL_IDLE_TIMEOUT_MS", "pool-idle-timeout-ms", "4000",
             _milliseconds(0.01), "milliseconds an idle upstream connection is kept"),

@@ -221,14 +221,13 @@ class ProxyResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, balancer: Balancer, agent, tls_policy, clock, settings: Settings, reactor) -> None:
+    def __init__(self, balancer: Balancer, agent, endpoints, clock, settings: Settings) -> None:
         super().__init__()
         self.balancer = balancer
         self.agent = agent
-        self.tls_policy = tls_policy
         self.clock = clock
         self.settings = settings
-        self._websockets = WebSocketForwarder(self, reactor)
+        self._websockets = WebSocketForwarder(self, endpoints)
 
     def no_node_error(self) -> ProxyError:
         """The 503 for a request no node can take."""

@@ -19,7 +19,7 @@ from .logs import logger, set_log_level
 from .nodes import Node, NodeRegistry, new_node_id
 from .proxy import ProxyResource
 from .server import NotFoundResource, ProxySite, RootResource
-from .upstream import NodeTLSPolicy, PoolSettings, load_trust_root, make_agent
+from .upstream import NodeEndpoints, NodeTLSPolicy, PoolSettings, load_trust_root, make_agent
 
 log = logger("tap")
 
@@ -139,18 +139,14 @@ def build_proxy(settings: Settings, reactor):
                 return node.tls_verify
         return True
 
-    tls_policy = NodeTLSPolicy(verify_for, trust_root)
+    endpoints = NodeEndpoints(reactor, NodeTLSPolicy(verify_for, trust_root), settings.connect_timeout)
     agent, pool = make_agent(
         reactor,
-        PoolSettings(
-            max_idle_per_node=settings.pool_max_idle,
-            idle_timeout=settings.pool_idle_timeout,
-            connect_timeout=settings.connect_timeout,
-        ),
-        tls_policy,
+        PoolSettings(max_idle_per_node=settings.pool_max_idle, idle_timeout=settings.pool_idle_timeout),
+        endpoints,
     )
     balancer = Balancer(registry, rotating_chooser())
-    forwarder = ProxyResource(balancer, agent, tls_policy, reactor, settings, reactor)
+    forwarder = ProxyResource(balancer, agent, endpoints, reactor, settings)
     root = RootResource(
         forwarder,
         prefixes={b"_admin": NotFoundResource("no such admin route")},

@@ -9,10 +9,22 @@ import attrs
 from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.defer import succeed
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, HTTPConnectionPool
-from twisted.web.client import _HTTP11ClientFactory
-from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    FileBodyProducer,
+    HTTPConnectionPool,
+    _HTTP11ClientFactory,
+)
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
 #: Bodies up to this size are written in one go; larger ones as paused/resumed chunks.
@@ -23,9 +35,8 @@ _ONE_WRITE_LIMIT = 64 * 1024
 class PoolSettings:
     """Sizing and timeouts of the upstream connection pool."""
 
-    max_idle_per_node: int = 32
+    max_idle_per_node: int = 128
     idle_timeout: float = 4.0
-    connect_timeout: float = 5.0
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):
@@ -83,19 +94,40 @@ class NodeTLSPolicy:
         return _UnverifiedTLS(hostname)
 
 
-def make_agent(reactor, settings: PoolSettings, tls_policy: IPolicyForHTTPS):
+@implementer(IAgentEndpointFactory)
+class NodeEndpoints:
+    """Client endpoints to nodes: TCP, with TLS for https, and no resolver round trip
+    for IP literals (a node named by address connects at once)."""
+
+    def __init__(self, reactor, tls_policy: IPolicyForHTTPS, connect_timeout: float) -> None:
+        self._reactor = reactor
+        self._tls_policy = tls_policy
+        self._timeout = connect_timeout
+
+    def endpoint(self, scheme: str, host: str, port: int):
+        """The endpoint for one node address."""
+        if isIPAddress(host):
+            endpoint = TCP4ClientEndpoint(self._reactor, host, port, timeout=self._timeout)
+        elif isIPv6Address(host):
+            endpoint = TCP6ClientEndpoint(self._reactor, host, port, timeout=self._timeout)
+        else:
+            endpoint = HostnameEndpoint(self._reactor, host, port, timeout=self._timeout)
+        if scheme == "https":
+            creator = self._tls_policy.creatorForNetloc(host.encode("ascii"), port)
+            endpoint = wrapClientTLS(creator, endpoint)
+        return endpoint
+
+    def endpointForURI(self, uri):
+        return self.endpoint(uri.scheme.decode("ascii"), uri.host.decode("ascii"), uri.port)
+
+
+def make_agent(reactor, settings: PoolSettings, endpoints: NodeEndpoints):
     """An ``Agent`` with a persistent pool sized by ``settings``; returns ``(agent, pool)``."""
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool._factory = _QuietClientFactory
     pool.maxPersistentPerHost = settings.max_idle_per_node
     pool.cachedConnectionTimeout = settings.idle_timeout
-    agent = Agent(
-        reactor,
-        contextFactory=tls_policy,
-        connectTimeout=settings.connect_timeout,
-        pool=pool,
-    )
-    return agent, pool
+    return Agent.usingEndpointFactory(reactor, endpoints, pool=pool), pool
 
 
 @implementer(IBodyProducer)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Optional, Set
 
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.endpoints import connectProtocol
 from twisted.internet.protocol import Protocol
 
 from twisted.web.http import _ChunkedTransferDecoder, _IdentityTransferDecoder
@@ -313,9 +313,9 @@ class _Handshake:
 class WebSocketForwarder:
     """Forwards WebSocket upgrades and counts the open WebSockets."""
 
-    def __init__(self, proxy, reactor) -> None:
+    def __init__(self, proxy, endpoints) -> None:
         self.proxy = proxy
-        self.reactor = reactor
+        self.endpoints = endpoints
         self.open: Set[_Splice] = set()
 
     @property
@@ -332,13 +332,7 @@ class WebSocketForwarder:
 
     def endpoint_for(self, node):
         """A client endpoint to the node (TLS for https nodes, same trust as the Agent)."""
-        endpoint = HostnameEndpoint(
-            self.reactor, node.url.host, node.url.port, timeout=self.settings.connect_timeout
-        )
-        if node.url.scheme == "https":
-            creator = self.proxy.tls_policy.creatorForNetloc(node.url.host.encode("ascii"), node.url.port)
-            endpoint = wrapClientTLS(creator, endpoint)
-        return endpoint
+        return self.endpoints.endpoint(node.url.scheme, node.url.host, node.url.port)
 
     def forward(self, request, route) -> None:
         """Start forwarding one upgrade request."""
