@@ -33,9 +33,11 @@ class Node:
     tls_verify: bool = True
     added_at: float = 0.0
     url: BaseURL = attrs.field(init=False, eq=False, repr=False)
+    name_bytes: bytes = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         object.__setattr__(self, "url", parse_base_url(self.base_url))
+        object.__setattr__(self, "name_bytes", self.name.encode("utf-8"))
 
 
 @attrs.define

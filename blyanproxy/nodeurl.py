@@ -30,6 +30,11 @@ class BaseURL:
         return host if self.port == default else f"{host}:{self.port}"
 
     @property
+    def path_bytes(self) -> bytes:
+        """The path prefix as bytes, ready to put before a request target."""
+        return self.path.encode("ascii")
+
+    @property
     def text(self) -> str:
         """The URL as text."""
         return f"{self.scheme}://{self.netloc}{self.path}"
@@ -59,6 +64,8 @@ def parse_base_url(text: str) -> BaseURL:
         raise ValueError("has no host")
     if not parts.hostname.isascii():
         raise ValueError("host must be ASCII (write an international name in punycode)")
+    if not text.isascii():
+        raise ValueError("must be ASCII (percent-encode the path, punycode the host)")
     if parts.query or parts.fragment or text.endswith(("?", "#")):
         raise ValueError("must not have a query or fragment")
     if port is None:

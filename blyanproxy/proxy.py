@@ -1,7 +1,7 @@
 """The forwarding resource: every request that is not for the proxy itself goes to a node.
 
 One ``Exchange`` carries one client request: it picks a node through the
-``Balancer``, sends the request with the pooled ``Agent``, fails over to
+``Balancer``, sends the request over a pooled connection, fails over to
 another node while nothing has reached the client yet, and then hands the body
 to a ``BodyRelay``.
 """
@@ -11,74 +11,54 @@ from __future__ import annotations
 from typing import Optional, Set
 
 from twisted.internet import defer, error
-from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-
-from twisted.web.client import ResponseFailed, ResponseNeverReceived
-from twisted.web.http_headers import Headers
-from twisted.web._newclient import RequestNotSent, RequestTransmissionFailed
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from .balancer import Balancer, Lease
+from .client import ProtocolError, UpstreamConnection, UpstreamPool, serialize_request_head
 from .config import Settings
 from .errors import ProxyError, write_error
 from .headers import client_facts, downstream_response_headers, upstream_request_headers
-from .relay import CLIENT_GONE, BodyRelay
-from .routing import Route, parse_route
-from .upstream import body_producer
-from .websocket import WebSocketForwarder, is_websocket_upgrade
 from .logs import logger
+from .relay import CLIENT_GONE, COMPLETE, BodyRelay
+from .routing import Route, parse_route
+from .websocket import WebSocketForwarder, is_websocket_upgrade
 
 log = logger("proxy")
 
+_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 
-def classify_failure(failure) -> tuple:
+
+def classify_failure(failure: Failure) -> tuple:
     """``(reason, error)`` for a failed attempt: a short reason word and the client's error.
 
     Every such failure happened before any byte reached the client, so each may
     fail over to another node.
     """
     value = failure.value
-    if isinstance(value, defer.TimeoutError):
-        return "response_timeout", ProxyError(504, "upstream_timeout", "the node did not answer in time")
     if isinstance(value, error.TimeoutError):
         return "connect_timeout", ProxyError(504, "upstream_timeout", "connecting to the node timed out")
     if isinstance(value, error.ConnectionRefusedError):
         return "refused", ProxyError(502, "upstream_unreachable", "the node refused the connection")
     if isinstance(value, (error.DNSLookupError, error.ConnectError)):
         return "connect_failed", ProxyError(502, "upstream_unreachable", "the node could not be reached")
-    if isinstance(value, (ResponseNeverReceived, RequestTransmissionFailed, RequestNotSent)):
-        reasons = getattr(value, "reasons", [])
-        if any("SSL" in type(r.value).__module__ for r in reasons):
-            return "tls_failed", ProxyError(502, "upstream_tls", "the TLS handshake with the node failed")
-        return "no_response", ProxyError(502, "upstream_failed", "the node closed the connection without answering")
-    if isinstance(value, ResponseFailed):
-        return "upstream_broke", ProxyError(502, "upstream_failed", "the node's response broke off")
-    return "upstream_error", ProxyError(502, "upstream_failed", "the request to the node failed")
+    if isinstance(value, ProtocolError):
+        return "bad_response", ProxyError(502, "upstream_failed", "the node's answer is not valid HTTP")
+    if "SSL" in type(value).__module__ or "ssl" in type(value).__module__:
+        return "tls_failed", ProxyError(502, "upstream_tls", "the TLS handshake with the node failed")
+    return "no_response", ProxyError(502, "upstream_failed", "the node closed the connection without answering")
 
 
-def _timed_out(result, timeout: float):
-    """Whatever a cancelled attempt failed with, a timeout is what happened."""
-    return Failure(defer.TimeoutError(f"no response headers within {timeout:g} s"))
-
-
-class _Discard(Protocol):
-    """Reads a response body to its end and drops it (keeps the connection reusable)."""
-
-    def connectionLost(self, reason) -> None:
-        pass
-
-
-class _Abort(Protocol):
-    """Closes the connection of a response nobody wants any more."""
-
-    def connectionMade(self) -> None:
-        self.transport.stopProducing()
+def _header_timeout_error() -> ProxyError:
+    return ProxyError(504, "upstream_timeout", "the node did not answer in time")
 
 
 class Exchange:
-    """One client request on its way through the proxy: attempts, failover and relay."""
+    """One client request on its way through the proxy: attempts, failover and relay.
+
+    It is the ``BodyReceiver`` of its upstream connection.
+    """
 
     def __init__(self, forwarder: "ProxyResource", request, route: Route) -> None:
         self._forwarder = forwarder
@@ -90,12 +70,14 @@ class Exchange:
         self._body = request.content.read()
         self._excluded: Set[str] = set()
         self._attempts = 0
-        self._pending: Optional[defer.Deferred] = None
-        self._relay: Optional[BodyRelay] = None
         self._lease: Optional[Lease] = None
+        self._head = b""
+        self._pending: Optional[defer.Deferred] = None
+        self._conn: Optional[UpstreamConnection] = None
+        self._timer = None
+        self._relay: Optional[BodyRelay] = None
+        self._fresh_retry_used = False
         self._client_gone = False
-        self._done = False
-        self._client = client_facts(request)
         request.notifyFinish().addErrback(self._on_client_gone)
 
     def start(self) -> None:
@@ -111,82 +93,118 @@ class Exchange:
         if lease is None:
             self._fail(last_error or self._forwarder.no_node_error())
             return
-        self._send(lease)
+        self._use(lease)
 
-    def _send(self, lease: Lease) -> None:
+    def _use(self, lease: Lease) -> None:
         self._attempts += 1
         self._excluded.add(lease.node.id)
         self._lease = lease
-        node = lease.node
-        url = (node.url.scheme + "://" + node.url.netloc + node.url.path).encode("ascii")
+        self._head = self._request_head(lease)
+        self._connect(fresh=False)
+
+    def _request_head(self, lease: Lease) -> bytes:
+        url = lease.node.url
         headers = upstream_request_headers(
             self._request.requestHeaders.getAllRawHeaders(),
-            node.url.netloc.encode("ascii"),
-            self._client,
+            url.netloc.encode("ascii"),
+            client_facts(self._request),
             trust_forwarded=self._settings.trust_forwarded,
             strip_origin=self._settings.strip_origin,
         )
-        d = self._forwarder.agent.request(
-            self._method,
-            url + self._route.upstream_target,
-            Headers(dict(headers)),
-            body_producer(self._method, self._body),
-        )
-        d.addTimeout(self._settings.proxy_timeout, self._forwarder.clock, onTimeoutCancel=_timed_out)
-        self._pending = d
-        d.addCallbacks(self._on_response, self._on_failure, callbackArgs=(lease,), errbackArgs=(lease,))
+        if self._body or self._method in _BODY_METHODS:
+            headers.append((b"Content-Length", [b"%d" % len(self._body)]))
+        return serialize_request_head(self._method, url.path_bytes + self._route.upstream_target, headers)
 
-    def _on_failure(self, failure, lease: Lease) -> None:
+    def _connect(self, fresh: bool) -> None:
+        url = self._lease.node.url
+        self._pending = self._forwarder.upstream.connection(url.scheme, url.host, url.port, fresh=fresh)
+        self._pending.addCallbacks(self._connected, self._connect_failed)
+
+    def _connected(self, conn: UpstreamConnection) -> None:
+        self._pending = None
+        self._conn = conn
+        self._timer = self._forwarder.clock.callLater(self._settings.proxy_timeout, self._header_timeout)
+        conn.request(self._method, self._head, self._body, self)
+
+    def _connect_failed(self, failure: Failure) -> None:
         self._pending = None
         if self._client_gone:
-            lease.release()
+            self._lease.release()
             return
-        reason, err = classify_failure(failure)
+        self._attempt_failed(*classify_failure(failure))
+
+    def _attempt_failed(self, reason: str, err: ProxyError) -> None:
         log.info(
             "attempt {attempt} on node {node} failed: {reason}",
-            attempt=self._attempts, node=lease.node.name, reason=reason,
+            attempt=self._attempts, node=self._lease.node.name, reason=reason,
         )
-        lease.failed(reason)
+        self._lease.failed(reason)
         self._attempt(err)
 
-    def _on_response(self, response, lease: Lease) -> None:
-        self._pending = None
-        if self._client_gone:
-            response.deliverBody(_Abort())
-            lease.release()
+    def _header_timeout(self) -> None:
+        self._timer = None
+        conn, self._conn = self._conn, None
+        conn.abort()
+        self._attempt_failed("response_timeout", _header_timeout_error())
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # -- BodyReceiver ---------------------------------------------------------
+
+    def request_failed(self, reason) -> None:
+        self._cancel_timer()
+        conn, self._conn = self._conn, None
+        if not isinstance(reason, Failure):
+            reason = Failure(reason)
+        if conn.reused and conn.bytes_received == 0 and not self._fresh_retry_used:
+            # A kept-alive connection the node had already closed: not the node's fault.
+            self._fresh_retry_used = True
+            self._connect(fresh=True)
             return
-        if response.code in self._settings.retry_on_status and self._attempts < self._settings.max_attempts:
+        self._attempt_failed(*classify_failure(reason))
+
+    def response_started(self, status: int, reason: bytes, headers, length: Optional[int]) -> None:
+        self._cancel_timer()
+        lease = self._lease
+        if status in self._settings.retry_on_status and self._attempts < self._settings.max_attempts:
             following = self._forwarder.balancer.acquire(self._route, frozenset(self._excluded))
             if following is not None:
-                log.info(
-                    "node {node} answered {status}; failing over",
-                    node=lease.node.name, status=response.code,
-                )
-                response.deliverBody(_Discard())
-                lease.failed("status_%d" % response.code)
-                self._send(following)
+                log.info("node {node} answered {status}; failing over", node=lease.node.name, status=status)
+                conn, self._conn = self._conn, None
+                conn.abort()
+                lease.failed("status_%d" % status)
+                self._use(following)
                 return
         lease.responded()
-        self._relay_response(response, lease)
+        self._relay = self._start_relay(status, reason, headers, length)
+
+    def body_data(self, data: bytes) -> None:
+        self._relay.dataReceived(data)
+
+    def response_ended(self, error: Optional[str]) -> None:
+        self._conn = None
+        self._relay.finished(error)
 
     # -- the response ---------------------------------------------------------
 
-    def _relay_response(self, response, lease: Lease) -> None:
+    def _start_relay(self, status: int, reason: bytes, headers, length: Optional[int]) -> BodyRelay:
         request = self._request
-        request.setResponseCode(response.code, response.phrase)
+        request.setResponseCode(status, reason)
         out = request.responseHeaders
-        for name, values in downstream_response_headers(response.headers.getAllRawHeaders()):
+        for name, values in downstream_response_headers(headers):
             out.setRawHeaders(name, values)
-        out.setRawHeaders(b"X-Blyan-Node", [lease.node.name.encode("utf-8", "replace")])
+        out.setRawHeaders(b"X-Blyan-Node", [self._lease.node.name_bytes])
         out.setRawHeaders(b"X-Blyan-Attempts", [b"%d" % self._attempts])
-        content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
-        is_sse = content_type.lower().startswith(b"text/event-stream")
+        content_type = out.getRawHeaders(b"content-type")
+        is_sse = bool(content_type) and content_type[0].lower().startswith(b"text/event-stream")
         if is_sse and not out.hasHeader(b"x-accel-buffering"):
             out.setRawHeaders(b"X-Accel-Buffering", [b"no"])
-        length = response.length
-        if isinstance(length, int) and self._method != b"HEAD" and response.code not in (204, 304):
+        if length is not None and self._method != b"HEAD" and status not in (204, 304):
             out.setRawHeaders(b"Content-Length", [b"%d" % length])
-        self._relay = BodyRelay(
+        relay = BodyRelay(
             request,
             self._forwarder.clock,
             idle_timeout=self._settings.idle_timeout,
@@ -194,26 +212,29 @@ class Exchange:
             is_sse=is_sse,
             on_end=self._on_relay_end,
         )
-        response.deliverBody(self._relay)
+        relay.start(self._conn)
+        return relay
 
     def _on_relay_end(self, how: str) -> None:
-        self._done = True
-        if self._lease is not None:
-            self._lease.release()
-        if how not in ("complete", CLIENT_GONE):
+        self._lease.release()
+        if how not in (COMPLETE, CLIENT_GONE):
             log.warn("stream from node {node} ended: {how}", node=self._lease.node.name, how=how)
 
     def _fail(self, err: ProxyError) -> None:
-        self._done = True
         if not self._client_gone:
             write_error(self._request, err)
 
     def _on_client_gone(self, failure) -> None:
         self._client_gone = True
-        if self._pending is not None:
-            self._pending.cancel()
-        elif self._relay is not None:
+        if self._relay is not None:
             self._relay.client_gone()
+        elif self._pending is not None:
+            self._pending.cancel()
+        elif self._conn is not None:
+            self._cancel_timer()
+            conn, self._conn = self._conn, None
+            conn.abort()
+            self._lease.release()
 
 
 class ProxyResource(Resource):
@@ -221,10 +242,10 @@ class ProxyResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, balancer: Balancer, agent, endpoints, clock, settings: Settings) -> None:
+    def __init__(self, balancer: Balancer, upstream: UpstreamPool, endpoints, clock, settings: Settings) -> None:
         super().__init__()
         self.balancer = balancer
-        self.agent = agent
+        self.upstream = upstream
         self.clock = clock
         self.settings = settings
         self._websockets = WebSocketForwarder(self, endpoints)

@@ -1,8 +1,8 @@
 """Streaming a node's response body to the client, with flow control and idle timers.
 
-``BodyRelay`` is the protocol given to ``IResponse.deliverBody``. It registers
+``BodyRelay`` receives a node's body from the upstream connection. It registers
 itself as the client request's streaming producer and forwards pause, resume
-and stop to the upstream transport, so a client that reads slowly stops the
+and stop to the upstream connection, so a client that reads slowly stops the
 proxy reading from the node (memory stays flat) and a client that leaves
 closes the upstream connection.
 
@@ -18,9 +18,6 @@ import json
 from typing import Callable, Optional
 
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Protocol
-from twisted.web.client import ResponseDone
-from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
 #: How a relayed body ended, passed to the ``on_end`` callback.
@@ -39,7 +36,7 @@ def sse_error_event(code: str, message: str) -> bytes:
 
 
 @implementer(IPushProducer)
-class BodyRelay(Protocol):
+class BodyRelay:
     """Copies one response body to one client request; calls ``on_end(how)`` once."""
 
     def __init__(
@@ -61,14 +58,17 @@ class BodyRelay(Protocol):
         self._ended = False
         self._at_event_boundary = True
         self._timer = None
+        self.transport = None
         now = clock.seconds()
         self._last_data = now
         self._last_write = now
         self.bytes_sent = 0
 
-    # -- IProtocol: the node's side -------------------------------------------
+    # -- the node's side -----------------------------------------------------
 
-    def connectionMade(self) -> None:
+    def start(self, upstream: IPushProducer) -> None:
+        """Begin relaying; ``upstream`` is paused, resumed and stopped by the client's pace."""
+        self.transport = upstream
         self._request.registerProducer(self, True)
         self._schedule()
 
@@ -82,13 +82,14 @@ class BodyRelay(Protocol):
         self.bytes_sent += len(data)
         self._request.write(data)
 
-    def connectionLost(self, reason) -> None:
+    def finished(self, error: Optional[str]) -> None:
+        """The node's body is complete (``error`` None) or broke off."""
         if self._ended:
             return
-        if reason.check(ResponseDone, PotentialDataLoss):
+        if error is None:
             self._end(COMPLETE)
         else:
-            self._end(UPSTREAM_BROKE, "the node's response broke off")
+            self._end(UPSTREAM_BROKE, f"the node's response broke off ({error})")
 
     # -- IPushProducer: the client's side -------------------------------------
 

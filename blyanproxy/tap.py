@@ -11,6 +11,7 @@ import os
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import LoopingCall
 from twisted.python import usage
 
 from .balancer import Balancer, rotating_chooser
@@ -19,7 +20,8 @@ from .logs import logger, set_log_level
 from .nodes import Node, NodeRegistry, new_node_id
 from .proxy import ProxyResource
 from .server import NotFoundResource, ProxySite, RootResource
-from .upstream import NodeEndpoints, NodeTLSPolicy, PoolSettings, load_trust_root, make_agent
+from .client import UpstreamPool
+from .upstream import NodeEndpoints, NodeTLSPolicy, load_trust_root
 
 log = logger("tap")
 
@@ -58,10 +60,8 @@ class Options(usage.Options):
             self.settings = settings_from(os.environ, self, self.node_options)
         except ConfigError as exc:
             raise usage.UsageError(str(exc)) from None
-        from twisted.internet import reactor
-
         try:
-            serverFromString(reactor, self.settings.listen)
+            serverFromString(None, self.settings.listen)  # parse only: twistd picks the reactor later
         except (ValueError, KeyError, TypeError) as exc:
             raise usage.UsageError(f"--port: {self.settings.listen!r} is not usable ({exc})") from None
         if self.settings.tls_ca_file:
@@ -84,15 +84,24 @@ def node_from_spec(spec: NodeSpec, now: float) -> Node:
     )
 
 
-class _PoolService(Service):
-    """Closes the upstream connection pool when the proxy stops."""
+class UpstreamPoolService(Service):
+    """Closes idle upstream connections past their time, and every one when the proxy stops."""
 
-    def __init__(self, pool) -> None:
+    def __init__(self, pool: UpstreamPool, clock, idle_timeout: float) -> None:
         self._pool = pool
+        self._sweeper = LoopingCall(pool.sweep)
+        self._sweeper.clock = clock
+        self._interval = max(idle_timeout / 2, 0.05)
+
+    def startService(self) -> None:
+        super().startService()
+        self._sweeper.start(self._interval, now=False)
 
     def stopService(self):
         super().stopService()
-        return self._pool.closeCachedConnections()
+        if self._sweeper.running:
+            self._sweeper.stop()
+        return self._pool.close()
 
 
 class DemoNodesService(Service):
@@ -140,13 +149,9 @@ def build_proxy(settings: Settings, reactor):
         return True
 
     endpoints = NodeEndpoints(reactor, NodeTLSPolicy(verify_for, trust_root), settings.connect_timeout)
-    agent, pool = make_agent(
-        reactor,
-        PoolSettings(max_idle_per_node=settings.pool_max_idle, idle_timeout=settings.pool_idle_timeout),
-        endpoints,
-    )
+    pool = UpstreamPool(reactor, endpoints, settings.pool_max_idle, settings.pool_idle_timeout)
     balancer = Balancer(registry, rotating_chooser())
-    forwarder = ProxyResource(balancer, agent, endpoints, reactor, settings)
+    forwarder = ProxyResource(balancer, pool, endpoints, reactor, settings)
     root = RootResource(
         forwarder,
         prefixes={b"_admin": NotFoundResource("no such admin route")},
@@ -161,7 +166,7 @@ def make_proxy_service(settings: Settings, reactor) -> MultiService:
     set_log_level(settings.log_level)
     site, registry, pool = build_proxy(settings, reactor)
     top = MultiService()
-    _PoolService(pool).setServiceParent(top)
+    UpstreamPoolService(pool, reactor, settings.pool_idle_timeout).setServiceParent(top)
     if settings.demo:
         DemoNodesService(reactor, registry, settings.demo).setServiceParent(top)
     strports.service(settings.listen, site, reactor=reactor).setServiceParent(top)

@@ -1,14 +1,11 @@
-"""The upstream client: one ``Agent`` over a persistent connection pool, and TLS trust."""
+"""How the proxy reaches nodes: endpoints (TCP, TLS) and the trust placed in their certificates."""
 
 from __future__ import annotations
 
-from io import BytesIO
-from typing import Callable, Optional
+from typing import Callable
 
-import attrs
 from OpenSSL import SSL
 from twisted.internet import ssl
-from twisted.internet.defer import succeed
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import (
     HostnameEndpoint,
@@ -17,33 +14,9 @@ from twisted.internet.endpoints import (
     wrapClientTLS,
 )
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-from twisted.web.client import (
-    Agent,
-    BrowserLikePolicyForHTTPS,
-    FileBodyProducer,
-    HTTPConnectionPool,
-    _HTTP11ClientFactory,
-)
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS
+from twisted.web.client import BrowserLikePolicyForHTTPS
+from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
-
-#: Bodies up to this size are written in one go; larger ones as paused/resumed chunks.
-_ONE_WRITE_LIMIT = 64 * 1024
-
-
-@attrs.frozen
-class PoolSettings:
-    """Sizing and timeouts of the upstream connection pool."""
-
-    max_idle_per_node: int = 128
-    idle_timeout: float = 4.0
-
-
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """The pool's protocol factory, without a log line for every new connection."""
-
-    noisy = False
-
 
 def load_trust_root(path: str):
     """Trust the CA certificates of a PEM bundle; ``ValueError`` naming the file if unusable."""
@@ -94,7 +67,6 @@ class NodeTLSPolicy:
         return _UnverifiedTLS(hostname)
 
 
-@implementer(IAgentEndpointFactory)
 class NodeEndpoints:
     """Client endpoints to nodes: TCP, with TLS for https, and no resolver round trip
     for IP literals (a node named by address connects at once)."""
@@ -116,52 +88,3 @@ class NodeEndpoints:
             creator = self._tls_policy.creatorForNetloc(host.encode("ascii"), port)
             endpoint = wrapClientTLS(creator, endpoint)
         return endpoint
-
-    def endpointForURI(self, uri):
-        return self.endpoint(uri.scheme.decode("ascii"), uri.host.decode("ascii"), uri.port)
-
-
-def make_agent(reactor, settings: PoolSettings, endpoints: NodeEndpoints):
-    """An ``Agent`` with a persistent pool sized by ``settings``; returns ``(agent, pool)``."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool._factory = _QuietClientFactory
-    pool.maxPersistentPerHost = settings.max_idle_per_node
-    pool.cachedConnectionTimeout = settings.idle_timeout
-    return Agent.usingEndpointFactory(reactor, endpoints, pool=pool), pool
-
-
-@implementer(IBodyProducer)
-class _BytesProducer:
-    """A small body written at once."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer):
-        if self._body:
-            consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        """Nothing to pause: the body was written at start."""
-
-    def resumeProducing(self) -> None:
-        """Nothing to resume: the body was written at start."""
-
-    def stopProducing(self) -> None:
-        """Nothing to stop: the body was written at start."""
-
-
-def body_producer(method: bytes, body: bytes) -> Optional[IBodyProducer]:
-    """A fresh producer of ``body`` for one attempt (``None``: no body, no Content-Length).
-
-    Methods that carry a body always get one, so an empty POST says
-    ``Content-Length: 0``. Large bodies are written in chunks that a slow node
-    can pause.
-    """
-    if not body and method in (b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"):
-        return None
-    if len(body) <= _ONE_WRITE_LIMIT:
-        return _BytesProducer(body)
-    return FileBodyProducer(BytesIO(body))

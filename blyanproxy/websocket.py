@@ -15,12 +15,12 @@ from __future__ import annotations
 from typing import Optional, Set
 
 from twisted.internet import defer
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.protocol import Protocol
 
 from twisted.web.http import _ChunkedTransferDecoder, _IdentityTransferDecoder
 
 from .balancer import Lease
+from .client import ProtocolError, connect_quietly, parse_head, serialize_request_head
 from .errors import ProxyError, write_error
 from .headers import client_facts, downstream_response_headers, upstream_request_headers
 from .logs import logger
@@ -36,33 +36,6 @@ def is_websocket_upgrade(request) -> bool:
         return False
     upgrade = request.requestHeaders.getRawHeaders(b"upgrade") or []
     return any(b"websocket" in value.lower() for value in upgrade)
-
-
-def request_head(method: bytes, target: bytes, headers) -> bytes:
-    """The raw bytes of an HTTP/1.1 request head."""
-    lines = [method + b" " + target + b" HTTP/1.1"]
-    for name, values in headers:
-        for value in values:
-            lines.append(name + b": " + value)
-    return b"\r\n".join(lines) + b"\r\n\r\n"
-
-
-def parse_response_head(head: bytes) -> tuple:
-    """``(status, reason, [(name, [values])])`` of a raw response head; ``ValueError`` if malformed."""
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-        raise ValueError("malformed status line")
-    grouped: dict = {}
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip():
-            raise ValueError("malformed header line")
-        grouped.setdefault(name, []).append(value.strip())
-    reason = parts[2] if len(parts) > 2 else b""
-    return int(parts[1]), reason, list(grouped.items())
 
 
 class _ClientSide(Protocol):
@@ -110,8 +83,8 @@ class _Splice(Protocol):
             return
         head, rest = self._head[:end], self._head[end + 4 :]
         try:
-            status, reason, headers = parse_response_head(head)
-        except ValueError as exc:
+            status, reason, headers = parse_head(head)
+        except ProtocolError as exc:
             self._give_up(f"the node's handshake answer is malformed: {exc}")
             return
         self._attempt.answered()
@@ -242,9 +215,9 @@ class _Handshake:
             strip_origin=settings.strip_origin,
             websocket=True,
         )
-        self.head = request_head(b"GET", node.url.path.encode("ascii") + self.route.upstream_target, headers)
+        self.head = serialize_request_head(b"GET", node.url.path_bytes + self.route.upstream_target, headers)
         endpoint = self.forwarder.endpoint_for(node)
-        self._pending = connectProtocol(endpoint, _Splice(self.forwarder, self))
+        self._pending = connect_quietly(endpoint, _Splice(self.forwarder, self))
         self._pending.addCallbacks(self._connected, self._connect_failed)
         self._timeout = self.forwarder.clock.callLater(settings.proxy_timeout, self._timed_out)
 

@@ -35,7 +35,7 @@ class RunningProxy:
         await self.port.stopListening()
         for protocol in list(self.connections.protocols):
             protocol.transport.abortConnection()
-        await self.pool.closeCachedConnections()
+        await self.pool.close()
 
 
 @pytest.fixture

@@ -5,9 +5,6 @@ import json
 import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone, ResponseFailed
-from twisted.web.http import PotentialDataLoss
 
 from blyanproxy.relay import CLIENT_GONE, COMPLETE, IDLE_TIMEOUT, UPSTREAM_BROKE, BodyRelay
 
@@ -45,7 +42,7 @@ def make(is_sse=False, idle=30.0, keepalive=15.0):
     clock, request, ends = Clock(), FakeRequest(), []
     relay = BodyRelay(request, clock, idle_timeout=idle, sse_keepalive=keepalive, is_sse=is_sse, on_end=ends.append)
     upstream = StringTransport()
-    relay.makeConnection(upstream)
+    relay.start(upstream)
     return clock, request, relay, upstream, ends
 
 
@@ -55,17 +52,11 @@ def test_streams_each_chunk_and_finishes():
     relay.dataReceived(b"data: 1\n\n")
     assert request.written == [b"data: 1\n\n"]
     relay.dataReceived(b"data: 2\n\n")
-    relay.connectionLost(Failure(ResponseDone()))
+    relay.finished(None)
     assert request.body == b"data: 1\n\ndata: 2\n\n"
     assert request.finished and request.producer is None
     assert ends == [COMPLETE]
     assert not clock.getDelayedCalls()
-
-
-def test_close_delimited_body_is_complete():
-    _, request, relay, _, ends = make()
-    relay.connectionLost(Failure(PotentialDataLoss()))
-    assert request.finished and ends == [COMPLETE]
 
 
 def test_client_backpressure_pauses_the_node():
@@ -82,7 +73,7 @@ def test_client_gone_closes_the_node_connection():
     assert upstream.producerState == "stopped"
     assert ends == [CLIENT_GONE]
     assert not request.finished
-    relay.connectionLost(Failure(ResponseFailed([])))
+    relay.finished("connection lost")
     assert ends == [CLIENT_GONE]
     assert not clock.getDelayedCalls()
 
@@ -90,7 +81,7 @@ def test_client_gone_closes_the_node_connection():
 def test_upstream_break_fails_the_client_response():
     _, request, relay, _, ends = make()
     relay.dataReceived(b"partial")
-    relay.connectionLost(Failure(ResponseFailed([])))
+    relay.finished("connection lost")
     assert not request.finished
     assert request.transport.disconnecting
     assert ends == [UPSTREAM_BROKE]
@@ -99,7 +90,7 @@ def test_upstream_break_fails_the_client_response():
 def test_upstream_break_on_sse_sends_an_error_event_first():
     _, request, relay, _, ends = make(is_sse=True)
     relay.dataReceived(b'data: {"a"')
-    relay.connectionLost(Failure(ResponseFailed([])))
+    relay.finished("connection lost")
     events = request.body.split(b"\n\n")
     error_event = [e for e in events if e.startswith(b"event: error")]
     assert error_event, request.body
