@@ -131,6 +131,15 @@ class _ChunkedDecoder:
                 if self._remaining == 0:
                     self._state = "crlf"
                 continue
+            if self._state == "crlf":
+                if not b"\r\n".startswith(buffer[:2]):
+                    raise ProtocolError("chunk data not followed by CRLF")
+                if len(buffer) < 2:
+                    self._buffer = buffer
+                    break
+                buffer = buffer[2:]
+                self._state = "size"
+                continue
             end = buffer.find(b"\r\n")
             if end == -1:
                 if len(buffer) > 4096:
@@ -138,11 +147,7 @@ class _ChunkedDecoder:
                 self._buffer = buffer
                 break
             line, buffer = buffer[:end], buffer[end + 2:]
-            if self._state == "crlf":
-                if line:
-                    raise ProtocolError("chunk data not followed by CRLF")
-                self._state = "size"
-            elif self._state == "size":
+            if self._state == "size":
                 size = line.split(b";", 1)[0].strip()
                 try:
                     self._remaining = int(size, 16)
@@ -260,7 +265,7 @@ class UpstreamConnection(Protocol):
         receiver.response_started(status, reason, headers, length)
         if self._receiver is not receiver:
             return  # the receiver aborted on seeing the head
-        if self._framing == "none":
+        if self._framing == "none" or (self._framing == "length" and not length):
             self._complete(rest)
         elif rest:
             self._body(rest)

@@ -21,9 +21,17 @@ class Request(DummyRequest):
         self.uri = uri
         self.method = method
         self.content = io.BytesIO(body)
+        self.channel = object()  # connected, as far as the relay can tell
 
     def isSecure(self):
         return False
+
+    def registerProducer(self, producer, streaming):
+        # DummyRequest drives a producer in a loop until it unregisters; the relay pushes.
+        self.producer = producer
+
+    def unregisterProducer(self):
+        self.producer = None
 
     @property
     def body(self):
@@ -110,3 +118,37 @@ def test_authority_form_target_is_400():
     render(root, request)
     assert request.responseCode == 400
     assert reactor.tcpClients == []
+
+
+def connect(reactor, index):
+    """Complete the index-th connection attempt; returns the protocol and its transport."""
+    from twisted.internet.testing import StringTransport
+
+    factory = reactor.tcpClients[index][2]
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_a_stale_kept_alive_connection_is_retried_once_on_the_same_node():
+    reactor = MemoryReactorClock()
+    root, registry = proxy_on(reactor, "http://10.1.1.1:8000", "http://10.1.1.2:8000")
+    first = render(root, Request(b"/a"))
+    protocol, transport = connect(reactor, 0)
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert first.written == [b"ok"] and first.finished
+    # The rotation now points at the second node; take it out so the first is picked again.
+    second_node = registry.nodes()[1]
+    registry.remove(second_node.id)
+    request = render(root, Request(b"/b"))
+    assert len(reactor.tcpClients) == 1  # the kept-alive connection was reused
+    protocol.connectionLost(Failure(error.ConnectionDone()))  # the node had closed it meanwhile
+    assert len(reactor.tcpClients) == 2  # a fresh connection to the same node
+    assert reactor.tcpClients[1][1] == 8000
+    fresh, _ = connect(reactor, 1)
+    fresh.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nyes")
+    assert request.written == [b"yes"]
+    node = registry.nodes()[0]
+    assert registry.stats(node.id).failures == 0
+    assert registry.stats(node.id).in_flight == 0
