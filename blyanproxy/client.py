@@ -11,6 +11,7 @@ a complete, well-framed response that did not ask to close.
 
 from __future__ import annotations
 
+import re
 from typing import Dict, List, Optional, Tuple
 
 from twisted.internet import defer
@@ -110,55 +111,72 @@ def keeps_alive(version: bytes, headers: RawHeaders) -> bool:
     return b"keep-alive" in tokens
 
 
-class _ChunkedDecoder:
-    """Incremental decoder of a chunked body; ``feed`` returns ``(data, done, rest)``."""
+_HEX_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}\Z")
+_MAX_CHUNK_LINE = 4096
+
+
+class ChunkedBody:
+    """Follows the framing of a chunked body as its bytes arrive.
+
+    ``feed(data, pieces)`` returns the index in ``data`` just past the end of
+    the body, or -1 while it goes on; with a list for ``pieces`` it also
+    collects the chunk data (decoding), without one it only finds the end, so
+    the raw bytes can be passed on as they are. Malformed framing raises
+    ``ProtocolError``.
+    """
 
     def __init__(self) -> None:
-        self._buffer = b""
-        self._remaining = 0  # bytes left in the current chunk's data
-        self._state = "size"  # size | data | crlf | trailer
+        self._line = b""  # a size or trailer line split across reads
+        self._remaining = 0  # data bytes left in the current chunk
+        self._state = 0  # 0: size line, 1: data, 2: CRLF after data, 3: trailer lines
+        self._crlf_seen = 0
 
-    def feed(self, data: bytes) -> Tuple[List[bytes], bool, bytes]:
-        out: List[bytes] = []
-        buffer = self._buffer + data if self._buffer else data
-        self._buffer = b""
-        while buffer:
-            if self._state == "data":
-                piece = buffer[: self._remaining]
-                out.append(piece)
-                self._remaining -= len(piece)
-                buffer = buffer[len(piece):]
-                if self._remaining == 0:
-                    self._state = "crlf"
-                continue
-            if self._state == "crlf":
-                if not b"\r\n".startswith(buffer[:2]):
+    @property
+    def at_boundary(self) -> bool:
+        """True between chunks, where a whole new chunk may be inserted."""
+        return self._state == 0 and not self._line
+
+    def feed(self, data: bytes, pieces: Optional[list] = None) -> int:
+        i, n = 0, len(data)
+        while i < n:
+            state = self._state
+            if state == 1:
+                take = min(self._remaining, n - i)
+                if pieces is not None:
+                    pieces.append(data[i:i + take])
+                i += take
+                self._remaining -= take
+                if not self._remaining:
+                    self._state, self._crlf_seen = 2, 0
+            elif state == 2:
+                if data[i] != b"\r\n"[self._crlf_seen]:
                     raise ProtocolError("chunk data not followed by CRLF")
-                if len(buffer) < 2:
-                    self._buffer = buffer
-                    break
-                buffer = buffer[2:]
-                self._state = "size"
-                continue
-            end = buffer.find(b"\r\n")
-            if end == -1:
-                if len(buffer) > 4096:
-                    raise ProtocolError("chunk line too long")
-                self._buffer = buffer
-                break
-            line, buffer = buffer[:end], buffer[end + 2:]
-            if self._state == "size":
-                size = line.split(b";", 1)[0].strip()
-                try:
-                    self._remaining = int(size, 16)
-                except ValueError:
-                    raise ProtocolError("malformed chunk size") from None
-                if self._remaining < 0 or size[:1] in (b"-", b"+", b"0x"):
+                i += 1
+                self._crlf_seen += 1
+                if self._crlf_seen == 2:
+                    self._state = 0
+            else:
+                newline = data.find(b"\n", i)
+                if newline == -1:
+                    self._line += data[i:]
+                    if len(self._line) > _MAX_CHUNK_LINE:
+                        raise ProtocolError("chunk line too long")
+                    return -1
+                line = self._line + data[i:newline + 1]
+                self._line = b""
+                i = newline + 1
+                if line[-2:] != b"\r\n" or len(line) > _MAX_CHUNK_LINE:
+                    raise ProtocolError("malformed chunk line")
+                if state == 3:
+                    if len(line) == 2:
+                        return i  # the blank line after the last chunk and its trailers
+                    continue
+                size = line[:-2].split(b";", 1)[0].strip()
+                if not _HEX_SIZE.match(size):
                     raise ProtocolError("malformed chunk size")
-                self._state = "data" if self._remaining else "trailer"
-            elif not line:  # the blank line after the last chunk (and any trailers)
-                return out, True, buffer
-        return out, False, b""
+                self._remaining = int(size, 16)
+                self._state = 1 if self._remaining else 3
+        return -1
 
 
 class BodyReceiver:
@@ -191,7 +209,8 @@ class UpstreamConnection(Protocol):
         self._head = b""
         self._framing = "none"
         self._remaining = 0
-        self._chunks: Optional[_ChunkedDecoder] = None
+        self._chunks: Optional[ChunkedBody] = None
+        self._raw_chunks = False
         self._keep_alive = False
         self._in_body = False
         self.bytes_received = 0
@@ -209,6 +228,20 @@ class UpstreamConnection(Protocol):
             self.transport.writeSequence((head, body))
         else:
             self.transport.write(head)
+
+    def pass_chunks_raw(self) -> None:
+        """Deliver a chunked body with its chunk framing, as received (called on seeing the head)."""
+        self._raw_chunks = True
+
+    @property
+    def chunked(self) -> bool:
+        """True when the current response's body is chunked."""
+        return self._chunks is not None
+
+    @property
+    def at_chunk_boundary(self) -> bool:
+        """True when a raw chunked body stands between two chunks."""
+        return self._chunks is None or self._chunks.at_boundary
 
     def abort(self) -> None:
         """Drop the connection (the response is unwanted or broken)."""
@@ -259,7 +292,8 @@ class UpstreamConnection(Protocol):
         self._head = b""
         self._keep_alive = keeps_alive(version, headers) and self._framing != "close"
         self._remaining = length or 0
-        self._chunks = _ChunkedDecoder() if self._framing == "chunked" else None
+        self._chunks = ChunkedBody() if self._framing == "chunked" else None
+        self._raw_chunks = False
         self._in_body = True
         receiver = self._receiver
         receiver.response_started(status, reason, headers, length)
@@ -284,17 +318,23 @@ class UpstreamConnection(Protocol):
             self._remaining -= len(data)
             self._receiver.body_data(data)
         elif framing == "chunked":
+            pieces = None if self._raw_chunks else []
             try:
-                pieces, done, extra = self._chunks.feed(data)
+                end = self._chunks.feed(data, pieces)
             except ProtocolError as exc:
                 self._broke(f"malformed chunked body: {exc}")
                 return
-            for piece in pieces:
-                if self._receiver is None:
-                    return
-                self._receiver.body_data(piece)
-            if done and self._receiver is not None:
-                self._complete(extra)
+            if pieces is None:
+                raw = data if end == -1 else data[:end]
+                if raw:
+                    self._receiver.body_data(raw)
+            else:
+                for piece in pieces:
+                    if self._receiver is None:
+                        return
+                    self._receiver.body_data(piece)
+            if end != -1 and self._receiver is not None:
+                self._complete(data[end:])
         else:
             self._receiver.body_data(data)
 

@@ -204,6 +204,8 @@ class Exchange:
             out.setRawHeaders(b"X-Accel-Buffering", [b"no"])
         if length is not None and self._method != b"HEAD" and status not in (204, 304):
             out.setRawHeaders(b"Content-Length", [b"%d" % length])
+        conn = self._conn
+        raw_chunks = conn.chunked and request.clientproto == b"HTTP/1.1"
         relay = BodyRelay(
             request,
             self._forwarder.clock,
@@ -211,8 +213,11 @@ class Exchange:
             sse_keepalive=self._settings.sse_keepalive,
             is_sse=is_sse,
             on_end=self._on_relay_end,
+            raw_chunks=conn if raw_chunks else None,
         )
-        relay.start(self._conn)
+        relay.start(conn)
+        if raw_chunks:
+            conn.pass_chunks_raw()
         return relay
 
     def _on_relay_end(self, how: str) -> None:

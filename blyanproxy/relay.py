@@ -47,8 +47,10 @@ class BodyRelay:
         sse_keepalive: float,
         is_sse: bool,
         on_end: Callable[[str], None],
+        raw_chunks=None,
     ) -> None:
         self._request = request
+        self._raw_chunks = raw_chunks
         self._clock = clock
         self._idle_timeout = idle_timeout
         self._keepalive = sse_keepalive if is_sse and sse_keepalive > 0 else 0.0
@@ -67,9 +69,21 @@ class BodyRelay:
     # -- the node's side -----------------------------------------------------
 
     def start(self, upstream: IPushProducer) -> None:
-        """Begin relaying; ``upstream`` is paused, resumed and stopped by the client's pace."""
+        """Begin relaying; ``upstream`` is paused, resumed and stopped by the client's pace.
+
+        With ``raw_chunks`` (an object whose ``at_chunk_boundary`` tells where
+        the node's chunked body stands), the node's chunk framing is passed
+        to the client as it is, saving a decode and re-encode per event; the
+        client's response must then be chunked too (HTTP/1.1, no length).
+        """
         self.transport = upstream
-        self._request.registerProducer(self, True)
+        request = self._request
+        request.registerProducer(self, True)
+        if self._raw_chunks is not None:
+            request.write(b"")  # the head, announcing chunked framing
+            self._forward = request.channel.write
+        else:
+            self._forward = request.write
         self._schedule()
 
     def dataReceived(self, data: bytes) -> None:
@@ -78,9 +92,23 @@ class BodyRelay:
         now = self._clock.seconds()
         self._last_data = self._last_write = now
         if self._keepalive:
-            self._at_event_boundary = data.endswith(b"\n\n") or data.endswith(b"\r\n\r\n")
+            if self._raw_chunks is not None:
+                data_end = data[:-2] if data.endswith(b"\r\n") else b""
+            else:
+                data_end = data
+            self._at_event_boundary = data_end.endswith(b"\n\n") or data_end.endswith(b"\r\n\r\n")
         self.bytes_sent += len(data)
-        self._request.write(data)
+        self._forward(data)
+
+    def _emit(self, data: bytes) -> bool:
+        """Write bytes of the proxy's own (a comment, an error event); False if it cannot now."""
+        if self._raw_chunks is None:
+            self._request.write(data)
+            return True
+        if not self._raw_chunks.at_chunk_boundary:
+            return False
+        self._forward(b"%x\r\n%s\r\n" % (len(data), data))
+        return True
 
     def finished(self, error: Optional[str]) -> None:
         """The node's body is complete (``error`` None) or broke off."""
@@ -123,6 +151,8 @@ class BodyRelay:
         if request.channel is not None:
             request.unregisterProducer()
             if how == COMPLETE:
+                if self._raw_chunks is not None:
+                    request.chunked = 0  # the node's last chunk has been passed on already
                 request.finish()
             else:
                 self._fail_client(how, message)
@@ -130,12 +160,10 @@ class BodyRelay:
 
     def _fail_client(self, how: str, message: Optional[str]) -> None:
         """End the client's response so that it reads as failed, never as complete."""
-        request = self._request
         if self._is_sse:
-            if not self._at_event_boundary:
-                request.write(b"\n\n")
-            request.write(sse_error_event(how, message or how))
-        request.transport.loseConnection()
+            event = sse_error_event(how, message or how)
+            self._emit(event if self._at_event_boundary else b"\n\n" + event)
+        self._request.transport.loseConnection()
 
     # -- the idle / keep-alive timer ------------------------------------------
 
@@ -165,6 +193,6 @@ class BodyRelay:
         if self._keepalive and now - self._last_write >= self._keepalive:
             # Mid-event or while the client is not reading, skip this round.
             if self._at_event_boundary and not self._paused:
-                self._request.write(SSE_KEEPALIVE_COMMENT)
+                self._emit(SSE_KEEPALIVE_COMMENT)
             self._last_write = now
         self._schedule()

@@ -10,10 +10,10 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from blyanproxy.client import (
+    ChunkedBody,
     ProtocolError,
     UpstreamConnection,
     UpstreamPool,
-    _ChunkedDecoder,
     body_framing,
     parse_head,
     serialize_request_head,
@@ -127,26 +127,48 @@ def test_bad_content_length_is_a_protocol_error(values):
         body_framing(b"GET", 200, b"HTTP/1.1", [(b"Content-Length", values)])
 
 
-@given(st.lists(st.binary(min_size=1, max_size=50), max_size=6), st.lists(st.integers(1, 40), max_size=20))
-def test_chunked_decoder_reassembles_any_split(chunks, cuts):
-    encoded = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\nNEXT"
-    decoder, out, position, done, extra = _ChunkedDecoder(), [], 0, False, b""
+def feed_in_pieces(encoded, cuts, decode):
+    """Feed ``encoded`` cut into pieces; returns (collected data or raw bytes, end found, what follows)."""
+    body, collected, position = ChunkedBody(), [], 0
     for cut in cuts + [len(encoded)]:
-        if done:
-            break
         piece = encoded[position:position + cut]
+        end = body.feed(piece, collected if decode else None)
+        if end != -1:
+            if not decode:
+                collected.append(piece[:end])
+            return b"".join(collected), True, piece[end:] + encoded[position + len(piece):]
+        if not decode:
+            collected.append(piece)
         position += len(piece)
-        data, done, extra = decoder.feed(piece)
-        out += data
-    assert done
-    assert b"".join(out) == b"".join(chunks)
-    assert extra + encoded[position:] == b"NEXT"
+    return b"".join(collected), False, b""
 
 
-@pytest.mark.parametrize("bad", [b"zz\r\n", b"-5\r\nabc", b"5\r\nabcdeXX"])
-def test_chunked_decoder_refuses_malformed(bad):
+chunk_lists = st.lists(st.binary(min_size=1, max_size=50), max_size=6)
+cut_lists = st.lists(st.integers(1, 40), max_size=20)
+
+
+def encode(chunks, extension=b""):
+    return b"".join(b"%x%s\r\n%s\r\n" % (len(c), extension, c) for c in chunks) + b"0\r\nX-T: 1\r\n\r\n"
+
+
+@given(chunk_lists, cut_lists)
+def test_chunked_body_decodes_any_split(chunks, cuts):
+    data, done, rest = feed_in_pieces(encode(chunks, b";ext=1") + b"NEXT", cuts, decode=True)
+    assert done and data == b"".join(chunks) and rest == b"NEXT"
+
+
+@given(chunk_lists, cut_lists)
+def test_chunked_body_finds_the_end_of_raw_bytes(chunks, cuts):
+    encoded = encode(chunks)
+    raw, done, rest = feed_in_pieces(encoded + b"NEXT", cuts, decode=False)
+    assert done and raw == encoded and rest == b"NEXT"
+
+
+@pytest.mark.parametrize("bad", [b"zz\r\n", b"-5\r\nabc", b"5\r\nabcdeXX", b"0x5\r\n", b"1_0\r\n",
+                                 b"5\nabcde", b"+5\r\n"])
+def test_chunked_body_refuses_malformed(bad):
     with pytest.raises(ProtocolError):
-        _ChunkedDecoder().feed(bad)
+        ChunkedBody().feed(bad, [])
 
 
 def test_length_body_then_reuse():

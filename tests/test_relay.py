@@ -9,21 +9,37 @@ from twisted.internet.testing import StringTransport
 from blyanproxy.relay import CLIENT_GONE, COMPLETE, IDLE_TIMEOUT, UPSTREAM_BROKE, BodyRelay
 
 
+class FakeChannel:
+    """Raw writes below the request's own chunking."""
+
+    def __init__(self, request):
+        self.request = request
+
+    def write(self, data):
+        self.request.written.append(data)
+
+
 class FakeRequest:
-    """The parts of twisted.web's Request the relay uses."""
+    """The parts of twisted.web's Request the relay uses (chunked framing like HTTP/1.1)."""
 
     def __init__(self):
         self.written = []
         self.finished = False
         self.producer = None
-        self.channel = object()
+        self.channel = FakeChannel(self)
         self.transport = StringTransport()
+        self.chunked = 0
+        self.started = False
 
     def write(self, data):
         assert not self.finished
-        self.written.append(data)
+        self.started, self.chunked = True, 1 if not self.started else self.chunked
+        if data:
+            self.written.append(data)
 
     def finish(self):
+        if self.chunked:
+            self.written.append(b"<end-chunk>")
         self.finished = True
 
     def registerProducer(self, producer, streaming):
@@ -38,10 +54,17 @@ class FakeRequest:
         return b"".join(self.written)
 
 
-def make(is_sse=False, idle=30.0, keepalive=15.0):
+class RawUpstream(StringTransport):
+    """An upstream connection passing chunked bytes as they are."""
+
+    at_chunk_boundary = True
+
+
+def make(is_sse=False, idle=30.0, keepalive=15.0, raw=False):
     clock, request, ends = Clock(), FakeRequest(), []
-    relay = BodyRelay(request, clock, idle_timeout=idle, sse_keepalive=keepalive, is_sse=is_sse, on_end=ends.append)
-    upstream = StringTransport()
+    upstream = RawUpstream() if raw else StringTransport()
+    relay = BodyRelay(request, clock, idle_timeout=idle, sse_keepalive=keepalive, is_sse=is_sse,
+                      on_end=ends.append, raw_chunks=upstream if raw else None)
     relay.start(upstream)
     return clock, request, relay, upstream, ends
 
@@ -53,7 +76,7 @@ def test_streams_each_chunk_and_finishes():
     assert request.written == [b"data: 1\n\n"]
     relay.dataReceived(b"data: 2\n\n")
     relay.finished(None)
-    assert request.body == b"data: 1\n\ndata: 2\n\n"
+    assert request.body == b"data: 1\n\ndata: 2\n\n<end-chunk>"
     assert request.finished and request.producer is None
     assert ends == [COMPLETE]
     assert not clock.getDelayedCalls()
@@ -140,3 +163,34 @@ def test_no_keepalive_for_other_bodies():
     clock, request, _, _, _ = make(is_sse=False, idle=300.0, keepalive=15.0)
     clock.pump([15] * 4)
     assert request.written == []
+
+
+def test_raw_chunks_pass_as_they_are_and_are_not_terminated_twice():
+    _, request, relay, upstream, ends = make(is_sse=True, raw=True)
+    assert request.chunked == 1  # the head went out announcing chunked framing
+    relay.dataReceived(b"9\r\ndata: 1\n\n\r\n")
+    relay.dataReceived(b"0\r\n\r\n")
+    relay.finished(None)
+    assert request.body == b"9\r\ndata: 1\n\n\r\n0\r\n\r\n"
+    assert request.finished and ends == [COMPLETE]
+
+
+def test_raw_keepalive_and_error_event_are_whole_chunks():
+    clock, request, relay, upstream, ends = make(is_sse=True, raw=True, idle=100.0, keepalive=15.0)
+    relay.dataReceived(b"9\r\ndata: 1\n\n\r\n")
+    clock.advance(15)
+    assert request.written[-1] == b"e\r\n: keep-alive\n\n\r\n"
+    relay.finished("connection lost")
+    last = request.written[-1]
+    size, _, rest = last.partition(b"\r\n")
+    assert int(size, 16) == len(rest) - 2 and rest.startswith(b"event: error")
+    assert request.transport.disconnecting and not request.finished
+
+
+def test_raw_mid_chunk_break_writes_nothing_more():
+    _, request, relay, upstream, ends = make(is_sse=True, raw=True)
+    relay.dataReceived(b"20\r\ndata: half")
+    upstream.at_chunk_boundary = False
+    relay.finished("connection lost")
+    assert request.body == b"20\r\ndata: half"
+    assert request.transport.disconnecting and ends == [UPSTREAM_BROKE]
