@@ -140,6 +140,10 @@ class ChunkedBody:
         i, n = 0, len(data)
         while i < n:
             state = self._state
+            if state == 2 and not self._crlf_seen and data[i:i + 2] == b"\r\n":
+                i += 2  # the usual case: the whole CRLF after a chunk's data
+                self._state = 0
+                continue
             if state == 1:
                 take = min(self._remaining, n - i)
                 if pieces is not None:
@@ -233,6 +237,10 @@ class UpstreamConnection(Protocol):
         """Deliver a chunked body with its chunk framing, as received (called on seeing the head)."""
         self._raw_chunks = True
 
+    def deliver_body(self, receiver) -> None:
+        """From now on, body bytes and the end go to ``receiver`` (called on seeing the head)."""
+        self._receiver = receiver
+
     @property
     def chunked(self) -> bool:
         """True when the current response's body is chunked."""
@@ -295,9 +303,8 @@ class UpstreamConnection(Protocol):
         self._chunks = ChunkedBody() if self._framing == "chunked" else None
         self._raw_chunks = False
         self._in_body = True
-        receiver = self._receiver
-        receiver.response_started(status, reason, headers, length)
-        if self._receiver is not receiver:
+        self._receiver.response_started(status, reason, headers, length)
+        if self._receiver is None:
             return  # the receiver aborted on seeing the head
         if self._framing == "none" or (self._framing == "length" and not length):
             self._complete(rest)

@@ -57,7 +57,8 @@ def _header_timeout_error() -> ProxyError:
 class Exchange:
     """One client request on its way through the proxy: attempts, failover and relay.
 
-    It is the ``BodyReceiver`` of its upstream connection.
+    It receives the upstream connection's head (``request_failed`` or
+    ``response_started``); the body then goes straight to the ``BodyRelay``.
     """
 
     def __init__(self, forwarder: "ProxyResource", request, route: Route) -> None:
@@ -180,13 +181,7 @@ class Exchange:
                 return
         lease.responded()
         self._relay = self._start_relay(status, reason, headers, length)
-
-    def body_data(self, data: bytes) -> None:
-        self._relay.dataReceived(data)
-
-    def response_ended(self, error: Optional[str]) -> None:
-        self._conn = None
-        self._relay.finished(error)
+        self._conn.deliver_body(self._relay)
 
     # -- the response ---------------------------------------------------------
 
@@ -221,6 +216,7 @@ class Exchange:
         return relay
 
     def _on_relay_end(self, how: str) -> None:
+        self._conn = None
         self._lease.release()
         if how not in (COMPLETE, CLIENT_GONE):
             log.warn("stream from node {node} ended: {how}", node=self._lease.node.name, how=how)

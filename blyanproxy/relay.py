@@ -93,12 +93,13 @@ class BodyRelay:
         self._last_data = self._last_write = now
         if self._keepalive:
             if self._raw_chunks is not None:
-                data_end = data[:-2] if data.endswith(b"\r\n") else b""
+                self._at_event_boundary = data.endswith(b"\n\n\r\n")
             else:
-                data_end = data
-            self._at_event_boundary = data_end.endswith(b"\n\n") or data_end.endswith(b"\r\n\r\n")
+                self._at_event_boundary = data.endswith(b"\n\n") or data.endswith(b"\r\n\r\n")
         self.bytes_sent += len(data)
         self._forward(data)
+
+    body_data = dataReceived
 
     def _emit(self, data: bytes) -> bool:
         """Write bytes of the proxy's own (a comment, an error event); False if it cannot now."""
@@ -110,7 +111,7 @@ class BodyRelay:
         self._forward(b"%x\r\n%s\r\n" % (len(data), data))
         return True
 
-    def finished(self, error: Optional[str]) -> None:
+    def response_ended(self, error: Optional[str]) -> None:
         """The node's body is complete (``error`` None) or broke off."""
         if self._ended:
             return
@@ -118,6 +119,8 @@ class BodyRelay:
             self._end(COMPLETE)
         else:
             self._end(UPSTREAM_BROKE, f"the node's response broke off ({error})")
+
+    finished = response_ended
 
     # -- IPushProducer: the client's side -------------------------------------
 
