@@ -64,6 +64,7 @@ class Settings:
     idle_timeout: float = 300.0
     sse_keepalive: float = 15.0
     max_attempts: int = 3
+    retry_delay: float = 0.0
     retry_on_status: frozenset = frozenset({502, 503, 504})
     max_body_bytes: int = 32 * 1024 * 1024
     pool_max_idle: int = 128
@@ -71,6 +72,8 @@ class Settings:
     tls_ca_file: Optional[str] = None
     trust_forwarded: bool = False
     strip_origin: bool = False
+    ws_heartbeat: float = 30.0
+    enable_metrics: bool = True
     api_url: Optional[str] = None
     log_level: str = "INFO"
     demo: int = 0
@@ -242,6 +245,8 @@ SETTINGS = (
             "idle milliseconds before an SSE comment keeps a stream alive (0: off)"),
     Setting("max_attempts", "MAX_ATTEMPTS", "max-attempts", "3", _whole(1, 20),
             "nodes tried per request before giving up (MAX_RETRIES=n means n+1)"),
+    Setting("retry_delay", "RETRY_DELAY_MS", "retry-delay-ms", "0", _milliseconds(),
+            "milliseconds to wait before failing over to the next node"),
     Setting("retry_on_status", "RETRY_ON_STATUS", "retry-on-status", "502,503,504", _statuses,
             "node statuses that fail over to another node (none: never)"),
     Setting("max_body_bytes", "MAX_BODY_BYTES", "max-body-bytes", str(32 * 1024 * 1024),
@@ -256,6 +261,10 @@ SETTINGS = (
             "keep incoming X-Forwarded-* headers (only behind a trusted proxy)"),
     Setting("strip_origin", "STRIP_ORIGIN", "strip-origin", "false", _boolean,
             "drop the client's Origin header before forwarding"),
+    Setting("ws_heartbeat", "WS_HEARTBEAT_MS", "ws-heartbeat-ms", "30000", _milliseconds(),
+            "idle milliseconds before TCP keep-alive probes check a WebSocket's peers (0: off)"),
+    Setting("enable_metrics", "ENABLE_METRICS", "enable-metrics", "true", _boolean,
+            "serve Prometheus metrics (the metrics endpoint is not built yet)"),
     Setting("api_url", "API_URL", "api-url", "(off)", _api_url,
             "workloads API for per-API-key node discovery"),
     Setting("log_level", "LOG_LEVEL", "log-level", "INFO", _log_level,

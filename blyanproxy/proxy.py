@@ -88,6 +88,7 @@ class Exchange:
     # -- attempts -------------------------------------------------------------
 
     def _attempt(self, last_error: Optional[ProxyError]) -> None:
+        self._timer = None
         lease = None
         if self._attempts < self._settings.max_attempts:
             lease = self._forwarder.balancer.acquire(self._route, frozenset(self._excluded))
@@ -140,7 +141,10 @@ class Exchange:
             attempt=self._attempts, node=self._lease.node.name, reason=reason,
         )
         self._lease.failed(reason)
-        self._attempt(err)
+        if self._settings.retry_delay:
+            self._timer = self._forwarder.clock.callLater(self._settings.retry_delay, self._attempt, err)
+        else:
+            self._attempt(err)
 
     def _header_timeout(self) -> None:
         self._timer = None
@@ -227,7 +231,9 @@ class Exchange:
 
     def _on_client_gone(self, failure) -> None:
         self._client_gone = True
-        if self._relay is not None:
+        if self._timer is not None and self._conn is None and self._pending is None:
+            self._cancel_timer()  # waiting out RETRY_DELAY_MS: nothing else to stop
+        elif self._relay is not None:
             self._relay.client_gone()
         elif self._pending is not None:
             self._pending.cancel()

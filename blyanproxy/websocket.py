@@ -12,6 +12,7 @@ reached is failed over like any request.
 
 from __future__ import annotations
 
+import socket
 from typing import Optional, Set
 
 from twisted.internet import defer
@@ -36,6 +37,23 @@ def is_websocket_upgrade(request) -> bool:
         return False
     upgrade = request.requestHeaders.getRawHeaders(b"upgrade") or []
     return any(b"websocket" in value.lower() for value in upgrade)
+
+
+def enable_keepalive_probes(transport, idle: float) -> None:
+    """Turn on TCP keep-alive probes after ``idle`` quiet seconds, so a vanished peer is noticed.
+
+    The probes work below WebSocket framing, which the proxy passes through
+    untouched. ``transport`` may be TLS over TCP; the TCP one is found below it.
+    """
+    while transport is not None and not hasattr(transport, "setTcpKeepAlive"):
+        transport = getattr(transport, "transport", None)
+    if transport is None:
+        return
+    transport.setTcpKeepAlive(True)
+    sock = transport.getHandle()
+    for option, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", max(idle / 3, 1)), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), max(int(value), 1))
 
 
 class _ClientSide(Protocol):
@@ -103,6 +121,10 @@ class _Splice(Protocol):
         request.registerProducer(self.transport, True)
         self.transport.registerProducer(client.transport, True)
         self._client = client
+        heartbeat = self._forwarder.settings.ws_heartbeat
+        if heartbeat:
+            for transport in (client.transport, self.transport):
+                enable_keepalive_probes(transport, heartbeat)
         self._forwarder.opened(self)
 
     def _relay_refusal(self, status: int, reason: bytes, headers, rest: bytes) -> None:

@@ -35,3 +35,11 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     for step in test_command.split(" && ")[1:]:
         assert step in ci, step
+
+
+def test_env_example_lists_every_variable_with_its_default():
+    example = (ROOT / "etc" / "blyan-proxy.env.example").read_text()
+    for setting in SETTINGS:
+        if setting.env:
+            default = "" if setting.default.startswith("(") else setting.default
+            assert f"# {setting.env}={default}\n" in example, setting.env

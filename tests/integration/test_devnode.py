@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import sys
 import time
 
 import pytest
@@ -16,7 +14,6 @@ from treq.client import HTTPClient
 from twisted.application.service import IServiceMaker
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.plugin import getPlugins
@@ -26,6 +23,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from blyanproxy.devnode_wire import completion_text
 
 from .conftest import devnode_timers
+from .processes import TWIST, TWISTD, ProcessCapture, free_port
 from .rawhttp import connect, eventually, sleep
 
 WAIT = 5.0  # seconds any single exchange may take before a test fails
@@ -388,10 +386,6 @@ def test_plugins_are_discoverable():
     assert {"blyan-proxy", "blyan-devnode"} <= {maker.tapname for maker in getPlugins(IServiceMaker)}
 
 
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n"]
-TWIST = [sys.executable, "-m", "twisted"]
-
-
 @pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("runner", [TWISTD, TWIST], ids=["twistd", "twist"])
 async def test_plugin_help(reactor, runner):
@@ -404,29 +398,11 @@ async def test_plugin_help(reactor, runner):
     assert b"--tps=" in out and b"--close-after=" in out and b"--hang" in out
 
 
-class _Process(ProcessProtocol):
-    def __init__(self) -> None:
-        self.output = b""
-        self.ended: Deferred[None] = Deferred()
-
-    def childDataReceived(self, fd: int, data: bytes) -> None:
-        self.output += data
-
-    def processEnded(self, reason) -> None:
-        self.ended.callback(None)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_plugin_runs_a_node(reactor, http):
     port = free_port()
-    process = _Process()
+    process = ProcessCapture()
     argv = TWIST + [
         "blyan-devnode",
         "--port",

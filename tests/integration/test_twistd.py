@@ -1,0 +1,83 @@
+"""``twistd -n blyan-proxy`` end to end, in a child process: help, refusals, demo mode, stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.utils import getProcessOutputAndValue
+
+from blyanproxy.config import SETTINGS
+
+from .processes import TWISTD, ProcessCapture, free_port
+from .rawhttp import sleep
+
+WAIT = 30.0
+
+
+async def run_to_end(reactor, args, env=None):
+    environment = dict(os.environ, **(env or {}))
+    d = getProcessOutputAndValue(TWISTD[0], TWISTD[1:] + args, env=environment)
+    return await d.addTimeout(WAIT, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_help_documents_every_option(reactor):
+    out, err, code = await run_to_end(reactor, ["blyan-proxy", "--help"])
+    assert code == 0, err
+    for setting in SETTINGS:
+        if setting.option:
+            assert f"--{setting.option}=".encode() in out
+    assert b"--node=" in out and b"--port=" in out
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "env, args, expected",
+    [
+        ({"HEALTH_INTERVAL_MS": "soon"}, [], b"HEALTH_INTERVAL_MS: expected a number of milliseconds (got 'soon')"),
+        ({"NODE_3": "gpu3|gopher://x"}, [], b"NODE_3: the URL must start with http:// or https://"),
+        ({}, ["--policy", "random"], b"--policy: expected one of"),
+        ({}, ["--port", "tcp:notaport"], b"--port"),
+    ],
+)
+async def test_bad_settings_stop_start_up_with_a_message(reactor, env, args, expected):
+    out, err, code = await run_to_end(reactor, ["--pidfile=", "blyan-proxy"] + args, env)
+    assert code != 0
+    assert expected in out + err
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_demo_mode_proxies_to_its_simulated_nodes_and_stops_cleanly(reactor, tmp_path):
+    port = free_port()
+    process = ProcessCapture()
+    argv = TWISTD + ["--pidfile=", "blyan-proxy", "--demo", "2", "--port", f"tcp:{port}:interface=127.0.0.1"]
+    transport = reactor.spawnProcess(process, argv[0], argv, env=dict(os.environ), path=str(tmp_path))
+    try:
+        url = f"http://127.0.0.1:{port}/v1/models"
+        for _ in range(200):
+            try:
+                response = await treq.get(url, timeout=5)
+                break
+            except ConnectionRefusedError:
+                await sleep(reactor, 0.1)
+        nodes = set()
+        for _ in range(4):
+            response = await treq.get(url, timeout=5)
+            assert response.code == 200
+            assert (await response.json())["object"] == "list"
+            nodes.update(response.headers.getRawHeaders("X-Blyan-Node"))
+        assert nodes == {"demo-0", "demo-1"}
+    finally:
+        if not process.ended.called:
+            transport.signalProcess(signal.SIGTERM)
+        code, killed_by = await process.ended.addTimeout(WAIT, reactor)
+    # twistd re-raises the signal that stopped it, the Unix convention for "stopped by SIGTERM".
+    assert (code, killed_by) in ((0, None), (None, signal.SIGTERM)), process.output.decode(errors="replace")
+    assert b"Traceback" not in process.output and b"Unhandled" not in process.output
+    assert b"demo node demo-0 listening" in process.output
