@@ -23,6 +23,10 @@ RawHeaders = List[Tuple[bytes, List[bytes]]]
 
 MAX_HEAD = 64 * 1024
 _NO_BODY_STATUSES = frozenset({204, 304})
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_STATUS = re.compile(rb"[1-5][0-9][0-9]\Z")
+#: Control characters other than horizontal tab: never allowed in a header value or reason.
+_FORBIDDEN_IN_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class ProtocolError(Exception):
@@ -64,12 +68,17 @@ def parse_head(head: bytes) -> Tuple[int, bytes, RawHeaders]:
     """
     lines = head.split(b"\r\n")
     status_line = lines[0].split(b" ", 2)
-    if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/1.") or not status_line[1].isdigit():
+    if (
+        len(status_line) < 2
+        or status_line[0] not in (b"HTTP/1.0", b"HTTP/1.1")
+        or not _STATUS.match(status_line[1])
+        or _FORBIDDEN_IN_VALUE.search(lines[0])
+    ):
         raise ProtocolError("malformed status line")
     grouped: Dict[bytes, Tuple[bytes, List[bytes]]] = {}
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
-        if not sep or not name or name[-1:] in (b" ", b"\t") or line[:1] in (b" ", b"\t"):
+        if not sep or not _TOKEN.match(name) or _FORBIDDEN_IN_VALUE.search(value):
             raise ProtocolError("malformed header line")
         key = name.lower()
         entry = grouped.get(key)
@@ -298,7 +307,12 @@ class UpstreamConnection(Protocol):
                 return
             break
         self._head = b""
-        self._keep_alive = keeps_alive(version, headers) and self._framing != "close"
+        self._keep_alive = (
+            keeps_alive(version, headers)
+            and self._framing != "close"
+            # RFC 9112 §6.3: a body framed by both headers ends the connection.
+            and not (self._framing == "chunked" and any(n.lower() == b"content-length" for n, _ in headers))
+        )
         self._remaining = length or 0
         self._chunks = ChunkedBody() if self._framing == "chunked" else None
         self._raw_chunks = False
@@ -351,6 +365,8 @@ class UpstreamConnection(Protocol):
         if extra or not self._keep_alive:
             self.transport.loseConnection()
         else:
+            # A slow client may have paused this connection just as the body ended.
+            self.transport.resumeProducing()
             self._pool.release(self)
         receiver.response_ended(None)
 

@@ -184,7 +184,15 @@ class Exchange:
                 self._use(following)
                 return
         lease.responded()
-        self._relay = self._start_relay(status, reason, headers, length)
+        try:
+            self._relay = self._start_relay(status, reason, headers, length)
+        except Exception:  # a head Twisted refuses to write: the node's fault, answered as 502
+            log.failure("node {node} sent a response head that cannot be relayed", node=lease.node.name)
+            conn, self._conn = self._conn, None
+            conn.abort()
+            lease.failed("bad_response")
+            self._fail(ProxyError(502, "upstream_failed", "the node's answer is not valid HTTP"))
+            return
         self._conn.deliver_body(self._relay)
 
     # -- the response ---------------------------------------------------------
@@ -201,7 +209,12 @@ class Exchange:
         is_sse = bool(content_type) and content_type[0].lower().startswith(b"text/event-stream")
         if is_sse and not out.hasHeader(b"x-accel-buffering"):
             out.setRawHeaders(b"X-Accel-Buffering", [b"no"])
-        if length is not None and self._method != b"HEAD" and status not in (204, 304):
+        if self._method == b"HEAD" or status == 304:
+            # No body follows, but the length a GET would have had is the node's to tell.
+            declared = [v for n, vs in headers if n.lower() == b"content-length" for v in vs]
+            if declared:
+                out.setRawHeaders(b"Content-Length", declared[:1])
+        elif length is not None and status != 204:
             out.setRawHeaders(b"Content-Length", [b"%d" % length])
         conn = self._conn
         raw_chunks = conn.chunked and request.clientproto == b"HTTP/1.1"
@@ -210,7 +223,8 @@ class Exchange:
             self._forwarder.clock,
             idle_timeout=self._settings.idle_timeout,
             sse_keepalive=self._settings.sse_keepalive,
-            is_sse=is_sse,
+            # Comments and error events would break a body of announced length.
+            is_sse=is_sse and length is None,
             on_end=self._on_relay_end,
             raw_chunks=conn if raw_chunks else None,
         )

@@ -16,12 +16,13 @@ import socket
 from typing import Optional, Set
 
 from twisted.internet import defer
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.protocol import Protocol
 
 from twisted.web.http import _ChunkedTransferDecoder, _IdentityTransferDecoder
 
 from .balancer import Lease
-from .client import ProtocolError, connect_quietly, parse_head, serialize_request_head
+from .client import ProtocolError, body_framing, connect_quietly, parse_head, serialize_request_head
 from .errors import ProxyError, write_error
 from .headers import client_facts, downstream_response_headers, upstream_request_headers
 from .logs import logger
@@ -135,14 +136,20 @@ class _Splice(Protocol):
         request.responseHeaders.setRawHeaders(
             b"X-Blyan-Node", [self._attempt.lease.node.name.encode("utf-8", "replace")]
         )
-        lengths = dict((n.lower(), v) for n, v in headers)
-        chunked = b"chunked" in b",".join(lengths.get(b"transfer-encoding", [])).lower()
-        length = lengths.get(b"content-length")
-        if chunked:
+        try:
+            framing, length = body_framing(b"GET", status, b"HTTP/1.1", headers)
+        except ProtocolError:
+            framing, length = "close", None
+        if framing == "none" or (framing == "length" and not length):
+            if framing == "length":
+                request.responseHeaders.setRawHeaders(b"Content-Length", [b"0"])
+            self._refusal_done()
+            return
+        if framing == "chunked":
             self._decoder = _ChunkedTransferDecoder(request.write, self._refusal_done)
-        elif length and length[0].isdigit():
-            request.responseHeaders.setRawHeaders(b"Content-Length", [length[0]])
-            self._decoder = _IdentityTransferDecoder(int(length[0]), request.write, self._refusal_done)
+        elif framing == "length":
+            request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % length])
+            self._decoder = _IdentityTransferDecoder(length, request.write, self._refusal_done)
         else:
             self._decoder = _IdentityTransferDecoder(None, request.write, self._refusal_done)
         if rest:
@@ -251,8 +258,8 @@ class _Handshake:
 
     def _connect_failed(self, failure) -> None:
         self._pending = None
-        if failure.check(defer.CancelledError):
-            return
+        if failure.check(defer.CancelledError, ConnectingCancelledError):
+            return  # whoever cancelled does the accounting
         self.lease.failed("connect_failed")
         log.info("websocket connect to node {node} failed: {why}", node=self.lease.node.name,
                  why=failure.getErrorMessage())
@@ -277,8 +284,8 @@ class _Handshake:
     def _timed_out(self) -> None:
         self._timeout = None
         if self._pending is not None:
-            self._pending.cancel()
-            self._pending = None
+            pending, self._pending = self._pending, None
+            pending.cancel()
             self.lease.failed("connect_timeout")
             self.retry(ProxyError(504, "upstream_timeout", "connecting to the node timed out"))
         else:
@@ -300,7 +307,9 @@ class _Handshake:
         self._client_gone = True
         self._cancel_timeout()
         if self._pending is not None:
-            self._pending.cancel()
+            pending, self._pending = self._pending, None
+            pending.cancel()
+            self.lease.release()
         elif self._splice is not None and not self._answered:
             self._splice.transport.abortConnection()
 

@@ -322,3 +322,37 @@ def test_flow_control_reaches_the_transport():
     assert conn.transport.producerState == "paused"
     conn.resumeProducing()
     assert conn.transport.producerState == "producing"
+
+
+def test_a_connection_paused_by_a_slow_client_is_resumed_before_it_is_pooled():
+    _, endpoints, pool = make_pool()
+    conn = connected(pool, endpoints)
+    send(conn)
+    conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+    conn.pauseProducing()  # the client's socket filled up
+    conn.dataReceived(b"cd")
+    assert conn.transport.producerState == "producing"
+    assert connected(pool, endpoints) is conn
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nX Bad: 1",
+        b"HTTP/1.1 200 OK\nSet-Cookie: injected=1",
+        b"HTTP/1.1 200 OK\r\nX-A: one\ntwo",
+        b"HTTP/1.1 200 OK\r\nX-A: nul\x00",
+        b"HTTP/1.1 999 Nope",
+    ],
+)
+def test_heads_that_could_inject_or_break_client_headers_are_refused(head):
+    with pytest.raises(ProtocolError):
+        parse_head(head)
+
+
+def test_chunked_with_content_length_is_not_kept_alive():
+    _, endpoints, pool = make_pool()
+    conn = connected(pool, endpoints)
+    send(conn)
+    conn.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n")
+    assert conn.transport.disconnecting

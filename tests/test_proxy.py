@@ -152,3 +152,22 @@ def test_a_stale_kept_alive_connection_is_retried_once_on_the_same_node():
     node = registry.nodes()[0]
     assert registry.stats(node.id).failures == 0
     assert registry.stats(node.id).in_flight == 0
+
+
+def test_websocket_connect_timeout_tries_the_next_node_once():
+    reactor = MemoryReactorClock()
+    root, registry = proxy_on(reactor, "http://10.1.1.1:8000", "http://10.1.1.2:8001", proxy_timeout=1.0)
+    request = Request(b"/ws")
+    request.clientproto = b"HTTP/1.1"
+    request.requestHeaders.setRawHeaders(b"upgrade", [b"websocket"])
+    request.requestHeaders.setRawHeaders(b"connection", [b"Upgrade"])
+    render(root, request)
+    assert [c[1] for c in reactor.tcpClients] == [8000]
+    reactor.advance(1.1)
+    assert [c[1] for c in reactor.tcpClients] == [8000, 8001]  # one new attempt, no more
+    first, second = registry.nodes()
+    assert registry.stats(first.id).last_failure == "connect_timeout"
+    assert (registry.stats(first.id).in_flight, registry.stats(second.id).in_flight) == (0, 1)
+    request.processingFailed(Failure(error.ConnectionLost("client gone")))
+    assert registry.stats(second.id).in_flight == 0
+    assert registry.stats(second.id).failures == 0

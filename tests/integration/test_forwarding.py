@@ -412,3 +412,33 @@ async def test_open_websockets_count_in_flight_until_closed(reactor, devnode_fac
 
     assert await deferToThread(talk) == 1
     await eventually(reactor, lambda: stats.in_flight == 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_websocket_refused_with_an_empty_body_is_answered_at_once(reactor, proxy_factory):
+    from twisted.internet.protocol import Factory, Protocol
+
+    class Refuser(Protocol):
+        def dataReceived(self, data):
+            if b"\r\n\r\n" in data:
+                self.transport.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Refuser), interface="127.0.0.1")
+    try:
+        proxy = await proxy_factory([f"http://127.0.0.1:{port.getHost().port}"])
+
+        def talk():
+            from websockets.exceptions import InvalidStatus
+            from websockets.sync.client import connect as ws_connect
+
+            try:
+                ws_connect(proxy.url.replace("http", "ws") + "/ws", open_timeout=3, proxy=None)
+            except InvalidStatus as exc:
+                return exc.response.status_code
+            return None
+
+        assert await deferToThread(talk) == 401
+        stats = proxy.registry.stats(proxy.registry.nodes()[0].id)
+        await eventually(reactor, lambda: stats.in_flight == 0)
+    finally:
+        await port.stopListening()
