@@ -19,9 +19,13 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
+from .writethrough import write_through
+
 RawHeaders = List[Tuple[bytes, List[bytes]]]
 
 MAX_HEAD = 64 * 1024
+#: A request body up to this size is sent together with its head, in one write.
+_ONE_WRITE = 64 * 1024
 _NO_BODY_STATUSES = frozenset({204, 304})
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _STATUS = re.compile(rb"[1-5][0-9][0-9]\Z")
@@ -237,10 +241,12 @@ class UpstreamConnection(Protocol):
         self._head = b""
         self._in_body = False
         self.bytes_received = 0
-        if body:
-            self.transport.writeSequence((head, body))
+        if not body:
+            self._write(head)
+        elif len(body) <= _ONE_WRITE:
+            self._write(head + body)
         else:
-            self.transport.write(head)
+            self.transport.writeSequence((head, body))
 
     def pass_chunks_raw(self) -> None:
         """Deliver a chunked body with its chunk framing, as received (called on seeing the head)."""
@@ -275,6 +281,9 @@ class UpstreamConnection(Protocol):
         self.abort()
 
     # -- the node's side ------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._write = write_through(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         self.bytes_received += len(data)

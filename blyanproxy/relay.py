@@ -20,6 +20,8 @@ from typing import Callable, Optional
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
+from .writethrough import write_through
+
 #: How a relayed body ended, passed to the ``on_end`` callback.
 COMPLETE = "complete"
 CLIENT_GONE = "client_gone"
@@ -81,7 +83,7 @@ class BodyRelay:
         request.registerProducer(self, True)
         if self._raw_chunks is not None:
             request.write(b"")  # the head, announcing chunked framing
-            self._forward = request.channel.write
+            self._forward = write_through(request.channel.transport)
         else:
             self._forward = request.write
         self._schedule()

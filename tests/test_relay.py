@@ -14,6 +14,7 @@ class FakeChannel:
 
     def __init__(self, request):
         self.request = request
+        self.transport = self
 
     def write(self, data):
         self.request.written.append(data)
