@@ -7,16 +7,13 @@ the data path reports what happened and gives the node back.
 
 from __future__ import annotations
 
-from typing import Callable, FrozenSet, List, Optional
+from typing import FrozenSet, Optional
 
 import attrs
 
 from .nodes import Node, NodeRegistry, NodeStats
 from .routing import Route
-
-#: A policy: the node to use among usable candidates (never empty), or None.
-Chooser = Callable[[List[Node], Route], Optional[Node]]
-
+from .selection import POLICIES, Candidate, Turn
 
 @attrs.define(eq=False)
 class Lease:
@@ -33,9 +30,10 @@ class Lease:
         self.stats.last_failure = reason
         self.release()
 
-    def responded(self) -> None:
-        """The node answered with a response the client will get."""
+    def responded(self, seconds_to_first_byte: float) -> None:
+        """The node answered with a response the client will get, after this long."""
         self.stats.consecutive_failures = 0
+        self.stats.observe_latency(seconds_to_first_byte * 1000.0)
 
     def release(self) -> None:
         """The request on this node is over (idempotent)."""
@@ -44,38 +42,41 @@ class Lease:
             self.stats.in_flight -= 1
 
 
-def rotating_chooser() -> Chooser:
-    """Plain rotation over the candidates: each call takes the next one."""
-    turn = [0]
-
-    def choose(candidates: List[Node], route: Route) -> Optional[Node]:
-        node = candidates[turn[0] % len(candidates)]
-        turn[0] += 1
-        return node
-
-    return choose
-
-
 class Balancer:
-    """Hands out leases on registry nodes that are not draining and not excluded."""
+    """Hands out leases on usable nodes, chosen by the current selection policy.
 
-    def __init__(self, registry: NodeRegistry, choose: Chooser) -> None:
+    Usable, for now: not draining and not excluded for this request.
+    ``policy`` (a name from ``selection.POLICIES``) may change at run time.
+    """
+
+    def __init__(self, registry: NodeRegistry, policy: str = "active-first") -> None:
         self._registry = registry
-        self._choose = choose
+        self._turn = Turn()
+        self.policy = policy
+
+    @property
+    def policy(self) -> str:
+        """The name of the selection policy in use."""
+        return self._policy_name
+
+    @policy.setter
+    def policy(self, name: str) -> None:
+        self._choose = POLICIES[name]
+        self._policy_name = name
 
     def acquire(self, route: Route, excluded: FrozenSet[str]) -> Optional[Lease]:
         """A lease on the node chosen for ``route``, or ``None`` when no node can take it."""
-        candidates = [
-            node
-            for node in self._registry.nodes()
-            if node.id not in excluded and not node.draining
-        ]
+        registry = self._registry
+        candidates = []
+        for node in registry.nodes():
+            if node.id in excluded or node.draining:
+                continue
+            stats = registry.stats(node.id)
+            candidates.append(Candidate(node, stats.in_flight, stats.latency_ms))
         if not candidates:
             return None
-        node = self._choose(candidates, route)
-        if node is None:
-            return None
-        stats = self._registry.stats(node.id)
+        node = self._choose(candidates, self._turn, registry.active_id).node
+        stats = registry.stats(node.id)
         stats.in_flight += 1
         stats.requests += 1
         return Lease(node=node, stats=stats)

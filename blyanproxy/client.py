@@ -11,30 +11,26 @@ a complete, well-framed response that did not ask to close.
 
 from __future__ import annotations
 
-import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
+from .http11 import (
+    MAX_HEAD,
+    ChunkedBody,
+    ProtocolError,
+    RawHeaders,
+    body_framing,
+    keeps_alive,
+    parse_head,
+)
 from .writethrough import write_through
 
-RawHeaders = List[Tuple[bytes, List[bytes]]]
-
-MAX_HEAD = 64 * 1024
 #: A request body up to this size is sent together with its head, in one write.
 _ONE_WRITE = 64 * 1024
-_NO_BODY_STATUSES = frozenset({204, 304})
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_STATUS = re.compile(rb"[1-5][0-9][0-9]\Z")
-#: Control characters other than horizontal tab: never allowed in a header value or reason.
-_FORBIDDEN_IN_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-
-
-class ProtocolError(Exception):
-    """The node's answer cannot be parsed as HTTP/1.1."""
 
 
 class _OneConnection(Factory):
@@ -52,148 +48,6 @@ class _OneConnection(Factory):
 def connect_quietly(endpoint, protocol: Protocol) -> defer.Deferred:
     """``endpoint.connect`` for one ready-made protocol; fires with it once connected."""
     return endpoint.connect(_OneConnection(protocol))
-
-
-def serialize_request_head(method: bytes, target: bytes, headers: RawHeaders) -> bytes:
-    """The raw bytes of an HTTP/1.1 request head (values must already be free of CR and LF)."""
-    lines = [method + b" " + target + b" HTTP/1.1"]
-    for name, values in headers:
-        for value in values:
-            lines.append(name + b": " + value)
-    lines.append(b"\r\n")
-    return b"\r\n".join(lines)
-
-
-def parse_head(head: bytes) -> Tuple[int, bytes, RawHeaders]:
-    """``(status, reason, headers)`` of a response head (without the final blank line).
-
-    Repeated header names are grouped, keeping the first spelling; obsolete
-    line folding and malformed lines raise ``ProtocolError``.
-    """
-    lines = head.split(b"\r\n")
-    status_line = lines[0].split(b" ", 2)
-    if (
-        len(status_line) < 2
-        or status_line[0] not in (b"HTTP/1.0", b"HTTP/1.1")
-        or not _STATUS.match(status_line[1])
-        or _FORBIDDEN_IN_VALUE.search(lines[0])
-    ):
-        raise ProtocolError("malformed status line")
-    grouped: Dict[bytes, Tuple[bytes, List[bytes]]] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not _TOKEN.match(name) or _FORBIDDEN_IN_VALUE.search(value):
-            raise ProtocolError("malformed header line")
-        key = name.lower()
-        entry = grouped.get(key)
-        if entry is None:
-            grouped[key] = (name, [value.strip()])
-        else:
-            entry[1].append(value.strip())
-    reason = status_line[2] if len(status_line) > 2 else b""
-    return int(status_line[1]), reason, list(grouped.values())
-
-
-def _tokens(headers: RawHeaders, wanted: bytes) -> List[bytes]:
-    for name, values in headers:
-        if name.lower() == wanted:
-            return [t.strip().lower() for v in values for t in v.split(b",") if t.strip()]
-    return []
-
-
-def body_framing(method: bytes, status: int, version: bytes, headers: RawHeaders) -> Tuple[str, Optional[int]]:
-    """How the body of a response is delimited: ``("none" | "length" | "chunked" | "close", length)``."""
-    if method == b"HEAD" or status < 200 or status in _NO_BODY_STATUSES:
-        return "none", 0
-    codings = _tokens(headers, b"transfer-encoding")
-    if codings:
-        return ("chunked", None) if codings[-1] == b"chunked" else ("close", None)
-    lengths = {v.strip() for name, values in headers if name.lower() == b"content-length" for v in values}
-    if lengths:
-        if len(lengths) != 1 or not next(iter(lengths)).isdigit():
-            raise ProtocolError("bad Content-Length")
-        return "length", int(next(iter(lengths)))
-    return "close", None
-
-
-def keeps_alive(version: bytes, headers: RawHeaders) -> bool:
-    """Whether the connection may carry another request after this response."""
-    tokens = _tokens(headers, b"connection")
-    if version == b"HTTP/1.1":
-        return b"close" not in tokens
-    return b"keep-alive" in tokens
-
-
-_HEX_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}\Z")
-_MAX_CHUNK_LINE = 4096
-
-
-class ChunkedBody:
-    """Follows the framing of a chunked body as its bytes arrive.
-
-    ``feed(data, pieces)`` returns the index in ``data`` just past the end of
-    the body, or -1 while it goes on; with a list for ``pieces`` it also
-    collects the chunk data (decoding), without one it only finds the end, so
-    the raw bytes can be passed on as they are. Malformed framing raises
-    ``ProtocolError``.
-    """
-
-    def __init__(self) -> None:
-        self._line = b""  # a size or trailer line split across reads
-        self._remaining = 0  # data bytes left in the current chunk
-        self._state = 0  # 0: size line, 1: data, 2: CRLF after data, 3: trailer lines
-        self._crlf_seen = 0
-
-    @property
-    def at_boundary(self) -> bool:
-        """True between chunks, where a whole new chunk may be inserted."""
-        return self._state == 0 and not self._line
-
-    def feed(self, data: bytes, pieces: Optional[list] = None) -> int:
-        i, n = 0, len(data)
-        while i < n:
-            state = self._state
-            if state == 2 and not self._crlf_seen and data[i:i + 2] == b"\r\n":
-                i += 2  # the usual case: the whole CRLF after a chunk's data
-                self._state = 0
-                continue
-            if state == 1:
-                take = min(self._remaining, n - i)
-                if pieces is not None:
-                    pieces.append(data[i:i + take])
-                i += take
-                self._remaining -= take
-                if not self._remaining:
-                    self._state, self._crlf_seen = 2, 0
-            elif state == 2:
-                if data[i] != b"\r\n"[self._crlf_seen]:
-                    raise ProtocolError("chunk data not followed by CRLF")
-                i += 1
-                self._crlf_seen += 1
-                if self._crlf_seen == 2:
-                    self._state = 0
-            else:
-                newline = data.find(b"\n", i)
-                if newline == -1:
-                    self._line += data[i:]
-                    if len(self._line) > _MAX_CHUNK_LINE:
-                        raise ProtocolError("chunk line too long")
-                    return -1
-                line = self._line + data[i:newline + 1]
-                self._line = b""
-                i = newline + 1
-                if line[-2:] != b"\r\n" or len(line) > _MAX_CHUNK_LINE:
-                    raise ProtocolError("malformed chunk line")
-                if state == 3:
-                    if len(line) == 2:
-                        return i  # the blank line after the last chunk and its trailers
-                    continue
-                size = line[:-2].split(b";", 1)[0].strip()
-                if not _HEX_SIZE.match(size):
-                    raise ProtocolError("malformed chunk size")
-                self._remaining = int(size, 16)
-                self._state = 1 if self._remaining else 3
-        return -1
 
 
 class BodyReceiver:

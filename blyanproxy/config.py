@@ -14,9 +14,10 @@ from typing import Callable, Mapping, Optional, Sequence
 import attrs
 from twisted.logger import LogLevel
 
+from . import selection
 from .nodeurl import parse_base_url
 
-POLICIES = ("active-first", "round-robin", "least-latency", "least-inflight")
+POLICIES = tuple(selection.POLICIES)
 LOG_LEVELS = {
     "DEBUG": LogLevel.debug,
     "INFO": LogLevel.info,

@@ -17,7 +17,13 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.websocket import WebSocketResource
 
 from blyanproxy.devnode_config import SettingError, apply_knobs, parse_flag
-from blyanproxy.devnode_stream import PatternBody, TokenSchedule, TokenStream, answer_later, hold
+from blyanproxy.devnode_stream import (
+    PatternBody,
+    TokenSchedule,
+    TokenStream,
+    answer_later,
+    hold,
+)
 from blyanproxy.devnode_wire import (
     ApiError,
     ChatFormat,

@@ -49,10 +49,19 @@ class NodeStats:
     failures: int = 0
     consecutive_failures: int = 0
     last_failure: Optional[str] = None
+    latency_ms: Optional[float] = None
+
+    def observe_latency(self, milliseconds: float) -> None:
+        """Fold one measurement into the moving average (weight 0.3 for the newest)."""
+        if self.latency_ms is None:
+            self.latency_ms = milliseconds
+        else:
+            self.latency_ms += 0.3 * (milliseconds - self.latency_ms)
 
 
 class NodeRegistry:
-    """The fleet: nodes in registry order, their live figures, and change listeners.
+    """The fleet: nodes in registry order, their live figures, the active node's id
+    (preferred by ``active-first``), and change listeners.
 
     Listeners are called with ``(event, node)`` where event is ``"added"``,
     ``"removed"`` or ``"updated"``.
@@ -62,6 +71,7 @@ class NodeRegistry:
         self._nodes: Dict[str, Node] = {}
         self._stats: Dict[str, NodeStats] = {}
         self._listeners: List[Callable[[str, Node], None]] = []
+        self.active_id: Optional[str] = None
 
     def listen(self, listener: Callable[[str, Node], None]) -> None:
         """Call ``listener(event, node)`` on every change."""

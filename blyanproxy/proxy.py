@@ -16,10 +16,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from .balancer import Balancer, Lease
-from .client import ProtocolError, UpstreamConnection, UpstreamPool, serialize_request_head
+from .client import UpstreamConnection, UpstreamPool
 from .config import Settings
 from .errors import ProxyError, write_error
 from .headers import client_facts, downstream_response_headers, upstream_request_headers
+from .http11 import ProtocolError, serialize_request_head
 from .logs import logger
 from .relay import CLIENT_GONE, COMPLETE, BodyRelay
 from .routing import Route, parse_route
@@ -78,6 +79,7 @@ class Exchange:
         self._timer = None
         self._relay: Optional[BodyRelay] = None
         self._fresh_retry_used = False
+        self._sent_at = 0.0
         self._client_gone = False
         request.notifyFinish().addErrback(self._on_client_gone)
 
@@ -125,6 +127,7 @@ class Exchange:
     def _connected(self, conn: UpstreamConnection) -> None:
         self._pending = None
         self._conn = conn
+        self._sent_at = self._forwarder.clock.seconds()
         self._timer = self._forwarder.clock.callLater(self._settings.proxy_timeout, self._header_timeout)
         conn.request(self._method, self._head, self._body, self)
 
@@ -183,7 +186,7 @@ class Exchange:
                 lease.failed("status_%d" % status)
                 self._use(following)
                 return
-        lease.responded()
+        lease.responded(self._forwarder.clock.seconds() - self._sent_at)
         try:
             self._relay = self._start_relay(status, reason, headers, length)
         except Exception:  # a head Twisted refuses to write: the node's fault, answered as 502

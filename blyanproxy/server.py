@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Dict
 
-
 from twisted.web import server
 from twisted.web.resource import Resource
 

@@ -14,13 +14,20 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import LoopingCall
 from twisted.python import usage
 
-from .balancer import Balancer, rotating_chooser
-from .config import LISTEN_OPTION, SETTINGS, ConfigError, NodeSpec, Settings, settings_from
+from .balancer import Balancer
+from .client import UpstreamPool
+from .config import (
+    LISTEN_OPTION,
+    SETTINGS,
+    ConfigError,
+    NodeSpec,
+    Settings,
+    settings_from,
+)
 from .logs import logger, set_log_level
 from .nodes import Node, NodeRegistry, new_node_id
 from .proxy import ProxyResource
 from .server import NotFoundResource, ProxySite, RootResource
-from .client import UpstreamPool
 from .upstream import NodeEndpoints, NodeTLSPolicy, load_trust_root
 
 log = logger("tap")
@@ -150,7 +157,7 @@ def build_proxy(settings: Settings, reactor):
 
     endpoints = NodeEndpoints(reactor, NodeTLSPolicy(verify_for, trust_root), settings.connect_timeout)
     pool = UpstreamPool(reactor, endpoints, settings.pool_max_idle, settings.pool_idle_timeout)
-    balancer = Balancer(registry, rotating_chooser())
+    balancer = Balancer(registry, settings.selection_policy)
     forwarder = ProxyResource(balancer, pool, endpoints, reactor, settings)
     root = RootResource(
         forwarder,

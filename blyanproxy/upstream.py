@@ -18,6 +18,7 @@ from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+
 def load_trust_root(path: str):
     """Trust the CA certificates of a PEM bundle; ``ValueError`` naming the file if unusable."""
     try:

@@ -18,13 +18,13 @@ from typing import Optional, Set
 from twisted.internet import defer
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.protocol import Protocol
-
 from twisted.web.http import _ChunkedTransferDecoder, _IdentityTransferDecoder
 
 from .balancer import Lease
-from .client import ProtocolError, body_framing, connect_quietly, parse_head, serialize_request_head
+from .client import connect_quietly
 from .errors import ProxyError, write_error
 from .headers import client_facts, downstream_response_headers, upstream_request_headers
+from .http11 import ProtocolError, body_framing, parse_head, serialize_request_head
 from .logs import logger
 
 log = logger("websocket")

@@ -19,7 +19,13 @@ from twisted.python.failure import Failure
 
 from blyanproxy import devnode_tap
 from blyanproxy.devnode import MAX_TOKENS_CAP, DevNode, DevNodeConfig
-from blyanproxy.devnode_config import SettingError, apply_knobs, evolve_from_text, parse_flag, request_knobs
+from blyanproxy.devnode_config import (
+    SettingError,
+    apply_knobs,
+    evolve_from_text,
+    parse_flag,
+    request_knobs,
+)
 from blyanproxy.devnode_http import DevNodeSite
 from blyanproxy.devnode_stream import TokenSchedule
 from blyanproxy.devnode_wire import (

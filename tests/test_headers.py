@@ -3,7 +3,11 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from blyanproxy.headers import ClientFacts, downstream_response_headers, upstream_request_headers
+from blyanproxy.headers import (
+    ClientFacts,
+    downstream_response_headers,
+    upstream_request_headers,
+)
 
 CLIENT = ClientFacts(address="203.0.113.7", scheme=b"http", host=b"proxy.example.com")
 

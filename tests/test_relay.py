@@ -2,11 +2,16 @@
 
 import json
 
-import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from blyanproxy.relay import CLIENT_GONE, COMPLETE, IDLE_TIMEOUT, UPSTREAM_BROKE, BodyRelay
+from blyanproxy.relay import (
+    CLIENT_GONE,
+    COMPLETE,
+    IDLE_TIMEOUT,
+    UPSTREAM_BROKE,
+    BodyRelay,
+)
 
 
 class FakeChannel:

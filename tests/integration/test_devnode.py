@@ -17,7 +17,12 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.plugin import getPlugins
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, ResponseNeverReceived
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from blyanproxy.devnode_wire import completion_text

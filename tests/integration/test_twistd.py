@@ -56,7 +56,8 @@ async def test_bad_settings_stop_start_up_with_a_message(reactor, env, args, exp
 async def test_demo_mode_proxies_to_its_simulated_nodes_and_stops_cleanly(reactor, tmp_path):
     port = free_port()
     process = ProcessCapture()
-    argv = TWISTD + ["--pidfile=", "blyan-proxy", "--demo", "2", "--port", f"tcp:{port}:interface=127.0.0.1"]
+    argv = TWISTD + ["--pidfile=", "blyan-proxy", "--demo", "2", "--policy", "round-robin",
+                     "--port", f"tcp:{port}:interface=127.0.0.1"]
     transport = reactor.spawnProcess(process, argv[0], argv, env=dict(os.environ), path=str(tmp_path))
     try:
         url = f"http://127.0.0.1:{port}/v1/models"
