@@ -11,28 +11,51 @@ from typing import FrozenSet, Optional
 
 import attrs
 
+from .healthstate import (
+    HealthRules,
+    after_traffic_failure,
+    after_traffic_success,
+    usable,
+)
+from .logs import logger
 from .nodes import Node, NodeRegistry, NodeStats
 from .routing import Route
 from .selection import POLICIES, Candidate, Turn
 
+log = logger("balancer")
+
 @attrs.define(eq=False)
 class Lease:
-    """One attempt's hold on a node: in flight from ``acquire`` until ``release``."""
+    """One attempt's hold on a node: in flight from ``acquire`` until ``release``.
+
+    What the attempt reports feeds the node's passive health.
+    """
 
     node: Node
     stats: NodeStats
+    clock: object
+    rules: HealthRules
     released: bool = False
 
     def failed(self, reason: str) -> None:
         """The attempt failed before any byte reached the client; releases the lease."""
-        self.stats.failures += 1
-        self.stats.consecutive_failures += 1
-        self.stats.last_failure = reason
+        stats = self.stats
+        stats.failures += 1
+        stats.consecutive_failures += 1
+        stats.last_failure = reason
+        before = stats.health
+        stats.health = after_traffic_failure(before, reason, self.clock.seconds(), self.rules)
+        if stats.health.ejected_until != before.ejected_until:
+            log.warn(
+                "node {node} ejected for {seconds:g} s after {reason}",
+                node=self.node.name, seconds=stats.health.ejected_until - self.clock.seconds(), reason=reason,
+            )
         self.release()
 
     def responded(self, seconds_to_first_byte: float) -> None:
         """The node answered with a response the client will get, after this long."""
         self.stats.consecutive_failures = 0
+        self.stats.health = after_traffic_success(self.stats.health)
         self.stats.observe_latency(seconds_to_first_byte * 1000.0)
 
     def release(self) -> None:
@@ -45,12 +68,16 @@ class Lease:
 class Balancer:
     """Hands out leases on usable nodes, chosen by the current selection policy.
 
-    Usable, for now: not draining and not excluded for this request.
+    Usable: not draining, not excluded for this request, not known to be down
+    and not ejected (``healthstate.usable``).
     ``policy`` (a name from ``selection.POLICIES``) may change at run time.
     """
 
-    def __init__(self, registry: NodeRegistry, policy: str = "active-first") -> None:
+    def __init__(self, registry: NodeRegistry, clock, policy: str = "active-first",
+                 rules: HealthRules = HealthRules()) -> None:
         self._registry = registry
+        self._clock = clock
+        self._rules = rules
         self._turn = Turn()
         self.policy = policy
 
@@ -67,16 +94,18 @@ class Balancer:
     def acquire(self, route: Route, excluded: FrozenSet[str]) -> Optional[Lease]:
         """A lease on the node chosen for ``route``, or ``None`` when no node can take it."""
         registry = self._registry
+        now = self._clock.seconds()
         candidates = []
         for node in registry.nodes():
             if node.id in excluded or node.draining:
                 continue
             stats = registry.stats(node.id)
-            candidates.append(Candidate(node, stats.in_flight, stats.latency_ms))
+            if usable(stats.health, now):
+                candidates.append(Candidate(node, stats.in_flight, stats.latency_ms))
         if not candidates:
             return None
         node = self._choose(candidates, self._turn, registry.active_id).node
         stats = registry.stats(node.id)
         stats.in_flight += 1
         stats.requests += 1
-        return Lease(node=node, stats=stats)
+        return Lease(node=node, stats=stats, clock=self._clock, rules=self._rules)

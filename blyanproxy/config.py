@@ -58,6 +58,12 @@ class Settings:
     health_interval: float = 5.0
     health_timeout: float = 3.0
     health_paths: tuple = ("/health",)
+    health_statuses: frozenset = frozenset(range(200, 300))
+    health_rise: int = 2
+    health_fall: int = 3
+    eject_after: int = 3
+    eject_cooldown: float = 10.0
+    eject_cooldown_max: float = 300.0
     state_file: str = "./data/proxy_state.json"
     nodes: tuple = ()
     connect_timeout: float = 5.0
@@ -139,6 +145,19 @@ def _paths(text: str) -> tuple:
         if not path.startswith("/") or _NAME_FORBIDDEN.search(path) or " " in path:
             raise ValueError(f"{path!r} is not an absolute path")
     return paths
+
+
+def _status_ranges(text: str) -> frozenset:
+    statuses = set()
+    for part in text.split(","):
+        low, sep, high = part.strip().partition("-")
+        if not low.isdigit() or (sep and not high.isdigit()):
+            raise ValueError("expected statuses or ranges such as 200-299,304")
+        first, last = int(low), int(high) if sep else int(low)
+        if not 100 <= first <= last <= 599:
+            raise ValueError("statuses must lie between 100 and 599")
+        statuses.update(range(first, last + 1))
+    return frozenset(statuses)
 
 
 def _statuses(text: str) -> frozenset:
@@ -234,6 +253,18 @@ SETTINGS = (
             _milliseconds(0.01), "timeout of one health probe, in milliseconds"),
     Setting("health_paths", "HEALTH_PATHS", "health-paths", "/health", _paths,
             "comma-separated paths probed in order; the first 2xx wins"),
+    Setting("health_statuses", "HEALTH_STATUSES", "health-statuses", "200-299", _status_ranges,
+            "probe statuses that count as healthy (statuses and ranges, comma-separated)"),
+    Setting("health_rise", "HEALTH_RISE", "health-rise", "2", _whole(1, 100),
+            "passing probes in a row that bring a down node up"),
+    Setting("health_fall", "HEALTH_FALL", "health-fall", "3", _whole(1, 100),
+            "failing probes in a row that take an up node down"),
+    Setting("eject_after", "EJECT_AFTER", "eject-after", "3", _whole(1, 100),
+            "failed requests in a row that eject a node (a refused connection ejects at once)"),
+    Setting("eject_cooldown", "EJECT_COOLDOWN_MS", "eject-cooldown-ms", "10000", _milliseconds(0.01),
+            "how long a first ejection lasts; it doubles with each ejection in a row"),
+    Setting("eject_cooldown_max", "EJECT_COOLDOWN_MAX_MS", "eject-cooldown-max-ms", "300000",
+            _milliseconds(0.01), "the longest an ejection lasts"),
     Setting("state_file", "STATE_FILE", "state-file", "./data/proxy_state.json", _text,
             "JSON file holding nodes, active node and policy across restarts"),
     Setting("connect_timeout", "CONNECT_TIMEOUT_MS", "connect-timeout-ms", "5000",

@@ -7,6 +7,7 @@ from typing import Callable, Dict, List, Optional
 
 import attrs
 
+from .healthstate import Health
 from .nodeurl import BaseURL, parse_base_url
 
 
@@ -50,6 +51,7 @@ class NodeStats:
     consecutive_failures: int = 0
     last_failure: Optional[str] = None
     latency_ms: Optional[float] = None
+    health: Health = attrs.Factory(Health)
 
     def observe_latency(self, milliseconds: float) -> None:
         """Fold one measurement into the moving average (weight 0.3 for the newest)."""
@@ -103,6 +105,17 @@ class NodeRegistry:
         self._nodes[node.id] = node
         self._stats[node.id] = NodeStats()
         self._announce("added", node)
+        return node
+
+    def update(self, node_id: str, **changes) -> Node:
+        """Replace a node's settings (``name``, ``tags``, ``metadata``, ``weight``, ``draining``…);
+        ``KeyError`` if unknown, ``ValueError`` if the new base URL is taken. Live figures stay."""
+        node = attrs.evolve(self._nodes[node_id], **changes)
+        for other in self._nodes.values():
+            if other.id != node_id and other.url == node.url:
+                raise ValueError(f"base URL {node.base_url} is already used by node {other.name}")
+        self._nodes[node_id] = node
+        self._announce("updated", node)
         return node
 
     def remove(self, node_id: str) -> Node:

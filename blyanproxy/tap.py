@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 
+import attrs
+from treq.client import HTTPClient
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import LoopingCall
 from twisted.python import usage
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from .balancer import Balancer
 from .client import UpstreamPool
@@ -24,6 +27,8 @@ from .config import (
     Settings,
     settings_from,
 )
+from .health import HealthMonitor
+from .healthstate import HealthRules
 from .logs import logger, set_log_level
 from .nodes import Node, NodeRegistry, new_node_id
 from .proxy import ProxyResource
@@ -142,8 +147,19 @@ class DemoNodesService(Service):
         return gatherResults([port.stopListening() for port in ports])
 
 
-def build_proxy(settings: Settings, reactor):
-    """The proxy's parts for ``settings``: ``(site, registry, pool, services)``."""
+@attrs.frozen
+class ProxyParts:
+    """Everything one proxy process is made of, wired together but not yet started."""
+
+    site: ProxySite
+    registry: NodeRegistry
+    balancer: Balancer
+    pool: UpstreamPool
+    health: HealthMonitor
+
+
+def build_proxy(settings: Settings, reactor) -> ProxyParts:
+    """Build the proxy's parts for ``settings``."""
     registry = NodeRegistry()
     for spec in settings.nodes:
         registry.add(node_from_spec(spec, reactor.seconds()))
@@ -157,7 +173,19 @@ def build_proxy(settings: Settings, reactor):
 
     endpoints = NodeEndpoints(reactor, NodeTLSPolicy(verify_for, trust_root), settings.connect_timeout)
     pool = UpstreamPool(reactor, endpoints, settings.pool_max_idle, settings.pool_idle_timeout)
-    balancer = Balancer(registry, settings.selection_policy)
+    rules = HealthRules(
+        rise=settings.health_rise,
+        fall=settings.health_fall,
+        eject_after=settings.eject_after,
+        cooldown=settings.eject_cooldown,
+        cooldown_cap=settings.eject_cooldown_max,
+    )
+    balancer = Balancer(registry, reactor, settings.selection_policy, rules)
+    probes = HTTPClient(Agent.usingEndpointFactory(reactor, endpoints, HTTPConnectionPool(reactor, False)))
+    health = HealthMonitor(
+        registry, probes, reactor, settings.health_interval, settings.health_timeout,
+        settings.health_paths, settings.health_statuses, rules,
+    )
     forwarder = ProxyResource(balancer, pool, endpoints, reactor, settings)
     root = RootResource(
         forwarder,
@@ -165,18 +193,19 @@ def build_proxy(settings: Settings, reactor):
         exact={},
     )
     site = ProxySite(root, settings.max_body_bytes, reactor=reactor)
-    return site, registry, pool
+    return ProxyParts(site=site, registry=registry, balancer=balancer, pool=pool, health=health)
 
 
 def make_proxy_service(settings: Settings, reactor) -> MultiService:
     """Every service of one proxy process, as children of one ``MultiService``."""
     set_log_level(settings.log_level)
-    site, registry, pool = build_proxy(settings, reactor)
+    parts = build_proxy(settings, reactor)
     top = MultiService()
-    UpstreamPoolService(pool, reactor, settings.pool_idle_timeout).setServiceParent(top)
+    UpstreamPoolService(parts.pool, reactor, settings.pool_idle_timeout).setServiceParent(top)
     if settings.demo:
-        DemoNodesService(reactor, registry, settings.demo).setServiceParent(top)
-    strports.service(settings.listen, site, reactor=reactor).setServiceParent(top)
+        DemoNodesService(reactor, parts.registry, settings.demo).setServiceParent(top)
+    parts.health.setServiceParent(top)
+    strports.service(settings.listen, parts.site, reactor=reactor).setServiceParent(top)
     log.info(
         "blyan-proxy on {listen}: {count} node(s), policy {policy}",
         listen=settings.listen, count=len(settings.nodes) + settings.demo, policy=settings.selection_policy,

@@ -15,7 +15,7 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.web.client import BrowserLikePolicyForHTTPS
-from twisted.web.iweb import IPolicyForHTTPS
+from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
 
@@ -68,6 +68,7 @@ class NodeTLSPolicy:
         return _UnverifiedTLS(hostname)
 
 
+@implementer(IAgentEndpointFactory)
 class NodeEndpoints:
     """Client endpoints to nodes: TCP, with TLS for https, and no resolver round trip
     for IP literals (a node named by address connects at once)."""
@@ -89,3 +90,7 @@ class NodeEndpoints:
             creator = self._tls_policy.creatorForNetloc(host.encode("ascii"), port)
             endpoint = wrapClientTLS(creator, endpoint)
         return endpoint
+
+    def endpointForURI(self, uri):
+        """``IAgentEndpointFactory``, so an ``Agent`` (health probes) reaches nodes the same way."""
+        return self.endpoint(uri.scheme.decode("ascii"), uri.host.decode("ascii"), uri.port)

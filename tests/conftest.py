@@ -21,11 +21,12 @@ def reactor():
 class RunningProxy:
     """A proxy built from ``Settings`` and listening on 127.0.0.1 (see ``proxy_factory``)."""
 
-    def __init__(self, settings, site, registry, pool, port, connections):
+    def __init__(self, settings, parts, port, connections):
         self.settings = settings
-        self.site = site
-        self.registry = registry
-        self.pool = pool
+        self.parts = parts
+        self.site = parts.site
+        self.registry = parts.registry
+        self.pool = parts.pool
         self.port = port
         self.connections = connections
         self.url = f"http://127.0.0.1:{port.getHost().port}"
@@ -33,6 +34,8 @@ class RunningProxy:
     async def stop(self):
         """Stop listening, cut open client connections and close the upstream pool."""
         await self.port.stopListening()
+        if self.parts.health.running:
+            await self.parts.health.stopService()
         for protocol in list(self.connections.protocols):
             protocol.transport.abortConnection()
         await self.pool.close()
@@ -40,18 +43,23 @@ class RunningProxy:
 
 @pytest.fixture
 def proxy_factory(reactor):
-    """Start proxies: ``await proxy_factory([node_url, ...], **settings)``; stopped at teardown."""
+    """Start proxies: ``await proxy_factory([node_url, ...], health_checks=False, **settings)``.
+
+    Active health checks run only when asked for; everything is stopped at teardown.
+    """
     running = []
 
-    async def start(node_urls=(), **overrides):
+    async def start(node_urls=(), health_checks=False, **overrides):
         nodes = tuple(
             NodeSpec(name=f"node{i}", base_url=url, source="test") for i, url in enumerate(node_urls)
         )
         settings = attrs.evolve(Settings(), nodes=nodes, **overrides)
-        site, registry, pool = build_proxy(settings, reactor)
-        connections = WrappingFactory(site)
+        parts = build_proxy(settings, reactor)
+        connections = WrappingFactory(parts.site)
         port = reactor.listenTCP(0, connections, interface="127.0.0.1")
-        proxy = RunningProxy(settings, site, registry, pool, port, connections)
+        proxy = RunningProxy(settings, parts, port, connections)
+        if health_checks:
+            parts.health.startService()
         running.append(proxy)
         return proxy
 

@@ -40,8 +40,8 @@ class Request(DummyRequest):
 
 def proxy_on(reactor, *urls, **overrides):
     nodes = tuple(NodeSpec(name=f"n{i}", base_url=u, source="t") for i, u in enumerate(urls))
-    site, registry, _ = build_proxy(attrs.evolve(Settings(), nodes=nodes, **overrides), reactor)
-    return site.resource, registry
+    parts = build_proxy(attrs.evolve(Settings(), nodes=nodes, **overrides), reactor)
+    return parts.site.resource, parts.registry
 
 
 def render(root, request):

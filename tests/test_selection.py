@@ -5,11 +5,20 @@ from collections import Counter
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet.task import Clock
 
 from blyanproxy.balancer import Balancer
 from blyanproxy.nodes import Node, NodeRegistry
 from blyanproxy.routing import Route
-from blyanproxy.selection import POLICIES, Candidate, Turn, active_first, least_inflight, least_latency, round_robin
+from blyanproxy.selection import (
+    POLICIES,
+    Candidate,
+    Turn,
+    active_first,
+    least_inflight,
+    least_latency,
+    round_robin,
+)
 
 ROUTE = Route(upstream_target=b"/")
 
@@ -77,7 +86,7 @@ def test_balancer_never_picks_a_draining_or_excluded_node(policy, specs, exclude
     registry = NodeRegistry()
     for index, (weight, draining) in enumerate(specs):
         registry.add(node(index, weight=weight, draining=draining))
-    balancer = Balancer(registry, policy)
+    balancer = Balancer(registry, Clock(), policy)
     excluded = frozenset(f"n{i}" for i in excluded_indexes)
     allowed = {f"n{i}" for i, (_, draining) in enumerate(specs) if not draining} - excluded
     for _ in range(picks):
@@ -94,13 +103,13 @@ def test_balancer_counts_in_flight_with_the_choice_so_a_burst_spreads():
     registry = NodeRegistry()
     for index in range(3):
         registry.add(node(index))
-    balancer = Balancer(registry, "least-inflight")
+    balancer = Balancer(registry, Clock(), "least-inflight")
     leases = [balancer.acquire(ROUTE, frozenset()) for _ in range(6)]
     assert Counter(lease.node.id for lease in leases) == Counter({"n0": 2, "n1": 2, "n2": 2})
 
 
 def test_policy_changes_at_run_time_and_unknown_names_are_refused():
-    balancer = Balancer(NodeRegistry(), "active-first")
+    balancer = Balancer(NodeRegistry(), Clock(), "active-first")
     balancer.policy = "round-robin"
     assert balancer.policy == "round-robin"
     with pytest.raises(KeyError):

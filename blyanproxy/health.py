@@ -1,0 +1,153 @@
+"""Active health checks: every node probed on a ``LoopingCall``, results fed to ``healthstate``.
+
+A run probes all nodes concurrently and never overlaps the previous one; a
+forced check (``check_now``) joins a run in progress instead of starting
+another. Each probe tries the health paths in order (a node's
+``metadata["healthPath"]`` overrides them), each with its own timeout, and
+passes on the first accepted status. A failing probe, or a bug in one node's
+check, is logged and never stops the loop. A node added at run time is probed
+at once.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import treq
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall
+
+from .healthstate import DOWN, UP, HealthRules, after_probe
+from .logs import logger
+from .nodes import Node, NodeRegistry
+
+log = logger("health")
+
+#: Largest health answer read; a larger one fails the probe.
+MAX_PROBE_BODY = 64 * 1024
+
+
+class _TooLarge(Exception):
+    """A health answer over ``MAX_PROBE_BODY``."""
+
+
+class HealthMonitor(Service):
+    """Probes every registry node every ``interval`` seconds (see the module docstring).
+
+    ``http`` is a treq ``HTTPClient`` (its agent sharing the proxy's TLS trust).
+    """
+
+    def __init__(
+        self,
+        registry: NodeRegistry,
+        http,
+        clock,
+        interval: float,
+        timeout: float,
+        paths: Sequence[str],
+        accepted: frozenset,
+        rules: HealthRules,
+    ) -> None:
+        self._registry = registry
+        self._http = http
+        self._clock = clock
+        self._interval = interval
+        self._timeout = timeout
+        self._paths = tuple(paths)
+        self._accepted = accepted
+        self._rules = rules
+        self._loop = LoopingCall(self.check_now)
+        self._loop.clock = clock
+        self._run: Optional[defer.Deferred] = None
+        self._joiners: List[defer.Deferred] = []
+        registry.listen(self._on_change)
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop.start(self._interval, now=True)
+
+    def stopService(self):
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+        # Let a run in progress end.
+        return self.check_now() if self._run is not None else defer.succeed(None)
+
+    def check_now(self) -> defer.Deferred:
+        """Probe every node; fires when done. Joins a run already in progress."""
+        joined: defer.Deferred = defer.Deferred()
+        self._joiners.append(joined)
+        if self._run is None:
+            probes = [self._check(node) for node in self._registry.nodes()]
+            self._run = defer.DeferredList(probes, consumeErrors=True)
+            self._run.addBoth(self._run_done)
+        return joined
+
+    def _run_done(self, _) -> None:
+        self._run = None
+        joiners, self._joiners = self._joiners, []
+        for joined in joiners:
+            joined.callback(None)
+
+    def _on_change(self, event: str, node: Node) -> None:
+        if event == "added" and self.running:
+            self._check(node)
+
+    @defer.inlineCallbacks
+    def _check(self, node: Node):
+        """Probe one node and record the result; never fails."""
+        started = self._clock.seconds()
+        try:
+            passed, error = yield self._probe(node)
+        except Exception as exc:  # a bug in probing one node must not stop the others
+            log.failure("health probe of node {node} crashed", node=node.name)
+            passed, error = False, f"probe crashed: {exc.__class__.__name__}"
+        if self._registry.get(node.id) is None:
+            return  # removed while being probed
+        stats = self._registry.stats(node.id)
+        now = self._clock.seconds()
+        before = stats.health.state
+        stats.health = after_probe(stats.health, passed, now, self._rules, error)
+        if passed:
+            stats.observe_latency((now - started) * 1000.0)
+        after = stats.health.state
+        if after != before and after in (UP, DOWN):
+            log.info(
+                "node {node} is {state}{why}",
+                node=node.name, state=after, why=f" ({error})" if error else "",
+            )
+
+    @defer.inlineCallbacks
+    def _probe(self, node: Node):
+        """``(passed, error)``: the first path that answers an accepted status wins."""
+        path = node.metadata.get("healthPath") if isinstance(node.metadata.get("healthPath"), str) else None
+        error = "no health path answered"
+        for candidate in (path,) if path else self._paths:
+            url = node.url.text + candidate
+            try:
+                response = yield self._http.get(
+                    url, timeout=self._timeout, allow_redirects=False, reactor=self._clock
+                )
+                yield self._drain(response)
+            except defer.CancelledError:
+                error = f"{candidate}: no answer within {self._timeout:g} s"
+                continue
+            except Exception as exc:
+                error = f"{candidate}: {exc.__class__.__name__}"
+                continue
+            if response.code in self._accepted:
+                return True, None
+            error = f"{candidate}: status {response.code}"
+        return False, error
+
+    def _drain(self, response) -> defer.Deferred:
+        """Read and drop the answer's body, refusing one over ``MAX_PROBE_BODY``."""
+        seen = [0]
+
+        def count(data: bytes) -> None:
+            seen[0] += len(data)
+            if seen[0] > MAX_PROBE_BODY:
+                raise _TooLarge()
+
+        return treq.collect(response, count)

@@ -1,0 +1,110 @@
+"""The health state machine of one node, as pure transitions over a frozen value.
+
+Two kinds of evidence move it:
+
+- **Active probes** (``after_probe``): rise/fall thresholds, so one probe never
+  flips a known state. A node never probed yet takes the first result as is.
+- **Real traffic** (``after_traffic_failure``/``after_traffic_success``): a run
+  of failures (or one refused connection) ejects the node for a cooldown that
+  doubles with each ejection in a row, up to a cap. After the cooldown the node
+  comes back only with a passing probe.
+
+``usable(state, now)`` is what selection asks. Nothing here reads a clock:
+``now`` is passed in.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import attrs
+
+UNKNOWN = "unknown"
+UP = "up"
+DOWN = "down"
+
+#: Traffic failures that eject at once: the node is not even accepting connections.
+IMMEDIATE_EJECTION = frozenset({"refused"})
+
+
+@attrs.frozen
+class HealthRules:
+    """Thresholds of the state machine (seconds for durations)."""
+
+    rise: int = 2
+    fall: int = 3
+    eject_after: int = 3
+    cooldown: float = 10.0
+    cooldown_cap: float = 300.0
+
+
+@attrs.frozen
+class Health:
+    """What is known of one node's health."""
+
+    state: str = UNKNOWN
+    passes: int = 0  # consecutive passing probes
+    fails: int = 0  # consecutive failing probes
+    traffic_failures: int = 0  # consecutive failed attempts from real traffic
+    ejected_until: Optional[float] = None
+    ejections: int = 0  # ejections in a row (the cooldown doubles with each)
+    last_ejected: Optional[float] = None
+    eject_reason: Optional[str] = None
+    probe_needed: bool = False  # ejected: a passing probe must come before traffic
+    last_check: Optional[float] = None
+    last_error: Optional[str] = None
+
+
+def after_probe(health: Health, passed: bool, now: float, rules: HealthRules, error: Optional[str] = None) -> Health:
+    """The state after one probe."""
+    if passed:
+        passes, fails = health.passes + 1, 0
+        state = UP if health.state == UNKNOWN or passes >= rules.rise else health.state
+        # Only a probe that passes after the cooldown lets an ejected node back.
+        probe_needed = health.probe_needed and not cooled_down(health, now)
+        return attrs.evolve(
+            health, state=state, passes=passes, fails=fails, last_check=now, last_error=None,
+            probe_needed=probe_needed,
+        )
+    passes, fails = 0, health.fails + 1
+    state = DOWN if health.state == UNKNOWN or fails >= rules.fall else health.state
+    return attrs.evolve(health, state=state, passes=passes, fails=fails, last_check=now, last_error=error)
+
+
+def cooled_down(health: Health, now: float) -> bool:
+    """True when no ejection holds the node out at ``now``."""
+    return health.ejected_until is None or now >= health.ejected_until
+
+
+def after_traffic_failure(health: Health, reason: str, now: float, rules: HealthRules) -> Health:
+    """The state after a request failed on this node before any byte reached the client."""
+    failures = health.traffic_failures + 1
+    if not cooled_down(health, now):
+        return attrs.evolve(health, traffic_failures=failures)
+    if reason not in IMMEDIATE_EJECTION and failures < rules.eject_after:
+        return attrs.evolve(health, traffic_failures=failures)
+    in_a_row = health.ejections
+    if health.last_ejected is not None and now - health.last_ejected > rules.cooldown_cap + rules.cooldown:
+        in_a_row = 0  # the last ejection is long past: start over
+    cooldown = min(rules.cooldown * (2 ** in_a_row), rules.cooldown_cap)
+    return attrs.evolve(
+        health,
+        traffic_failures=0,
+        ejected_until=now + cooldown,
+        ejections=in_a_row + 1,
+        last_ejected=now,
+        eject_reason=reason,
+        probe_needed=True,
+    )
+
+
+def after_traffic_success(health: Health) -> Health:
+    """The state after the node answered a request."""
+    if health.traffic_failures == 0:
+        return health
+    return attrs.evolve(health, traffic_failures=0)
+
+
+def usable(health: Health, now: float) -> bool:
+    """Whether selection may send traffic to the node at ``now``."""
+    return health.state != DOWN and cooled_down(health, now) and not health.probe_needed
