@@ -33,6 +33,7 @@ class Node:
     draining: bool = False
     tls_verify: bool = True
     added_at: float = 0.0
+    declared_by: Optional[str] = None  # "NODE_3" or "--node" for nodes named in settings
     url: BaseURL = attrs.field(init=False, eq=False, repr=False)
     name_bytes: bytes = attrs.field(init=False, eq=False, repr=False)
 

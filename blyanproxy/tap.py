@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import attrs
 from treq.client import HTTPClient
@@ -27,12 +28,14 @@ from .config import (
     Settings,
     settings_from,
 )
+from .fleet import FleetKeeper
 from .health import HealthMonitor
 from .healthstate import HealthRules
 from .logs import logger, set_log_level
 from .nodes import Node, NodeRegistry, new_node_id
 from .proxy import ProxyResource
 from .server import NotFoundResource, ProxySite, RootResource
+from .state import JsonFileStore, StateError
 from .upstream import NodeEndpoints, NodeTLSPolicy, load_trust_root
 
 log = logger("tap")
@@ -93,6 +96,7 @@ def node_from_spec(spec: NodeSpec, now: float) -> Node:
         weight=spec.weight,
         tls_verify=spec.tls_verify,
         added_at=now,
+        declared_by=spec.source,
     )
 
 
@@ -156,13 +160,18 @@ class ProxyParts:
     balancer: Balancer
     pool: UpstreamPool
     health: HealthMonitor
+    keeper: Optional[FleetKeeper]
 
 
-def build_proxy(settings: Settings, reactor) -> ProxyParts:
-    """Build the proxy's parts for ``settings``."""
+def build_proxy(settings: Settings, reactor, persist: bool = True) -> ProxyParts:
+    """Build the proxy's parts for ``settings``.
+
+    With ``persist`` (and not in demo mode) the fleet is restored from
+    ``STATE_FILE`` and saved on every change; ``StateError`` if the file is
+    unusable. Otherwise the declared nodes are all there is.
+    """
     registry = NodeRegistry()
-    for spec in settings.nodes:
-        registry.add(node_from_spec(spec, reactor.seconds()))
+    declared = [node_from_spec(spec, reactor.seconds()) for spec in settings.nodes]
     trust_root = load_trust_root(settings.tls_ca_file) if settings.tls_ca_file else None
 
     def verify_for(host: bytes, port: int) -> bool:
@@ -181,6 +190,13 @@ def build_proxy(settings: Settings, reactor) -> ProxyParts:
         cooldown_cap=settings.eject_cooldown_max,
     )
     balancer = Balancer(registry, reactor, settings.selection_policy, rules)
+    keeper = None
+    if persist and not settings.demo:
+        keeper = FleetKeeper(registry, balancer, JsonFileStore(settings.state_file, reactor))
+        keeper.restore(declared)
+    else:
+        for node in declared:
+            registry.add(node)
     probes = HTTPClient(Agent.usingEndpointFactory(reactor, endpoints, HTTPConnectionPool(reactor, False)))
     health = HealthMonitor(
         registry, probes, reactor, settings.health_interval, settings.health_timeout,
@@ -193,13 +209,20 @@ def build_proxy(settings: Settings, reactor) -> ProxyParts:
         exact={},
     )
     site = ProxySite(root, settings.max_body_bytes, reactor=reactor)
-    return ProxyParts(site=site, registry=registry, balancer=balancer, pool=pool, health=health)
+    return ProxyParts(
+        site=site, registry=registry, balancer=balancer, pool=pool, health=health, keeper=keeper
+    )
 
 
 def make_proxy_service(settings: Settings, reactor) -> MultiService:
     """Every service of one proxy process, as children of one ``MultiService``."""
     set_log_level(settings.log_level)
-    parts = build_proxy(settings, reactor)
+    try:
+        parts = build_proxy(settings, reactor)
+    except StateError as problem:
+        raise SystemExit(f"blyan-proxy: {problem}") from None
+    if settings.demo:
+        log.info("demo mode: the fleet is not saved to {path}", path=settings.state_file)
     top = MultiService()
     UpstreamPoolService(parts.pool, reactor, settings.pool_idle_timeout).setServiceParent(top)
     if settings.demo:

@@ -54,7 +54,7 @@ def proxy_factory(reactor):
             NodeSpec(name=f"node{i}", base_url=url, source="test") for i, url in enumerate(node_urls)
         )
         settings = attrs.evolve(Settings(), nodes=nodes, **overrides)
-        parts = build_proxy(settings, reactor)
+        parts = build_proxy(settings, reactor, persist=False)
         connections = WrappingFactory(parts.site)
         port = reactor.listenTCP(0, connections, interface="127.0.0.1")
         proxy = RunningProxy(settings, parts, port, connections)

@@ -40,7 +40,7 @@ class Request(DummyRequest):
 
 def proxy_on(reactor, *urls, **overrides):
     nodes = tuple(NodeSpec(name=f"n{i}", base_url=u, source="t") for i, u in enumerate(urls))
-    parts = build_proxy(attrs.evolve(Settings(), nodes=nodes, **overrides), reactor)
+    parts = build_proxy(attrs.evolve(Settings(), nodes=nodes, **overrides), reactor, persist=False)
     return parts.site.resource, parts.registry
 
 

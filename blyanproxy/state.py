@@ -1,0 +1,225 @@
+"""Durable fleet state: what the JSON file holds, how it is read and written, and the merge rule.
+
+The file keeps the nodes, the active node (by id), a policy chosen at run time,
+and the base URLs of declared nodes (``NODE_<n>``, ``--node``) that were
+removed at run time. Writes are atomic (temporary file, fsync, rename, fsync of
+the directory) and the previous file is kept as ``<file>.bak``. A file that
+cannot be read or parsed is never overwritten: loading raises ``StateError``
+naming the file and the problem, unless a readable backup exists, which is
+used (and said so). Blyan's format (``{"nodes": [...], "activeIndex": n}``) is
+read and converted.
+
+The merge rule at start-up (``merge``):
+
+1. Nodes in the file are restored as they were (id, name, settings, drain flag).
+2. A declared node whose base URL is in the file takes its name, weight, tags
+   and TLS setting from the declaration and keeps its id, metadata and drain
+   flag from the file.
+3. A declared node not in the file is added (a node newly put in the
+   environment appears after a restart), unless it was removed at run time
+   (its URL is in ``removed``): a runtime removal survives restarts.
+4. A policy set at run time wins over ``SELECTION_POLICY`` until set again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, List, Optional, Tuple
+
+import attrs
+
+from .logs import logger
+from .nodes import Node, new_node_id
+from .nodeurl import parse_base_url
+
+log = logger("state")
+
+FORMAT_VERSION = 1
+
+
+class StateError(Exception):
+    """The state file cannot be used; the message names the file and the problem."""
+
+
+@attrs.frozen
+class FleetState:
+    """Everything about the fleet that survives a restart."""
+
+    nodes: Tuple[Node, ...] = ()
+    active_id: Optional[str] = None
+    policy: Optional[str] = None
+    removed: Tuple[str, ...] = ()
+
+
+def node_to_json(node: Node) -> dict:
+    """The JSON form of a node (Blyan's field names where Blyan had them)."""
+    return {
+        "id": node.id,
+        "name": node.name,
+        "baseURL": node.base_url,
+        "tags": list(node.tags),
+        "metadata": node.metadata,
+        "weight": node.weight,
+        "draining": node.draining,
+        "tlsVerify": node.tls_verify,
+        "addedAt": node.added_at,
+        "declaredBy": node.declared_by,
+    }
+
+
+def node_from_json(data: dict) -> Node:
+    """A node from its JSON form; ``ValueError`` naming the field when it is unusable."""
+    if not isinstance(data, dict):
+        raise ValueError("a node must be an object")
+    name, base_url = data.get("name"), data.get("baseURL")
+    if not isinstance(name, str) or not name:
+        raise ValueError("node name missing")
+    if not isinstance(base_url, str):
+        raise ValueError(f"node {name!r}: baseURL missing")
+    parse_base_url(base_url)
+    node_id = data.get("id") if isinstance(data.get("id"), str) and data.get("id") else new_node_id()
+    tags = data.get("tags") or []
+    metadata = data.get("metadata") or {}
+    weight = data.get("weight", 1)
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise ValueError(f"node {name!r}: tags must be a list of strings")
+    if not isinstance(metadata, dict):
+        raise ValueError(f"node {name!r}: metadata must be an object")
+    if not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= 1000:
+        raise ValueError(f"node {name!r}: weight must be a whole number from 1 to 1000")
+    added = data.get("addedAt", 0.0)
+    return Node(
+        id=node_id,
+        name=name,
+        base_url=parse_base_url(base_url).text,
+        tags=tuple(tags),
+        metadata=metadata,
+        weight=weight,
+        draining=bool(data.get("draining", False)),
+        tls_verify=data.get("tlsVerify", True) is not False,
+        added_at=float(added) if isinstance(added, (int, float)) else 0.0,
+        declared_by=data.get("declaredBy") if isinstance(data.get("declaredBy"), str) else None,
+    )
+
+
+def state_to_json(state: FleetState, saved_at: float) -> dict:
+    """The file's JSON document for ``state``."""
+    return {
+        "version": FORMAT_VERSION,
+        "nodes": [node_to_json(node) for node in state.nodes],
+        "activeId": state.active_id,
+        "policy": state.policy,
+        "removed": list(state.removed),
+        "savedAt": saved_at,
+    }
+
+
+def state_from_json(document) -> FleetState:
+    """Read our format or Blyan's; ``ValueError`` when the document cannot be used."""
+    if not isinstance(document, dict) or not isinstance(document.get("nodes"), list):
+        raise ValueError("expected an object with a list of nodes")
+    nodes: List[Node] = []
+    seen = set()
+    for data in document["nodes"]:
+        node = node_from_json(data)
+        if node.url in seen:
+            log.warn("state: skipped node {name}: its base URL is listed twice", name=node.name)
+            continue
+        if node.id in {n.id for n in nodes}:
+            node = attrs.evolve(node, id=new_node_id())
+        seen.add(node.url)
+        nodes.append(node)
+    if "activeIndex" in document and "version" not in document:  # Blyan's file
+        index = document.get("activeIndex")
+        active = nodes[index].id if isinstance(index, int) and 0 <= index < len(nodes) else None
+        return FleetState(nodes=tuple(nodes), active_id=active)
+    active_id = document.get("activeId")
+    policy = document.get("policy")
+    removed = document.get("removed") or []
+    if not isinstance(removed, list) or not all(isinstance(r, str) for r in removed):
+        raise ValueError("removed must be a list of URLs")
+    return FleetState(
+        nodes=tuple(nodes),
+        active_id=active_id if any(n.id == active_id for n in nodes) else None,
+        policy=policy if isinstance(policy, str) else None,
+        removed=tuple(removed),
+    )
+
+
+def merge(declared: Iterable[Node], saved: Optional[FleetState]) -> FleetState:
+    """Apply the module's merge rule to declared nodes and the saved state."""
+    if saved is None:
+        return FleetState(nodes=tuple(declared))
+    nodes = list(saved.nodes)
+    by_url = {node.url: index for index, node in enumerate(nodes)}
+    removed = set(saved.removed)
+    for node in declared:
+        if node.url in by_url:
+            index = by_url[node.url]
+            nodes[index] = attrs.evolve(
+                nodes[index], name=node.name, weight=node.weight, tags=node.tags,
+                tls_verify=node.tls_verify, declared_by=node.declared_by,
+            )
+        elif node.base_url not in removed:
+            nodes.append(node)
+    return attrs.evolve(saved, nodes=tuple(nodes))
+
+
+class JsonFileStore:
+    """The ``StateStore`` kept in one JSON file (see the module docstring)."""
+
+    def __init__(self, path: str, clock) -> None:
+        self.path = path
+        self.backup = path + ".bak"
+        self._clock = clock
+
+    def load(self) -> Optional[FleetState]:
+        """The saved state, ``None`` on a first start, or ``StateError``."""
+        if not os.path.exists(self.path):
+            if os.path.exists(self.backup):
+                log.warn("state file {path} is missing; using its backup", path=self.path)
+                return self._read(self.backup)
+            return None
+        try:
+            return self._read(self.path)
+        except StateError as problem:
+            if os.path.exists(self.backup):
+                log.error("{problem}; using the backup {backup}", problem=str(problem), backup=self.backup)
+                return self._read(self.backup)
+            raise
+
+    def _read(self, path: str) -> FleetState:
+        try:
+            with open(path, "rb") as source:
+                document = json.loads(source.read().decode("utf-8"))
+            return state_from_json(document)
+        except OSError as exc:
+            raise StateError(f"state file {path} cannot be read: {exc.strerror}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StateError(f"state file {path} is not valid JSON: {exc}") from None
+        except ValueError as exc:
+            raise StateError(f"state file {path} cannot be used: {exc}") from None
+
+    def save(self, state: FleetState) -> None:
+        """Write ``state`` atomically; ``OSError`` if the directory refuses (nothing half-written)."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, exist_ok=True)
+        payload = json.dumps(state_to_json(state, self._clock.seconds()), indent=2).encode("utf-8")
+        temporary = f"{self.path}.tmp-{os.getpid()}"
+        try:
+            with open(temporary, "wb") as target:
+                target.write(payload)
+                target.flush()
+                os.fsync(target.fileno())
+            if os.path.exists(self.path):
+                os.replace(self.path, self.backup)
+            os.replace(temporary, self.path)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+        descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
