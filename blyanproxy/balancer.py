@@ -11,6 +11,7 @@ from typing import FrozenSet, Optional
 
 import attrs
 
+from .affinity import choose_by_key
 from .healthstate import (
     HealthRules,
     after_traffic_failure,
@@ -69,17 +70,19 @@ class Balancer:
     """Hands out leases on usable nodes, chosen by the current selection policy.
 
     Usable: not draining, not excluded for this request, not known to be down
-    and not ejected (``healthstate.usable``).
+    and not ejected (``healthstate.usable``). A route with an affinity key goes
+    to that key's node (``affinity.choose_by_key``) instead of the policy's.
     ``policy`` (a name from ``selection.POLICIES``) may change at run time.
     """
 
     def __init__(self, registry: NodeRegistry, clock, policy: str = "active-first",
-                 rules: HealthRules = HealthRules()) -> None:
+                 rules: HealthRules = HealthRules(), affinity_load_factor: float = 1.25) -> None:
         self._registry = registry
         self._clock = clock
         self._rules = rules
         self._turn = Turn()
         self.policy = policy
+        self.affinity_load_factor = affinity_load_factor
 
     @property
     def policy(self) -> str:
@@ -104,7 +107,10 @@ class Balancer:
                 candidates.append(Candidate(node, stats.in_flight, stats.latency_ms))
         if not candidates:
             return None
-        node = self._choose(candidates, self._turn, registry.active_id).node
+        if route.affinity_key is not None:
+            node = choose_by_key(route.affinity_key, candidates, self.affinity_load_factor).node
+        else:
+            node = self._choose(candidates, self._turn, registry.active_id).node
         stats = registry.stats(node.id)
         stats.in_flight += 1
         stats.requests += 1

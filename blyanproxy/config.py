@@ -15,6 +15,7 @@ import attrs
 from twisted.logger import LogLevel
 
 from . import selection
+from .affinity import AffinitySource, parse_affinity_source
 from .nodeurl import parse_base_url
 
 POLICIES = tuple(selection.POLICIES)
@@ -79,6 +80,8 @@ class Settings:
     tls_ca_file: Optional[str] = None
     trust_forwarded: bool = False
     strip_origin: bool = False
+    affinity_key: Optional[AffinitySource] = None
+    affinity_load_factor: float = 1.25
     ws_heartbeat: float = 30.0
     enable_metrics: bool = True
     api_url: Optional[str] = None
@@ -111,6 +114,12 @@ def _whole(minimum: int, maximum: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _factor(text: str) -> float:
+    if not re.fullmatch(r"\d+(\.\d+)?", text.strip()) or float(text) < 1.0:
+        raise ValueError("expected a number of at least 1")
+    return float(text)
 
 
 def _boolean(text: str) -> bool:
@@ -291,6 +300,10 @@ SETTINGS = (
             "PEM bundle of CA certificates trusted for https nodes"),
     Setting("trust_forwarded", "TRUST_FORWARDED", "trust-forwarded", "false", _boolean,
             "keep incoming X-Forwarded-* headers (only behind a trusted proxy)"),
+    Setting("affinity_key", "AFFINITY_KEY", "affinity-key", "(off)", parse_affinity_source,
+            "keep requests sharing this key on one node: header:NAME, cookie:NAME or query:NAME"),
+    Setting("affinity_load_factor", "AFFINITY_LOAD_FACTOR", "affinity-load-factor", "1.25", _factor,
+            "a node above this multiple of the average in-flight count takes no new affinity keys"),
     Setting("strip_origin", "STRIP_ORIGIN", "strip-origin", "false", _boolean,
             "drop the client's Origin header before forwarding"),
     Setting("ws_heartbeat", "WS_HEARTBEAT_MS", "ws-heartbeat-ms", "30000", _milliseconds(),

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from typing import Optional, Set
 
+import attrs
 from twisted.internet import defer, error
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from .affinity import affinity_key
 from .balancer import Balancer, Lease
 from .client import UpstreamConnection, UpstreamPool
 from .config import Settings
@@ -290,6 +292,9 @@ class ProxyResource(Resource):
         except ProxyError as err:
             write_error(request, err)
             return NOT_DONE_YET
+        key = affinity_key(self.settings.affinity_key, request)
+        if key is not None:
+            route = attrs.evolve(route, affinity_key=key)
         if is_websocket_upgrade(request):
             self._websockets.forward(request, route)
         else:

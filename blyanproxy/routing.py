@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import attrs
 
 from .errors import ProxyError
@@ -13,10 +15,11 @@ class Route:
 
     ``upstream_target`` is the path and query sent to the node, byte for byte as
     the client wrote them (``%2F`` stays encoded), minus a leading ``/api``
-    segment.
+    segment. ``affinity_key``, when set, keeps requests that share it on one node.
     """
 
     upstream_target: bytes
+    affinity_key: Optional[bytes] = None
 
 
 def request_target_path(target: bytes) -> bytes:

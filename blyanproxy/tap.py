@@ -189,7 +189,7 @@ def build_proxy(settings: Settings, reactor, persist: bool = True) -> ProxyParts
         cooldown=settings.eject_cooldown,
         cooldown_cap=settings.eject_cooldown_max,
     )
-    balancer = Balancer(registry, reactor, settings.selection_policy, rules)
+    balancer = Balancer(registry, reactor, settings.selection_policy, rules, settings.affinity_load_factor)
     keeper = None
     if persist and not settings.demo:
         keeper = FleetKeeper(registry, balancer, JsonFileStore(settings.state_file, reactor))

@@ -71,3 +71,35 @@ async def test_draining_keeps_a_running_stream_and_sends_new_requests_elsewhere(
     await eventually(reactor, lambda: proxy.registry.stats(node0.id).in_flight == 0)
     client.transport.loseConnection()
     await sleep(reactor, 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_affinity_keeps_a_session_on_its_node_and_moves_it_only_when_that_node_dies(
+    devnode_factory, proxy_factory
+):
+    from blyanproxy.affinity import parse_affinity_source
+
+    nodes = [devnode_factory(name=f"n{i}") for i in range(3)]
+    proxy = await proxy_factory([n.url for n in nodes], selection_policy="round-robin",
+                                affinity_key=parse_affinity_source("query:ticket_id"))
+
+    async def node_for(ticket):
+        seen = set()
+        for path in ("/chat/admit", "/queue/stream", "/chat/start"):
+            response = await treq.get(f"{proxy.url}/_devnode/echo{path}?ticket_id={ticket}", timeout=5)
+            await response.content()
+            seen.update(response.headers.getRawHeaders("X-Blyan-Node"))
+        assert len(seen) == 1, seen  # every step of the flow on one node
+        return seen.pop()
+
+    tickets = [f"t{i}" for i in range(12)]
+    before = {ticket: await node_for(ticket) for ticket in tickets}
+    assert len(set(before.values())) > 1  # sessions spread over the nodes
+    victim = before[tickets[0]]
+    await nodes[int(victim[-1])].stop()
+    after = {ticket: await node_for(ticket) for ticket in tickets}
+    for ticket in tickets:
+        if before[ticket] == victim:
+            assert after[ticket] != victim
+        else:
+            assert after[ticket] == before[ticket]
