@@ -14,9 +14,11 @@ from __future__ import annotations
 from typing import List, Optional, Sequence
 
 import treq
+from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from .healthstate import DOWN, UP, HealthRules, after_probe
 from .logs import logger
@@ -26,6 +28,20 @@ log = logger("health")
 
 #: Largest health answer read; a larger one fails the probe.
 MAX_PROBE_BODY = 64 * 1024
+
+
+class _QuietProbeFactory(_HTTP11ClientFactory):
+    """The probe pool's protocol factory, without two log lines per probe."""
+
+    noisy = False
+
+
+def probe_client(reactor, endpoints) -> HTTPClient:
+    """A treq client for probes: a fresh connection each time (a probe must not ride a
+    connection the node may have dropped), reaching nodes as the proxy does."""
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    pool._factory = _QuietProbeFactory
+    return HTTPClient(Agent.usingEndpointFactory(reactor, endpoints, pool))
 
 
 class _TooLarge(Exception):

@@ -10,13 +10,11 @@ import os
 from typing import Optional
 
 import attrs
-from treq.client import HTTPClient
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import LoopingCall
 from twisted.python import usage
-from twisted.web.client import Agent, HTTPConnectionPool
 
 from .balancer import Balancer
 from .client import UpstreamPool
@@ -29,7 +27,7 @@ from .config import (
     settings_from,
 )
 from .fleet import FleetKeeper
-from .health import HealthMonitor
+from .health import HealthMonitor, probe_client
 from .healthstate import HealthRules
 from .logs import logger, set_log_level
 from .nodes import Node, NodeRegistry, new_node_id
@@ -197,9 +195,8 @@ def build_proxy(settings: Settings, reactor, persist: bool = True) -> ProxyParts
     else:
         for node in declared:
             registry.add(node)
-    probes = HTTPClient(Agent.usingEndpointFactory(reactor, endpoints, HTTPConnectionPool(reactor, False)))
     health = HealthMonitor(
-        registry, probes, reactor, settings.health_interval, settings.health_timeout,
+        registry, probe_client(reactor, endpoints), reactor, settings.health_interval, settings.health_timeout,
         settings.health_paths, settings.health_statuses, rules,
     )
     forwarder = ProxyResource(balancer, pool, endpoints, reactor, settings)

@@ -7,7 +7,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.web.test.requesthelper import DummyRequest
 
-from blyanproxy.affinity import AffinitySource, affinity_key, choose_by_key, parse_affinity_source
+from blyanproxy.affinity import (
+    AffinitySource,
+    affinity_key,
+    choose_by_key,
+    parse_affinity_source,
+)
 from blyanproxy.nodes import Node
 from blyanproxy.selection import Candidate
 

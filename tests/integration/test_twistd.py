@@ -82,3 +82,17 @@ async def test_demo_mode_proxies_to_its_simulated_nodes_and_stops_cleanly(reacto
     assert (code, killed_by) in ((0, None), (None, signal.SIGTERM)), process.output.decode(errors="replace")
     assert b"Traceback" not in process.output and b"Unhandled" not in process.output
     assert b"demo node demo-0 listening" in process.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_damaged_state_file_stops_start_up_and_is_kept(reactor, tmp_path):
+    state = tmp_path / "state.json"
+    state.write_bytes(b"{broken")
+    out, err, code = await run_to_end(
+        reactor,
+        ["--pidfile=", "blyan-proxy", "--state-file", str(state), "--port", "tcp:0:interface=127.0.0.1"],
+        {"NODE_0": "a|http://127.0.0.1:9"},
+    )
+    assert code != 0
+    assert f"state file {state} is not valid JSON".encode() in out + err
+    assert state.read_bytes() == b"{broken"
