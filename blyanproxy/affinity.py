@@ -4,7 +4,7 @@ The key comes from a header, a cookie or a query parameter (``AFFINITY_KEY``,
 e.g. ``query:ticket_id`` for Blyan's queue flow). The node is chosen by
 rendezvous hashing (highest score of ``hash(key, node id)``) with bounded
 load: a node already holding more than ``load_factor`` times the average
-in-flight count is passed over for the next best. When a node leaves, only
+in-flight count (and at least ``MIN_BOUND``) is passed over for the next best. When a node leaves, only
 the keys that were on it move; every other key keeps its node.
 """
 
@@ -20,6 +20,9 @@ import attrs
 from .selection import Candidate
 
 _KINDS = ("header", "cookie", "query")
+#: Below this many requests in flight a node always keeps its keys: at low load the
+#: bound would otherwise move a session whose previous request is still running.
+MIN_BOUND = 8
 
 
 @attrs.frozen
@@ -61,7 +64,7 @@ def choose_by_key(key: bytes, candidates: Sequence[Candidate], load_factor: floa
     """The candidate this key belongs to, passing over nodes loaded beyond the bound."""
     ranked = sorted(candidates, key=lambda c: _score(key, c.node.id), reverse=True)
     total = sum(c.in_flight for c in candidates) + 1
-    bound = math.ceil(load_factor * total / len(candidates))
+    bound = max(math.ceil(load_factor * total / len(candidates)), MIN_BOUND)
     for candidate in ranked:
         if candidate.in_flight + 1 <= bound:
             return candidate

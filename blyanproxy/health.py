@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
-import treq
 from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
@@ -77,6 +77,7 @@ class HealthMonitor(Service):
         self._loop.clock = clock
         self._run: Optional[defer.Deferred] = None
         self._joiners: List[defer.Deferred] = []
+        self._extra: set = set()  # probes of nodes added or moved between runs
         registry.listen(self._on_change)
 
     def startService(self) -> None:
@@ -87,8 +88,8 @@ class HealthMonitor(Service):
         super().stopService()
         if self._loop.running:
             self._loop.stop()
-        # Let a run in progress end.
-        return self.check_now() if self._run is not None else defer.succeed(None)
+        pending = list(self._extra) + ([self.check_now()] if self._run is not None else [])
+        return defer.DeferredList(pending)  # probes in progress end within their timeout
 
     def check_now(self) -> defer.Deferred:
         """Probe every node; fires when done. Joins a run already in progress."""
@@ -107,63 +108,85 @@ class HealthMonitor(Service):
             joined.callback(None)
 
     def _on_change(self, event: str, node: Node) -> None:
-        if event == "added" and self.running:
-            self._check(node)
+        if event in ("added", "updated") and self.running:
+            probe = self._check(node)
+            self._extra.add(probe)
+            probe.addBoth(lambda _: self._extra.discard(probe))
 
     @defer.inlineCallbacks
     def _check(self, node: Node):
         """Probe one node and record the result; never fails."""
-        started = self._clock.seconds()
         try:
+            stats = self._registry.stats(node.id)
+            started = self._clock.seconds()
             passed, error = yield self._probe(node)
-        except Exception as exc:  # a bug in probing one node must not stop the others
-            log.failure("health probe of node {node} crashed", node=node.name)
-            passed, error = False, f"probe crashed: {exc.__class__.__name__}"
-        if self._registry.get(node.id) is None:
-            return  # removed while being probed
-        stats = self._registry.stats(node.id)
-        now = self._clock.seconds()
-        before = stats.health.state
-        stats.health = after_probe(stats.health, passed, now, self._rules, error)
-        if passed:
-            stats.observe_latency((now - started) * 1000.0)
-        after = stats.health.state
-        if after != before and after in (UP, DOWN):
-            log.info(
-                "node {node} is {state}{why}",
-                node=node.name, state=after, why=f" ({error})" if error else "",
-            )
+            current = self._registry.get(node.id)
+            if current is None or current.url != node.url or self._registry.stats(node.id) is not stats:
+                return  # removed, re-added or moved while being probed: the answer is stale
+            now = self._clock.seconds()
+            before = stats.health.state
+            stats.health = after_probe(stats.health, passed, now, self._rules, error)
+            if passed:
+                stats.observe_latency((now - started) * 1000.0)
+            after = stats.health.state
+            if after != before and after in (UP, DOWN):
+                log.info(
+                    "node {node} is {state}{why}",
+                    node=node.name, state=after, why=f" ({error})" if error else "",
+                )
+        except Exception:  # a bug in checking one node must not stop the others
+            log.failure("health check of node {node} crashed", node=node.name)
 
     @defer.inlineCallbacks
     def _probe(self, node: Node):
-        """``(passed, error)``: the first path that answers an accepted status wins."""
+        """``(passed, error)``: the first path that answers an accepted status wins.
+
+        Each path gets ``timeout`` seconds for the whole answer, body included.
+        """
         path = node.metadata.get("healthPath") if isinstance(node.metadata.get("healthPath"), str) else None
         error = "no health path answered"
         for candidate in (path,) if path else self._paths:
-            url = node.url.text + candidate
             try:
-                response = yield self._http.get(
-                    url, timeout=self._timeout, allow_redirects=False, reactor=self._clock
-                )
-                yield self._drain(response)
-            except defer.CancelledError:
+                status = yield self._status_of(node.url.text + candidate)
+            except defer.TimeoutError:
                 error = f"{candidate}: no answer within {self._timeout:g} s"
                 continue
             except Exception as exc:
                 error = f"{candidate}: {exc.__class__.__name__}"
                 continue
-            if response.code in self._accepted:
+            if status in self._accepted:
                 return True, None
-            error = f"{candidate}: status {response.code}"
+            error = f"{candidate}: status {status}"
         return False, error
 
-    def _drain(self, response) -> defer.Deferred:
-        """Read and drop the answer's body, refusing one over ``MAX_PROBE_BODY``."""
-        seen = [0]
+    def _status_of(self, url: str) -> defer.Deferred:
+        """The status of ``url``, read to the end of its (capped) body within the timeout."""
+        answer = self._http.get(url, allow_redirects=False)
+        answer.addCallback(lambda response: _read_capped(response).addCallback(lambda _: response.code))
+        return answer.addTimeout(self._timeout, self._clock)
 
-        def count(data: bytes) -> None:
-            seen[0] += len(data)
-            if seen[0] > MAX_PROBE_BODY:
-                raise _TooLarge()
 
-        return treq.collect(response, count)
+class _CappedReader(Protocol):
+    """Reads a body and drops it; too long a body, or a cancellation, closes the connection."""
+
+    def __init__(self, done: defer.Deferred) -> None:
+        self._done = done
+        self._seen = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self._seen += len(data)
+        if self._seen > MAX_PROBE_BODY and not self._done.called:
+            self.transport.stopProducing()
+            self._done.errback(_TooLarge())
+
+    def connectionLost(self, reason) -> None:
+        if not self._done.called:
+            self._done.callback(None)
+
+
+def _read_capped(response) -> defer.Deferred:
+    reader = None
+    done = defer.Deferred(lambda _: reader.transport.stopProducing() if reader.transport else None)
+    reader = _CappedReader(done)
+    response.deliverBody(reader)
+    return done

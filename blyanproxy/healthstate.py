@@ -60,11 +60,13 @@ def after_probe(health: Health, passed: bool, now: float, rules: HealthRules, er
     if passed:
         passes, fails = health.passes + 1, 0
         state = UP if health.state == UNKNOWN or passes >= rules.rise else health.state
-        # Only a probe that passes after the cooldown lets an ejected node back.
+        # Only a probe that passes after the cooldown lets an ejected node back, with a clean slate.
         probe_needed = health.probe_needed and not cooled_down(health, now)
+        readmitted = health.probe_needed and not probe_needed
         return attrs.evolve(
             health, state=state, passes=passes, fails=fails, last_check=now, last_error=None,
             probe_needed=probe_needed,
+            traffic_failures=0 if readmitted else health.traffic_failures,
         )
     passes, fails = 0, health.fails + 1
     state = DOWN if health.state == UNKNOWN or fails >= rules.fall else health.state
@@ -78,14 +80,14 @@ def cooled_down(health: Health, now: float) -> bool:
 
 def after_traffic_failure(health: Health, reason: str, now: float, rules: HealthRules) -> Health:
     """The state after a request failed on this node before any byte reached the client."""
+    if not cooled_down(health, now) or health.probe_needed:
+        return health  # already out: what was still in flight when it left does not count
     failures = health.traffic_failures + 1
-    if not cooled_down(health, now):
-        return attrs.evolve(health, traffic_failures=failures)
     if reason not in IMMEDIATE_EJECTION and failures < rules.eject_after:
         return attrs.evolve(health, traffic_failures=failures)
     in_a_row = health.ejections
-    if health.last_ejected is not None and now - health.last_ejected > rules.cooldown_cap + rules.cooldown:
-        in_a_row = 0  # the last ejection is long past: start over
+    if health.ejected_until is not None and now - health.ejected_until > rules.cooldown_cap:
+        in_a_row = 0  # back and well for longer than the longest cooldown: start over
     cooldown = min(rules.cooldown * (2 ** in_a_row), rules.cooldown_cap)
     return attrs.evolve(
         health,

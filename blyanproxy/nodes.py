@@ -120,9 +120,8 @@ class NodeRegistry:
         return node
 
     def remove(self, node_id: str) -> Node:
-        """Remove a node; ``KeyError`` if unknown. Its figures go when nothing is in flight."""
+        """Remove a node; ``KeyError`` if unknown. Leases still open keep its figures alive."""
         node = self._nodes.pop(node_id)
-        if self._stats[node_id].in_flight == 0:
-            del self._stats[node_id]
+        del self._stats[node_id]
         self._announce("removed", node)
         return node

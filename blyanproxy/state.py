@@ -3,18 +3,20 @@
 The file keeps the nodes, the active node (by id), a policy chosen at run time,
 and the base URLs of declared nodes (``NODE_<n>``, ``--node``) that were
 removed at run time. Writes are atomic (temporary file, fsync, rename, fsync of
-the directory) and the previous file is kept as ``<file>.bak``. A file that
-cannot be read or parsed is never overwritten: loading raises ``StateError``
-naming the file and the problem, unless a readable backup exists, which is
-used (and said so). Blyan's format (``{"nodes": [...], "activeIndex": n}``) is
+the directory); the file is always present, and the previous good version is
+kept as ``<file>.bak``. A file that cannot be read or parsed is never
+overwritten: loading raises ``StateError`` naming the file and the problem,
+unless a readable backup exists, which is used (and said so) after the damaged
+file is moved aside. Blyan's format (``{"nodes": [...], "activeIndex": n}``) is
 read and converted.
 
 The merge rule at start-up (``merge``):
 
 1. Nodes in the file are restored as they were (id, name, settings, drain flag).
-2. A declared node whose base URL is in the file takes its name, weight, tags
-   and TLS setting from the declaration and keeps its id, metadata and drain
-   flag from the file.
+2. A declared node found in the file (by base URL, or by its declaration such
+   as ``NODE_3`` when the variable now names another URL) takes its name, URL,
+   weight, tags and TLS setting from the declaration and keeps its id,
+   metadata and drain flag from the file.
 3. A declared node not in the file is added (a node newly put in the
    environment appears after a restart), unless it was removed at run time
    (its URL is in ``removed``): a runtime removal survives restarts.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Iterable, List, Optional, Tuple
 
 import attrs
@@ -32,6 +35,7 @@ import attrs
 from .logs import logger
 from .nodes import Node, new_node_id
 from .nodeurl import parse_base_url
+from .selection import POLICIES
 
 log = logger("state")
 
@@ -121,6 +125,12 @@ def state_from_json(document) -> FleetState:
         raise ValueError("expected an object with a list of nodes")
     nodes: List[Node] = []
     seen = set()
+    blyan_active_url = None
+    index = document.get("activeIndex")
+    if "version" not in document and isinstance(index, int) and 0 <= index < len(document["nodes"]):
+        entry = document["nodes"][index]
+        if isinstance(entry, dict) and isinstance(entry.get("baseURL"), str):
+            blyan_active_url = entry["baseURL"]
     for data in document["nodes"]:
         node = node_from_json(data)
         if node.url in seen:
@@ -130,12 +140,14 @@ def state_from_json(document) -> FleetState:
             node = attrs.evolve(node, id=new_node_id())
         seen.add(node.url)
         nodes.append(node)
-    if "activeIndex" in document and "version" not in document:  # Blyan's file
-        index = document.get("activeIndex")
-        active = nodes[index].id if isinstance(index, int) and 0 <= index < len(nodes) else None
+    if "version" not in document:  # Blyan's file: the active node by its place in the list
+        active_url = parse_base_url(blyan_active_url).text if blyan_active_url else None
+        active = next((n.id for n in nodes if n.base_url == active_url), None)
         return FleetState(nodes=tuple(nodes), active_id=active)
     active_id = document.get("activeId")
     policy = document.get("policy")
+    if policy is not None and policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}")
     removed = document.get("removed") or []
     if not isinstance(removed, list) or not all(isinstance(r, str) for r in removed):
         raise ValueError("removed must be a list of URLs")
@@ -153,13 +165,14 @@ def merge(declared: Iterable[Node], saved: Optional[FleetState]) -> FleetState:
         return FleetState(nodes=tuple(declared))
     nodes = list(saved.nodes)
     by_url = {node.url: index for index, node in enumerate(nodes)}
+    by_declaration = {node.declared_by: index for index, node in enumerate(nodes) if node.declared_by}
     removed = set(saved.removed)
     for node in declared:
-        if node.url in by_url:
-            index = by_url[node.url]
+        index = by_url.get(node.url, by_declaration.get(node.declared_by))
+        if index is not None:  # the same node, perhaps at a URL the declaration changed
             nodes[index] = attrs.evolve(
-                nodes[index], name=node.name, weight=node.weight, tags=node.tags,
-                tls_verify=node.tls_verify, declared_by=node.declared_by,
+                nodes[index], name=node.name, base_url=node.base_url, weight=node.weight,
+                tags=node.tags, tls_verify=node.tls_verify, declared_by=node.declared_by,
             )
         elif node.base_url not in removed:
             nodes.append(node)
@@ -173,21 +186,33 @@ class JsonFileStore:
         self.path = path
         self.backup = path + ".bak"
         self._clock = clock
+        self._primary_good = False  # True once the file at ``path`` is known to be a good save
 
     def load(self) -> Optional[FleetState]:
-        """The saved state, ``None`` on a first start, or ``StateError``."""
+        """The saved state, ``None`` on a first start, or ``StateError``.
+
+        A damaged file with a readable backup is moved aside (``<file>.damaged-<time>``)
+        and the backup is used; without a backup it is left alone and loading fails.
+        """
+        self._primary_good = False
         if not os.path.exists(self.path):
             if os.path.exists(self.backup):
                 log.warn("state file {path} is missing; using its backup", path=self.path)
                 return self._read(self.backup)
             return None
         try:
-            return self._read(self.path)
+            state = self._read(self.path)
         except StateError as problem:
-            if os.path.exists(self.backup):
-                log.error("{problem}; using the backup {backup}", problem=str(problem), backup=self.backup)
-                return self._read(self.backup)
-            raise
+            if not os.path.exists(self.backup):
+                raise
+            backup = self._read(self.backup)
+            aside = f"{self.path}.damaged-{int(self._clock.seconds())}"
+            os.replace(self.path, aside)
+            log.error("{problem}; moved it to {aside} and using the backup {backup}",
+                      problem=str(problem), aside=aside, backup=self.backup)
+            return backup
+        self._primary_good = True
+        return state
 
     def _read(self, path: str) -> FleetState:
         try:
@@ -202,7 +227,12 @@ class JsonFileStore:
             raise StateError(f"state file {path} cannot be used: {exc}") from None
 
     def save(self, state: FleetState) -> None:
-        """Write ``state`` atomically; ``OSError`` if the directory refuses (nothing half-written)."""
+        """Write ``state`` atomically; ``OSError`` if the directory refuses (nothing half-written).
+
+        The file is always present: the previous version is linked (or copied) to
+        the backup first, and only when it is known to be good, then the new one
+        replaces it in one rename.
+        """
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
         payload = json.dumps(state_to_json(state, self._clock.seconds()), indent=2).encode("utf-8")
@@ -212,14 +242,29 @@ class JsonFileStore:
                 target.write(payload)
                 target.flush()
                 os.fsync(target.fileno())
-            if os.path.exists(self.path):
-                os.replace(self.path, self.backup)
+            if self._primary_good and os.path.exists(self.path):
+                self._keep_as_backup()
             os.replace(temporary, self.path)
         finally:
             if os.path.exists(temporary):
                 os.unlink(temporary)
-        descriptor = os.open(directory, os.O_RDONLY)
+        self._primary_good = True
+        _fsync_directory(directory)
+
+    def _keep_as_backup(self) -> None:
+        staged = self.backup + ".tmp"
+        if os.path.exists(staged):
+            os.unlink(staged)
         try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+            os.link(self.path, staged)
+        except OSError:  # no hard links here: copy instead
+            shutil.copyfile(self.path, staged)
+        os.replace(staged, self.backup)
+
+
+def _fsync_directory(directory: str) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

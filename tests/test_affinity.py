@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from twisted.web.test.requesthelper import DummyRequest
 
 from blyanproxy.affinity import (
+    MIN_BOUND,
     AffinitySource,
     affinity_key,
     choose_by_key,
@@ -57,9 +58,17 @@ def test_keys_spread_over_nodes():
     assert min(picks.values()) > 350
 
 
-@given(st.lists(st.integers(0, 20), min_size=2, max_size=6), st.binary(min_size=1, max_size=8))
+@given(st.lists(st.integers(0, 60), min_size=2, max_size=6), st.binary(min_size=1, max_size=8))
 def test_bounded_load_never_picks_a_node_over_the_bound(loads, key):
     candidates = pool(len(loads), loads)
     chosen = choose_by_key(key, candidates, 1.25)
-    bound = -(-1.25 * (sum(loads) + 1) // len(loads))
+    bound = max(-(-1.25 * (sum(loads) + 1) // len(loads)), MIN_BOUND)
     assert chosen.in_flight + 1 <= bound or chosen.in_flight == min(loads)
+
+
+def test_at_low_load_a_key_keeps_its_node_while_its_last_request_runs():
+    keys = [b"ticket-%d" % i for i in range(300)]
+    idle = {key: choose_by_key(key, pool(3), 1.25).node.id for key in keys}
+    for key in keys:
+        loads = [1 if f"n{i}" == idle[key] else 0 for i in range(3)]
+        assert choose_by_key(key, pool(3, loads), 1.25).node.id == idle[key]

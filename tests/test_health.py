@@ -3,6 +3,7 @@
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
@@ -29,7 +30,7 @@ class FakeHTTP:
         self.calls = []
         self.crash_for = set()
 
-    def get(self, url, timeout, allow_redirects, reactor):
+    def get(self, url, allow_redirects):
         if any(url.startswith(prefix) for prefix in self.crash_for):
             raise RuntimeError("bug in probing")
         d = Deferred()
@@ -46,11 +47,11 @@ def node(index, **kwargs):
     return Node(id=f"n{index}", name=f"node{index}", base_url=f"http://10.0.0.{index}:8000", **kwargs)
 
 
-def monitor(nodes=2, paths=("/health",), interval=5.0):
+def monitor(nodes=2, paths=("/health",), interval=5.0, timeout=3.0):
     clock, http, registry = Clock(), FakeHTTP(), NodeRegistry()
     for index in range(nodes):
         registry.add(node(index))
-    health = HealthMonitor(registry, http, clock, interval, 3.0, paths, frozenset(range(200, 300)),
+    health = HealthMonitor(registry, http, clock, interval, timeout, paths, frozenset(range(200, 300)),
                            HealthRules(rise=2, fall=3))
     return clock, http, registry, health
 
@@ -77,9 +78,9 @@ def test_every_node_is_probed_at_start_and_each_interval():
 
 
 def test_runs_never_overlap_and_a_forced_check_joins_the_run():
-    clock, http, registry, health = monitor()
+    clock, http, registry, health = monitor(timeout=20.0)
     health.startService()
-    clock.advance(12)  # the first run is still waiting for answers
+    clock.advance(12)  # two intervals later the first run is still waiting for answers
     assert len(http.calls) == 2
     joined = health.check_now()
     assert len(http.calls) == 2 and not joined.called
@@ -134,3 +135,53 @@ def test_a_node_health_path_overrides_the_setting():
     health.check_now()
     assert [url for url, _ in http.calls] == ["http://10.0.0.3:8000/ready"]
     http.answer_all(200)
+
+
+class StallingResponse:
+    """Headers arrived; the body never ends."""
+
+    code = 200
+    length = None
+
+    def deliverBody(self, protocol):
+        self.transport = StringTransport()
+        protocol.makeConnection(self.transport)
+        protocol.dataReceived(b'{"status": ')
+
+
+def test_a_node_that_stalls_its_answer_fails_the_probe_and_the_loop_goes_on():
+    clock, http, registry, health = monitor(nodes=1)
+    health.startService()
+    (_, d), = http.calls
+    http.calls.clear()
+    stalled = StallingResponse()
+    d.callback(stalled)
+    clock.advance(3.1)  # the probe timeout covers the body too
+    assert stalled.transport.producerState == "stopped"  # the connection is closed
+    assert registry.stats("n0").health.state == DOWN
+    assert "no answer within 3 s" in registry.stats("n0").health.last_error
+    clock.advance(5)
+    assert len(http.calls) == 1  # the next run started
+    http.answer_all(200)
+    health.stopService()
+
+
+def test_an_answer_for_a_node_removed_and_added_again_is_dropped():
+    clock, http, registry, health = monitor(nodes=1)
+    health.check_now()
+    (_, d), = http.calls
+    http.calls.clear()
+    old = registry.remove("n0")
+    registry.add(old)
+    d.callback(FakeResponse(503))
+    assert registry.stats("n0").health.state == "unknown"
+
+
+def test_a_node_moved_to_another_url_is_probed_at_once():
+    clock, http, registry, health = monitor(nodes=1)
+    health.startService()
+    http.answer_all(200)
+    registry.update("n0", base_url="http://10.0.0.99:8000")
+    assert [url for url, _ in http.calls] == ["http://10.0.0.99:8000/health"]
+    http.answer_all(200)
+    health.stopService()

@@ -89,3 +89,23 @@ def test_the_doubling_starts_over_after_a_long_quiet_time():
     health = after_probe(health, True, 10.0, RULES)
     health = after_traffic_failure(health, "refused", 1000.0, RULES)
     assert health.ejected_until == 1010.0
+
+
+def test_failures_of_requests_still_in_flight_while_ejected_do_not_count():
+    health = after_traffic_failure(probes(Health(), [True]), "refused", 0.0, RULES)
+    for when in (1.0, 2.0, 3.0):
+        health = after_traffic_failure(health, "no_response", when, RULES)
+    health = after_probe(health, True, 11.0, RULES)  # readmitted
+    health = after_traffic_failure(health, "no_response", 12.0, RULES)
+    assert usable(health, 12.0)  # one failure after coming back is not an ejection
+
+
+def test_a_node_flapping_at_the_cap_stays_at_the_cap():
+    health, now = probes(Health(), [True]), 0.0
+    for _ in range(6):
+        health = after_traffic_failure(health, "refused", now, RULES)
+        now = health.ejected_until
+        health = after_probe(health, True, now, RULES)
+    assert health.ejected_until - health.last_ejected == 300
+    health = after_traffic_failure(health, "refused", now + 6, RULES)
+    assert health.ejected_until - (now + 6) == 300

@@ -191,3 +191,45 @@ def test_sigkill_while_saving_leaves_the_last_completed_save(tmp_path):
     saved = int(state.nodes[0].name[len("save"):])
     assert max(printed) <= saved <= max(printed) + 1  # the last completed save, or the one in flight
     assert len(state.nodes) == 50 and state.policy == "round-robin"
+
+
+def test_falling_back_to_the_backup_keeps_both_the_damaged_file_and_the_backup(tmp_path):
+    path = tmp_path / "state.json"
+    keeper, registry, _ = keeper_on(path, [node(1)])
+    registry.add(node(2))
+    good_backup = (tmp_path / "state.json.bak").read_bytes()
+    path.write_bytes(b"garbage")
+    keeper, registry, _ = keeper_on(path)
+    registry.add(node(5))  # more saves after the fallback
+    registry.add(node(6))
+    aside = [p for p in tmp_path.iterdir() if ".damaged-" in p.name]
+    assert len(aside) == 1 and aside[0].read_bytes() == b"garbage"
+    assert json.loads(good_backup)["nodes"][0]["id"] == "n1"
+    assert [n["id"] for n in json.loads(path.read_bytes())["nodes"]] == ["n1", "n5", "n6"]
+
+
+def test_an_unknown_policy_in_the_file_is_a_state_error(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps({"version": 1, "nodes": [], "policy": "fastest"}))
+    with pytest.raises(StateError) as caught:
+        keeper_on(path)
+    assert "unknown policy 'fastest'" in str(caught.value)
+
+
+def test_a_declared_node_given_a_new_url_is_the_same_node_moved():
+    saved = FleetState(nodes=(node(1, declared_by="NODE_1", metadata={"k": "v"}),))
+    moved = Node(id="fresh", name="node1", base_url="http://10.0.0.50:8000", declared_by="NODE_1")
+    merged = merge([moved], saved)
+    assert [(n.id, n.base_url, n.metadata) for n in merged.nodes] == [("n1", "http://10.0.0.50:8000", {"k": "v"})]
+
+
+def test_blyan_active_index_points_at_the_same_node_despite_duplicates(tmp_path):
+    path = tmp_path / "proxy_state.json"
+    path.write_text(json.dumps({
+        "nodes": [{"id": "a", "name": "a", "baseURL": "http://10.0.0.1:1"},
+                  {"id": "b", "name": "b", "baseURL": "http://10.0.0.1:1"},
+                  {"id": "c", "name": "c", "baseURL": "http://10.0.0.3:1"}],
+        "activeIndex": 2,
+    }))
+    state = JsonFileStore(str(path), Clock()).load()
+    assert [n.id for n in state.nodes] == ["a", "c"] and state.active_id == "c"
