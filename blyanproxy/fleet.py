@@ -26,6 +26,7 @@ class FleetKeeper:
         self._store = store
         self._runtime_policy: Optional[str] = None
         self._removed: set = set()
+        self.last_save_ok = True
 
     def restore(self, declared: Iterable[Node]) -> FleetState:
         """Load the file (``StateError`` if unusable), merge the declared nodes, fill the registry."""
@@ -79,5 +80,7 @@ class FleetKeeper:
             self._store.save(self.snapshot())
         except OSError as exc:
             log.error("could not save the fleet to {path}: {why}", path=self._store.path, why=exc.strerror)
+            self.last_save_ok = False
             return False
+        self.last_save_ok = True
         return True

@@ -57,6 +57,14 @@ def _header_timeout_error() -> ProxyError:
     return ProxyError(504, "upstream_timeout", "the node did not answer in time")
 
 
+@attrs.define
+class RequestCounters:
+    """Requests the proxy took, and those it answered with its own error or cut short."""
+
+    requests: int = 0
+    failures: int = 0
+
+
 class Exchange:
     """One client request on its way through the proxy: attempts, failover and relay.
 
@@ -87,6 +95,7 @@ class Exchange:
 
     def start(self) -> None:
         """Send the first attempt."""
+        self._forwarder.counters.requests += 1
         self._attempt(None)
 
     # -- attempts -------------------------------------------------------------
@@ -242,9 +251,11 @@ class Exchange:
         self._conn = None
         self._lease.release()
         if how not in (COMPLETE, CLIENT_GONE):
+            self._forwarder.counters.failures += 1
             log.warn("stream from node {node} ended: {how}", node=self._lease.node.name, how=how)
 
     def _fail(self, err: ProxyError) -> None:
+        self._forwarder.counters.failures += 1
         if not self._client_gone:
             write_error(self._request, err)
 
@@ -274,6 +285,7 @@ class ProxyResource(Resource):
         self.upstream = upstream
         self.clock = clock
         self.settings = settings
+        self.counters = RequestCounters()
         self._websockets = WebSocketForwarder(self, endpoints)
 
     def no_node_error(self) -> ProxyError:

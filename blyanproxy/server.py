@@ -7,7 +7,7 @@ from typing import Dict
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from .errors import ProxyError, write_error
+from .errors import ProxyError
 from .logs import logger
 
 log = logger("server")
@@ -117,17 +117,3 @@ class ProxySite(server.Site):
 
     def log(self, request) -> None:
         """Access logging is the proxy's own job, not twisted.web's."""
-
-
-class NotFoundResource(Resource):
-    """Answers every path with a JSON 404 (a reserved prefix with nothing behind it yet)."""
-
-    isLeaf = True
-
-    def __init__(self, message: str) -> None:
-        super().__init__()
-        self._message = message
-
-    def render(self, request):
-        write_error(request, ProxyError(404, "not_found", self._message))
-        return server.NOT_DONE_YET

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from typing import Optional
 
 import attrs
@@ -16,6 +17,8 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import LoopingCall
 from twisted.python import usage
 
+from .admin import AdminAPI
+from .adminauth import FailureThrottle, load_or_create_token
 from .balancer import Balancer
 from .client import UpstreamPool
 from .config import (
@@ -32,7 +35,8 @@ from .healthstate import HealthRules
 from .logs import logger, set_log_level
 from .nodes import Node, NodeRegistry, new_node_id
 from .proxy import ProxyResource
-from .server import NotFoundResource, ProxySite, RootResource
+from .public import HealthView, StatusView
+from .server import ProxySite, RootResource
 from .state import JsonFileStore, StateError
 from .upstream import NodeEndpoints, NodeTLSPolicy, load_trust_root
 
@@ -200,10 +204,19 @@ def build_proxy(settings: Settings, reactor, persist: bool = True) -> ProxyParts
         settings.health_paths, settings.health_statuses, rules,
     )
     forwarder = ProxyResource(balancer, pool, endpoints, reactor, settings)
+    if persist:
+        token = load_or_create_token(settings.admin_token, settings.admin_token_file, settings.state_file)
+    else:
+        token = settings.admin_token or secrets.token_urlsafe(32)
+    admin = AdminAPI(registry, balancer, keeper, health, forwarder.counters, token, reactor,
+                     FailureThrottle(reactor))
     root = RootResource(
         forwarder,
-        prefixes={b"_admin": NotFoundResource("no such admin route")},
-        exact={},
+        prefixes={b"_admin": admin.resource()},
+        exact={
+            b"health": HealthView(registry, reactor),
+            b"_status": StatusView(registry, balancer, forwarder.counters, reactor),
+        },
     )
     site = ProxySite(root, settings.max_body_bytes, reactor=reactor)
     return ProxyParts(
@@ -216,7 +229,7 @@ def make_proxy_service(settings: Settings, reactor) -> MultiService:
     set_log_level(settings.log_level)
     try:
         parts = build_proxy(settings, reactor)
-    except StateError as problem:
+    except (StateError, ValueError, OSError) as problem:
         raise SystemExit(f"blyan-proxy: {problem}") from None
     if settings.demo:
         log.info("demo mode: the fleet is not saved to {path}", path=settings.state_file)

@@ -43,18 +43,20 @@ class RunningProxy:
 
 @pytest.fixture
 def proxy_factory(reactor):
-    """Start proxies: ``await proxy_factory([node_url, ...], health_checks=False, **settings)``.
+    """Start proxies: ``await proxy_factory([node_url, ...], health_checks=False, persist=False,
+    **settings)``.
 
-    Active health checks run only when asked for; everything is stopped at teardown.
+    Active health checks run only when asked for; with ``persist`` the fleet is kept in
+    ``state_file`` (pass one under ``tmp_path``). Everything is stopped at teardown.
     """
     running = []
 
-    async def start(node_urls=(), health_checks=False, **overrides):
+    async def start(node_urls=(), health_checks=False, persist=False, **overrides):
         nodes = tuple(
             NodeSpec(name=f"node{i}", base_url=url, source="test") for i, url in enumerate(node_urls)
         )
         settings = attrs.evolve(Settings(), nodes=nodes, **overrides)
-        parts = build_proxy(settings, reactor, persist=False)
+        parts = build_proxy(settings, reactor, persist=persist)
         connections = WrappingFactory(parts.site)
         port = reactor.listenTCP(0, connections, interface="127.0.0.1")
         proxy = RunningProxy(settings, parts, port, connections)

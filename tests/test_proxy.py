@@ -101,15 +101,6 @@ def test_client_leaving_before_the_answer_cancels_the_attempt():
     assert not reactor.getDelayedCalls() or all(not c.active() for c in reactor.getDelayedCalls())
 
 
-def test_admin_prefix_is_never_forwarded():
-    reactor = MemoryReactorClock()
-    root, _ = proxy_on(reactor, "http://10.1.1.1:8000")
-    request = render(root, Request(b"/_admin/anything/below"))
-    assert request.responseCode == 404
-    assert request.body["code"] == "not_found"
-    assert reactor.tcpClients == []
-
-
 def test_authority_form_target_is_400():
     reactor = MemoryReactorClock()
     root, _ = proxy_on(reactor, "http://10.1.1.1:8000")

@@ -1,0 +1,242 @@
+"""The admin API under ``/_admin`` (a Klein app bound to the fleet it manages).
+
+Every route needs the admin token (``X-Admin-Token`` or ``Authorization:
+Bearer``), compared in constant time; a token in the query string is refused,
+and an address that keeps failing is refused with 429 for a while. Every
+change is saved (through the ``FleetKeeper``) before the answer is sent.
+Errors share the proxy's JSON shape; unknown routes are 404 and wrong
+methods 405 with ``Allow``.
+"""
+
+from __future__ import annotations
+
+import json
+
+from klein import Klein
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+
+from .adminauth import FailureThrottle, presented_token, token_matches
+from .errors import ProxyError
+from .logs import logger
+from .nodeinput import (
+    new_node_fields,
+    node_changes,
+    parse_json_body,
+    policy_name,
+    strict_index,
+)
+from .nodes import Node, new_node_id
+from .views import active_index, node_view, nodes_view
+
+log = logger("admin")
+
+MAX_ADMIN_BODY = 64 * 1024
+
+
+class AdminAPI:
+    """The admin routes; ``resource()`` is mounted at ``/_admin``."""
+
+    app = Klein()
+
+    def __init__(self, registry, balancer, keeper, health, counters, token: str, clock,
+                 throttle: FailureThrottle) -> None:
+        self._registry = registry
+        self._balancer = balancer
+        self._keeper = keeper
+        self._health = health
+        self._counters = counters
+        self._token = token
+        self._clock = clock
+        self._throttle = throttle
+
+    def resource(self):
+        """The twisted.web resource to mount."""
+        return self.app.resource()
+
+    # -- plumbing -------------------------------------------------------------
+
+    def _client(self, request) -> str:
+        return getattr(request.getClientAddress(), "host", "unknown")
+
+    def _authorize(self, request) -> None:
+        client = self._client(request)
+        wait = self._throttle.retry_after(client)
+        if wait is not None:
+            raise ProxyError(429, "too_many_failures", "too many failed attempts; try later", retry_after=wait)
+        if b"token" in request.args:
+            self._throttle.failed(client)
+            log.warn("admin request from {client} refused: token in the query string", client=client)
+            raise ProxyError(400, "token_in_query", "send the token in X-Admin-Token, never in the URL")
+        if not token_matches(presented_token(request), self._token):
+            self._throttle.failed(client)
+            log.warn("admin request from {client} refused: missing or wrong token", client=client)
+            raise ProxyError(401, "unauthorized", "missing or wrong admin token")
+
+    def _body(self, request):
+        request.content.seek(0)
+        body = request.content.read(MAX_ADMIN_BODY + 1)
+        if len(body) > MAX_ADMIN_BODY:
+            raise ProxyError(413, "body_too_large", f"the body exceeds {MAX_ADMIN_BODY} bytes")
+        return parse_json_body(body)
+
+    def _json(self, request, document, status: int = 200) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(document).encode("utf-8")
+
+    def _node(self, node_id: str) -> Node:
+        node = self._registry.get(node_id)
+        if node is None:
+            raise ProxyError(404, "node_not_found", "Node not found")
+        return node
+
+    def _view(self, node: Node) -> dict:
+        return node_view(node, self._registry.stats(node.id), self._clock.seconds())
+
+    def _saved(self) -> None:
+        """Refuse to report success for a change the state file did not take."""
+        if self._keeper is not None and not self._keeper.last_save_ok:
+            raise ProxyError(503, "state_not_saved", "the change is live but could not be saved; see the log")
+
+    @app.handle_errors(ProxyError)
+    def _proxy_error(self, request, failure):
+        error = failure.value
+        for name, value in error.headers():
+            request.setHeader(name, value)
+        request.setResponseCode(error.status)
+        return error.body()
+
+    @app.handle_errors(HTTPException)
+    def _http_error(self, request, failure):
+        error = failure.value
+        request.setHeader(b"content-type", b"application/json")
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:
+            request.setHeader(b"allow", ", ".join(error.valid_methods).encode("ascii"))
+        request.setResponseCode(error.code)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.code, "http_error")
+        message = {404: "no such admin route", 405: "method not allowed here"}.get(error.code, error.name)
+        return json.dumps({"error": message, "code": code}).encode("utf-8")
+
+    # -- routes -----------------------------------------------------------------
+
+    @app.route("/status", methods=["GET"])
+    def status(self, request):
+        self._authorize(request)
+        now = self._clock.seconds()
+        nodes = nodes_view(self._registry, now)
+        return self._json(request, {
+            "policy": self._balancer.policy,
+            "activeIndex": active_index(self._registry),
+            "activeId": self._registry.active_id,
+            "nodes": nodes,
+            "metrics": {
+                "totalRequests": self._counters.requests,
+                "failedRequests": self._counters.failures,
+                "nodeStats": {n["id"]: {"requests": n["requests"], "failures": n["failures"],
+                                        "inFlight": n["inFlight"]} for n in nodes},
+            },
+        })
+
+    @app.route("/nodes", methods=["GET"])
+    def list_nodes(self, request):
+        self._authorize(request)
+        return self._json(request, {"nodes": nodes_view(self._registry, self._clock.seconds())})
+
+    @app.route("/nodes", methods=["POST"])
+    def add_node(self, request):
+        self._authorize(request)
+        fields = new_node_fields(self._body(request))
+        node = Node(id=new_node_id(), added_at=self._clock.seconds(), **fields)
+        try:
+            self._registry.add(node)
+        except ValueError as exc:
+            raise ProxyError(409, "duplicate_node", f"baseURL: {exc}") from None
+        self._saved()
+        log.info("node {name} added by {client}", name=node.name, client=self._client(request))
+        return self._json(request, {"success": True, "node": self._view(node)})
+
+    @app.route("/nodes/<node_id>", methods=["GET"])
+    def get_node(self, request, node_id):
+        self._authorize(request)
+        return self._json(request, {"node": self._view(self._node(node_id))})
+
+    @app.route("/nodes/<node_id>", methods=["PATCH"])
+    def change_node(self, request, node_id):
+        self._authorize(request)
+        self._node(node_id)
+        changes = node_changes(self._body(request))
+        node = self._registry.update(node_id, **changes) if changes else self._node(node_id)
+        self._saved()
+        log.info("node {name} changed by {client}: {fields}", name=node.name, client=self._client(request),
+                 fields=", ".join(sorted(changes)) or "nothing")
+        return self._json(request, {"success": True, "node": self._view(node)})
+
+    @app.route("/nodes/<node_id>", methods=["DELETE"])
+    def remove_node(self, request, node_id):
+        self._authorize(request)
+        node = self._registry.remove(self._node(node_id).id)
+        self._saved()
+        log.info("node {name} removed by {client}", name=node.name, client=self._client(request))
+        return self._json(request, {"success": True})
+
+    @app.route("/nodes/<node_id>/drain", methods=["POST"])
+    def drain_node(self, request, node_id):
+        self._authorize(request)
+        node = self._registry.update(self._node(node_id).id, draining=True)
+        self._saved()
+        log.info("node {name} draining, by {client}", name=node.name, client=self._client(request))
+        return self._json(request, {"success": True, "node": self._view(node)})
+
+    @app.route("/active/<index>", methods=["POST"])
+    def set_active_index(self, request, index):
+        self._authorize(request)
+        position = strict_index(index)
+        nodes = self._registry.nodes()
+        if position >= len(nodes):
+            raise ProxyError(400, "invalid_field", f"index: there are {len(nodes)} nodes")
+        return self._set_active(request, nodes[position].id)
+
+    @app.route("/active", methods=["PUT"])
+    def set_active_id(self, request):
+        self._authorize(request)
+        document = self._body(request)
+        if not isinstance(document, dict) or set(document) != {"id"} or not isinstance(document["id"], str):
+            raise ProxyError(400, "invalid_field", 'id: expected {"id": "<node id>"}')
+        return self._set_active(request, self._node(document["id"]).id)
+
+    def _set_active(self, request, node_id: str):
+        if self._keeper is not None:
+            self._keeper.change_active(node_id)
+        else:
+            self._registry.active_id = node_id
+        self._saved()
+        log.info("active node set to {node} by {client}", node=self._node(node_id).name,
+                 client=self._client(request))
+        return self._json(request, {"success": True, "activeIndex": active_index(self._registry),
+                                    "activeId": node_id})
+
+    @app.route("/health-check", methods=["POST"])
+    def health_check(self, request):
+        self._authorize(request)
+        done = self._health.check_now()
+        return done.addCallback(lambda _: self._json(
+            request, {"success": True, "nodes": nodes_view(self._registry, self._clock.seconds())}
+        ))
+
+    @app.route("/policy", methods=["GET"])
+    def get_policy(self, request):
+        self._authorize(request)
+        return self._json(request, {"policy": self._balancer.policy})
+
+    @app.route("/policy", methods=["PUT"])
+    def set_policy(self, request):
+        self._authorize(request)
+        name = policy_name(self._body(request))
+        if self._keeper is not None:
+            self._keeper.change_policy(name)
+        else:
+            self._balancer.policy = name
+        self._saved()
+        log.info("policy set to {policy} by {client}", policy=name, client=self._client(request))
+        return self._json(request, {"success": True, "policy": name})

@@ -1,0 +1,128 @@
+"""Pure checks of admin input: a new node, changes to a node, a policy, an index."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Dict
+
+from .errors import ProxyError
+from .nodeurl import parse_base_url
+from .selection import POLICIES
+
+MAX_METADATA_BYTES = 16 * 1024
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\Z")
+_NAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f|]")
+
+_CREATE_FIELDS = {"name", "baseURL", "tags", "metadata", "weight", "tlsVerify"}
+_PATCH_FIELDS = {"name", "tags", "metadata", "weight", "draining"}
+
+
+def invalid(field: str, problem: str) -> ProxyError:
+    """A 400 naming the field and the problem."""
+    return ProxyError(400, "invalid_field", f"{field}: {problem}")
+
+
+def parse_json_body(body: bytes) -> Any:
+    """The JSON document of a request body, or a 400."""
+    try:
+        return json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProxyError(400, "malformed_json", f"the body is not valid JSON ({exc})") from None
+
+
+def _object(document: Any, allowed: set) -> Dict[str, Any]:
+    if not isinstance(document, dict):
+        raise ProxyError(400, "invalid_body", "the body must be a JSON object")
+    unknown = sorted(set(document) - allowed)
+    if unknown:
+        raise invalid(unknown[0], f"unknown field (known: {', '.join(sorted(allowed))})")
+    return document
+
+
+def _name(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > 128 or _NAME_FORBIDDEN.search(value):
+        raise invalid("name", "must be 1 to 128 printable characters, without '|'")
+    return value.strip()
+
+
+def _tags(value: Any) -> tuple:
+    if not isinstance(value, list) or not all(isinstance(t, str) and _TAG.match(t) for t in value):
+        raise invalid("tags", "must be a list of tags (letters, digits, '.', '_', ':', '-')")
+    return tuple(value)
+
+
+def _metadata(value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise invalid("metadata", "must be an object")
+    if len(json.dumps(value)) > MAX_METADATA_BYTES:
+        raise invalid("metadata", f"must be at most {MAX_METADATA_BYTES} bytes as JSON")
+    return value
+
+
+def _weight(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1000:
+        raise invalid("weight", "must be a whole number from 1 to 1000")
+    return value
+
+
+def _boolean(field: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise invalid(field, "must be true or false")
+    return value
+
+
+def new_node_fields(document: Any) -> Dict[str, Any]:
+    """The ``Node`` fields of ``{name, baseURL, tags?, metadata?, weight?, tlsVerify?}``."""
+    data = _object(document, _CREATE_FIELDS)
+    for required in ("name", "baseURL"):
+        if required not in data:
+            raise invalid(required, "missing")
+    if not isinstance(data["baseURL"], str):
+        raise invalid("baseURL", "must be a string")
+    try:
+        base_url = parse_base_url(data["baseURL"]).text
+    except ValueError as exc:
+        raise invalid("baseURL", str(exc)) from None
+    fields: Dict[str, Any] = {"name": _name(data["name"]), "base_url": base_url}
+    if "tags" in data:
+        fields["tags"] = _tags(data["tags"])
+    if "metadata" in data:
+        fields["metadata"] = _metadata(data["metadata"])
+    if "weight" in data:
+        fields["weight"] = _weight(data["weight"])
+    if "tlsVerify" in data:
+        fields["tls_verify"] = _boolean("tlsVerify", data["tlsVerify"])
+    return fields
+
+
+def node_changes(document: Any) -> Dict[str, Any]:
+    """The ``Node`` fields a PATCH changes (``name``, ``tags``, ``metadata``, ``weight``, ``draining``)."""
+    data = _object(document, _PATCH_FIELDS)
+    changes: Dict[str, Any] = {}
+    if "name" in data:
+        changes["name"] = _name(data["name"])
+    if "tags" in data:
+        changes["tags"] = _tags(data["tags"])
+    if "metadata" in data:
+        changes["metadata"] = _metadata(data["metadata"])
+    if "weight" in data:
+        changes["weight"] = _weight(data["weight"])
+    if "draining" in data:
+        changes["draining"] = _boolean("draining", data["draining"])
+    return changes
+
+
+def policy_name(document: Any) -> str:
+    """The policy of ``{"policy": name}``."""
+    data = _object(document, {"policy"})
+    if data.get("policy") not in POLICIES:
+        raise invalid("policy", "must be one of " + ", ".join(POLICIES))
+    return data["policy"]
+
+
+def strict_index(text: str) -> int:
+    """A list index written as plain decimal digits (``01``, ``1.0``, ``-1``, ``1e2`` refused)."""
+    if not re.fullmatch(r"0|[1-9][0-9]{0,8}", text):
+        raise invalid("index", "must be a whole number written in digits")
+    return int(text)
