@@ -11,6 +11,7 @@ methods 405 with ``Allow``.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from klein import Klein
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
@@ -31,6 +32,7 @@ from .views import active_index, node_view, nodes_view
 log = logger("admin")
 
 MAX_ADMIN_BODY = 64 * 1024
+OPENAPI = (Path(__file__).parent / "openapi.json").read_bytes()
 
 
 class AdminAPI:
@@ -118,7 +120,21 @@ class AdminAPI:
         message = {404: "no such admin route", 405: "method not allowed here"}.get(error.code, error.name)
         return json.dumps({"error": message, "code": code}).encode("utf-8")
 
+    @app.handle_errors(Exception)
+    def _unexpected(self, request, failure):
+        log.failure("admin request {method} {path} failed", failure,
+                    method=request.method, path=request.path)
+        request.setHeader(b"content-type", b"application/json")
+        request.setResponseCode(500)
+        return json.dumps({"error": "internal error; see the log", "code": "internal_error"}).encode()
+
     # -- routes -----------------------------------------------------------------
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request):
+        """The OpenAPI 3.1 document of this API (no token needed: it holds no secret)."""
+        request.setHeader(b"content-type", b"application/json")
+        return OPENAPI
 
     @app.route("/status", methods=["GET"])
     def status(self, request):

@@ -116,7 +116,7 @@ def node_changes(document: Any) -> Dict[str, Any]:
 def policy_name(document: Any) -> str:
     """The policy of ``{"policy": name}``."""
     data = _object(document, {"policy"})
-    if data.get("policy") not in POLICIES:
+    if not isinstance(data.get("policy"), str) or data["policy"] not in POLICIES:
         raise invalid("policy", "must be one of " + ", ".join(POLICIES))
     return data["policy"]
 
