@@ -30,9 +30,13 @@ class RunningProxy:
         self.port = port
         self.connections = connections
         self.url = f"http://127.0.0.1:{port.getHost().port}"
+        self.stopped = False
 
     async def stop(self):
-        """Stop listening, cut open client connections and close the upstream pool."""
+        """Stop listening, cut open client connections and close the upstream pool (once)."""
+        if self.stopped:
+            return
+        self.stopped = True
         await self.port.stopListening()
         if self.parts.health.running:
             await self.parts.health.stopService()

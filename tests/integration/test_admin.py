@@ -208,3 +208,19 @@ async def test_the_token_never_reaches_the_log(admin_proxy):
     text = "\n".join(formatEvent(e) + repr(e) for e in events)
     assert "refused" in text
     assert TOKEN not in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_changes_survive_a_restart(proxy_factory, tmp_path):
+    state = str(tmp_path / "state.json")
+    first = await proxy_factory(["http://10.9.9.1:1"], persist=True, admin_token=TOKEN, state_file=state)
+    added = (await call(first, "POST", "/_admin/nodes", {"name": "extra", "baseURL": "http://10.9.9.2:1"}))[1]
+    await call(first, "PUT", "/_admin/active", {"id": added["node"]["id"]})
+    await call(first, "PUT", "/_admin/policy", {"policy": "least-latency"})
+    await call(first, "POST", f"/_admin/nodes/{added['node']['id']}/drain")
+    await first.stop()
+    second = await proxy_factory(["http://10.9.9.1:1"], persist=True, admin_token=TOKEN, state_file=state)
+    status = (await call(second, "GET", "/_admin/status"))[1]
+    assert [n["name"] for n in status["nodes"]] == ["node0", "extra"]
+    assert status["activeId"] == added["node"]["id"] and status["policy"] == "least-latency"
+    assert status["nodes"][1]["draining"] is True
