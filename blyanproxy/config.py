@@ -84,6 +84,7 @@ class Settings:
     affinity_load_factor: float = 1.25
     ws_heartbeat: float = 30.0
     enable_metrics: bool = True
+    metrics_token: Optional[str] = attrs.field(default=None, repr=False)
     api_url: Optional[str] = None
     log_level: str = "INFO"
     demo: int = 0
@@ -309,7 +310,10 @@ SETTINGS = (
     Setting("ws_heartbeat", "WS_HEARTBEAT_MS", "ws-heartbeat-ms", "30000", _milliseconds(),
             "idle milliseconds before TCP keep-alive probes check a WebSocket's peers (0: off)"),
     Setting("enable_metrics", "ENABLE_METRICS", "enable-metrics", "true", _boolean,
-            "serve Prometheus metrics (the metrics endpoint is not built yet)"),
+            "serve Prometheus metrics at /metrics"),
+    Setting("metrics_token", "METRICS_TOKEN", None, "(none)", _secret,
+            "token a scraper must send (X-Admin-Token or Bearer) to read /metrics; unset: open",
+            secret=True),
     Setting("api_url", "API_URL", "api-url", "(off)", _api_url,
             "workloads API for per-API-key node discovery"),
     Setting("log_level", "LOG_LEVEL", "log-level", "INFO", _log_level,

@@ -78,6 +78,7 @@ class HealthMonitor(Service):
         self._run: Optional[defer.Deferred] = None
         self._joiners: List[defer.Deferred] = []
         self._extra: set = set()  # probes of nodes added or moved between runs
+        self.on_probe = None  # called with (node name, passed, seconds) after each probe
         registry.listen(self._on_change)
 
     def startService(self) -> None:
@@ -128,6 +129,8 @@ class HealthMonitor(Service):
             stats.health = after_probe(stats.health, passed, now, self._rules, error)
             if passed:
                 stats.observe_latency((now - started) * 1000.0)
+            if self.on_probe is not None:
+                self.on_probe(node.name, passed, now - started)
             after = stats.health.state
             if after != before and after in (UP, DOWN):
                 log.info(

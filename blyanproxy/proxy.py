@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from . import traffic
 from .affinity import affinity_key
 from .balancer import Balancer, Lease
 from .client import UpstreamConnection, UpstreamPool
@@ -24,7 +25,7 @@ from .errors import ProxyError, write_error
 from .headers import client_facts, downstream_response_headers, upstream_request_headers
 from .http11 import ProtocolError, serialize_request_head
 from .logs import logger
-from .relay import CLIENT_GONE, COMPLETE, BodyRelay
+from .relay import CLIENT_GONE, COMPLETE, IDLE_TIMEOUT, UPSTREAM_BROKE, BodyRelay
 from .routing import Route, parse_route
 from .websocket import WebSocketForwarder, is_websocket_upgrade
 
@@ -55,6 +56,15 @@ def classify_failure(failure: Failure) -> tuple:
 
 def _header_timeout_error() -> ProxyError:
     return ProxyError(504, "upstream_timeout", "the node did not answer in time")
+
+
+#: How a relay ending reads in the access log.
+_ENDINGS = {
+    COMPLETE: traffic.COMPLETE,
+    CLIENT_GONE: traffic.CLIENT_GONE,
+    UPSTREAM_BROKE: traffic.UPSTREAM_BROKE,
+    IDLE_TIMEOUT: traffic.TIMEOUT,
+}
 
 
 @attrs.define
@@ -90,6 +100,9 @@ class Exchange:
         self._relay: Optional[BodyRelay] = None
         self._fresh_retry_used = False
         self._sent_at = 0.0
+        self._started = forwarder.clock.seconds()
+        self._ttfb: Optional[float] = None
+        self._recorded = False
         self._client_gone = False
         request.notifyFinish().addErrback(self._on_client_gone)
 
@@ -155,6 +168,7 @@ class Exchange:
             attempt=self._attempts, node=self._lease.node.name, reason=reason,
         )
         self._lease.failed(reason)
+        self._forwarder.traffic.attempt_failed(self._lease.node.name, reason)
         if self._settings.retry_delay:
             self._timer = self._forwarder.clock.callLater(self._settings.retry_delay, self._attempt, err)
         else:
@@ -187,6 +201,7 @@ class Exchange:
 
     def response_started(self, status: int, reason: bytes, headers, length: Optional[int]) -> None:
         self._cancel_timer()
+        self._ttfb = self._forwarder.clock.seconds() - self._started
         lease = self._lease
         if status in self._settings.retry_on_status and self._attempts < self._settings.max_attempts:
             following = self._forwarder.balancer.acquire(self._route, frozenset(self._excluded))
@@ -195,6 +210,7 @@ class Exchange:
                 conn, self._conn = self._conn, None
                 conn.abort()
                 lease.failed("status_%d" % status)
+                self._forwarder.traffic.attempt_failed(lease.node.name, "status_%d" % status)
                 self._use(following)
                 return
         lease.responded(self._forwarder.clock.seconds() - self._sent_at)
@@ -245,19 +261,43 @@ class Exchange:
         relay.start(conn)
         if raw_chunks:
             conn.pass_chunks_raw()
+        if relay.is_sse:
+            self._forwarder.traffic.stream("sse", +1)
         return relay
 
     def _on_relay_end(self, how: str) -> None:
         self._conn = None
         self._lease.release()
+        if self._relay.is_sse:
+            self._forwarder.traffic.stream("sse", -1)
         if how not in (COMPLETE, CLIENT_GONE):
             self._forwarder.counters.failures += 1
             log.warn("stream from node {node} ended: {how}", node=self._lease.node.name, how=how)
+        self._record(_ENDINGS[how], self._request.code)
 
     def _fail(self, err: ProxyError) -> None:
         self._forwarder.counters.failures += 1
         if not self._client_gone:
             write_error(self._request, err)
+        self._record(traffic.TIMEOUT if err.status == 504 else traffic.ERROR, err.status)
+
+    def _record(self, ended: str, status: int) -> None:
+        """Report the end of this request, once."""
+        if self._recorded:
+            return
+        self._recorded = True
+        self._forwarder.traffic.finished(traffic.AccessRecord(
+            method=self._method.decode("latin-1"),
+            target=self._request.uri,
+            status=status,
+            node=self._lease.node.name if self._lease is not None else None,
+            attempts=self._attempts,
+            ttfb=self._ttfb,
+            duration=self._forwarder.clock.seconds() - self._started,
+            bytes_out=self._relay.bytes_sent if self._relay is not None else 0,
+            ended=ended,
+            client=client_facts(self._request).address if not self._client_gone else "-",
+        ))
 
     def _on_client_gone(self, failure) -> None:
         self._client_gone = True
@@ -272,6 +312,8 @@ class Exchange:
             conn, self._conn = self._conn, None
             conn.abort()
             self._lease.release()
+        if self._relay is None:
+            self._record(traffic.CLIENT_GONE, traffic.CLIENT_CLOSED_STATUS)
 
 
 class ProxyResource(Resource):
@@ -279,8 +321,10 @@ class ProxyResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, balancer: Balancer, upstream: UpstreamPool, endpoints, clock, settings: Settings) -> None:
+    def __init__(self, balancer: Balancer, upstream: UpstreamPool, endpoints, clock, settings: Settings,
+                 recorder: Optional[traffic.TrafficRecorder] = None) -> None:
         super().__init__()
+        self.traffic = recorder or traffic.TrafficRecorder()
         self.balancer = balancer
         self.upstream = upstream
         self.clock = clock

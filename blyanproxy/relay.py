@@ -56,7 +56,7 @@ class BodyRelay:
         self._clock = clock
         self._idle_timeout = idle_timeout
         self._keepalive = sse_keepalive if is_sse and sse_keepalive > 0 else 0.0
-        self._is_sse = is_sse
+        self.is_sse = is_sse
         self._on_end = on_end
         self._paused = False
         self._ended = False
@@ -165,7 +165,7 @@ class BodyRelay:
 
     def _fail_client(self, how: str, message: Optional[str]) -> None:
         """End the client's response so that it reads as failed, never as complete."""
-        if self._is_sse:
+        if self.is_sse:
             event = sse_error_event(how, message or how)
             self._emit(event if self._at_event_boundary else b"\n\n" + event)
         self._request.transport.loseConnection()

@@ -33,11 +33,13 @@ from .fleet import FleetKeeper
 from .health import HealthMonitor, probe_client
 from .healthstate import HealthRules
 from .logs import logger, set_log_level
+from .metrics import MetricsResource, ProxyMetrics
 from .nodes import Node, NodeRegistry, new_node_id
 from .proxy import ProxyResource
 from .public import HealthView, StatusView
 from .server import ProxySite, RootResource
 from .state import JsonFileStore, StateError
+from .traffic import TrafficRecorder
 from .upstream import NodeEndpoints, NodeTLSPolicy, load_trust_root
 
 log = logger("tap")
@@ -163,6 +165,7 @@ class ProxyParts:
     pool: UpstreamPool
     health: HealthMonitor
     keeper: Optional[FleetKeeper]
+    metrics: ProxyMetrics
 
 
 def build_proxy(settings: Settings, reactor, persist: bool = True) -> ProxyParts:
@@ -203,7 +206,9 @@ def build_proxy(settings: Settings, reactor, persist: bool = True) -> ProxyParts
         registry, probe_client(reactor, endpoints), reactor, settings.health_interval, settings.health_timeout,
         settings.health_paths, settings.health_statuses, rules,
     )
-    forwarder = ProxyResource(balancer, pool, endpoints, reactor, settings)
+    metrics = ProxyMetrics(registry, reactor)
+    health.on_probe = metrics.probe
+    forwarder = ProxyResource(balancer, pool, endpoints, reactor, settings, TrafficRecorder(metrics))
     if persist:
         token = load_or_create_token(settings.admin_token, settings.admin_token_file, settings.state_file)
     else:
@@ -216,11 +221,13 @@ def build_proxy(settings: Settings, reactor, persist: bool = True) -> ProxyParts
         exact={
             b"health": HealthView(registry, reactor),
             b"_status": StatusView(registry, balancer, forwarder.counters, reactor),
+            **({b"metrics": MetricsResource(metrics, settings.metrics_token)} if settings.enable_metrics else {}),
         },
     )
     site = ProxySite(root, settings.max_body_bytes, reactor=reactor)
     return ProxyParts(
-        site=site, registry=registry, balancer=balancer, pool=pool, health=health, keeper=keeper
+        site=site, registry=registry, balancer=balancer, pool=pool, health=health, keeper=keeper,
+        metrics=metrics,
     )
 
 

@@ -343,7 +343,12 @@ class WebSocketForwarder:
         _Handshake(self, request, route).retry(None)
 
     def opened(self, splice: _Splice) -> None:
+        """A WebSocket is spliced."""
         self.open.add(splice)
+        self.proxy.traffic.stream("websocket", +1)
 
     def closed(self, splice: _Splice) -> None:
-        self.open.discard(splice)
+        """A spliced WebSocket closed."""
+        if splice in self.open:
+            self.open.discard(splice)
+            self.proxy.traffic.stream("websocket", -1)

@@ -5,7 +5,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from blyanproxy.errors import ProxyError
-from blyanproxy.nodeinput import new_node_fields, node_changes, policy_name, strict_index
+from blyanproxy.nodeinput import (
+    new_node_fields,
+    node_changes,
+    policy_name,
+    strict_index,
+)
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10),

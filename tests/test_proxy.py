@@ -26,6 +26,10 @@ class Request(DummyRequest):
     def isSecure(self):
         return False
 
+    @property
+    def code(self):
+        return self.responseCode or 200
+
     def registerProducer(self, producer, streaming):
         # DummyRequest drives a producer in a loop until it unregisters; the relay pushes.
         self.producer = producer

@@ -1,0 +1,127 @@
+"""Prometheus metrics of one proxy process, and the ``/metrics`` resource that renders them.
+
+Labels are bounded: node names, fixed words (status class, how a request
+ended, a failure reason from a fixed set, stream kind). Never API keys,
+paths or client addresses. Node gauges (in flight, up, usable, ejected,
+draining) are read from the registry at scrape time, so ``/_admin/status``
+and ``/metrics`` show the same numbers.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from .adminauth import presented_token, token_matches
+from .errors import ProxyError, write_error
+from .healthstate import UP, usable
+
+#: Time to first byte and whole-request buckets, from milliseconds to the length of a long generation.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+_PROBE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class _NodeGauges:
+    """A collector reading the live node figures at scrape time."""
+
+    def __init__(self, registry, clock) -> None:
+        self._registry = registry
+        self._clock = clock
+
+    def collect(self):
+        now = self._clock.seconds()
+        families = {
+            "in_flight": GaugeMetricFamily("blyan_node_in_flight", "Requests in flight on a node", labels=["node"]),
+            "up": GaugeMetricFamily("blyan_node_up", "1 when the node's health checks pass", labels=["node"]),
+            "usable": GaugeMetricFamily("blyan_node_usable", "1 when the node can take new requests",
+                                        labels=["node"]),
+            "ejected": GaugeMetricFamily("blyan_node_ejected", "1 while the node is ejected by failed traffic",
+                                         labels=["node"]),
+            "draining": GaugeMetricFamily("blyan_node_draining", "1 while the node is draining", labels=["node"]),
+        }
+        for node in self._registry.nodes():
+            stats = self._registry.stats(node.id)
+            health = stats.health
+            families["in_flight"].add_metric([node.name], stats.in_flight)
+            families["up"].add_metric([node.name], 1 if health.state == UP else 0)
+            families["usable"].add_metric([node.name], 1 if usable(health, now) and not node.draining else 0)
+            families["ejected"].add_metric([node.name], 1 if health.probe_needed else 0)
+            families["draining"].add_metric([node.name], 1 if node.draining else 0)
+        return list(families.values())
+
+
+class ProxyMetrics:
+    """Every metric family of the proxy, in its own ``CollectorRegistry``."""
+
+    def __init__(self, node_registry, clock) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("blyan_requests", "Finished requests", ["node", "status_class", "ended"], registry=r)
+        self.ttfb = Histogram("blyan_time_to_first_byte_seconds", "Request start to the node's response head",
+                              ["node"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.duration = Histogram("blyan_request_duration_seconds", "Request start to its end",
+                                  ["node"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.bytes_out = Counter("blyan_response_bytes", "Response body bytes sent to clients", ["node"],
+                                 registry=r)
+        self.failed_attempts = Counter("blyan_failed_attempts", "Attempts that failed before the first byte",
+                                       ["node", "reason"], registry=r)
+        self.streams = Gauge("blyan_open_streams", "Open SSE streams and WebSockets", ["kind"], registry=r)
+        self.probes = Counter("blyan_health_probes", "Health probes", ["node", "result"], registry=r)
+        self.probe_seconds = Histogram("blyan_health_probe_duration_seconds", "Health probe duration", ["node"],
+                                       buckets=_PROBE_BUCKETS, registry=r)
+        for kind in ("sse", "websocket"):
+            self.streams.labels(kind)
+        r.register(_NodeGauges(node_registry, clock))
+
+    def request_finished(self, record) -> None:
+        """Count one finished request (an ``AccessRecord``)."""
+        node = record.node or "-"
+        self.requests.labels(node, f"{record.status // 100}xx", record.ended).inc()
+        if record.ttfb is not None:
+            self.ttfb.labels(node).observe(record.ttfb)
+        self.duration.labels(node).observe(record.duration)
+        self.bytes_out.labels(node).inc(record.bytes_out)
+
+    def attempt_failed(self, node: str, reason: str) -> None:
+        """Count a failed attempt (``reason`` is one of the proxy's fixed words)."""
+        self.failed_attempts.labels(node, reason).inc()
+
+    def stream(self, kind: str, delta: int) -> None:
+        """An SSE stream or WebSocket opened or closed."""
+        self.streams.labels(kind).inc(delta)
+
+    def probe(self, node: str, passed: bool, seconds: float) -> None:
+        """Count one health probe."""
+        self.probes.labels(node, "pass" if passed else "fail").inc()
+        self.probe_seconds.labels(node).observe(seconds)
+
+    def render(self) -> bytes:
+        """The scrape, in Prometheus text format."""
+        return generate_latest(self.registry)
+
+
+class MetricsResource(Resource):
+    """``GET /metrics``, behind ``METRICS_TOKEN`` when one is set (rendered without threads)."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: ProxyMetrics, token) -> None:
+        super().__init__()
+        self._metrics = metrics
+        self._token = token
+
+    def render_GET(self, request):
+        if self._token and not token_matches(presented_token(request), self._token):
+            write_error(request, ProxyError(401, "unauthorized", "missing or wrong metrics token"))
+            return NOT_DONE_YET
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return self._metrics.render()

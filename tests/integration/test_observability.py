@@ -1,0 +1,139 @@
+"""Metrics and the access log over real sockets: families present, values move, lines per ending, no secrets."""
+
+import pytest
+import pytest_twisted
+import treq
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.logger import globalLogPublisher
+
+from .rawhttp import connect, eventually
+from .test_forwarding import chat_request, closed_port_url
+
+FAMILIES = {
+    "blyan_requests", "blyan_time_to_first_byte_seconds", "blyan_request_duration_seconds",
+    "blyan_response_bytes", "blyan_failed_attempts", "blyan_open_streams", "blyan_health_probes",
+    "blyan_health_probe_duration_seconds", "blyan_node_in_flight", "blyan_node_up", "blyan_node_usable",
+    "blyan_node_ejected", "blyan_node_draining",
+}
+
+
+async def scrape(proxy, headers=None):
+    response = await treq.get(proxy.url + "/metrics", headers=headers, timeout=5)
+    text = (await response.content()).decode()
+    return response.code, text, {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def sample(families, family, name, **labels):
+    for s in families[family].samples:
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+            return s.value
+    return 0.0
+
+
+@pytest.fixture
+def access_lines():
+    lines = []
+
+    def observe(event):
+        if event.get("log_namespace") == "blyanproxy.access":
+            lines.append(event["line"])
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_family_is_present_and_values_move_with_traffic(devnode_factory, proxy_factory):
+    node = devnode_factory()
+    proxy = await proxy_factory([closed_port_url(), node.url])
+    code, _, before = await scrape(proxy)
+    assert code == 200
+    missing = FAMILIES - set(before)
+    assert not missing, missing
+    for _ in range(3):
+        response = await treq.get(proxy.url + "/v1/models", timeout=5)
+        await response.content()
+    _, _, after = await scrape(proxy)
+    assert sample(after, "blyan_requests", "blyan_requests_total", node="node1", status_class="2xx",
+                  ended="complete") == 3
+    assert sample(after, "blyan_failed_attempts", "blyan_failed_attempts_total", node="node0", reason="refused") == 1
+    assert sample(after, "blyan_response_bytes", "blyan_response_bytes_total", node="node1") > 0
+    assert sample(after, "blyan_time_to_first_byte_seconds", "blyan_time_to_first_byte_seconds_count",
+                  node="node1") == 3
+    assert sample(after, "blyan_node_usable", "blyan_node_usable", node="node0") == 0  # ejected
+    assert sample(after, "blyan_node_ejected", "blyan_node_ejected", node="node0") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_open_streams_gauge_follows_sse(reactor, devnode_factory, proxy_factory):
+    node = devnode_factory(tokens_per_second=20.0, ttft_ms=0.0)
+    proxy = await proxy_factory([node.url])
+    client = await connect(reactor, proxy.url)
+    client.transport.write(chat_request(max_tokens=6))
+    await client.wait_for(b"chat.completion.chunk")
+    _, _, during = await scrape(proxy)
+    assert sample(during, "blyan_open_streams", "blyan_open_streams", kind="sse") == 1
+    await client.wait_for(b"[DONE]")
+    await eventually(reactor, lambda: proxy.registry.stats(proxy.registry.nodes()[0].id).in_flight == 0)
+    _, _, done = await scrape(proxy)
+    assert sample(done, "blyan_open_streams", "blyan_open_streams", kind="sse") == 0
+    client.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_log_lines_for_each_ending(reactor, devnode_factory, proxy_factory, access_lines):
+    fast = devnode_factory(tokens_per_second=5.0, ttft_ms=0.0)
+    proxy = await proxy_factory([closed_port_url(), fast.url])
+    response = await treq.get(proxy.url + "/v1/models?api_key=SECRETVALUE&x=1", timeout=5)
+    await response.content()
+    completed = access_lines[-1]
+    assert "GET /v1/models?api_key=…&x=… status=200 node=node1 attempts=2" in completed
+    assert "ended=complete" in completed and "SECRETVALUE" not in completed
+
+    client = await connect(reactor, proxy.url)
+    client.transport.write(chat_request(max_tokens=50))
+    await client.wait_for(b"chat.completion.chunk")
+    client.transport.abortConnection()
+    await eventually(reactor, lambda: "ended=client_gone" in access_lines[-1])
+    assert "POST /v1/chat/completions status=200 node=node1" in access_lines[-1]
+
+    hung = devnode_factory(hang=True)
+    slow_proxy = await proxy_factory([hung.url], proxy_timeout=0.2)
+    response = await treq.get(slow_proxy.url + "/v1/models", timeout=5)
+    await response.content()
+    assert "status=504 node=node0 attempts=1" in access_lines[-1] and "ended=timeout" in access_lines[-1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_tokens_and_api_keys_appear_neither_in_the_log_nor_in_metrics(devnode_factory, proxy_factory):
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        node = devnode_factory()
+        proxy = await proxy_factory([node.url], admin_token="ADMINTOKEN-abcdefghijklmnop")
+        for headers in ({"X-C3-API-KEY": "c3-KEY-0123456789"}, {"Authorization": "Bearer sk-APIKEY-987654"},
+                        {"X-Admin-Token": "ADMINTOKEN-abcdefghijklmnop"}):
+            for path in ("/v1/models", "/_admin/status", "/_admin/status?token=ADMINTOKEN-abcdefghijklmnop"):
+                response = await treq.get(proxy.url + path, headers=headers, timeout=5)
+                await response.content()
+        _, text, _ = await scrape(proxy)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    logged = "\n".join(repr(e) for e in events)
+    for secret in ("ADMINTOKEN-abcdefghijklmnop", "c3-KEY-0123456789", "sk-APIKEY-987654"):
+        assert secret not in logged
+        assert secret not in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_token(proxy_factory):
+    proxy = await proxy_factory([], metrics_token="scrape-token-0123456789")
+    assert (await scrape_code(proxy, {})) == 401
+    assert (await scrape_code(proxy, {"Authorization": "Bearer scrape-token-0123456789"})) == 200
+
+
+async def scrape_code(proxy, headers):
+    response = await treq.get(proxy.url + "/metrics", headers=headers, timeout=5)
+    await response.content()
+    return response.code
