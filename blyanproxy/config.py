@@ -87,6 +87,7 @@ class Settings:
     metrics_token: Optional[str] = attrs.field(default=None, repr=False)
     api_url: Optional[str] = None
     log_level: str = "INFO"
+    log_format: str = "text"
     demo: int = 0
 
 
@@ -318,6 +319,8 @@ SETTINGS = (
             "workloads API for per-API-key node discovery"),
     Setting("log_level", "LOG_LEVEL", "log-level", "INFO", _log_level,
             "DEBUG, INFO, WARN or ERROR"),
+    Setting("log_format", "LOG_FORMAT", "log-format", "text", _choice(("text", "json")),
+            "text: blyanproxy's events in twistd's log; json: JSON lines on standard output"),
     Setting("demo", None, "demo", "0", _whole(0, 64),
             "start this many simulated nodes in-process and register them"),
 )

@@ -3,9 +3,14 @@
 Modules get their logger from ``logger("proxy")``: a ``twisted.logger.Logger``
 in the ``blyanproxy.proxy`` namespace whose events pass a level filter on their
 way to the global publisher (which twistd connects to its log file or stdout).
+With ``LOG_FORMAT=json`` they go to standard output as JSON lines instead, one
+object per event, for log shippers; Twisted's own lines stay in twistd's log.
 """
 
 from __future__ import annotations
+
+import sys
+from typing import Optional, TextIO
 
 from twisted.logger import (
     FilteringLogObserver,
@@ -13,14 +18,26 @@ from twisted.logger import (
     LogLevel,
     LogLevelFilterPredicate,
     globalLogPublisher,
+    jsonFileLogObserver,
 )
 
 from .config import LOG_LEVELS
 
 NAMESPACE = "blyanproxy"
 
+class _Destination:
+    """Where events that pass the level filter go; switchable at start-up."""
+
+    def __init__(self) -> None:
+        self.target = globalLogPublisher
+
+    def __call__(self, event: dict) -> None:
+        self.target(event)
+
+
 _PREDICATE = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
-_OBSERVER = FilteringLogObserver(globalLogPublisher, [_PREDICATE])
+_DESTINATION = _Destination()
+_OBSERVER = FilteringLogObserver(_DESTINATION, [_PREDICATE])
 
 
 def logger(name: str) -> Logger:
@@ -31,3 +48,11 @@ def logger(name: str) -> Logger:
 def set_log_level(name: str) -> None:
     """Write blyanproxy events at ``name`` (DEBUG, INFO, WARN, ERROR) and above."""
     _PREDICATE.setLogLevelForNamespace(NAMESPACE, LOG_LEVELS[name.upper()])
+
+
+def set_log_format(name: str, stream: Optional[TextIO] = None) -> None:
+    """``text``: into twistd's log; ``json``: JSON lines on ``stream`` (standard output by default)."""
+    if name == "json":
+        _DESTINATION.target = jsonFileLogObserver(stream or sys.stdout, recordSeparator="")
+    else:
+        _DESTINATION.target = globalLogPublisher

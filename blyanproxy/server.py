@@ -9,6 +9,7 @@ from twisted.web.resource import Resource
 
 from .errors import ProxyError
 from .logs import logger
+from .traffic import CLIENT_CLOSED_STATUS, CLIENT_GONE, COMPLETE, AccessRecord
 
 log = logger("server")
 
@@ -87,20 +88,41 @@ class RootResource(Resource):
     own path (``/health``), so ``/health/x`` still goes to a node.
     """
 
-    def __init__(self, forwarder: Resource, prefixes: Dict[bytes, Resource], exact: Dict[bytes, Resource]):
+    def __init__(self, forwarder: Resource, prefixes: Dict[bytes, Resource], exact: Dict[bytes, Resource],
+                 recorder=None, clock=None):
         super().__init__()
         self._forwarder = forwarder
         self._prefixes = prefixes
         self._exact = exact
+        self._recorder = recorder
+        self._clock = clock
 
     def getChildWithDefault(self, name: bytes, request):
         # twisted.web announces its name and version; the proxy does not.
         request.responseHeaders.removeHeader(b"server")
-        if name in self._prefixes:
-            return self._prefixes[name]
-        if name in self._exact and not request.postpath:
-            return self._exact[name]
-        return self._forwarder
+        own = self._prefixes.get(name)
+        if own is None and not request.postpath:
+            own = self._exact.get(name)
+        if own is None:
+            return self._forwarder
+        if self._recorder is not None:
+            request.notifyFinish().addBoth(self._record, request, self._clock.seconds())
+        return own
+
+    def _record(self, result, request, started: float) -> None:
+        """The access line of a request the proxy answered itself."""
+        self._recorder.finished(AccessRecord(
+            method=request.method.decode("latin-1"),
+            target=request.uri,
+            status=request.code if result is None else CLIENT_CLOSED_STATUS,
+            node=None,
+            attempts=0,
+            ttfb=None,
+            duration=self._clock.seconds() - started,
+            bytes_out=request.sentLength,
+            ended=COMPLETE if result is None else CLIENT_GONE,
+            client=getattr(request.getClientAddress(), "host", "-"),
+        ))
 
 
 class ProxySite(server.Site):

@@ -32,7 +32,7 @@ from .config import (
 from .fleet import FleetKeeper
 from .health import HealthMonitor, probe_client
 from .healthstate import HealthRules
-from .logs import logger, set_log_level
+from .logs import logger, set_log_format, set_log_level
 from .metrics import MetricsResource, ProxyMetrics
 from .nodes import Node, NodeRegistry, new_node_id
 from .proxy import ProxyResource
@@ -208,7 +208,8 @@ def build_proxy(settings: Settings, reactor, persist: bool = True) -> ProxyParts
     )
     metrics = ProxyMetrics(registry, reactor)
     health.on_probe = metrics.probe
-    forwarder = ProxyResource(balancer, pool, endpoints, reactor, settings, TrafficRecorder(metrics))
+    recorder = TrafficRecorder(metrics)
+    forwarder = ProxyResource(balancer, pool, endpoints, reactor, settings, recorder)
     if persist:
         token = load_or_create_token(settings.admin_token, settings.admin_token_file, settings.state_file)
     else:
@@ -223,6 +224,8 @@ def build_proxy(settings: Settings, reactor, persist: bool = True) -> ProxyParts
             b"_status": StatusView(registry, balancer, forwarder.counters, reactor),
             **({b"metrics": MetricsResource(metrics, settings.metrics_token)} if settings.enable_metrics else {}),
         },
+        recorder=recorder,
+        clock=reactor,
     )
     site = ProxySite(root, settings.max_body_bytes, reactor=reactor)
     return ProxyParts(
@@ -234,6 +237,7 @@ def build_proxy(settings: Settings, reactor, persist: bool = True) -> ProxyParts
 def make_proxy_service(settings: Settings, reactor) -> MultiService:
     """Every service of one proxy process, as children of one ``MultiService``."""
     set_log_level(settings.log_level)
+    set_log_format(settings.log_format)
     try:
         parts = build_proxy(settings, reactor)
     except (StateError, ValueError, OSError) as problem:

@@ -33,3 +33,21 @@ def test_level_filters_events(captured, level, written):
     log.error("e")
     mine = [e["log_level"].name for e in captured if e.get("log_namespace") == "blyanproxy.test"]
     assert mine == written
+
+
+def test_json_format_writes_one_object_per_line():
+    import io
+    import json
+
+    from blyanproxy.logs import set_log_format
+
+    stream = io.StringIO()
+    set_log_format("json", stream)
+    try:
+        logger("test").info("node {node} is {state}", node="gpu-a", state="up")
+    finally:
+        set_log_format("text")
+    (line,) = stream.getvalue().splitlines()
+    event = json.loads(line)
+    assert event["log_namespace"] == "blyanproxy.test"
+    assert (event["node"], event["state"], event["log_level"]["name"]) == ("gpu-a", "up", "info")

@@ -137,3 +137,11 @@ async def scrape_code(proxy, headers):
     response = await treq.get(proxy.url + "/metrics", headers=headers, timeout=5)
     await response.content()
     return response.code
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_the_proxy_answers_itself_are_logged_too(proxy_factory, access_lines):
+    proxy = await proxy_factory([])
+    response = await treq.get(proxy.url + "/_admin/status", timeout=5)
+    await response.content()
+    assert "GET /_admin/status status=401 node=- attempts=0" in access_lines[-1]
