@@ -72,6 +72,27 @@ def _boolean(field: str, value: Any) -> bool:
     return value
 
 
+#: JSON field -> (Node field, check) for the fields a request may leave out.
+_OPTIONAL = {
+    "name": ("name", _name),
+    "tags": ("tags", _tags),
+    "metadata": ("metadata", _metadata),
+    "weight": ("weight", _weight),
+    "tlsVerify": ("tls_verify", lambda value: _boolean("tlsVerify", value)),
+    "draining": ("draining", lambda value: _boolean("draining", value)),
+}
+
+
+def _optional(data: Dict[str, Any], names) -> Dict[str, Any]:
+    """The checked ``Node`` fields for those of ``names`` present in ``data``."""
+    fields: Dict[str, Any] = {}
+    for name in names:
+        if name in data:
+            field, check = _OPTIONAL[name]
+            fields[field] = check(data[name])
+    return fields
+
+
 def new_node_fields(document: Any) -> Dict[str, Any]:
     """The ``Node`` fields of ``{name, baseURL, tags?, metadata?, weight?, tlsVerify?}``."""
     data = _object(document, _CREATE_FIELDS)
@@ -85,32 +106,13 @@ def new_node_fields(document: Any) -> Dict[str, Any]:
     except ValueError as exc:
         raise invalid("baseURL", str(exc)) from None
     fields: Dict[str, Any] = {"name": _name(data["name"]), "base_url": base_url}
-    if "tags" in data:
-        fields["tags"] = _tags(data["tags"])
-    if "metadata" in data:
-        fields["metadata"] = _metadata(data["metadata"])
-    if "weight" in data:
-        fields["weight"] = _weight(data["weight"])
-    if "tlsVerify" in data:
-        fields["tls_verify"] = _boolean("tlsVerify", data["tlsVerify"])
+    fields.update(_optional(data, ("tags", "metadata", "weight", "tlsVerify")))
     return fields
 
 
 def node_changes(document: Any) -> Dict[str, Any]:
     """The ``Node`` fields a PATCH changes (``name``, ``tags``, ``metadata``, ``weight``, ``draining``)."""
-    data = _object(document, _PATCH_FIELDS)
-    changes: Dict[str, Any] = {}
-    if "name" in data:
-        changes["name"] = _name(data["name"])
-    if "tags" in data:
-        changes["tags"] = _tags(data["tags"])
-    if "metadata" in data:
-        changes["metadata"] = _metadata(data["metadata"])
-    if "weight" in data:
-        changes["weight"] = _weight(data["weight"])
-    if "draining" in data:
-        changes["draining"] = _boolean("draining", data["draining"])
-    return changes
+    return _optional(_object(document, _PATCH_FIELDS), ("name", "tags", "metadata", "weight", "draining"))
 
 
 def policy_name(document: Any) -> str:
