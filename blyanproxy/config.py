@@ -88,6 +88,7 @@ class Settings:
     api_url: Optional[str] = None
     log_level: str = "INFO"
     log_format: str = "text"
+    access_log: bool = True
     demo: int = 0
 
 
@@ -321,6 +322,8 @@ SETTINGS = (
             "DEBUG, INFO, WARN or ERROR"),
     Setting("log_format", "LOG_FORMAT", "log-format", "text", _choice(("text", "json")),
             "text: blyanproxy's events in twistd's log; json: JSON lines on standard output"),
+    Setting("access_log", "ACCESS_LOG", "access-log", "true", _boolean,
+            "write one access line per finished request"),
     Setting("demo", None, "demo", "0", _whole(0, 64),
             "start this many simulated nodes in-process and register them"),
 )

@@ -208,7 +208,7 @@ def build_proxy(settings: Settings, reactor, persist: bool = True) -> ProxyParts
     )
     metrics = ProxyMetrics(registry, reactor)
     health.on_probe = metrics.probe
-    recorder = TrafficRecorder(metrics)
+    recorder = TrafficRecorder(metrics, settings.access_log)
     forwarder = ProxyResource(balancer, pool, endpoints, reactor, settings, recorder)
     if persist:
         token = load_or_create_token(settings.admin_token, settings.admin_token_file, settings.state_file)

@@ -65,14 +65,16 @@ def access_line(record: AccessRecord) -> str:
 
 
 class TrafficRecorder:
-    """Writes access log lines and feeds ``metrics`` (a ``ProxyMetrics`` or None)."""
+    """Writes access log lines (unless turned off) and feeds ``metrics`` (a ``ProxyMetrics`` or None)."""
 
-    def __init__(self, metrics=None) -> None:
+    def __init__(self, metrics=None, access_log: bool = True) -> None:
         self._metrics = metrics
+        self._access_log = access_log
 
     def finished(self, record: AccessRecord) -> None:
         """A request ended."""
-        log.info("{line}", line=access_line(record))
+        if self._access_log:
+            log.info("{line}", line=access_line(record))
         if self._metrics is not None:
             self._metrics.request_finished(record)
 

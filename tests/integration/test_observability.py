@@ -145,3 +145,13 @@ async def test_requests_the_proxy_answers_itself_are_logged_too(proxy_factory, a
     response = await treq.get(proxy.url + "/_admin/status", timeout=5)
     await response.content()
     assert "GET /_admin/status status=401 node=- attempts=0" in access_lines[-1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_access_log_can_be_turned_off(proxy_factory, access_lines):
+    proxy = await proxy_factory([], access_log=False)
+    response = await treq.get(proxy.url + "/v1/models", timeout=5)
+    await response.content()
+    assert access_lines == []
+    _, _, families = await scrape(proxy)
+    assert sample(families, "blyan_requests", "blyan_requests_total", node="-", status_class="5xx") == 1
