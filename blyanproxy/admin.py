@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from klein import Klein
-from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.exceptions import HTTPException
 
 from .adminauth import FailureThrottle, presented_token, token_matches
 from .errors import ProxyError
@@ -112,9 +112,10 @@ class AdminAPI:
     @app.handle_errors(HTTPException)
     def _http_error(self, request, failure):
         error = failure.value
+        for name, value in error.get_headers():  # Allow for 405, Location for a redirect
+            if name.lower() != "content-type":
+                request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
         request.setHeader(b"content-type", b"application/json")
-        if isinstance(error, MethodNotAllowed) and error.valid_methods:
-            request.setHeader(b"allow", ", ".join(error.valid_methods).encode("ascii"))
         request.setResponseCode(error.code)
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.code, "http_error")
         message = {404: "no such admin route", 405: "method not allowed here"}.get(error.code, error.name)

@@ -224,3 +224,13 @@ async def test_admin_changes_survive_a_restart(proxy_factory, tmp_path):
     assert [n["name"] for n in status["nodes"]] == ["node0", "extra"]
     assert status["activeId"] == added["node"]["id"] and status["policy"] == "least-latency"
     assert status["nodes"][1]["draining"] is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_bare_prefix_is_answered_by_the_admin_api_not_forwarded(admin_proxy, devnode_factory):
+    node = devnode_factory()
+    proxy = await admin_proxy([node.url])
+    for path in ("/_admin", "/_admin/", "/_admin/nodes/x/y/z"):
+        response, body = await call(proxy, "GET", path)
+        assert response.code == 404 and body["code"] == "not_found", path
+    assert node.node.stats.requests == 0
