@@ -55,5 +55,13 @@ def strip_api_prefix(target: bytes) -> bytes:
 
 
 def parse_route(target: bytes) -> Route:
-    """Turn a raw request target into a ``Route``; raises ``ProxyError`` (400) when unusable."""
-    return Route(upstream_target=strip_api_prefix(request_target_path(target)))
+    """Turn a raw request target into a ``Route``; raises ``ProxyError`` when unusable.
+
+    400 for a target that is not a path; 404 for ``/api/_admin...``: the admin
+    API lives only at ``/_admin``, so an allow-list in front of that one prefix
+    cannot be bypassed through ``/api``, and no node ever sees such a path.
+    """
+    upstream = strip_api_prefix(request_target_path(target))
+    if upstream.split(b"?", 1)[0].split(b"/", 2)[1] == b"_admin":
+        raise ProxyError(404, "not_found", "the admin API is served only under /_admin")
+    return Route(upstream_target=upstream)

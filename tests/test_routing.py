@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from blyanproxy.errors import ProxyError
-from blyanproxy.routing import parse_route
+from blyanproxy.routing import parse_route, strip_api_prefix
 
 
 @pytest.mark.parametrize(
@@ -43,3 +43,15 @@ def test_parse_route_is_total_and_never_leaves_the_path(target):
         assert err.status == 400
     else:
         assert route.upstream_target.startswith(b"/")
+
+
+@pytest.mark.parametrize("target", [b"/api/_admin", b"/api/_admin/nodes", b"/api/_admin?x=1", b"http://h/api/_admin/status"])
+def test_admin_paths_behind_api_are_never_forwarded(target):
+    with pytest.raises(ProxyError) as raised:
+        parse_route(target)
+    assert raised.value.status == 404
+
+
+@pytest.mark.parametrize("target", [b"/api/_adminx", b"/api/x/_admin", b"/_administrator"])
+def test_only_the_admin_segment_itself_is_refused(target):
+    assert parse_route(target).upstream_target == strip_api_prefix(target)
