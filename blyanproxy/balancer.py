@@ -7,11 +7,12 @@ the data path reports what happened and gives the node back.
 
 from __future__ import annotations
 
-from typing import FrozenSet, Optional
+from typing import FrozenSet, Optional, Sequence, Tuple
 
 import attrs
 
 from .affinity import choose_by_key
+from .errors import ProxyError
 from .healthstate import (
     HealthRules,
     after_traffic_failure,
@@ -21,7 +22,7 @@ from .healthstate import (
 from .logs import logger
 from .nodes import Node, NodeRegistry, NodeStats
 from .routing import Route
-from .selection import POLICIES, Candidate, Turn
+from .selection import POLICIES, Candidate, Policy, Turn, route_members
 
 log = logger("balancer")
 
@@ -66,23 +67,49 @@ class Lease:
             self.stats.in_flight -= 1
 
 
-class Balancer:
-    """Hands out leases on usable nodes, chosen by the current selection policy.
+class LeaseMaker:
+    """What both pools share: choose one of the usable nodes and count it in flight, in one step.
+
+    A route with an affinity key goes to that key's node
+    (``affinity.choose_by_key``), any other to the given policy's choice.
+    """
+
+    def __init__(self, clock, rules: HealthRules, affinity_load_factor: float) -> None:
+        self._clock = clock
+        self._rules = rules
+        self._turn = Turn()
+        self.affinity_load_factor = affinity_load_factor
+
+    def lease(self, usable_nodes: Sequence[Tuple[Node, NodeStats]], route: Route, choose: Policy,
+              active_id: Optional[str] = None) -> Optional[Lease]:
+        """A lease on the node chosen among ``usable_nodes`` (with their figures), or ``None``."""
+        if not usable_nodes:
+            return None
+        candidates = [Candidate(node, stats.in_flight, stats.latency_ms) for node, stats in usable_nodes]
+        if route.affinity_key is not None:
+            chosen = choose_by_key(route.affinity_key, candidates, self.affinity_load_factor)
+        else:
+            chosen = choose(candidates, self._turn, active_id)
+        node, stats = usable_nodes[candidates.index(chosen)]
+        stats.in_flight += 1
+        stats.requests += 1
+        return Lease(node=node, stats=stats, clock=self._clock, rules=self._rules)
+
+
+class Balancer(LeaseMaker):
+    """Hands out leases on the registry's usable nodes, chosen by the current selection policy.
 
     Usable: not draining, not excluded for this request, not known to be down
-    and not ejected (``healthstate.usable``). A route with an affinity key goes
-    to that key's node (``affinity.choose_by_key``) instead of the policy's.
+    and not ejected (``healthstate.usable``); a tag or index route narrows the
+    choice first (``pools.route_members``, over the nodes not draining).
     ``policy`` (a name from ``selection.POLICIES``) may change at run time.
     """
 
     def __init__(self, registry: NodeRegistry, clock, policy: str = "active-first",
                  rules: HealthRules = HealthRules(), affinity_load_factor: float = 1.25) -> None:
+        super().__init__(clock, rules, affinity_load_factor)
         self._registry = registry
-        self._clock = clock
-        self._rules = rules
-        self._turn = Turn()
         self.policy = policy
-        self.affinity_load_factor = affinity_load_factor
 
     @property
     def policy(self) -> str:
@@ -94,24 +121,33 @@ class Balancer:
         self._choose = POLICIES[name]
         self._policy_name = name
 
+    def _members(self, route: Route) -> Sequence[Node]:
+        nodes = [node for node in self._registry.nodes() if not node.draining]
+        if route.tag is None and route.index is None:
+            return nodes
+        return route_members(nodes, route)
+
+    def is_empty(self) -> bool:
+        """Whether the registry has no node at all."""
+        return not self._registry.nodes()
+
+    def check(self, route: Route) -> None:
+        """Raise the 404 ``ProxyError`` when a tag or index route names no registry node."""
+        if route.tag is not None or route.index is not None:
+            self._members(route)
+
     def acquire(self, route: Route, excluded: FrozenSet[str]) -> Optional[Lease]:
         """A lease on the node chosen for ``route``, or ``None`` when no node can take it."""
         registry = self._registry
-        now = self._clock.seconds()
-        candidates = []
-        for node in registry.nodes():
-            if node.id in excluded or node.draining:
-                continue
-            stats = registry.stats(node.id)
-            if usable(stats.health, now):
-                candidates.append(Candidate(node, stats.in_flight, stats.latency_ms))
-        if not candidates:
+        try:
+            members = self._members(route)
+        except ProxyError:
             return None
-        if route.affinity_key is not None:
-            node = choose_by_key(route.affinity_key, candidates, self.affinity_load_factor).node
-        else:
-            node = self._choose(candidates, self._turn, registry.active_id).node
-        stats = registry.stats(node.id)
-        stats.in_flight += 1
-        stats.requests += 1
-        return Lease(node=node, stats=stats, clock=self._clock, rules=self._rules)
+        now = self._clock.seconds()
+        usable_nodes = []
+        for node in members:
+            if node.id not in excluded:
+                stats = registry.stats(node.id)
+                if usable(stats.health, now):
+                    usable_nodes.append((node, stats))
+        return self.lease(usable_nodes, route, self._choose, registry.active_id)

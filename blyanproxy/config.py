@@ -86,6 +86,17 @@ class Settings:
     enable_metrics: bool = True
     metrics_token: Optional[str] = attrs.field(default=None, repr=False)
     api_url: Optional[str] = None
+    workloads_timeout: float = 10.0
+    workloads_node_scheme: str = "https"
+    workloads_node_port: int = 0
+    workloads_policy: str = "least-inflight"
+    workloads_refresh: float = 60.0
+    workloads_idle: float = 180.0
+    workloads_negative_ttl: float = 5.0
+    workloads_rejected_ttl: float = 30.0
+    workloads_stale_max: float = 300.0
+    workloads_max_keys: int = 10000
+    workloads_max_calls: int = 8
     log_level: str = "INFO"
     log_format: str = "text"
     access_log: bool = True
@@ -317,7 +328,30 @@ SETTINGS = (
             "token a scraper must send (X-Admin-Token or Bearer) to read /metrics; unset: open",
             secret=True),
     Setting("api_url", "API_URL", "api-url", "(off)", _api_url,
-            "workloads API for per-API-key node discovery"),
+            "workloads API for per-API-key node discovery, e.g. https://api.comput3.ai/api/v0"),
+    Setting("workloads_timeout", "WORKLOADS_TIMEOUT_MS", "workloads-timeout-ms", "10000", _milliseconds(0.01),
+            "time a workloads API call may take, connecting and reading included"),
+    Setting("workloads_node_scheme", "WORKLOADS_NODE_SCHEME", "workloads-node-scheme", "https",
+            _choice(("https", "http")), "scheme of a discovered node's URL ({scheme}://{node})"),
+    Setting("workloads_node_port", "WORKLOADS_NODE_PORT", "workloads-node-port", "0", _whole(0, 65535),
+            "port of a discovered node whose name has none; 0: the scheme's default"),
+    Setting("workloads_policy", "WORKLOADS_POLICY", "workloads-policy", "least-inflight", _choice(POLICIES),
+            "selection policy among an API key's workloads"),
+    Setting("workloads_refresh", "WORKLOADS_REFRESH_MS", "workloads-refresh-ms", "60000", _milliseconds(1.0),
+            "how often the workloads of a key in use are fetched again"),
+    Setting("workloads_idle", "WORKLOADS_IDLE_MS", "workloads-idle-ms", "180000", _milliseconds(1.0),
+            "a key unused this long, with nothing in flight, is forgotten"),
+    Setting("workloads_negative_ttl", "WORKLOADS_NEGATIVE_TTL_MS", "workloads-negative-ttl-ms", "5000",
+            _milliseconds(), "an answer with no running workload, or a failed call with nothing cached, "
+            "is reused this long"),
+    Setting("workloads_rejected_ttl", "WORKLOADS_REJECTED_TTL_MS", "workloads-rejected-ttl-ms", "30000",
+            _milliseconds(), "a key the workloads API refused is refused this long without asking again"),
+    Setting("workloads_stale_max", "WORKLOADS_STALE_MAX_MS", "workloads-stale-max-ms", "300000",
+            _milliseconds(), "while the workloads API fails, a cached list this old is still used"),
+    Setting("workloads_max_keys", "WORKLOADS_MAX_KEYS", "workloads-max-keys", "10000", _whole(1, 1000000),
+            "most API keys cached at once (the least recently used is forgotten)"),
+    Setting("workloads_max_calls", "WORKLOADS_MAX_CALLS", "workloads-max-calls", "8", _whole(1, 1000),
+            "most workloads API calls in progress at once"),
     Setting("log_level", "LOG_LEVEL", "log-level", "INFO", _log_level,
             "DEBUG, INFO, WARN or ERROR"),
     Setting("log_format", "LOG_FORMAT", "log-format", "text", _choice(("text", "json")),

@@ -16,10 +16,10 @@ from typing import List, Optional, Sequence
 from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
+from .bodies import read_capped
 from .healthstate import DOWN, UP, HealthRules, after_probe
 from .logs import logger
 from .nodes import Node, NodeRegistry
@@ -42,10 +42,6 @@ def probe_client(reactor, endpoints) -> HTTPClient:
     pool = HTTPConnectionPool(reactor, persistent=False)
     pool._factory = _QuietProbeFactory
     return HTTPClient(Agent.usingEndpointFactory(reactor, endpoints, pool))
-
-
-class _TooLarge(Exception):
-    """A health answer over ``MAX_PROBE_BODY``."""
 
 
 class HealthMonitor(Service):
@@ -165,31 +161,5 @@ class HealthMonitor(Service):
     def _status_of(self, url: str) -> defer.Deferred:
         """The status of ``url``, read to the end of its (capped) body within the timeout."""
         answer = self._http.get(url, allow_redirects=False)
-        answer.addCallback(lambda response: _read_capped(response).addCallback(lambda _: response.code))
+        answer.addCallback(lambda response: read_capped(response, MAX_PROBE_BODY, keep=False).addCallback(lambda _: response.code))
         return answer.addTimeout(self._timeout, self._clock)
-
-
-class _CappedReader(Protocol):
-    """Reads a body and drops it; too long a body, or a cancellation, closes the connection."""
-
-    def __init__(self, done: defer.Deferred) -> None:
-        self._done = done
-        self._seen = 0
-
-    def dataReceived(self, data: bytes) -> None:
-        self._seen += len(data)
-        if self._seen > MAX_PROBE_BODY and not self._done.called:
-            self.transport.stopProducing()
-            self._done.errback(_TooLarge())
-
-    def connectionLost(self, reason) -> None:
-        if not self._done.called:
-            self._done.callback(None)
-
-
-def _read_capped(response) -> defer.Deferred:
-    reader = None
-    done = defer.Deferred(lambda _: reader.transport.stopProducing() if reader.transport else None)
-    reader = _CappedReader(done)
-    response.deliverBody(reader)
-    return done

@@ -110,3 +110,13 @@ def after_traffic_success(health: Health) -> Health:
 def usable(health: Health, now: float) -> bool:
     """Whether selection may send traffic to the node at ``now``."""
     return health.state != DOWN and cooled_down(health, now) and not health.probe_needed
+
+
+def readmit_after_cooldown(health: Health, now: float) -> Health:
+    """For nodes nobody probes: once the cooldown is over, an ejected node may take traffic again.
+
+    Its ejection count stays, so failing again ejects it for twice as long.
+    """
+    if health.probe_needed and cooled_down(health, now):
+        return attrs.evolve(health, probe_needed=False, traffic_failures=0)
+    return health

@@ -78,6 +78,12 @@ class ProxyMetrics:
         self.probes = Counter("blyan_health_probes", "Health probes", ["node", "result"], registry=r)
         self.probe_seconds = Histogram("blyan_health_probe_duration_seconds", "Health probe duration", ["node"],
                                        buckets=_PROBE_BUCKETS, registry=r)
+        self.workloads_calls = Counter("blyan_workloads_api_calls", "Workloads API calls by how they ended",
+                                       ["outcome"], registry=r)
+        self.workloads_lookups = Counter("blyan_workloads_cache_lookups",
+                                         "Per-key workloads lookups: answered from the cache, or not",
+                                         ["result"], registry=r)
+        self.workloads_keys = Gauge("blyan_workloads_cached_keys", "API keys in the workloads cache", registry=r)
         for kind in ("sse", "websocket"):
             self.streams.labels(kind)
         r.register(_NodeGauges(node_registry, clock))
@@ -103,6 +109,17 @@ class ProxyMetrics:
         """Count one health probe."""
         self.probes.labels(node, "pass" if passed else "fail").inc()
         self.probe_seconds.labels(node).observe(seconds)
+
+    def workloads_event(self, what: str, outcome: str) -> None:
+        """Count a workloads API call (``what="api"``) or cache lookup (``"cache"``); never a key."""
+        if what == "api":
+            self.workloads_calls.labels(outcome).inc()
+        else:
+            self.workloads_lookups.labels(outcome).inc()
+
+    def cached_keys(self, count: int) -> None:
+        """How many keys the workloads cache holds."""
+        self.workloads_keys.set(count)
 
     def render(self) -> bytes:
         """The scrape, in Prometheus text format."""

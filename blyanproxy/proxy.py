@@ -18,9 +18,11 @@ from twisted.web.server import NOT_DONE_YET
 
 from . import traffic
 from .affinity import affinity_key
+from .apikeys import api_key_of, missing_key_error
 from .balancer import Balancer, Lease
 from .client import UpstreamConnection, UpstreamPool
 from .config import Settings
+from .discovery import WorkloadDirectory
 from .errors import ProxyError, write_error
 from .headers import client_facts, downstream_response_headers, upstream_request_headers
 from .http11 import ProtocolError, serialize_request_head
@@ -82,11 +84,12 @@ class Exchange:
     ``response_started``); the body then goes straight to the ``BodyRelay``.
     """
 
-    def __init__(self, forwarder: "ProxyResource", request, route: Route) -> None:
+    def __init__(self, forwarder: "ProxyResource", request, route: Route, pool) -> None:
         self._forwarder = forwarder
         self._settings = forwarder.settings
         self._request = request
         self._route = route
+        self._pool = pool
         self._method = request.method
         request.content.seek(0)
         self._body = request.content.read()
@@ -117,7 +120,7 @@ class Exchange:
         self._timer = None
         lease = None
         if self._attempts < self._settings.max_attempts:
-            lease = self._forwarder.balancer.acquire(self._route, frozenset(self._excluded))
+            lease = self._pool.acquire(self._route, frozenset(self._excluded))
         if lease is None:
             self._fail(last_error or self._forwarder.no_node_error())
             return
@@ -204,7 +207,7 @@ class Exchange:
         self._ttfb = self._forwarder.clock.seconds() - self._started
         lease = self._lease
         if status in self._settings.retry_on_status and self._attempts < self._settings.max_attempts:
-            following = self._forwarder.balancer.acquire(self._route, frozenset(self._excluded))
+            following = self._pool.acquire(self._route, frozenset(self._excluded))
             if following is not None:
                 log.info("node {node} answered {status}; failing over", node=lease.node.name, status=status)
                 conn, self._conn = self._conn, None
@@ -317,13 +320,20 @@ class Exchange:
 
 
 class ProxyResource(Resource):
-    """The twisted.web resource that forwards requests to nodes (a leaf: it sees every path)."""
+    """The twisted.web resource that forwards requests to nodes (a leaf: it sees every path).
+
+    With a ``directory`` (workload discovery on), a request carrying an API
+    key goes to that key's workloads; one without goes to the registry, or
+    is refused 401 when the registry has no node.
+    """
 
     isLeaf = True
 
     def __init__(self, balancer: Balancer, upstream: UpstreamPool, endpoints, clock, settings: Settings,
-                 recorder: Optional[traffic.TrafficRecorder] = None) -> None:
+                 recorder: Optional[traffic.TrafficRecorder] = None,
+                 directory: Optional[WorkloadDirectory] = None) -> None:
         super().__init__()
+        self.directory = directory
         self.traffic = recorder or traffic.TrafficRecorder()
         self.balancer = balancer
         self.upstream = upstream
@@ -343,16 +353,78 @@ class ProxyResource(Resource):
 
     def render(self, request):
         request.defaultContentType = None
+        directory = self.directory
         try:
             route = parse_route(request.uri)
+            key = api_key_of(request.requestHeaders) if directory is not None else None
+            if key is None and directory is not None and self.balancer.is_empty():
+                raise missing_key_error()
         except ProxyError as err:
-            write_error(request, err)
+            self.refuse(request, err)
             return NOT_DONE_YET
-        key = affinity_key(self.settings.affinity_key, request)
-        if key is not None:
-            route = attrs.evolve(route, affinity_key=key)
-        if is_websocket_upgrade(request):
-            self._websockets.forward(request, route)
+        affinity = affinity_key(self.settings.affinity_key, request)
+        if affinity is not None:
+            route = attrs.evolve(route, affinity_key=affinity)
+        if key is None:
+            self._forward(request, route, self.balancer)
         else:
-            Exchange(self, request, route).start()
+            self._forward_keyed(request, route, key)
         return NOT_DONE_YET
+
+    def _forward(self, request, route: Route, pool) -> None:
+        """Send the request to a node of ``pool`` (the registry's ``Balancer`` or a ``KeyPool``)."""
+        try:
+            pool.check(route)
+        except ProxyError as err:
+            self.refuse(request, err)
+            return
+        if is_websocket_upgrade(request):
+            self._websockets.forward(request, route, pool)
+        else:
+            Exchange(self, request, route, pool).start()
+
+    def _forward_keyed(self, request, route: Route, key: bytes) -> None:
+        """Find the key's workloads (perhaps asking the API), then forward among them."""
+        gone = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def found(record) -> None:
+            if gone:
+                return
+            try:
+                pool = self.directory.pool(record)
+            except ProxyError as err:
+                self.refuse(request, err)
+                return
+            self.directory.started(record)
+            request.notifyFinish().addBoth(record.finished)
+            self._forward(request, route, pool)
+
+        def failed(failure) -> None:
+            if gone:
+                return
+            if not failure.check(ProxyError):
+                log.failure("looking up the workloads of a key failed", failure)
+                failure = Failure(ProxyError(502, "workloads_unavailable", "the workloads API is unavailable"))
+            self.refuse(request, failure.value)
+
+        self.directory.lookup(key).addCallbacks(found, failed).addErrback(
+            lambda failure: log.failure("forwarding a keyed request failed", failure))
+
+    def refuse(self, request, err: ProxyError) -> None:
+        """Answer ``err`` for a request no node was chosen for, and account for it."""
+        self.counters.requests += 1
+        self.counters.failures += 1
+        write_error(request, err)
+        self.traffic.finished(traffic.AccessRecord(
+            method=request.method.decode("latin-1"),
+            target=request.uri,
+            status=err.status,
+            node=None,
+            attempts=0,
+            ttfb=None,
+            duration=0.0,
+            bytes_out=0,
+            ended=traffic.ERROR,
+            client=client_facts(request).address,
+        ))

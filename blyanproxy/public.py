@@ -1,12 +1,15 @@
-"""The public, read-only status endpoints: ``/health`` and ``/_status`` (no token, never forwarded)."""
+"""The public, read-only endpoints: ``/health``, ``/_status`` (no token, never forwarded), and with
+workload discovery ``/`` (a liveness answer) and ``/workloads`` (the caller's workloads)."""
 
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from .apikeys import api_key_of, missing_key_error
 from .errors import ProxyError, write_error
 from .views import usable_count
 
@@ -73,3 +76,59 @@ class StatusView(_JSONView):
             "policy": self._balancer.policy,
             "metrics": {"requests": self._counters.requests, "failures": self._counters.failures},
         }
+
+
+class LivenessView(_JSONView):
+    """``GET /`` with workload discovery on: ``{"status": "healthy", "time": …}`` (no key needed)."""
+
+    def __init__(self, clock) -> None:
+        super().__init__()
+        self._clock = clock
+
+    def _document(self) -> tuple:
+        now = datetime.fromtimestamp(self._clock.seconds(), timezone.utc)
+        return 200, {"status": "healthy", "time": now.strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+class WorkloadsView(Resource):
+    """``GET /workloads``: the caller's workloads as the API listed them (running or not)."""
+
+    isLeaf = True
+
+    def __init__(self, directory) -> None:
+        super().__init__()
+        self._directory = directory
+
+    def render_GET(self, request):
+        try:
+            key = api_key_of(request.requestHeaders)
+            if key is None:
+                raise missing_key_error()
+        except ProxyError as err:
+            write_error(request, err)
+            return NOT_DONE_YET
+        gone = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def answer(record) -> None:
+            if not gone:
+                request.setHeader(b"content-type", b"application/json")
+                request.setHeader(b"cache-control", b"no-store")
+                request.write(json.dumps([item.as_json() for item in record.state.workloads]).encode("utf-8"))
+                request.finish()
+
+        def refuse(failure) -> None:
+            if not gone:
+                err = failure.value if failure.check(ProxyError) else ProxyError(
+                    502, "workloads_unavailable", "the workloads API is unavailable")
+                write_error(request, err)
+
+        self._directory.lookup(key).addCallbacks(answer, refuse)
+        return NOT_DONE_YET
+
+    def render(self, request):
+        if request.method == b"GET":
+            return super().render(request)
+        request.setHeader(b"allow", b"GET")
+        write_error(request, ProxyError(405, "method_not_allowed", "only GET here"))
+        return NOT_DONE_YET

@@ -1,8 +1,20 @@
-"""Pure parsing of a request target into a ``Route``: which nodes, and the path sent upstream."""
+"""Pure parsing of a request target into a ``Route``: which nodes, and the path sent upstream.
+
+Two path prefixes choose nodes inside a pool (the registry, or one API key's
+workloads) and are removed before forwarding; the rest goes upstream byte for
+byte (no ``/api`` removal):
+
+- ``/tags/{tag}/rest``: nodes carrying ``tag`` (exact, case-sensitive);
+  ``all`` means every node of the pool.
+- ``/{n}/rest``: the ``n``-th node of the pool (from 0).
+
+Any other path goes to the pool's policy, with a leading ``/api`` segment removed.
+"""
 
 from __future__ import annotations
 
 from typing import Optional
+from urllib.parse import unquote_to_bytes
 
 import attrs
 
@@ -20,6 +32,14 @@ class Route:
 
     upstream_target: bytes
     affinity_key: Optional[bytes] = None
+    tag: Optional[str] = None
+    index: Optional[int] = None
+
+
+#: The tag that means every node of the pool.
+ALL_TAG = "all"
+#: Longest index accepted: more digits cannot name a node of any real pool.
+_MAX_INDEX_DIGITS = 6
 
 
 def request_target_path(target: bytes) -> bytes:
@@ -54,14 +74,46 @@ def strip_api_prefix(target: bytes) -> bytes:
     return target
 
 
+def _split_first_segment(target: bytes) -> tuple:
+    """``(first segment, rest)`` of an origin-form target: ``/a/b?q`` → ``(b"a", b"/b?q")``.
+
+    The rest always starts with ``/`` (``/a?q`` → ``(b"a", b"/?q")``).
+    """
+    path, sep, query = target.partition(b"?")
+    first, slash, tail = path[1:].partition(b"/")
+    return first, b"/" + tail + sep + query
+
+
+def _index_of(segment: bytes) -> Optional[int]:
+    """The index a first path segment names, ``None`` if it names none; 400 for a signed number."""
+    if segment.isdigit():
+        if len(segment) > _MAX_INDEX_DIGITS:
+            raise ProxyError(404, "index_out_of_range", "no node has that index")
+        return int(segment)
+    if segment[:1] in (b"-", b"+") and segment[1:].isdigit():
+        raise ProxyError(400, "bad_index", "a node index must be a number from 0")
+    return None
+
+
 def parse_route(target: bytes) -> Route:
     """Turn a raw request target into a ``Route``; raises ``ProxyError`` when unusable.
 
-    400 for a target that is not a path; 404 for ``/api/_admin...``: the admin
-    API lives only at ``/_admin``, so an allow-list in front of that one prefix
-    cannot be bypassed through ``/api``, and no node ever sees such a path.
+    400 for a target that is not a path, ``/tags`` without a tag or a signed
+    index; 404 for ``/api/_admin...``: the admin API lives only at ``/_admin``,
+    so an allow-list in front of that one prefix cannot be bypassed through
+    ``/api``, and no node ever sees such a path.
     """
-    upstream = strip_api_prefix(request_target_path(target))
-    if upstream.split(b"?", 1)[0].split(b"/", 2)[1] == b"_admin":
+    origin = request_target_path(target)
+    first, rest = _split_first_segment(origin)
+    if first == b"tags":
+        tag_segment, rest = _split_first_segment(rest)
+        if not tag_segment:
+            raise ProxyError(400, "missing_tag", "Missing tag. Use /tags/{tag}")
+        return Route(upstream_target=rest, tag=unquote_to_bytes(tag_segment).decode("utf-8", "replace"))
+    index = _index_of(first)
+    if index is not None:
+        return Route(upstream_target=rest, index=index)
+    upstream = strip_api_prefix(origin)
+    if _split_first_segment(upstream)[0] == b"_admin":
         raise ProxyError(404, "not_found", "the admin API is served only under /_admin")
     return Route(upstream_target=upstream)

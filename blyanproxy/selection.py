@@ -20,7 +20,30 @@ from typing import Callable, Dict, Optional, Sequence
 
 import attrs
 
+from .errors import ProxyError
 from .nodes import Node
+from .routing import ALL_TAG, Route
+
+
+def route_members(nodes: Sequence[Node], route: Route) -> Sequence[Node]:
+    """The nodes a tag or index route may use, in pool order; ``ProxyError`` (404) when it names none.
+
+    ``nodes`` are the pool's usable nodes in order (the index counts them);
+    a route with neither tag nor index (or the tag ``all``) may use them all.
+    """
+    if route.index is not None:
+        if not nodes:
+            raise ProxyError(404, "no_workloads", "No running workloads found")
+        if route.index >= len(nodes):
+            raise ProxyError(404, "index_out_of_range",
+                             f"Workload index {route.index} out of range (0-{len(nodes) - 1})")
+        return nodes[route.index:route.index + 1]
+    if route.tag is not None and route.tag != ALL_TAG:
+        members = [node for node in nodes if route.tag in node.tags]
+        if not members:
+            raise ProxyError(404, "unknown_tag", "no nodes found for tag: " + route.tag[:100])
+        return members
+    return nodes
 
 
 @attrs.frozen

@@ -29,18 +29,23 @@ from .config import (
     Settings,
     settings_from,
 )
+from .discovery import WorkloadDirectory
 from .fleet import FleetKeeper
 from .health import HealthMonitor, probe_client
 from .healthstate import HealthRules
+from .keycache import CacheLimits
 from .logs import logger, set_log_format, set_log_level
 from .metrics import MetricsResource, ProxyMetrics
 from .nodes import Node, NodeRegistry, new_node_id
+from .pools import KeyedBalancer
 from .proxy import ProxyResource
-from .public import HealthView, StatusView
+from .public import HealthView, LivenessView, StatusView, WorkloadsView
 from .server import ProxySite, RootResource
 from .state import JsonFileStore, StateError
 from .traffic import TrafficRecorder
 from .upstream import NodeEndpoints, NodeTLSPolicy, load_trust_root
+from .workloads import NodeAddressing
+from .workloadsapi import workloads_client
 
 log = logger("tap")
 
@@ -166,6 +171,7 @@ class ProxyParts:
     health: HealthMonitor
     keeper: Optional[FleetKeeper]
     metrics: ProxyMetrics
+    directory: Optional[WorkloadDirectory] = None
 
 
 def build_proxy(settings: Settings, reactor, persist: bool = True) -> ProxyParts:
@@ -209,7 +215,8 @@ def build_proxy(settings: Settings, reactor, persist: bool = True) -> ProxyParts
     metrics = ProxyMetrics(registry, reactor)
     health.on_probe = metrics.probe
     recorder = TrafficRecorder(metrics, settings.access_log)
-    forwarder = ProxyResource(balancer, pool, endpoints, reactor, settings, recorder)
+    directory = build_directory(settings, reactor, rules, trust_root, metrics) if settings.api_url else None
+    forwarder = ProxyResource(balancer, pool, endpoints, reactor, settings, recorder, directory)
     if persist:
         token = load_or_create_token(settings.admin_token, settings.admin_token_file, settings.state_file)
     else:
@@ -223,6 +230,8 @@ def build_proxy(settings: Settings, reactor, persist: bool = True) -> ProxyParts
             b"health": HealthView(registry, reactor),
             b"_status": StatusView(registry, balancer, forwarder.counters, reactor),
             **({b"metrics": MetricsResource(metrics, settings.metrics_token)} if settings.enable_metrics else {}),
+            **({b"": LivenessView(reactor), b"workloads": WorkloadsView(directory)}
+               if directory is not None else {}),
         },
         recorder=recorder,
         clock=reactor,
@@ -230,7 +239,24 @@ def build_proxy(settings: Settings, reactor, persist: bool = True) -> ProxyParts
     site = ProxySite(root, settings.max_body_bytes, reactor=reactor)
     return ProxyParts(
         site=site, registry=registry, balancer=balancer, pool=pool, health=health, keeper=keeper,
-        metrics=metrics,
+        metrics=metrics, directory=directory,
+    )
+
+
+def build_directory(settings: Settings, reactor, rules: HealthRules, trust_root, metrics) -> WorkloadDirectory:
+    """The per-API-key workloads cache for ``API_URL``, with its API client and keyed balancer."""
+    client = workloads_client(reactor, settings.api_url, settings.workloads_timeout, trust_root)
+    limits = CacheLimits(
+        refresh=settings.workloads_refresh,
+        idle=settings.workloads_idle,
+        negative_ttl=settings.workloads_negative_ttl,
+        rejected_ttl=settings.workloads_rejected_ttl,
+        stale_max=settings.workloads_stale_max,
+    )
+    return WorkloadDirectory(
+        client, reactor, KeyedBalancer(reactor, settings.workloads_policy, rules, settings.affinity_load_factor),
+        limits, NodeAddressing(settings.workloads_node_scheme, settings.workloads_node_port),
+        settings.workloads_max_keys, settings.workloads_max_calls, metrics,
     )
 
 
@@ -249,6 +275,8 @@ def make_proxy_service(settings: Settings, reactor) -> MultiService:
     if settings.demo:
         DemoNodesService(reactor, parts.registry, settings.demo).setServiceParent(top)
     parts.health.setServiceParent(top)
+    if parts.directory is not None:
+        parts.directory.setServiceParent(top)
     strports.service(settings.listen, parts.site, reactor=reactor).setServiceParent(top)
     log.info(
         "blyan-proxy on {listen}: {count} node(s), policy {policy}",

@@ -202,10 +202,11 @@ class _Splice(Protocol):
 class _Handshake:
     """One client's upgrade request: picks nodes and tries them until one answers."""
 
-    def __init__(self, forwarder: "WebSocketForwarder", request, route) -> None:
+    def __init__(self, forwarder: "WebSocketForwarder", request, route, pool) -> None:
         self.forwarder = forwarder
         self.request = request
         self.route = route
+        self.pool = pool
         self.lease: Optional[Lease] = None
         self.head = b""
         self._excluded: Set[str] = set()
@@ -226,7 +227,7 @@ class _Handshake:
         settings = self.forwarder.settings
         lease = None
         if self._attempts < settings.max_attempts:
-            lease = self.forwarder.balancer.acquire(self.route, frozenset(self._excluded))
+            lease = self.pool.acquire(self.route, frozenset(self._excluded))
         if lease is None:
             self.fail(last_error or self.forwarder.proxy.no_node_error())
             return
@@ -327,10 +328,6 @@ class WebSocketForwarder:
         return self.proxy.settings
 
     @property
-    def balancer(self):
-        return self.proxy.balancer
-
-    @property
     def clock(self):
         return self.proxy.clock
 
@@ -338,9 +335,9 @@ class WebSocketForwarder:
         """A client endpoint to the node (TLS for https nodes, same trust as the Agent)."""
         return self.endpoints.endpoint(node.url.scheme, node.url.host, node.url.port)
 
-    def forward(self, request, route) -> None:
-        """Start forwarding one upgrade request."""
-        _Handshake(self, request, route).retry(None)
+    def forward(self, request, route, pool) -> None:
+        """Start forwarding one upgrade request to a node of ``pool``."""
+        _Handshake(self, request, route, pool).retry(None)
 
     def opened(self, splice: _Splice) -> None:
         """A WebSocket is spliced."""

@@ -40,6 +40,8 @@ class RunningProxy:
         await self.port.stopListening()
         if self.parts.health.running:
             await self.parts.health.stopService()
+        if self.parts.directory is not None and self.parts.directory.running:
+            await self.parts.directory.stopService()
         for protocol in list(self.connections.protocols):
             protocol.transport.abortConnection()
         await self.pool.close()
@@ -66,6 +68,8 @@ def proxy_factory(reactor):
         proxy = RunningProxy(settings, parts, port, connections)
         if health_checks:
             parts.health.startService()
+        if parts.directory is not None:
+            parts.directory.startService()
         running.append(proxy)
         return proxy
 

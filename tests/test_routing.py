@@ -40,7 +40,7 @@ def test_parse_route_is_total_and_never_leaves_the_path(target):
     try:
         route = parse_route(target)
     except ProxyError as err:
-        assert err.status == 400
+        assert err.status in (400, 404)
     else:
         assert route.upstream_target.startswith(b"/")
 
@@ -55,3 +55,58 @@ def test_admin_paths_behind_api_are_never_forwarded(target):
 @pytest.mark.parametrize("target", [b"/api/_adminx", b"/api/x/_admin", b"/_administrator"])
 def test_only_the_admin_segment_itself_is_refused(target):
     assert parse_route(target).upstream_target == strip_api_prefix(target)
+
+
+@pytest.mark.parametrize(
+    "target, tag, upstream",
+    [
+        (b"/tags/gpu/api/generate", "gpu", b"/api/generate"),
+        (b"/tags/gpu", "gpu", b"/"),
+        (b"/tags/gpu/", "gpu", b"/"),
+        (b"/tags/gpu?x=1", "gpu", b"/?x=1"),
+        (b"/tags/all/v1/models?a=b", "all", b"/v1/models?a=b"),
+        (b"/tags/GPU/x", "GPU", b"/x"),
+        (b"/tags/a%20b/x%2Fy", "a b", b"/x%2Fy"),
+        (b"http://h/tags/t/x", "t", b"/x"),
+    ],
+)
+def test_tag_routes_choose_by_tag_and_forward_the_rest_verbatim(target, tag, upstream):
+    route = parse_route(target)
+    assert (route.tag, route.index, route.upstream_target) == (tag, None, upstream)
+
+
+@pytest.mark.parametrize(
+    "target, index, upstream",
+    [
+        (b"/0/api/generate", 0, b"/api/generate"),
+        (b"/12", 12, b"/"),
+        (b"/3?q=1", 3, b"/?q=1"),
+        (b"/007/x", 7, b"/x"),
+    ],
+)
+def test_index_routes_choose_by_position(target, index, upstream):
+    route = parse_route(target)
+    assert (route.tag, route.index, route.upstream_target) == (None, index, upstream)
+
+
+@pytest.mark.parametrize(
+    "target, status, code",
+    [
+        (b"/tags", 400, "missing_tag"),
+        (b"/tags/", 400, "missing_tag"),
+        (b"/tags?x", 400, "missing_tag"),
+        (b"/-1/x", 400, "bad_index"),
+        (b"/+2", 400, "bad_index"),
+        (b"/1234567/x", 404, "index_out_of_range"),
+    ],
+)
+def test_bad_tag_and_index_routes(target, status, code):
+    with pytest.raises(ProxyError) as raised:
+        parse_route(target)
+    assert (raised.value.status, raised.value.code) == (status, code)
+
+
+@pytest.mark.parametrize("target", [b"/api/tags", b"/tagsx/y", b"/v1/x", b"/1a/x", b"/x/0"])
+def test_other_paths_are_policy_routes(target):
+    route = parse_route(target)
+    assert route.tag is None and route.index is None

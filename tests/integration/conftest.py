@@ -67,3 +67,6 @@ async def devnode_factory(reactor):
     stopping = gatherResults([running.stop() for running in started], consumeErrors=True)
     await stopping.addTimeout(STOP_TIMEOUT, reactor)
     assert devnode_timers(reactor) == []
+
+
+from .fakeworkloads import workloads_api  # noqa: E402,F401  (a fixture for discovery tests)
