@@ -14,6 +14,13 @@ from .errors import ProxyError, write_error
 from .views import usable_count
 
 
+def _refuse_method(request, allowed: bytes) -> bytes:
+    """Answer 405 with ``Allow: allowed`` (the JSON error shape)."""
+    request.setHeader(b"allow", allowed)
+    write_error(request, ProxyError(405, "method_not_allowed", f"only {allowed.decode()} here"))
+    return NOT_DONE_YET
+
+
 class _JSONView(Resource):
     """A GET-only resource answering one JSON document."""
 
@@ -34,9 +41,7 @@ class _JSONView(Resource):
     def render(self, request):
         if request.method in (b"GET", b"HEAD"):
             return super().render(request)
-        request.setHeader(b"allow", b"GET, HEAD")
-        write_error(request, ProxyError(405, "method_not_allowed", "only GET and HEAD here"))
-        return NOT_DONE_YET
+        return _refuse_method(request, b"GET, HEAD")
 
 
 class HealthView(_JSONView):
@@ -129,6 +134,4 @@ class WorkloadsView(Resource):
     def render(self, request):
         if request.method == b"GET":
             return super().render(request)
-        request.setHeader(b"allow", b"GET")
-        write_error(request, ProxyError(405, "method_not_allowed", "only GET here"))
-        return NOT_DONE_YET
+        return _refuse_method(request, b"GET")
