@@ -68,6 +68,9 @@ class _ClientSide(Protocol):
 
     def connectionLost(self, reason) -> None:
         self._splice.closed("client")
+        # The channel no longer tells its request (the upgrade took its connectionLost):
+        # tell it here, so whoever waits on notifyFinish learns the WebSocket ended.
+        self._splice.client_request_lost(reason)
 
 
 class _Splice(Protocol):
@@ -168,6 +171,12 @@ class _Splice(Protocol):
         self.transport.abortConnection()
         self._attempt.lease.failed("bad_handshake")
         self._attempt.fail(ProxyError(502, "upstream_failed", message))
+
+    def client_request_lost(self, reason) -> None:
+        """The client's connection is gone: end its upgrade request."""
+        request = self._attempt.request
+        if request.channel is not None:
+            request.connectionLost(reason)
 
     def closed(self, side: str) -> None:
         """One side closed: close the other, once."""

@@ -244,3 +244,28 @@ async def test_tag_and_index_routes_on_the_registry(reactor, devnode_factory, pr
     response = await treq.get(proxy.url + "/v1/models", headers={"Authorization": "Bearer sk-x"}, timeout=5)
     assert response.code == 200
     await response.content()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_websocket_with_a_key_goes_to_the_keys_tagged_node(
+        reactor, devnode_factory, proxy_factory, workloads_api):
+    from twisted.internet.threads import deferToThread
+    from websockets.sync.client import connect
+
+    a, b = devnode_factory(name="a"), devnode_factory(name="b")
+    workloads_api.set(KEY, [workload(hostport(a)), workload(hostport(b), tags=["chat"])])
+    proxy = await discovery_proxy(proxy_factory, workloads_api)
+
+    def talk():
+        url = proxy.url.replace("http://", "ws://") + "/tags/chat/ws/echo"
+        with connect(url, proxy=None, additional_headers={"X-C3-API-KEY": KEY},
+                     open_timeout=10, close_timeout=10) as websocket:
+            websocket.send("hi")
+            return websocket.recv(timeout=10)
+
+    assert await deferToThread(talk) == "hi"
+    assert b.node.stats.websocket_messages == 1 and a.node.stats.websocket_messages == 0
+    # The key's request is over once the WebSocket closed: it may be forgotten when idle.
+    record = await proxy.parts.directory.lookup(KEY.encode())
+    await eventually(reactor, lambda: record.in_flight == 0)
+    assert proxy.parts.directory.balancer.stats(proxy.parts.directory.pool(record).nodes[1]).in_flight == 0
