@@ -7,7 +7,7 @@ the data path reports what happened and gives the node back.
 
 from __future__ import annotations
 
-from typing import FrozenSet, Optional, Sequence, Tuple
+from typing import Callable, FrozenSet, Optional, Sequence
 
 import attrs
 
@@ -17,6 +17,7 @@ from .healthstate import (
     HealthRules,
     after_traffic_failure,
     after_traffic_success,
+    readmit_after_cooldown,
     usable,
 )
 from .logs import logger
@@ -80,9 +81,23 @@ class LeaseMaker:
         self._turn = Turn()
         self.affinity_load_factor = affinity_load_factor
 
-    def lease(self, usable_nodes: Sequence[Tuple[Node, NodeStats]], route: Route, choose: Policy,
-              active_id: Optional[str] = None) -> Optional[Lease]:
-        """A lease on the node chosen among ``usable_nodes`` (with their figures), or ``None``."""
+    def lease_among(self, members: Sequence[Node], route: Route, excluded: FrozenSet[str],
+                    stats_of: Callable[[Node], NodeStats], choose: Policy, active_id: Optional[str] = None,
+                    unprobed: bool = False) -> Optional[Lease]:
+        """A lease on the node chosen among the usable ``members``, or ``None`` when none is.
+
+        ``stats_of`` gives a node's live figures; with ``unprobed`` (nodes no
+        health check visits) an ejected node is let back once its cooldown ends.
+        """
+        now = self._clock.seconds()
+        usable_nodes = []
+        for node in members:
+            if node.id not in excluded:
+                stats = stats_of(node)
+                if unprobed:
+                    stats.health = readmit_after_cooldown(stats.health, now)
+                if usable(stats.health, now):
+                    usable_nodes.append((node, stats))
         if not usable_nodes:
             return None
         candidates = [Candidate(node, stats.in_flight, stats.latency_ms) for node, stats in usable_nodes]
@@ -143,11 +158,5 @@ class Balancer(LeaseMaker):
             members = self._members(route)
         except ProxyError:
             return None
-        now = self._clock.seconds()
-        usable_nodes = []
-        for node in members:
-            if node.id not in excluded:
-                stats = registry.stats(node.id)
-                if usable(stats.health, now):
-                    usable_nodes.append((node, stats))
-        return self.lease(usable_nodes, route, self._choose, registry.active_id)
+        return self.lease_among(members, route, excluded, lambda node: registry.stats(node.id), self._choose,
+                                registry.active_id)

@@ -10,12 +10,13 @@ again; logs and metrics name a key by ``apikeys.key_id``.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import List
+from typing import Callable, List
 
 import attrs
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
 
 from . import keycache
 from .apikeys import key_id
@@ -29,6 +30,18 @@ log = logger("discovery")
 
 #: Seconds between two passes of the refresh loop (each pass refreshes only what is due).
 SWEEP_SECONDS = 1.0
+#: First requests waiting for a call slot, per slot, before new keys are refused 503.
+QUEUE_PER_CALL = 8
+#: Records looked at from the least recently used end when one must be forgotten.
+EVICTION_SCAN = 64
+
+
+class _NobodyWaits(Exception):
+    """A queued first-request call whose requests all gave up: not made."""
+
+
+def _busy_error() -> ProxyError:
+    return ProxyError(503, "workloads_busy", "too many API keys are being looked up; try again", retry_after=1)
 
 
 @attrs.define(eq=False)
@@ -54,21 +67,25 @@ class WorkloadDirectory(Service):
     ``client.fetch(key)`` returns a Deferred of the key's workloads or fails
     with ``KeyRefused`` / ``WorkloadsUnavailable``; ``client.close()`` drops its
     connections when the service stops (``workloadsapi.WorkloadsClient``).
-    At most ``max_keys`` keys are cached (the least recently used goes) and
-    at most ``max_fetches`` API calls run at once.
+    At most ``max_keys`` keys are cached (the least recently used idle key
+    goes, keys without a usable list first) and at most ``max_fetches`` API
+    calls run at once; a request waits at most ``wait_limit`` seconds for its
+    key's list, and background refreshes only use free call slots.
     """
 
     def __init__(self, client, clock, balancer: KeyedBalancer,
                  limits: keycache.CacheLimits = keycache.CacheLimits(),
                  addressing: NodeAddressing = NodeAddressing(), max_keys: int = 10000,
-                 max_fetches: int = 8, metrics=None) -> None:
+                 max_fetches: int = 8, metrics=None, wait_limit: float = 10.0) -> None:
         self._client = client
         self._clock = clock
         self.balancer = balancer
         self._limits = limits
         self._addressing = addressing
         self._max_keys = max_keys
+        self._wait_limit = wait_limit
         self._calls = defer.DeferredSemaphore(max_fetches)
+        self._max_queue = max_fetches * QUEUE_PER_CALL
         self._metrics = metrics
         self._records: "OrderedDict[bytes, KeyRecord]" = OrderedDict()
         self._sweeper = LoopingCall(self.sweep)
@@ -97,19 +114,57 @@ class WorkloadDirectory(Service):
         """The key's ``KeyRecord`` once its list can be used (it may list no running workload).
 
         Fails with ``ProxyError``: 401 when the API refused the key, 502 when
-        the API failed and nothing recent enough is cached.
+        the API failed, took too long, and nothing recent enough is cached; 503
+        when too many first lookups wait for a call slot.
         """
-        record = self._record_for(key)
+        try:
+            record = self._record_for(key)
+        except ProxyError as busy:
+            return defer.fail(busy)
         decision = keycache.decide(record.state, self._clock.seconds(), self._limits)
         self._count("cache", "miss" if decision == keycache.FETCH else "hit")
         if decision != keycache.FETCH:
             return defer.maybeDeferred(self._answer, record, decision)
+        if not record.fetching and len(self._calls.waiting) >= self._max_queue:
+            return defer.fail(_busy_error())
         waiter: defer.Deferred = defer.Deferred()
         record.waiters.append(waiter)
         self._start_fetch(record)
-        waiter.addCallback(lambda _: self._answer(
-            record, keycache.decide(record.state, self._clock.seconds(), self._limits, may_fetch=False)))
+        waiter.addTimeout(self._wait_limit, self._clock)
+        waiter.addCallbacks(
+            lambda _: self._answer(record, keycache.decide(record.state, self._clock.seconds(), self._limits,
+                                                           may_fetch=False)),
+            self._waited_too_long)
         return waiter
+
+    def lookup_for(self, request, key: bytes, found: Callable[[KeyRecord], None],
+                   refused: Callable[[ProxyError], None], gone: Callable[[], None]) -> None:
+        """``lookup(key)`` on behalf of a twisted.web request: then ``found(record)``,
+        ``refused(error)`` (every failure as a ``ProxyError``), or ``gone()`` when the
+        client left first. A bug in the callbacks is logged, never left unhandled."""
+        settled = []
+
+        def client_left(_) -> None:
+            if not settled:
+                settled.append(True)
+                gone()
+
+        def answer(record) -> None:
+            if not settled:
+                settled.append(True)
+                found(record)
+
+        def refuse(failure) -> None:
+            if not settled:
+                settled.append(True)
+                if not failure.check(ProxyError):
+                    log.failure("looking up the workloads of {key} failed", failure, key=key_id(key))
+                    failure = Failure(ProxyError(502, "workloads_unavailable", "the workloads API is unavailable"))
+                refused(failure.value)
+
+        request.notifyFinish().addErrback(client_left)
+        self.lookup(key).addCallbacks(answer, refuse).addErrback(
+            lambda failure: log.failure("answering a request for {key} failed", failure, key=key_id(key)))
 
     def pool(self, record: KeyRecord) -> KeyPool:
         """The pool of the key's usable nodes (404 ``ProxyError`` when there are none)."""
@@ -120,6 +175,10 @@ class WorkloadDirectory(Service):
     def started(self, record: KeyRecord) -> None:
         """A request of this key started (it is not forgotten while in flight): pair with ``finished``."""
         record.in_flight += 1
+
+    def _waited_too_long(self, failure):
+        failure.trap(defer.TimeoutError, defer.CancelledError)
+        raise ProxyError(502, "workloads_unavailable", "the workloads API did not answer in time")
 
     def _answer(self, record: KeyRecord, decision: str) -> KeyRecord:
         if decision == keycache.REJECTED:
@@ -134,7 +193,7 @@ class WorkloadDirectory(Service):
         if record is not None:
             self._records.move_to_end(key)
         else:
-            while len(self._records) >= self._max_keys:
+            if len(self._records) >= self._max_keys:
                 self._evict_one()
             record = self._records[key] = KeyRecord(key=key, name=key_id(key), state=keycache.KeyState(),
                                                     last_used=now)
@@ -142,25 +201,46 @@ class WorkloadDirectory(Service):
         return record
 
     def _evict_one(self) -> None:
-        """Forget the least recently used key, preferring one with nothing in flight."""
-        victim = next((k for k, r in self._records.items() if r.in_flight == 0 and not r.fetching),
-                      next(iter(self._records)))
-        log.info("forgetting {key}: the cache holds {count} keys", key=self._records[victim].name,
-                 count=self._max_keys)
-        del self._records[victim]
+        """Forget one idle key among the least recently used: one without a usable list if
+        there is such, else the oldest; 503 ``ProxyError`` when every one looked at is busy."""
+        oldest_idle = None
+        for scanned, (key, record) in enumerate(self._records.items()):
+            if scanned >= EVICTION_SCAN:
+                break
+            if record.in_flight or record.fetching:
+                continue
+            if not record.state.nodes:
+                oldest_idle = key
+                break
+            oldest_idle = oldest_idle or key
+        if oldest_idle is None:
+            raise _busy_error()
+        log.debug("forgetting {key}: the cache holds {count} keys", key=self._records[oldest_idle].name,
+                  count=self._max_keys)
+        del self._records[oldest_idle]
 
     # -- fetching -------------------------------------------------------------
 
-    def _start_fetch(self, record: KeyRecord) -> None:
-        """Ask the API for this key unless a call is already under way; never fails."""
-        if record.fetching:
+    def _start_fetch(self, record: KeyRecord, background: bool = False) -> None:
+        """Ask the API for this key unless a call is already under way; never fails.
+
+        A background refresh starts only in a free call slot (else the next
+        sweep tries again); a first-request call still queued when all its
+        requests gave up is not made.
+        """
+        if record.fetching or (background and self._calls.tokens == 0):
             return
         record.fetching = True
-        call = self._calls.run(self._client.fetch, record.key)
+        call = self._calls.run(self._call, record, background)
         call.addCallbacks(self._fetched, self._fetch_failed, (record,), None, (record,), None)
         call.addErrback(lambda failure: log.failure("workloads refresh of {key} crashed", failure,
                                                     key=record.name))
         call.addBoth(self._fetch_done, record)
+
+    def _call(self, record: KeyRecord, background: bool) -> defer.Deferred:
+        if not background and not any(not waiter.called for waiter in record.waiters):
+            return defer.fail(_NobodyWaits())
+        return self._client.fetch(record.key)
 
     def _fetched(self, workloads: tuple, record: KeyRecord) -> None:
         now = self._clock.seconds()
@@ -178,6 +258,8 @@ class WorkloadDirectory(Service):
             )
 
     def _fetch_failed(self, failure, record: KeyRecord) -> None:
+        if failure.check(_NobodyWaits):
+            return
         now = self._clock.seconds()
         refused = failure.check(KeyRefused) is not None
         outcome = keycache.KEY_REFUSED if refused else keycache.FAILED
@@ -192,7 +274,8 @@ class WorkloadDirectory(Service):
         record.fetching = False
         waiters, record.waiters = record.waiters, []
         for waiter in waiters:
-            waiter.callback(None)
+            if not waiter.called:  # a request that waited too long already has its answer
+                waiter.callback(None)
 
     # -- the loop -------------------------------------------------------------
 
@@ -205,7 +288,7 @@ class WorkloadDirectory(Service):
                 del self._records[key]
                 log.debug("forgot idle {key}", key=record.name)
             elif keycache.refresh_due(record.state, now, limits):
-                self._start_fetch(record)
+                self._start_fetch(record, background=True)
         self.balancer.prune(frozenset(node.base_url for record in self._records.values()
                                       for node in record.state.nodes))
         if self._metrics is not None:

@@ -11,7 +11,7 @@ from typing import Dict, FrozenSet, Optional, Sequence
 
 from .balancer import Lease, LeaseMaker
 from .errors import ProxyError
-from .healthstate import HealthRules, readmit_after_cooldown, usable
+from .healthstate import HealthRules
 from .nodes import Node, NodeStats
 from .routing import Route
 from .selection import POLICIES, route_members
@@ -52,15 +52,7 @@ class KeyedBalancer(LeaseMaker):
             members = route_members(nodes, route)
         except ProxyError:
             return None
-        now = self._clock.seconds()
-        usable_nodes = []
-        for node in members:
-            if node.id not in excluded:
-                stats = self.stats(node)
-                stats.health = readmit_after_cooldown(stats.health, now)
-                if usable(stats.health, now):
-                    usable_nodes.append((node, stats))
-        return self.lease(usable_nodes, route, self._choose)
+        return self.lease_among(members, route, excluded, self.stats, self._choose, unprobed=True)
 
 
 class KeyPool:

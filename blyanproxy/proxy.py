@@ -385,46 +385,42 @@ class ProxyResource(Resource):
 
     def _forward_keyed(self, request, route: Route, key: bytes) -> None:
         """Find the key's workloads (perhaps asking the API), then forward among them."""
-        gone = []
-        request.notifyFinish().addErrback(gone.append)
+        started = self.clock.seconds()
 
         def found(record) -> None:
-            if gone:
-                return
             try:
                 pool = self.directory.pool(record)
             except ProxyError as err:
-                self.refuse(request, err)
+                self.refuse(request, err, started)
                 return
             self.directory.started(record)
             request.notifyFinish().addBoth(record.finished)
             self._forward(request, route, pool)
 
-        def failed(failure) -> None:
-            if gone:
-                return
-            if not failure.check(ProxyError):
-                log.failure("looking up the workloads of a key failed", failure)
-                failure = Failure(ProxyError(502, "workloads_unavailable", "the workloads API is unavailable"))
-            self.refuse(request, failure.value)
+        def gone() -> None:
+            self.counters.requests += 1
+            self._record_unforwarded(request, traffic.CLIENT_CLOSED_STATUS, traffic.CLIENT_GONE, started)
 
-        self.directory.lookup(key).addCallbacks(found, failed).addErrback(
-            lambda failure: log.failure("forwarding a keyed request failed", failure))
+        self.directory.lookup_for(request, key, found, lambda err: self.refuse(request, err, started), gone)
 
-    def refuse(self, request, err: ProxyError) -> None:
+    def refuse(self, request, err: ProxyError, started: Optional[float] = None) -> None:
         """Answer ``err`` for a request no node was chosen for, and account for it."""
         self.counters.requests += 1
         self.counters.failures += 1
         write_error(request, err)
+        self._record_unforwarded(request, err.status, traffic.ERROR, started)
+
+    def _record_unforwarded(self, request, status: int, ended: str, started: Optional[float]) -> None:
+        now = self.clock.seconds()
         self.traffic.finished(traffic.AccessRecord(
             method=request.method.decode("latin-1"),
             target=request.uri,
-            status=err.status,
+            status=status,
             node=None,
             attempts=0,
             ttfb=None,
-            duration=0.0,
+            duration=now - started if started is not None else 0.0,
             bytes_out=0,
-            ended=traffic.ERROR,
+            ended=ended,
             client=client_facts(request).address,
         ))

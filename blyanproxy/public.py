@@ -84,7 +84,12 @@ class StatusView(_JSONView):
 
 
 class LivenessView(_JSONView):
-    """``GET /`` with workload discovery on: ``{"status": "healthy", "time": …}`` (no key needed)."""
+    """``GET /`` with workload discovery on: ``{"status": "healthy", "time": …}`` (no key needed).
+
+    Other methods on ``/`` are forwarded (``RootResource`` reads ``only_methods``).
+    """
+
+    only_methods = (b"GET", b"HEAD")
 
     def __init__(self, clock) -> None:
         super().__init__()
@@ -112,26 +117,19 @@ class WorkloadsView(Resource):
         except ProxyError as err:
             write_error(request, err)
             return NOT_DONE_YET
-        gone = []
-        request.notifyFinish().addErrback(gone.append)
 
         def answer(record) -> None:
-            if not gone:
-                request.setHeader(b"content-type", b"application/json")
-                request.setHeader(b"cache-control", b"no-store")
-                request.write(json.dumps([item.as_json() for item in record.state.workloads]).encode("utf-8"))
-                request.finish()
+            request.setHeader(b"content-type", b"application/json")
+            request.setHeader(b"cache-control", b"no-store")
+            request.write(json.dumps([item.as_json() for item in record.state.workloads]).encode("utf-8"))
+            request.finish()
 
-        def refuse(failure) -> None:
-            if not gone:
-                err = failure.value if failure.check(ProxyError) else ProxyError(
-                    502, "workloads_unavailable", "the workloads API is unavailable")
-                write_error(request, err)
-
-        self._directory.lookup(key).addCallbacks(answer, refuse)
+        self._directory.lookup_for(request, key, answer, lambda err: write_error(request, err), lambda: None)
         return NOT_DONE_YET
 
+    render_HEAD = render_GET
+
     def render(self, request):
-        if request.method == b"GET":
+        if request.method in (b"GET", b"HEAD"):
             return super().render(request)
-        return _refuse_method(request, b"GET")
+        return _refuse_method(request, b"GET, HEAD")

@@ -95,13 +95,22 @@ def _index_of(segment: bytes) -> Optional[int]:
     return None
 
 
+def _refuse_admin(upstream: bytes) -> bytes:
+    """``upstream`` unless it (or it without ``/api``) is an ``/_admin`` path: 404 then."""
+    for path in (upstream, strip_api_prefix(upstream)):
+        if _split_first_segment(path)[0] == b"_admin":
+            raise ProxyError(404, "not_found", "the admin API is served only under /_admin")
+    return upstream
+
+
 def parse_route(target: bytes) -> Route:
     """Turn a raw request target into a ``Route``; raises ``ProxyError`` when unusable.
 
     400 for a target that is not a path, ``/tags`` without a tag or a signed
-    index; 404 for ``/api/_admin...``: the admin API lives only at ``/_admin``,
-    so an allow-list in front of that one prefix cannot be bypassed through
-    ``/api``, and no node ever sees such a path.
+    index; 404 for an ``/_admin`` path behind ``/api``, a tag or an index
+    (``/api/_admin``, ``/0/_admin``): the admin API lives only at ``/_admin``,
+    so an allow-list in front of that one prefix cannot be bypassed, and no
+    node ever sees such a path.
     """
     origin = request_target_path(target)
     first, rest = _split_first_segment(origin)
@@ -109,11 +118,9 @@ def parse_route(target: bytes) -> Route:
         tag_segment, rest = _split_first_segment(rest)
         if not tag_segment:
             raise ProxyError(400, "missing_tag", "Missing tag. Use /tags/{tag}")
-        return Route(upstream_target=rest, tag=unquote_to_bytes(tag_segment).decode("utf-8", "replace"))
+        tag = unquote_to_bytes(tag_segment).decode("utf-8", "replace")
+        return Route(upstream_target=_refuse_admin(rest), tag=tag)
     index = _index_of(first)
     if index is not None:
-        return Route(upstream_target=rest, index=index)
-    upstream = strip_api_prefix(origin)
-    if _split_first_segment(upstream)[0] == b"_admin":
-        raise ProxyError(404, "not_found", "the admin API is served only under /_admin")
-    return Route(upstream_target=upstream)
+        return Route(upstream_target=_refuse_admin(rest), index=index)
+    return Route(upstream_target=_refuse_admin(strip_api_prefix(origin)))

@@ -85,7 +85,8 @@ class RootResource(Resource):
     """Dispatch: the proxy's own endpoints by exact path, everything else to the forwarder.
 
     ``prefixes`` own a whole subtree (``/_admin/...``); ``exact`` answer only their
-    own path (``/health``), so ``/health/x`` still goes to a node.
+    own path (``/health``), so ``/health/x`` still goes to a node, and only the
+    methods in their ``only_methods`` when they have one.
     """
 
     def __init__(self, forwarder: Resource, prefixes: Dict[bytes, Resource], exact: Dict[bytes, Resource],
@@ -103,6 +104,8 @@ class RootResource(Resource):
         own = self._prefixes.get(name)
         if own is None and not request.postpath:
             own = self._exact.get(name)
+            if own is not None and request.method not in getattr(own, "only_methods", (request.method,)):
+                own = None  # a view of some methods only: the others go to a node
         if own is None:
             return self._forwarder
         if self._recorder is not None:

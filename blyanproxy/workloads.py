@@ -130,9 +130,10 @@ class NodeAddressing:
 def _node_of(item: Workload, addressing: NodeAddressing) -> Optional[Node]:
     if not _NODE_NAME.match(item.node):
         return None
+    base_url = addressing.base_url(item.node)
     try:
-        return Node(id=item.workload or item.node, name=item.node,
-                    base_url=addressing.base_url(item.node), tags=item.tags)
+        # The id is the URL: two workloads on one node are one node to fail over from.
+        return Node(id=base_url, name=item.node, base_url=base_url, tags=item.tags)
     except ValueError:
         return None
 

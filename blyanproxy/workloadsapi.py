@@ -76,12 +76,17 @@ class WorkloadsClient:
         answer.addErrback(self._explain)
         return answer
 
+    def _discard(self, response) -> None:
+        """Read and drop an error answer's body (bounded in size and time), keeping the connection."""
+        read_capped(response, MAX_ANSWER_BYTES, keep=False).addTimeout(self._timeout, self._clock).addErrback(
+            lambda _: None)
+
     def _read(self, response) -> defer.Deferred:
         if response.code in (401, 403):
-            read_capped(response, MAX_ANSWER_BYTES, keep=False).addErrback(lambda _: None)
+            self._discard(response)
             raise KeyRefused(f"the workloads API refused the key ({response.code})")
         if response.code != 200:
-            read_capped(response, MAX_ANSWER_BYTES, keep=False).addErrback(lambda _: None)
+            self._discard(response)
             raise WorkloadsUnavailable(f"the workloads API answered {response.code}")
         return read_capped(response, MAX_ANSWER_BYTES).addCallback(parse_workloads)
 

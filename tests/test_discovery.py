@@ -7,8 +7,9 @@ from twisted.internet.task import Clock
 from blyanproxy.discovery import WorkloadDirectory
 from blyanproxy.errors import ProxyError
 from blyanproxy.keycache import CacheLimits
-from blyanproxy.pools import KeyedBalancer
-from blyanproxy.workloads import NodeAddressing, Workload
+from blyanproxy.pools import KeyedBalancer, KeyPool
+from blyanproxy.routing import Route
+from blyanproxy.workloads import NodeAddressing, Workload, workload_nodes
 from blyanproxy.workloadsapi import KeyRefused, WorkloadsUnavailable
 
 LIMITS = CacheLimits(refresh=60, idle=180, negative_ttl=5, rejected_ttl=30, stale_max=300)
@@ -139,13 +140,10 @@ def test_stale_list_is_served_while_the_api_fails_then_502(directory, client, cl
         directory.lookup(b"k")  # keep the key in use
         client.answer(WorkloadsUnavailable("the workloads API answered 500"))
     assert outcome(directory.lookup(b"k")) is record and record.state.nodes
-    clock.pump([1] * 61)  # t=301: the list is past WORKLOADS_STALE_MAX
-    while client.pending:
-        client.answer(WorkloadsUnavailable("the workloads API answered 500"))
-    late = directory.lookup(b"k")
-    if client.pending:
-        client.answer(WorkloadsUnavailable("the workloads API answered 500"))
-    assert outcome(late).value.code == "workloads_unavailable"
+    clock.pump([1] * 61)  # the refresh due at t=300 fails too
+    client.answer(WorkloadsUnavailable("the workloads API answered 500"))
+    late = directory.lookup(b"k")  # past WORKLOADS_STALE_MAX, and the API failed a second ago
+    assert client.pending == [] and outcome(late).value.code == "workloads_unavailable"
 
 
 def test_the_cache_is_bounded_least_recently_used_first(directory, client):
@@ -177,3 +175,55 @@ def test_stopping_closes_the_client(clock, client):
     found.startService()
     found.stopService()
     assert client.closed and clock.getDelayedCalls() == []
+
+
+def test_a_request_waits_at_most_the_wait_limit_and_the_late_answer_is_still_kept(directory, client, clock):
+    lookup = directory.lookup(b"k")
+    clock.advance(10)
+    assert outcome(lookup).value.code == "workloads_unavailable"
+    client.answer([running("a")])  # the call ends later: no error, and the list is kept
+    assert outcome(directory.lookup(b"k")).state.nodes[0].name == "a"
+
+
+def test_busy_keys_are_never_forgotten_new_keys_are_refused_instead(directory, client):
+    first = [directory.lookup(key) for key in (b"a", b"b", b"c")]  # all three fetching (c queued)
+    assert outcome(directory.lookup(b"d")).value.code == "workloads_busy"
+    client.answer([running("n")])  # a now has its list and nothing in flight
+    late = directory.lookup(b"d")  # so a is the one forgotten
+    assert directory.key_count == 3 and [key for key, _ in client.pending] == [b"b", b"c"]
+    for _ in range(3):
+        client.answer([running("n")])
+    assert all(not isinstance(outcome(d), Exception) for d in first + [late])
+    directory.lookup(b"a")
+    assert [key for key, _ in client.pending] == [b"a"]
+
+
+def test_a_queued_call_whose_requests_all_gave_up_is_not_made(directory, client, clock):
+    lookups = [directory.lookup(key) for key in (b"a", b"b", b"c")]
+    assert [key for key, _ in client.pending] == [b"a", b"b"]  # c waits for a slot
+    clock.advance(10)
+    assert all(outcome(d).value.code == "workloads_unavailable" for d in lookups)
+    client.answer([running("n")])
+    client.answer([running("n")])
+    assert client.pending == []
+
+
+def test_first_lookups_beyond_the_queue_are_refused(clock, client):
+    found = WorkloadDirectory(client, clock, KeyedBalancer(clock), LIMITS, max_keys=100, max_fetches=1)
+    lookups = [found.lookup(b"k%d" % i) for i in range(9)]  # 1 call + 8 queued
+    refused = found.lookup(b"one-too-many")
+    assert outcome(refused).value.code == "workloads_busy"
+    for _ in lookups:
+        client.answer([running("n")])
+    assert all(not isinstance(outcome(d), Exception) for d in lookups)
+
+
+def test_least_in_flight_counts_every_keys_requests():
+    clock = Clock()
+    balancer = KeyedBalancer(clock)
+    a, b = running("10.0.0.1"), running("10.0.0.2")
+    nodes = workload_nodes((a, b), NodeAddressing("http"))
+    held = KeyPool(nodes[:1], balancer).acquire(Route(b"/"), frozenset())  # another key's request on A
+    chosen = [KeyPool(nodes, balancer).acquire(Route(b"/"), frozenset()) for _ in range(1)]
+    assert [lease.node.name for lease in chosen] == ["10.0.0.2"]
+    held.release()

@@ -45,7 +45,10 @@ def test_parse_route_is_total_and_never_leaves_the_path(target):
         assert route.upstream_target.startswith(b"/")
 
 
-@pytest.mark.parametrize("target", [b"/api/_admin", b"/api/_admin/nodes", b"/api/_admin?x=1", b"http://h/api/_admin/status"])
+@pytest.mark.parametrize("target", [
+    b"/api/_admin", b"/api/_admin/nodes", b"/api/_admin?x=1", b"http://h/api/_admin/status",
+    b"/0/_admin/nodes", b"/tags/all/_admin/nodes", b"/tags/all/api/_admin/nodes", b"/3/api/_admin",
+])
 def test_admin_paths_behind_api_are_never_forwarded(target):
     with pytest.raises(ProxyError) as raised:
         parse_route(target)

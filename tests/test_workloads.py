@@ -29,7 +29,8 @@ def test_parse_keeps_known_fields_and_the_api_order():
 def test_usable_workloads_become_nodes_and_names_that_are_not_hosts_are_left_out():
     nodes = workload_nodes(parse_workloads(json.dumps(ANSWER).encode()), NodeAddressing())
     assert [(n.id, n.base_url) for n in nodes] == [
-        ("u-1", "https://gpu-1.example.com"), ("u-3", "https://gpu-3.example.com:8443")]
+        ("https://gpu-1.example.com", "https://gpu-1.example.com"),
+        ("https://gpu-3.example.com:8443", "https://gpu-3.example.com:8443")]
     assert nodes[0].tags == ("large",)
 
 

@@ -185,21 +185,31 @@ async def test_a_node_leaving_the_list_leaves_rotation_at_the_next_refresh(
 @pytest_twisted.ensureDeferred
 async def test_least_in_flight_counts_a_nodes_load_from_every_key(
         reactor, devnode_factory, proxy_factory, workloads_api):
-    a, b = devnode_factory(name="a", tokens_per_second=20), devnode_factory(name="b", tokens_per_second=20)
+    a, b = devnode_factory(name="a", tokens_per_second=5), devnode_factory(name="b")
     workloads_api.set(KEY, [workload(hostport(a)), workload(hostport(b))])
-    workloads_api.set(OTHER_KEY, [workload(hostport(a)), workload(hostport(b))])
+    workloads_api.set(OTHER_KEY, [workload(hostport(a))])
     proxy = await discovery_proxy(proxy_factory, workloads_api)
-    body = json.dumps({"model": "m", "stream": True, "max_tokens": 10,
+    body = json.dumps({"model": "blyan-sim-7b", "stream": True, "max_tokens": 10,
                        "messages": [{"role": "user", "content": "hi"}]}).encode()
+    # The other key holds a long stream on node a...
+    held = await treq.post(proxy.url + "/v1/chat/completions", body, timeout=10,
+                           headers={"X-C3-API-KEY": OTHER_KEY, "Content-Type": "application/json"})
+    assert held.headers.getRawHeaders("X-Blyan-Node") == [hostport(a)]
+    # ...so this key's requests go to b, though this key has nothing in flight on a.
+    served = [(await get(proxy, "/v1/models"))[0].headers.getRawHeaders("X-Blyan-Node")[0] for _ in range(3)]
+    assert served == [hostport(b)] * 3
+    assert held.code == 200 and b"[DONE]" in await held.content()
 
-    async def stream(key):
-        response = await treq.post(proxy.url + "/v1/chat/completions", body,
-                                   headers={"X-C3-API-KEY": key, "Content-Type": "application/json"}, timeout=10)
-        await response.content()
-        return response.headers.getRawHeaders("X-Blyan-Node")[0]
 
-    nodes = await defer.gatherResults([defer.ensureDeferred(stream(k)) for k in (KEY, OTHER_KEY, KEY, OTHER_KEY)])
-    assert sorted(nodes) == sorted([hostport(a)] * 2 + [hostport(b)] * 2)
+@pytest_twisted.ensureDeferred
+async def test_only_get_on_the_root_is_the_proxys_own(reactor, devnode_factory, proxy_factory, workloads_api):
+    node = devnode_factory(name="gpu")
+    workloads_api.set(KEY, [workload(hostport(node))])
+    proxy = await discovery_proxy(proxy_factory, workloads_api)
+    response = await treq.post(proxy.url + "/", b"{}", headers={"X-C3-API-KEY": KEY}, timeout=10)
+    await response.content()
+    assert response.headers.getRawHeaders("X-Blyan-Node") == [hostport(node)]
+    assert node.node.stats.last_request.uri == b"/"
 
 
 @pytest_twisted.ensureDeferred
