@@ -296,7 +296,8 @@ class Exchange:
             duration=self._forwarder.clock.seconds() - self._started,
             bytes_out=self._relay.bytes_sent if self._relay is not None else 0,
             ended=ended,
-            client=client_facts(self._request).address if not self._client_gone else "-",
+            client=client_facts(self._request, self._settings.trust_forwarded).origin
+            if not self._client_gone else "-",
         ))
 
     def _on_client_gone(self, failure) -> None:
