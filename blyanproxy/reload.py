@@ -123,7 +123,7 @@ class Reloader:
         self._apply_policy(new.selection_policy, runtime.policy)
         if new.log_level != self.settings.log_level:
             set_log_level(new.log_level)
-            log.info("reload: log level {level}", level=new.log_level)
+            log.info("reload: log level {name}", name=new.log_level)
         self.settings = attrs.evolve(
             self.settings, nodes=new.nodes, selection_policy=new.selection_policy, log_level=new.log_level
         )
