@@ -103,7 +103,7 @@ def test_max_retries_maps_to_attempts():
         ({"LISTEN": "tcp:1", "PROXY_PORT": "2"}, {}, "LISTEN and PROXY_PORT are both set"),
         ({"HEALTH_PATHS": "health"}, {}, "HEALTH_PATHS: 'health' is not an absolute path"),
         ({"RETRY_ON_STATUS": "404"}, {}, "RETRY_ON_STATUS: expected 5xx status codes"),
-        ({"TRUST_FORWARDED": "maybe"}, {}, "TRUST_FORWARDED: expected true, false or addresses/CIDRs such as 127.0.0.1,::1 (got 'maybe')"),
+        ({"TRUST_FORWARDED": "maybe"}, {}, "TRUST_FORWARDED: expected true, false or addresses/CIDRs"),
         ({"MAX_RETRIES": "2", "MAX_ATTEMPTS": "3"}, {}, "MAX_RETRIES and MAX_ATTEMPTS/--max-attempts are both set"),
         ({}, {"max-attempts": "0"}, "--max-attempts: must be between 1 and 20 (got '0')"),
     ],
