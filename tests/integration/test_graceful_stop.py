@@ -98,16 +98,12 @@ async def test_sigterm_lets_an_open_stream_finish_then_exits_0(reactor, devnode_
             return True
         return False
 
-    refusals = []
-
-    async def check():
-        refusals.append(await refused())
-
-    while not refusals or not refusals[-1]:  # no new connection is accepted while the stream goes on
-        assert len(refusals) < 100, proxy.output
-        await check()
-        if not refusals[-1]:
-            await sleep(reactor, 0.05)
+    for _ in range(100):  # no new connection is accepted while the stream goes on
+        if await refused():
+            break
+        await sleep(reactor, 0.05)
+    else:
+        raise AssertionError("the proxy kept accepting connections:\n" + proxy.output)
     assert b"data: [DONE]" not in client.received, "the stream ended before the listener closed"
     received = await client.wait_closed(timeout=WAIT)
     events = sse_events(received)
