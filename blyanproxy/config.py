@@ -17,6 +17,7 @@ from twisted.logger import LogLevel
 from . import selection
 from .affinity import AffinitySource, parse_affinity_source
 from .nodeurl import parse_base_url
+from .trust import ForwardTrust, parse_forward_trust
 
 POLICIES = tuple(selection.POLICIES)
 LOG_LEVELS = {
@@ -78,7 +79,7 @@ class Settings:
     pool_max_idle: int = 128
     pool_idle_timeout: float = 4.0
     tls_ca_file: Optional[str] = None
-    trust_forwarded: bool = False
+    trust_forwarded: ForwardTrust = ForwardTrust()
     strip_origin: bool = False
     affinity_key: Optional[AffinitySource] = None
     affinity_load_factor: float = 1.25
@@ -100,6 +101,8 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "text"
     access_log: bool = True
+    drain_grace: float = 30.0
+    env_file: Optional[str] = None
     demo: int = 0
 
 
@@ -312,8 +315,8 @@ SETTINGS = (
             _milliseconds(0.01), "milliseconds an idle upstream connection is kept"),
     Setting("tls_ca_file", "TLS_CA_FILE", "tls-ca-file", "(system roots)", _text,
             "PEM bundle of CA certificates trusted for https nodes"),
-    Setting("trust_forwarded", "TRUST_FORWARDED", "trust-forwarded", "false", _boolean,
-            "keep incoming X-Forwarded-* headers (only behind a trusted proxy)"),
+    Setting("trust_forwarded", "TRUST_FORWARDED", "trust-forwarded", "false", parse_forward_trust,
+            "keep incoming X-Forwarded-* headers from these peers: true, false, or addresses/CIDRs"),
     Setting("affinity_key", "AFFINITY_KEY", "affinity-key", "(off)", parse_affinity_source,
             "keep requests sharing this key on one node: header:NAME, cookie:NAME or query:NAME"),
     Setting("affinity_load_factor", "AFFINITY_LOAD_FACTOR", "affinity-load-factor", "1.25", _factor,
@@ -358,6 +361,10 @@ SETTINGS = (
             "text: blyanproxy's events in twistd's log; json: JSON lines on standard output"),
     Setting("access_log", "ACCESS_LOG", "access-log", "true", _boolean,
             "write one access line per finished request"),
+    Setting("drain_grace", "DRAIN_GRACE_MS", "drain-grace-ms", "30000", _milliseconds(),
+            "on SIGTERM, milliseconds open requests and streams may take to finish before they are cut"),
+    Setting("env_file", "ENV_FILE", "env-file", "(none)", _text,
+            "file of NAME=value settings read at start and again on SIGHUP (overrides the environment)"),
     Setting("demo", None, "demo", "0", _whole(0, 64),
             "start this many simulated nodes in-process and register them"),
 )

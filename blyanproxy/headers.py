@@ -6,9 +6,11 @@ Headers travel as ``(name, [values])`` pairs of bytes, the shape of
 
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple, Union
 
 import attrs
+
+from .trust import ForwardTrust, origin_address
 
 RawHeaders = List[Tuple[bytes, List[bytes]]]
 
@@ -35,20 +37,30 @@ _BLYAN_RESPONSE = frozenset({b"x-blyan-node", b"x-blyan-attempts"})
 
 @attrs.frozen
 class ClientFacts:
-    """What the proxy knows of the client side of one request."""
+    """What the proxy knows of the client side of one request.
+
+    ``address`` is the TCP peer; ``origin`` the real client, which differs
+    only when a trusted peer (``TRUST_FORWARDED``) forwarded the request.
+    """
 
     address: str
     scheme: bytes
     host: Optional[bytes]
+    origin: str = attrs.field()
+
+    @origin.default
+    def _peer(self) -> str:
+        return self.address
 
 
-def client_facts(request) -> ClientFacts:
-    """The ``ClientFacts`` of a twisted.web request."""
-    peer = request.getClientAddress()
+def client_facts(request, trust: Union[bool, ForwardTrust] = False) -> ClientFacts:
+    """The ``ClientFacts`` of a twisted.web request, its origin as far as ``trust`` allows."""
+    peer = getattr(request.getClientAddress(), "host", None) or "unknown"
     return ClientFacts(
-        address=getattr(peer, "host", None) or "unknown",
+        address=peer,
         scheme=b"https" if request.isSecure() else b"http",
         host=request.getHeader(b"host"),
+        origin=origin_address(trust, peer, request.requestHeaders.getRawHeaders(b"x-forwarded-for", [])),
     )
 
 
@@ -73,7 +85,7 @@ def upstream_request_headers(
     incoming: Iterable[Tuple[bytes, List[bytes]]],
     node_host: bytes,
     client: ClientFacts,
-    trust_forwarded: bool = False,
+    trust_forwarded: Union[bool, ForwardTrust] = False,
     strip_origin: bool = False,
     websocket: bool = False,
 ) -> RawHeaders:
@@ -82,13 +94,15 @@ def upstream_request_headers(
     Hop-by-hop headers (and those named in ``Connection``) and every ``Proxy-*``
     header are removed; ``Host`` becomes the node; ``X-Forwarded-For``,
     ``-Proto`` and ``-Host`` are added. Incoming forwarding headers are kept and
-    extended only when ``trust_forwarded``; otherwise they are replaced, so a
+    extended only when ``trust_forwarded`` trusts the client's TCP peer
+    (``True``, or a ``ForwardTrust``); otherwise they are replaced, so a
     client cannot forge its address. A WebSocket handshake keeps its
     ``Upgrade: websocket`` and says ``Connection: Upgrade``.
     """
     incoming = list(incoming)
+    trusted = ForwardTrust.of(trust_forwarded).trusts(client.address)
     dropped = _HOP_BY_HOP | _connection_tokens(incoming)
-    if not trust_forwarded:
+    if not trusted:
         dropped = dropped | _FORWARDING
     if strip_origin:
         dropped = dropped | {b"origin"}
@@ -106,9 +120,9 @@ def upstream_request_headers(
         out.append((name, list(values)))
     forwarded_for = b", ".join(earlier_for + [client.address.encode("ascii", "replace")])
     out.append((b"X-Forwarded-For", [forwarded_for]))
-    proto = _first(incoming, b"x-forwarded-proto") if trust_forwarded else None
+    proto = _first(incoming, b"x-forwarded-proto") if trusted else None
     out.append((b"X-Forwarded-Proto", [proto or client.scheme]))
-    host = _first(incoming, b"x-forwarded-host") if trust_forwarded else None
+    host = _first(incoming, b"x-forwarded-host") if trusted else None
     host = host or client.host
     if host:
         out.append((b"X-Forwarded-Host", [host]))

@@ -299,7 +299,8 @@ class Exchange:
             duration=self._forwarder.clock.seconds() - self._started,
             bytes_out=self._relay.bytes_sent if self._relay is not None else 0,
             ended=ended,
-            client=client_facts(self._request).address if not self._client_gone else "-",
+            client=client_facts(self._request, self._settings.trust_forwarded).origin
+            if not self._client_gone else "-",
         ))
 
     def _on_client_gone(self, failure) -> None:
@@ -422,5 +423,5 @@ class ProxyResource(Resource):
             duration=now - started if started is not None else 0.0,
             bytes_out=0,
             ended=ended,
-            client=client_facts(request).address,
+            client=client_facts(request, self.settings.trust_forwarded).origin,
         ))

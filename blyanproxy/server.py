@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Callable, Dict, Optional
 
 from twisted.web import server
 from twisted.web.resource import Resource
 
 from .errors import ProxyError
+from .headers import client_facts
 from .logs import logger
 from .traffic import CLIENT_CLOSED_STATUS, CLIENT_GONE, COMPLETE, AccessRecord
 
@@ -47,6 +48,8 @@ class ProxyRequest(server.Request):
     _received = 0
 
     def gotLength(self, length) -> None:
+        if self.channel.site.on_request is not None:
+            self.channel.site.on_request(self)
         limit = self.channel.site.max_body_bytes
         if length is not None and length > limit:
             self._refuse(limit)
@@ -86,12 +89,14 @@ class RootResource(Resource):
 
     ``prefixes`` own a whole subtree (``/_admin/...``); ``exact`` answer only their
     own path (``/health``), so ``/health/x`` still goes to a node, and only the
-    methods in their ``only_methods`` when they have one.
+    methods in their ``only_methods`` when they have one. ``trust``
+    (``TRUST_FORWARDED``) decides which client address their access lines show.
     """
 
     def __init__(self, forwarder: Resource, prefixes: Dict[bytes, Resource], exact: Dict[bytes, Resource],
-                 recorder=None, clock=None):
+                 recorder=None, clock=None, trust=False):
         super().__init__()
+        self._trust = trust
         self._forwarder = forwarder
         self._prefixes = prefixes
         self._exact = exact
@@ -124,12 +129,16 @@ class RootResource(Resource):
             duration=self._clock.seconds() - started,
             bytes_out=request.sentLength,
             ended=COMPLETE if result is None else CLIENT_GONE,
-            client=getattr(request.getClientAddress(), "host", "-"),
+            client=client_facts(request, self._trust).origin,
         ))
 
 
 class ProxySite(server.Site):
-    """The ``Site`` for the proxy: our request class, no form parsing, no per-request log line."""
+    """The ``Site`` for the proxy: our request class, no form parsing, no per-request log line.
+
+    ``on_request``, when set, is called with each request once its head has
+    arrived (the graceful stop's ``ConnectionTracker``).
+    """
 
     noisy = False
 
@@ -139,6 +148,7 @@ class ProxySite(server.Site):
             root, requestFactory=ProxyRequest, reactor=reactor, parsePOSTFormSubmission=False
         )
         self.max_body_bytes = max_body_bytes
+        self.on_request: Optional[Callable[[server.Request], None]] = None
 
     def log(self, request) -> None:
         """Access logging is the proxy's own job, not twisted.web's."""

@@ -27,9 +27,10 @@ from .config import (
     ConfigError,
     NodeSpec,
     Settings,
-    settings_from,
 )
 from .discovery import WorkloadDirectory
+from .drain import ConnectionTracker, Drainer
+from .envfile import load_settings
 from .fleet import FleetKeeper
 from .health import HealthMonitor, probe_client
 from .healthstate import HealthRules
@@ -40,7 +41,9 @@ from .nodes import Node, NodeRegistry, new_node_id
 from .pools import KeyedBalancer
 from .proxy import ProxyResource
 from .public import HealthView, LivenessView, StatusView, WorkloadsView
+from .reload import Reloader
 from .server import ProxySite, RootResource
+from .signals import ProcessSignals
 from .state import JsonFileStore, StateError
 from .traffic import TrafficRecorder
 from .upstream import NodeEndpoints, NodeTLSPolicy, load_trust_root
@@ -81,7 +84,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         try:
-            self.settings = settings_from(os.environ, self, self.node_options)
+            self.settings = load_settings(os.environ, self, self.node_options)
         except ConfigError as exc:
             raise usage.UsageError(str(exc)) from None
         try:
@@ -235,6 +238,7 @@ def build_proxy(settings: Settings, reactor, persist: bool = True) -> ProxyParts
         },
         recorder=recorder,
         clock=reactor,
+        trust=settings.trust_forwarded,
     )
     site = ProxySite(root, settings.max_body_bytes, reactor=reactor)
     return ProxyParts(
@@ -260,8 +264,12 @@ def build_directory(settings: Settings, reactor, rules: HealthRules, trust_root,
     )
 
 
-def make_proxy_service(settings: Settings, reactor) -> MultiService:
-    """Every service of one proxy process, as children of one ``MultiService``."""
+def make_proxy_service(settings: Settings, reactor, reload_settings=None) -> MultiService:
+    """Every service of one proxy process, under one ``Drainer`` (the graceful stop).
+
+    ``reload_settings`` (a callable returning fresh ``Settings``) makes SIGHUP
+    reload them; with it, SIGTERM and SIGHUP get the proxy's handlers.
+    """
     set_log_level(settings.log_level)
     set_log_format(settings.log_format)
     try:
@@ -270,14 +278,19 @@ def make_proxy_service(settings: Settings, reactor) -> MultiService:
         raise SystemExit(f"blyan-proxy: {problem}") from None
     if settings.demo:
         log.info("demo mode: the fleet is not saved to {path}", path=settings.state_file)
-    top = MultiService()
+    connections = ConnectionTracker(parts.site)
+    top = Drainer(connections, reactor, settings.drain_grace, parts.keeper.save if parts.keeper else None)
     UpstreamPoolService(parts.pool, reactor, settings.pool_idle_timeout).setServiceParent(top)
     if settings.demo:
         DemoNodesService(reactor, parts.registry, settings.demo).setServiceParent(top)
     parts.health.setServiceParent(top)
     if parts.directory is not None:
         parts.directory.setServiceParent(top)
-    strports.service(settings.listen, parts.site, reactor=reactor).setServiceParent(top)
+    if reload_settings is not None:
+        reloader = Reloader(settings, reload_settings, parts.registry, parts.balancer, parts.keeper,
+                            lambda spec: node_from_spec(spec, reactor.seconds()))
+        ProcessSignals(reactor, reloader.reload).setServiceParent(top)
+    top.add_listener(strports.service(settings.listen, connections, reactor=reactor))
     log.info(
         "blyan-proxy on {listen}: {count} node(s), policy {policy}",
         listen=settings.listen, count=len(settings.nodes) + settings.demo, policy=settings.selection_policy,
@@ -289,4 +302,7 @@ def makeService(options: Options) -> MultiService:
     """twistd's entry point."""
     from twisted.internet import reactor
 
-    return make_proxy_service(options.settings, reactor)
+    def reload_settings() -> Settings:
+        return load_settings(os.environ, options, options.node_options)
+
+    return make_proxy_service(options.settings, reactor, reload_settings)

@@ -5,6 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from blyanproxy.config import ConfigError, Settings, parse_node, settings_from
+from blyanproxy.trust import ForwardTrust
 
 
 def build(env=None, options=None, nodes=()):
@@ -53,7 +54,7 @@ def test_environment_values():
     assert settings.proxy_timeout == 120.0
     assert settings.api_url == "https://api.example.com/api/v0"
     assert settings.log_level == "WARN"
-    assert settings.trust_forwarded is True
+    assert settings.trust_forwarded == ForwardTrust(everyone=True)
     assert settings.retry_on_status == frozenset()
 
 
@@ -102,7 +103,7 @@ def test_max_retries_maps_to_attempts():
         ({"LISTEN": "tcp:1", "PROXY_PORT": "2"}, {}, "LISTEN and PROXY_PORT are both set"),
         ({"HEALTH_PATHS": "health"}, {}, "HEALTH_PATHS: 'health' is not an absolute path"),
         ({"RETRY_ON_STATUS": "404"}, {}, "RETRY_ON_STATUS: expected 5xx status codes"),
-        ({"TRUST_FORWARDED": "maybe"}, {}, "TRUST_FORWARDED: expected true or false (got 'maybe')"),
+        ({"TRUST_FORWARDED": "maybe"}, {}, "TRUST_FORWARDED: expected true, false or addresses/CIDRs"),
         ({"MAX_RETRIES": "2", "MAX_ATTEMPTS": "3"}, {}, "MAX_RETRIES and MAX_ATTEMPTS/--max-attempts are both set"),
         ({}, {"max-attempts": "0"}, "--max-attempts: must be between 1 and 20 (got '0')"),
     ],

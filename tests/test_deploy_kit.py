@@ -1,0 +1,172 @@
+"""The deployment kit in etc/: install.sh (shellcheck, idempotent runs), the systemd unit, the Dockerfile."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from blyanproxy.config import SETTINGS_BY_FIELD, settings_from
+
+from .integration.tools import require_program
+
+ROOT = Path(__file__).resolve().parent.parent
+ETC = ROOT / "etc"
+INSTALL = ETC / "install.sh"
+UNIT = (ETC / "systemd" / "blyan-proxy.service").read_text()
+DOCKERFILE = (ETC / "docker" / "Dockerfile").read_text()
+
+
+def test_install_script_passes_shellcheck():
+    shellcheck = require_program("shellcheck")
+    result = subprocess.run([shellcheck, "--severity=style", str(INSTALL)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _stub(directory: Path, name: str, body: str) -> None:
+    path = directory / name
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+
+
+@pytest.fixture
+def staged_host(tmp_path):
+    """A PATH whose system commands only record their arguments (in ``calls``), and a staging root."""
+    stubs, root, calls = tmp_path / "bin", tmp_path / "root", tmp_path / "calls"
+    stubs.mkdir()
+    root.mkdir()
+    record = f'echo "$(basename "$0") $*" >> {calls}\n'
+    for name in ("useradd", "chown", "systemctl", "nginx", "apt-get", "dpkg"):
+        _stub(stubs, name, record)
+    _stub(stubs, "getent", record + "exit 2\n")  # no such user (each time: the stub keeps no state)
+    # A Python whose "-m venv DIR" makes a venv of recording stubs.
+    _stub(stubs, "fakepython", record + (
+        'if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin"\n'
+        '  for tool in pip python; do printf \'#!/usr/bin/env bash\\necho "venv-$(basename "$0") $*" >> '
+        f'{calls}\\n\' > "$3/bin/$tool"; chmod +x "$3/bin/$tool"; done\nfi\n'))
+    return stubs, root, calls
+
+
+def run_install(staged_host, *extra):
+    stubs, root, calls = staged_host
+    if calls.exists():
+        calls.unlink()
+    env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}")
+    result = subprocess.run(
+        ["bash", str(INSTALL), "--root", str(root), "--domain", "proxy.example.com", "--python", "fakepython",
+         "--no-apt", *extra],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout, calls.read_text().splitlines()
+
+
+def snapshot(root: Path) -> dict:
+    """Every file below ``root``: its mode and content hash (symlinks: their target)."""
+    files = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink():
+            files[str(path.relative_to(root))] = ("link", os.readlink(path))
+        elif path.is_file():
+            files[str(path.relative_to(root))] = (stat.S_IMODE(path.stat().st_mode),
+                                                  hashlib.sha256(path.read_bytes()).hexdigest())
+    return files
+
+
+def test_install_is_idempotent_and_checks_nginx_only_once_certificates_exist(staged_host):
+    _, root, _ = staged_host
+    out, calls = run_install(staged_host)
+    env_file = root / "etc/blyan-proxy/blyan-proxy.env"
+    token = re.search(r"^ADMIN_TOKEN=([0-9a-f]{64})$", env_file.read_text(), re.M).group(1)
+    assert out.count(token) == 1  # shown once, on the terminal
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE((root / "var/lib/blyan-proxy").stat().st_mode) == 0o700
+    assert "useradd --system --user-group --home-dir /var/lib/blyan-proxy --shell /usr/sbin/nologin blyan-proxy" \
+        in calls
+    assert f"chown blyan-proxy:blyan-proxy {env_file}" in calls
+    assert "fakepython -m venv " + str(root / "opt/blyan-proxy/venv") in calls
+    assert any(c.startswith("venv-pip install --quiet --upgrade ") and c.endswith(str(ROOT)) for c in calls)
+    assert "systemctl daemon-reload" in calls and "systemctl enable blyan-proxy" in calls
+    site = (root / "etc/nginx/sites-available/blyan-proxy.conf").read_text()
+    assert "@" not in re.sub(r"#.*", "", site)  # every placeholder rendered
+    assert "server 127.0.0.1:9000;" in site and "server_name proxy.example.com;" in site
+    assert not (root / "etc/nginx/sites-enabled").exists()
+    assert not any(c.startswith("nginx") for c in calls)  # no certificate yet: no "nginx -t"
+    assert "not enabled yet" in out
+    # The generated settings are valid.
+    settings = settings_from(dict(line.split("=", 1) for line in env_file.read_text().splitlines()
+                                  if line and not line.startswith("#")), {})
+    assert str(settings.trust_forwarded) == "127.0.0.1/32,::1/128"
+
+    certificates = root / "etc/letsencrypt/live/proxy.example.com"
+    certificates.mkdir(parents=True)
+    (certificates / "fullchain.pem").write_text("cert")
+    (certificates / "privkey.pem").write_text("key")
+    before = snapshot(root / "etc/blyan-proxy")
+    out, calls = run_install(staged_host)
+    assert token not in out and "kept: " in out
+    assert snapshot(root / "etc/blyan-proxy") == before
+    assert "systemctl daemon-reload" not in calls
+    assert os.readlink(root / "etc/nginx/sites-enabled/blyan-proxy.conf") == \
+        "/etc/nginx/sites-available/blyan-proxy.conf"
+    assert calls.index("nginx -t") < calls.index("systemctl reload nginx")
+
+    everything = snapshot(root)
+    out, calls = run_install(staged_host)
+    assert snapshot(root) == everything
+    assert "systemctl daemon-reload" not in calls and "nginx -t" not in calls
+    assert "fakepython -m venv " + str(root / "opt/blyan-proxy/venv") not in calls
+
+
+def test_install_refuses_bad_arguments(staged_host):
+    stubs, root, _ = staged_host
+    env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}")
+    for args, message in (([], "--domain is required"), (["--domain", "a b"], "--domain must be a host name"),
+                          (["--domain", "x", "--frobnicate"], "unknown option --frobnicate")):
+        result = subprocess.run(["bash", str(INSTALL), "--root", str(root), *args], capture_output=True,
+                                text=True, env=env, timeout=30)
+        assert result.returncode == 1 and message in result.stderr
+    assert list(root.iterdir()) == []
+
+
+def _unit_value(key: str) -> str:
+    return re.search(rf"^{key}=(.*)$", UNIT, re.M).group(1)
+
+
+def test_the_unit_stops_after_the_drain_grace_and_reloads_with_sighup():
+    grace_ms = float(SETTINGS_BY_FIELD["drain_grace"].default)
+    assert float(_unit_value("TimeoutStopSec")) > grace_ms / 1000 + 5
+    assert _unit_value("ExecStart") == "/opt/blyan-proxy/venv/bin/twistd --nodaemon --pidfile= blyan-proxy"
+    assert _unit_value("ExecReload") == "/bin/kill -HUP $MAINPID"
+    assert _unit_value("Environment") == "ENV_FILE=/etc/blyan-proxy/blyan-proxy.env"
+    assert "EnvironmentFile" not in UNIT  # the proxy reads the file itself, so a reload sees removals
+    for setting in ("NoNewPrivileges=yes", "ProtectSystem=strict", "StateDirectory=blyan-proxy",
+                    "User=blyan-proxy", "Restart=on-failure"):
+        assert f"\n{setting}\n" in UNIT
+
+
+def test_the_container_recipe_matches_the_tested_install_path():
+    stages = re.findall(r"^FROM (\S+)", DOCKERFILE, re.M)
+    assert stages == ["python:3.11-slim", "python:3.11-slim"]
+    # The same steps as the installation CI tests: a venv, then pip install of this source tree.
+    assert "python -m pip wheel --no-cache-dir --wheel-dir /wheels ." in DOCKERFILE
+    assert "python -m venv /opt/blyan-proxy/venv" in DOCKERFILE
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "python3 -m venv .venv && .venv/bin/pip install" in ci
+    # The same command as the systemd unit, the same state directory, not root.
+    assert 'CMD ["twistd", "--nodaemon", "--pidfile=", "blyan-proxy"]' in DOCKERFILE
+    assert re.search(r"^USER blyan-proxy$", DOCKERFILE, re.M)
+    assert re.search(r"^VOLUME /var/lib/blyan-proxy$", DOCKERFILE, re.M)
+    assert "STATE_FILE=/var/lib/blyan-proxy/proxy_state.json" in DOCKERFILE
+    assert "LISTEN=tcp:9000:interface=0.0.0.0" in DOCKERFILE
+    assert "ca-certificates" in DOCKERFILE and re.search(r"^STOPSIGNAL SIGTERM$", DOCKERFILE, re.M)
+    assert re.search(r"^HEALTHCHECK .*\n\s+CMD \[\"python\"", DOCKERFILE, re.M)
+    # Every setting the image sets is a valid one.
+    env = dict(re.findall(r"(LISTEN|STATE_FILE)=(\S+)", DOCKERFILE))
+    assert settings_from(env, {}).listen == "tcp:9000:interface=0.0.0.0"
