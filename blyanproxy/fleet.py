@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred, succeed
 
 from .balancer import Balancer
 from .fleetedit import Change
@@ -27,7 +27,7 @@ from .state import FleetState, StoreConflict, merge, node_to_json
 log = logger("fleet")
 
 #: How many times a change is worked out again after losing a race to another process.
-EDIT_ATTEMPTS = 5
+EDIT_ATTEMPTS = 10
 
 
 class FleetKeeper:
@@ -41,6 +41,7 @@ class FleetKeeper:
         self._default_policy = balancer.policy
         self._runtime_policy: Optional[str] = None
         self._removed: tuple = ()
+        self._one_at_a_time = DeferredLock()  # this process's own edits never race each other
 
     def restore(self, declared: Iterable[Node], saved: Optional[FleetState]) -> FleetState:
         """Merge the declared nodes into ``saved`` (see ``state.merge``) and apply the result."""
@@ -64,12 +65,16 @@ class FleetKeeper:
             removed=self._removed,
         )
 
-    def edit(self, change: Change, attempts: int = EDIT_ATTEMPTS) -> Deferred:
+    def edit(self, change: Change) -> Deferred:
         """Apply ``change`` through the store; fires with the fleet applied.
 
-        Fails with the change's own ``KeyError``/``ValueError``, the store's
-        ``StoreUnavailable``, or ``StoreConflict`` after ``attempts`` lost races.
+        Edits of one process are taken one after the other. Fails with the
+        change's own ``KeyError``/``ValueError``, the store's
+        ``StoreUnavailable``, or ``StoreConflict`` after ``EDIT_ATTEMPTS`` lost races.
         """
+        return self._one_at_a_time.run(self._edit, change, EDIT_ATTEMPTS)
+
+    def _edit(self, change: Change, attempts: int) -> Deferred:
         try:
             wanted = change(self.snapshot())
         except (KeyError, ValueError) as exc:
@@ -85,7 +90,7 @@ class FleetKeeper:
             if attempts <= 1:
                 return failure
             log.info("the fleet changed in another process meanwhile; applying the change again")
-            return self.edit(change, attempts - 1)
+            return self._edit(change, attempts - 1)
 
         committed.addCallbacks(self._applied, lost_race)
         return committed

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
+import sys
 from typing import Optional
 
 import attrs
 from twisted.application import strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import LoopingCall
@@ -29,6 +32,7 @@ from .config import (
     Settings,
     settings_from,
 )
+from .etcdstore import EtcdStore
 from .fleet import FleetKeeper
 from .health import HealthMonitor, probe_client
 from .healthstate import HealthRules
@@ -41,6 +45,13 @@ from .server import ProxySite, RootResource
 from .state import JsonFileStore, StateError
 from .traffic import TrafficRecorder
 from .upstream import NodeEndpoints, NodeTLSPolicy, load_trust_root
+from .workers import (
+    ParentWatch,
+    WorkerRole,
+    WorkerSupervisor,
+    worker_endpoint,
+    worker_role,
+)
 
 log = logger("tap")
 
@@ -73,6 +84,14 @@ class Options(usage.Options):
     def opt_node(self, value: str) -> None:
         """Add a node: name|url[|weight=N|tags=a,b|tls_verify=false] (repeatable)."""
         self.node_options.append(value)
+
+    def worker_arguments(self) -> list:
+        """The ``blyan-proxy`` arguments a worker process gets: these options but ``--workers``."""
+        given = [
+            f"--{name}={self[name]}" for name, *_ in self.optParameters
+            if name != "workers" and self[name] is not None
+        ]
+        return given + [f"--node={value}" for value in self.node_options]
 
     def postOptions(self) -> None:
         try:
@@ -164,16 +183,19 @@ class ProxyParts:
     balancer: Balancer
     pool: UpstreamPool
     health: HealthMonitor
-    keeper: Optional[FleetKeeper]
+    keeper: FleetKeeper
     metrics: ProxyMetrics
+    store_service: Optional[EtcdStore] = None  # started with the proxy when the fleet is in etcd
 
 
-def build_proxy(settings: Settings, reactor, persist: bool = True) -> ProxyParts:
+def build_proxy(settings: Settings, reactor, persist: bool = True, worker: Optional[int] = None) -> ProxyParts:
     """Build the proxy's parts for ``settings``.
 
-    With ``persist`` (and not in demo mode) the fleet is restored from
-    ``STATE_FILE`` and saved on every change; ``StateError`` if the file is
-    unusable. Otherwise the declared nodes are all there is.
+    With ``persist`` (and not in demo mode) the fleet is kept in the state
+    store: restored from ``STATE_FILE`` now (``StateError`` if the file is
+    unusable), or from etcd once ``store_service`` runs (until then the
+    declared nodes serve). Otherwise changes live in memory. ``worker`` is the
+    number of a worker process (``--workers``), shown in its metrics.
     """
     registry = NodeRegistry()
     declared = [node_from_spec(spec, reactor.seconds()) for spec in settings.nodes]
@@ -195,18 +217,23 @@ def build_proxy(settings: Settings, reactor, persist: bool = True) -> ProxyParts
         cooldown_cap=settings.eject_cooldown_max,
     )
     balancer = Balancer(registry, reactor, settings.selection_policy, rules, settings.affinity_load_factor)
-    keeper = None
-    if persist and not settings.demo:
-        keeper = FleetKeeper(registry, balancer, JsonFileStore(settings.state_file, reactor))
-        keeper.restore(declared)
+    keeper = FleetKeeper(registry, balancer)
+    store_service = None
+    if not persist or settings.demo:
+        keeper.restore(declared, None)
+    elif settings.state_store is None:
+        keeper.restore_from_file(JsonFileStore(settings.state_file, reactor), declared)
     else:
-        for node in declared:
-            registry.add(node)
+        store_service = keeper.store = EtcdStore(
+            reactor, settings.state_store, settings.etcd_timeout, declared,
+            identity=f"{socket.gethostname()}:{os.getpid()}", on_change=keeper.apply,
+        )
+        keeper.restore(declared, None)
     health = HealthMonitor(
         registry, probe_client(reactor, endpoints), reactor, settings.health_interval, settings.health_timeout,
         settings.health_paths, settings.health_statuses, rules,
     )
-    metrics = ProxyMetrics(registry, reactor)
+    metrics = ProxyMetrics(registry, reactor, worker, os.getpid())
     health.on_probe = metrics.probe
     recorder = TrafficRecorder(metrics, settings.access_log)
     forwarder = ProxyResource(balancer, pool, endpoints, reactor, settings, recorder)
@@ -230,35 +257,59 @@ def build_proxy(settings: Settings, reactor, persist: bool = True) -> ProxyParts
     site = ProxySite(root, settings.max_body_bytes, reactor=reactor)
     return ProxyParts(
         site=site, registry=registry, balancer=balancer, pool=pool, health=health, keeper=keeper,
-        metrics=metrics,
+        metrics=metrics, store_service=store_service,
     )
 
 
-def make_proxy_service(settings: Settings, reactor) -> MultiService:
-    """Every service of one proxy process, as children of one ``MultiService``."""
+def make_proxy_service(settings: Settings, reactor, role: Optional[WorkerRole] = None) -> MultiService:
+    """Every service of one proxy process (a worker when ``role`` is given), under one ``MultiService``."""
     set_log_level(settings.log_level)
     set_log_format(settings.log_format)
     try:
-        parts = build_proxy(settings, reactor)
+        parts = build_proxy(settings, reactor, worker=role.index if role else None)
     except (StateError, ValueError, OSError) as problem:
         raise SystemExit(f"blyan-proxy: {problem}") from None
     if settings.demo:
         log.info("demo mode: the fleet is not saved to {path}", path=settings.state_file)
     top = MultiService()
     UpstreamPoolService(parts.pool, reactor, settings.pool_idle_timeout).setServiceParent(top)
+    if parts.store_service is not None:
+        parts.store_service.setServiceParent(top)
     if settings.demo:
         DemoNodesService(reactor, parts.registry, settings.demo).setServiceParent(top)
     parts.health.setServiceParent(top)
-    strports.service(settings.listen, parts.site, reactor=reactor).setServiceParent(top)
+    if role is None:
+        strports.service(settings.listen, parts.site, reactor=reactor).setServiceParent(top)
+    else:
+        StreamServerEndpointService(worker_endpoint(reactor, role), parts.site).setServiceParent(top)
+        reactor.addReader(ParentWatch(reactor))
     log.info(
-        "blyan-proxy on {listen}: {count} node(s), policy {policy}",
-        listen=settings.listen, count=len(settings.nodes) + settings.demo, policy=settings.selection_policy,
+        "blyan-proxy on {listen}{worker}: {count} node(s), policy {policy}",
+        listen=settings.listen, worker=f" (worker {role.index})" if role else "",
+        count=len(settings.nodes) + settings.demo, policy=settings.selection_policy,
     )
     return top
 
 
-def makeService(options: Options) -> MultiService:
-    """twistd's entry point."""
+def make_supervisor_service(settings: Settings, reactor, arguments: list) -> WorkerSupervisor:
+    """The ``--workers N`` supervisor: workers run ``twistd -n blyan-proxy`` with ``arguments``."""
+    set_log_level(settings.log_level)
+    set_log_format(settings.log_format)
+    try:  # the token file is written once here, not raced by the workers
+        load_or_create_token(settings.admin_token, settings.admin_token_file, settings.state_file)
+    except (ValueError, OSError) as problem:
+        raise SystemExit(f"blyan-proxy: {problem}") from None
+    argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+            "blyan-proxy", *arguments]
+    return WorkerSupervisor(reactor, settings.listen, settings.workers, argv, os.environ,
+                            settings.worker_stop_timeout)
+
+
+def makeService(options: Options):
+    """twistd's entry point: one proxy, a worker, or the supervisor of ``WORKERS`` workers."""
     from twisted.internet import reactor
 
-    return make_proxy_service(options.settings, reactor)
+    role = worker_role(os.environ)
+    if role is None and options.settings.workers > 1:
+        return make_supervisor_service(options.settings, reactor, options.worker_arguments())
+    return make_proxy_service(options.settings, reactor, role)
