@@ -13,9 +13,21 @@ from twisted.python.failure import Failure
 
 from blyanproxy.balancer import Balancer
 from blyanproxy.fleet import FleetKeeper
-from blyanproxy.fleetedit import add_node, remove_node, set_active, set_policy, update_node
+from blyanproxy.fleetedit import (
+    add_node,
+    remove_node,
+    set_active,
+    set_policy,
+    update_node,
+)
 from blyanproxy.nodes import Node, NodeRegistry
-from blyanproxy.state import FleetState, JsonFileStore, StateError, StoreUnavailable, merge
+from blyanproxy.state import (
+    FleetState,
+    JsonFileStore,
+    StateError,
+    StoreUnavailable,
+    merge,
+)
 
 
 def node(index, **kwargs):
