@@ -3,7 +3,9 @@
 Every route needs the admin token (``X-Admin-Token`` or ``Authorization:
 Bearer``), compared in constant time; a token in the query string is refused,
 and an address that keeps failing is refused with 429 for a while. Every
-change is saved (through the ``FleetKeeper``) before the answer is sent.
+change is taken by the state store (through the ``FleetKeeper``) before it is
+applied and answered; a store that cannot take it (etcd unreachable, disk
+refusing) gets 503 ``state_store_unavailable`` and the change is not applied.
 Errors share the proxy's JSON shape; unknown routes are 404 and wrong
 methods 405 with ``Allow``.
 """
@@ -16,6 +18,7 @@ from pathlib import Path
 from klein import Klein
 from werkzeug.exceptions import HTTPException
 
+from . import fleetedit
 from .adminauth import FailureThrottle, presented_token, token_matches
 from .errors import ProxyError
 from .logs import logger
@@ -27,6 +30,7 @@ from .nodeinput import (
     strict_index,
 )
 from .nodes import Node, new_node_id
+from .state import StoreConflict, StoreUnavailable
 from .views import active_index, node_view, nodes_view
 
 log = logger("admin")
@@ -96,10 +100,22 @@ class AdminAPI:
     def _view(self, node: Node) -> dict:
         return node_view(node, self._registry.stats(node.id), self._clock.seconds())
 
-    def _saved(self) -> None:
-        """Refuse to report success for a change the state file did not take."""
-        if self._keeper is not None and not self._keeper.last_save_ok:
-            raise ProxyError(503, "state_not_saved", "the change is live but could not be saved; see the log")
+    def _edit(self, change):
+        """Apply a ``fleetedit`` change through the keeper; store and input failures become ``ProxyError``."""
+
+        def refused(failure):
+            error = failure.value
+            if failure.check(StoreUnavailable):
+                raise ProxyError(503, "state_store_unavailable", f"the change was not applied: {error}")
+            if failure.check(StoreConflict):
+                raise ProxyError(409, "conflict", "the fleet kept changing in other processes; try again")
+            if failure.check(KeyError):
+                raise ProxyError(404, "node_not_found", "Node not found")
+            if failure.check(ValueError):
+                raise ProxyError(409, "duplicate_node", f"baseURL: {error}")
+            return failure
+
+        return self._keeper.edit(change).addErrback(refused)
 
     @app.handle_errors(ProxyError)
     def _proxy_error(self, request, failure):
@@ -165,13 +181,12 @@ class AdminAPI:
         self._authorize(request)
         fields = new_node_fields(self._body(request))
         node = Node(id=new_node_id(), added_at=self._clock.seconds(), **fields)
-        try:
-            self._registry.add(node)
-        except ValueError as exc:
-            raise ProxyError(409, "duplicate_node", f"baseURL: {exc}") from None
-        self._saved()
-        log.info("node {name} added by {client}", name=node.name, client=self._client(request))
-        return self._json(request, {"success": True, "node": self._view(node)})
+
+        def added(_):
+            log.info("node {name} added by {client}", name=node.name, client=self._client(request))
+            return self._json(request, {"success": True, "node": self._view(self._node(node.id))})
+
+        return self._edit(fleetedit.add_node(node)).addCallback(added)
 
     @app.route("/nodes/<node_id>", methods=["GET"])
     def get_node(self, request, node_id):
@@ -183,27 +198,37 @@ class AdminAPI:
         self._authorize(request)
         self._node(node_id)
         changes = node_changes(self._body(request))
-        node = self._registry.update(node_id, **changes) if changes else self._node(node_id)
-        self._saved()
-        log.info("node {name} changed by {client}: {fields}", name=node.name, client=self._client(request),
-                 fields=", ".join(sorted(changes)) or "nothing")
-        return self._json(request, {"success": True, "node": self._view(node)})
+
+        def changed(_):
+            node = self._node(node_id)
+            log.info("node {name} changed by {client}: {fields}", name=node.name, client=self._client(request),
+                     fields=", ".join(sorted(changes)) or "nothing")
+            return self._json(request, {"success": True, "node": self._view(node)})
+
+        return self._edit(fleetedit.update_node(node_id, **changes)).addCallback(changed)
 
     @app.route("/nodes/<node_id>", methods=["DELETE"])
     def remove_node(self, request, node_id):
         self._authorize(request)
-        node = self._registry.remove(self._node(node_id).id)
-        self._saved()
-        log.info("node {name} removed by {client}", name=node.name, client=self._client(request))
-        return self._json(request, {"success": True})
+        node = self._node(node_id)
+
+        def removed(_):
+            log.info("node {name} removed by {client}", name=node.name, client=self._client(request))
+            return self._json(request, {"success": True})
+
+        return self._edit(fleetedit.remove_node(node.id)).addCallback(removed)
 
     @app.route("/nodes/<node_id>/drain", methods=["POST"])
     def drain_node(self, request, node_id):
         self._authorize(request)
-        node = self._registry.update(self._node(node_id).id, draining=True)
-        self._saved()
-        log.info("node {name} draining, by {client}", name=node.name, client=self._client(request))
-        return self._json(request, {"success": True, "node": self._view(node)})
+        self._node(node_id)
+
+        def drained(_):
+            node = self._node(node_id)
+            log.info("node {name} draining, by {client}", name=node.name, client=self._client(request))
+            return self._json(request, {"success": True, "node": self._view(node)})
+
+        return self._edit(fleetedit.update_node(node_id, draining=True)).addCallback(drained)
 
     @app.route("/active/<index>", methods=["POST"])
     def set_active_index(self, request, index):
@@ -223,15 +248,13 @@ class AdminAPI:
         return self._set_active(request, self._node(document["id"]).id)
 
     def _set_active(self, request, node_id: str):
-        if self._keeper is not None:
-            self._keeper.change_active(node_id)
-        else:
-            self._registry.active_id = node_id
-        self._saved()
-        log.info("active node set to {node} by {client}", node=self._node(node_id).name,
-                 client=self._client(request))
-        return self._json(request, {"success": True, "activeIndex": active_index(self._registry),
-                                    "activeId": node_id})
+        def done(_):
+            log.info("active node set to {node} by {client}", node=self._node(node_id).name,
+                     client=self._client(request))
+            return self._json(request, {"success": True, "activeIndex": active_index(self._registry),
+                                        "activeId": node_id})
+
+        return self._edit(fleetedit.set_active(node_id)).addCallback(done)
 
     @app.route("/health-check", methods=["POST"])
     def health_check(self, request):
@@ -250,10 +273,9 @@ class AdminAPI:
     def set_policy(self, request):
         self._authorize(request)
         name = policy_name(self._body(request))
-        if self._keeper is not None:
-            self._keeper.change_policy(name)
-        else:
-            self._balancer.policy = name
-        self._saved()
-        log.info("policy set to {policy} by {client}", policy=name, client=self._client(request))
-        return self._json(request, {"success": True, "policy": name})
+
+        def done(_):
+            log.info("policy set to {policy} by {client}", policy=name, client=self._client(request))
+            return self._json(request, {"success": True, "policy": name})
+
+        return self._edit(fleetedit.set_policy(name)).addCallback(done)

@@ -18,6 +18,7 @@ from . import selection
 from .affinity import AffinitySource, parse_affinity_source
 from .nodeurl import parse_base_url
 from .trust import ForwardTrust, parse_forward_trust
+from .storeurl import EtcdLocation, parse_state_store
 
 POLICIES = tuple(selection.POLICIES)
 LOG_LEVELS = {
@@ -67,6 +68,10 @@ class Settings:
     eject_cooldown: float = 10.0
     eject_cooldown_max: float = 300.0
     state_file: str = "./data/proxy_state.json"
+    state_store: Optional[EtcdLocation] = None  # None: the JSON state file
+    etcd_timeout: float = 2.0
+    workers: int = 1
+    worker_stop_timeout: float = 30.0
     nodes: tuple = ()
     connect_timeout: float = 5.0
     proxy_timeout: float = 600.0
@@ -293,6 +298,14 @@ SETTINGS = (
             _milliseconds(0.01), "the longest an ejection lasts"),
     Setting("state_file", "STATE_FILE", "state-file", "./data/proxy_state.json", _text,
             "JSON file holding nodes, active node and policy across restarts"),
+    Setting("state_store", "STATE_STORE", "state-store", "file", parse_state_store,
+            "where the fleet is kept: file (STATE_FILE, one process) or etcd://host:port/prefix (shared)"),
+    Setting("etcd_timeout", "ETCD_TIMEOUT_MS", "etcd-timeout-ms", "2000", _milliseconds(0.01),
+            "timeout of every etcd call, in milliseconds (an admin write past it gets 503)"),
+    Setting("workers", "WORKERS", "workers", "1", _whole(1, 64),
+            "proxy processes accepting on the listening port (above 1 needs STATE_STORE=etcd://...)"),
+    Setting("worker_stop_timeout", "WORKER_STOP_TIMEOUT_MS", "worker-stop-timeout-ms", "30000",
+            _milliseconds(0.01), "how long stopping waits for workers to drain before killing them"),
     Setting("connect_timeout", "CONNECT_TIMEOUT_MS", "connect-timeout-ms", "5000",
             _milliseconds(0.01), "timeout for connecting to a node, in milliseconds"),
     Setting("proxy_timeout", "PROXY_TIMEOUT", "proxy-timeout", "600000", _milliseconds(0.01),
@@ -449,4 +462,20 @@ def settings_from(
     _max_attempts(env, options, values)
     values["listen"] = _listen_value(env, options)
     values["nodes"] = _nodes(env, option_nodes)
-    return Settings(**values)
+    return _check_workers(Settings(**values))
+
+
+def _check_workers(settings: Settings) -> Settings:
+    """Several workers need a shared store and a listening socket they can all accept on."""
+    if settings.workers == 1:
+        return settings
+    if settings.demo:
+        raise ConfigError("WORKERS: --demo runs in one process; set WORKERS=1")
+    if settings.state_store is None:
+        raise ConfigError(
+            f"WORKERS={settings.workers} needs STATE_STORE=etcd://host:port/prefix: "
+            "the state file is written by one process only"
+        )
+    if not settings.listen.startswith(("tcp:", "tcp6:", "unix:")):
+        raise ConfigError("WORKERS: the listening endpoint must be tcp:, tcp6: or unix: (terminate TLS in front)")
+    return settings

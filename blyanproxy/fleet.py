@@ -1,86 +1,139 @@
-"""Keeping the registry and the state file in step: restore at start, save on every change.
+"""Keeping the registry and the state store in step.
 
-Saves happen on node additions, removals and updates, and on runtime changes
-of the active node or the policy; never on health ticks. A save that fails
-(read-only or full disk) is logged and leaves the previous file intact.
+Every admin change is a pure ``fleetedit`` change. ``FleetKeeper.edit`` works
+it out on the fleet as this process knows it, has the store take the result,
+and only then applies it to the ``NodeRegistry`` and the ``Balancer``: a
+change the store refused (``StoreUnavailable``) is not live anywhere. When
+the store answers that another process wrote first (``StoreConflict``), the
+fresh fleet is applied and the change worked out again on it, a few times at
+most. Changes made by other processes arrive through ``apply`` (the etcd
+watch); applying is by difference, so a process's own change, echoed back, is
+applied once. Health state and live counters belong to this process and are
+never stored.
 """
 
 from __future__ import annotations
 
 from typing import Iterable, Optional
 
+from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred, succeed
+
 from .balancer import Balancer
+from .fleetedit import Change
 from .logs import logger
 from .nodes import Node, NodeRegistry
-from .state import FleetState, JsonFileStore, merge
+from .state import FleetState, StoreConflict, merge, node_to_json
 
 log = logger("fleet")
 
+#: How many times a change is worked out again after losing a race to another process.
+EDIT_ATTEMPTS = 10
+
 
 class FleetKeeper:
-    """Restores the fleet from the store and saves it whenever it changes."""
+    """Owns the fleet's durable parts in one process: restore, edit through the store, apply."""
 
-    def __init__(self, registry: NodeRegistry, balancer: Balancer, store: JsonFileStore) -> None:
+    def __init__(self, registry: NodeRegistry, balancer: Balancer, store=None) -> None:
+        """``store``: a ``JsonFileStore``, an ``EtcdStore`` or ``None``; it may be set later."""
         self._registry = registry
         self._balancer = balancer
-        self._store = store
+        self.store = store  # None: changes are kept in memory only
+        self._default_policy = balancer.policy
         self._runtime_policy: Optional[str] = None
-        self._removed: set = set()
-        self.last_save_ok = True
+        self._removed: tuple = ()
+        self._one_at_a_time = DeferredLock()  # this process's own edits never race each other
 
-    def restore(self, declared: Iterable[Node]) -> FleetState:
-        """Load the file (``StateError`` if unusable), merge the declared nodes, fill the registry."""
-        state = merge(declared, self._store.load())
-        for node in state.nodes:
-            self._registry.add(node)
-        self._registry.active_id = state.active_id
-        self._removed = set(state.removed)
-        if state.policy is not None:
-            self._runtime_policy = state.policy
-            self._balancer.policy = state.policy
-        self._registry.listen(self._on_change)
-        self.save()
+    def restore(self, declared: Iterable[Node], saved: Optional[FleetState]) -> FleetState:
+        """Merge the declared nodes into ``saved`` (see ``state.merge``) and apply the result."""
+        state = merge(declared, saved)
+        self.apply(state)
         return state
 
-    def change_policy(self, name: str) -> None:
-        """Use ``name`` from now on and across restarts (``KeyError`` if unknown)."""
-        self._balancer.policy = name
-        self._runtime_policy = name
-        self.save()
+    def restore_from_file(self, store, declared: Iterable[Node]) -> FleetState:
+        """Keep the fleet in the ``JsonFileStore``: load it (``StateError`` if unusable), merge, apply, save."""
+        self.store = store
+        state = self.restore(declared, store.load())
+        store.save(state)
+        return state
 
-    def change_active(self, node_id: Optional[str]) -> None:
-        """Prefer this node under ``active-first`` (``KeyError`` if unknown)."""
-        if node_id is not None and self._registry.get(node_id) is None:
-            raise KeyError(node_id)
-        self._registry.active_id = node_id
-        self.save()
-
-    def _on_change(self, event: str, node: Node) -> None:
-        if event == "removed":
-            if node.declared_by is not None:
-                self._removed.add(node.base_url)
-            if self._registry.active_id == node.id:
-                self._registry.active_id = None
-        elif event == "added":
-            self._removed.discard(node.base_url)
-        self.save()
+    def set_default_policy(self, name: str) -> None:
+        """The policy in force while none is set at run time (``SELECTION_POLICY``, on reload)."""
+        self._default_policy = name
+        if self._runtime_policy is None:
+            self._balancer.policy = name
 
     def snapshot(self) -> FleetState:
-        """The state as it is now."""
+        """The fleet as this process has it now."""
         return FleetState(
             nodes=tuple(self._registry.nodes()),
             active_id=self._registry.active_id,
             policy=self._runtime_policy,
-            removed=tuple(sorted(self._removed)),
+            removed=self._removed,
         )
 
-    def save(self) -> bool:
-        """Write the current state; False (and an error in the log) if the file could not be written."""
+    def edit(self, change: Change) -> Deferred:
+        """Apply ``change`` through the store; fires with the fleet applied.
+
+        Edits of one process are taken one after the other. Fails with the
+        change's own ``KeyError``/``ValueError``, the store's
+        ``StoreUnavailable``, or ``StoreConflict`` after ``EDIT_ATTEMPTS`` lost races.
+        """
+        return self._one_at_a_time.run(self._edit, change, EDIT_ATTEMPTS)
+
+    def _edit(self, change: Change, attempts: int) -> Deferred:
         try:
-            self._store.save(self.snapshot())
-        except OSError as exc:
-            log.error("could not save the fleet to {path}: {why}", path=self._store.path, why=exc.strerror)
-            self.last_save_ok = False
-            return False
-        self.last_save_ok = True
-        return True
+            wanted = change(self.snapshot())
+        except (KeyError, ValueError) as exc:
+            return fail(exc)
+        if self.store is None:
+            self.apply(wanted)
+            return succeed(wanted)
+        committed = maybeDeferred(self.store.commit, wanted)
+
+        def lost_race(failure):
+            failure.trap(StoreConflict)
+            self.apply(failure.value.fresh)
+            if attempts <= 1:
+                return failure
+            log.info("the fleet changed in another process meanwhile; applying the change again")
+            return self._edit(change, attempts - 1)
+
+        committed.addCallbacks(self._applied, lost_race)
+        return committed
+
+    def _applied(self, state: FleetState) -> FleetState:
+        self.apply(state)
+        return state
+
+    def apply(self, state: FleetState) -> None:
+        """Make the registry and the balancer show ``state``: removals first, then changes and additions.
+
+        Live figures of nodes that stay are kept. A node whose base URL is
+        still taken (a swap of URLs between two nodes) is skipped with a warning.
+        """
+        registry = self._registry
+        wanted = {node.id: node for node in state.nodes}
+        for node in registry.nodes():
+            if node.id not in wanted:
+                registry.remove(node.id)
+        for node in state.nodes:
+            current = registry.get(node.id)
+            try:
+                if current is None:
+                    registry.add(node)
+                elif node_to_json(current) != node_to_json(node):
+                    registry.update(node.id, **_settings_of(node))
+            except ValueError as exc:
+                log.warn("could not apply node {name}: {why}", name=node.name, why=str(exc))
+        registry.active_id = state.active_id if registry.get(state.active_id or "") else None
+        self._runtime_policy = state.policy
+        self._removed = tuple(state.removed)
+        self._balancer.policy = state.policy or self._default_policy
+
+
+def _settings_of(node: Node) -> dict:
+    return {
+        "name": node.name, "base_url": node.base_url, "tags": node.tags, "metadata": node.metadata,
+        "weight": node.weight, "draining": node.draining, "tls_verify": node.tls_verify,
+        "added_at": node.added_at, "declared_by": node.declared_by,
+    }

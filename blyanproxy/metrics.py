@@ -9,6 +9,8 @@ and ``/metrics`` show the same numbers.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -59,12 +61,34 @@ class _NodeGauges:
         return list(families.values())
 
 
-class ProxyMetrics:
-    """Every metric family of the proxy, in its own ``CollectorRegistry``."""
+class _WorkerLabel:
+    """Adds a ``worker`` label to every sample of a registry (one scrape shows one worker)."""
 
-    def __init__(self, node_registry, clock) -> None:
+    def __init__(self, registry, worker: str) -> None:
+        self._registry = registry
+        self._worker = worker
+
+    def collect(self):
+        for family in self._registry.collect():
+            family.samples = [sample._replace(labels={**sample.labels, "worker": self._worker})
+                              for sample in family.samples]
+            yield family
+
+
+class ProxyMetrics:
+    """Every metric family of the proxy, in its own ``CollectorRegistry``.
+
+    In a worker process (``worker`` = its number) every sample carries a
+    ``worker`` label and ``blyan_worker_info`` names the process's pid.
+    """
+
+    def __init__(self, node_registry, clock, worker: Optional[int] = None, pid: int = 0) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self._scraped = r if worker is None else _WorkerLabel(r, str(worker))
+        if worker is not None:
+            Gauge("blyan_worker_info", "This worker process (the worker label is on every sample)", ["pid"],
+                  registry=r).labels(str(pid)).set(1)
         self.requests = Counter("blyan_requests", "Finished requests", ["node", "status_class", "ended"], registry=r)
         self.ttfb = Histogram("blyan_time_to_first_byte_seconds", "Request start to the node's response head",
                               ["node"], buckets=_LATENCY_BUCKETS, registry=r)
@@ -123,7 +147,7 @@ class ProxyMetrics:
 
     def render(self) -> bytes:
         """The scrape, in Prometheus text format."""
-        return generate_latest(self.registry)
+        return generate_latest(self._scraped)
 
 
 class MetricsResource(Resource):

@@ -75,24 +75,29 @@ def restart_needed(old: Settings, new: Settings) -> List[str]:
     return names
 
 
-def apply_plan(registry: NodeRegistry, plan: NodePlan) -> None:
-    """Carry out ``plan`` (removals first, so a URL a removed node held is free)."""
-    for node in plan.remove:
-        # No longer declared is not "removed at run time": clear the declaration first,
-        # so the fleet keeper does not remember the URL as removed.
-        registry.update(node.id, declared_by=None)
-        registry.remove(node.id)
-    for node_id, changes in plan.update:
-        registry.update(node_id, **changes)
-    for node in plan.add:
-        registry.add(node)
+def fleet_after(state: FleetState, plan: NodePlan) -> FleetState:
+    """The fleet with ``plan`` carried out (a fleet edit for ``FleetKeeper.edit``).
+
+    A node no longer declared is dropped without being remembered as removed
+    at run time, so declaring its URL again brings it back.
+    """
+    gone = {node.id for node in plan.remove}
+    changes = dict(plan.update)
+    nodes = [attrs.evolve(node, **changes[node.id]) if node.id in changes else node
+             for node in state.nodes if node.id not in gone]
+    return attrs.evolve(
+        state,
+        nodes=tuple(nodes) + tuple(plan.add),
+        active_id=None if state.active_id in gone else state.active_id,
+    )
 
 
 class Reloader:
     """Re-reads the settings (``load``) and applies what can change live to the running proxy.
 
     ``make_node`` turns a ``NodeSpec`` into a new registry ``Node``; ``keeper``
-    (a ``FleetKeeper`` or None) knows the runtime removals and policy.
+    (the ``FleetKeeper``) knows the runtime removals and policy, and carries
+    the node changes out through the state store.
     """
 
     def __init__(self, settings: Settings, load: Callable[[], Settings], registry: NodeRegistry, balancer,
@@ -112,12 +117,13 @@ class Reloader:
         except ConfigError as problem:
             log.error("reload: {problem}; nothing changed", problem=str(problem))
             return False
-        runtime = self._keeper.snapshot() if self._keeper is not None else FleetState()
+        runtime = self._keeper.snapshot()
         plan = plan_nodes(self._registry.nodes(), runtime.removed, [self._make_node(s) for s in new.nodes])
-        try:
-            apply_plan(self._registry, plan)
-        except (KeyError, ValueError) as problem:  # the registry changed under us: report, keep going
-            log.error("reload: could not apply the nodes: {problem}", problem=str(problem))
+        if plan:
+            # Through the keeper: saved (or shared through etcd) like an admin change.
+            self._keeper.edit(lambda state: fleet_after(state, plan)).addErrback(
+                lambda failure: log.error("reload: could not apply the nodes: {problem}",
+                                          problem=failure.getErrorMessage()))
         for name in restart_needed(self.settings, new):
             log.warn("reload: {name} changed; restart to apply", name=name)
         self._apply_policy(new.selection_policy, runtime.policy)
@@ -138,5 +144,5 @@ class Reloader:
             log.warn("reload: SELECTION_POLICY changed, but the policy set at run time ({policy}) stays",
                      policy=runtime_policy)
             return
-        self._balancer.policy = policy
+        self._keeper.set_default_policy(policy)
         log.info("reload: policy {policy}", policy=policy)

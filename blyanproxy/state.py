@@ -31,6 +31,7 @@ import shutil
 from typing import Iterable, List, Optional, Tuple
 
 import attrs
+from twisted.internet.defer import Deferred, fail, succeed
 
 from .logs import logger
 from .nodes import Node, new_node_id
@@ -44,6 +45,21 @@ FORMAT_VERSION = 1
 
 class StateError(Exception):
     """The state file cannot be used; the message names the file and the problem."""
+
+
+class StoreUnavailable(Exception):
+    """The state store did not take a change (disk refused, etcd unreachable or too slow).
+
+    Nothing of the change is applied; the message says why (never a secret).
+    """
+
+
+class StoreConflict(Exception):
+    """Another process changed the fleet first; ``fresh`` is the fleet as the store now holds it."""
+
+    def __init__(self, fresh: "FleetState") -> None:
+        super().__init__("the fleet changed meanwhile")
+        self.fresh = fresh
 
 
 @attrs.frozen
@@ -180,7 +196,13 @@ def merge(declared: Iterable[Node], saved: Optional[FleetState]) -> FleetState:
 
 
 class JsonFileStore:
-    """The ``StateStore`` kept in one JSON file (see the module docstring)."""
+    """The ``StateStore`` kept in one JSON file (see the module docstring).
+
+    A store offers ``commit(state) -> Deferred[FleetState]``: it fires with the
+    fleet to apply once the store holds ``state``, or fails with
+    ``StoreUnavailable`` (nothing was written) or ``StoreConflict``. This one
+    writes at once and never conflicts: it serves one process.
+    """
 
     def __init__(self, path: str, clock) -> None:
         self.path = path
@@ -225,6 +247,15 @@ class JsonFileStore:
             raise StateError(f"state file {path} is not valid JSON: {exc}") from None
         except ValueError as exc:
             raise StateError(f"state file {path} cannot be used: {exc}") from None
+
+    def commit(self, state: FleetState) -> Deferred:
+        """Save ``state``; fails with ``StoreUnavailable`` when the file cannot be written."""
+        try:
+            self.save(state)
+        except OSError as exc:
+            log.error("could not save the fleet to {path}: {why}", path=self.path, why=exc.strerror)
+            return fail(StoreUnavailable(f"the state file could not be written ({exc.strerror})"))
+        return succeed(state)
 
     def save(self, state: FleetState) -> None:
         """Write ``state`` atomically; ``OSError`` if the directory refuses (nothing half-written).

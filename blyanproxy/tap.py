@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
+import sys
 from typing import Optional
 
 import attrs
 from twisted.application import strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import LoopingCall
@@ -31,6 +34,7 @@ from .config import (
 from .discovery import WorkloadDirectory
 from .drain import ConnectionTracker, Drainer
 from .envfile import load_settings
+from .etcdstore import EtcdStore
 from .fleet import FleetKeeper
 from .health import HealthMonitor, probe_client
 from .healthstate import HealthRules
@@ -49,6 +53,13 @@ from .traffic import TrafficRecorder
 from .upstream import NodeEndpoints, NodeTLSPolicy, load_trust_root
 from .workloads import NodeAddressing
 from .workloadsapi import workloads_client
+from .workers import (
+    ParentWatch,
+    WorkerRole,
+    WorkerSupervisor,
+    worker_endpoint,
+    worker_role,
+)
 
 log = logger("tap")
 
@@ -81,6 +92,14 @@ class Options(usage.Options):
     def opt_node(self, value: str) -> None:
         """Add a node: name|url[|weight=N|tags=a,b|tls_verify=false] (repeatable)."""
         self.node_options.append(value)
+
+    def worker_arguments(self) -> list:
+        """The ``blyan-proxy`` arguments a worker process gets: these options but ``--workers``."""
+        given = [
+            f"--{name}={self[name]}" for name, *_ in self.optParameters
+            if name != "workers" and self[name] is not None
+        ]
+        return given + [f"--node={value}" for value in self.node_options]
 
     def postOptions(self) -> None:
         try:
@@ -172,17 +191,20 @@ class ProxyParts:
     balancer: Balancer
     pool: UpstreamPool
     health: HealthMonitor
-    keeper: Optional[FleetKeeper]
+    keeper: FleetKeeper
     metrics: ProxyMetrics
     directory: Optional[WorkloadDirectory] = None
+    store_service: Optional[EtcdStore] = None  # started with the proxy when the fleet is in etcd
 
 
-def build_proxy(settings: Settings, reactor, persist: bool = True) -> ProxyParts:
+def build_proxy(settings: Settings, reactor, persist: bool = True, worker: Optional[int] = None) -> ProxyParts:
     """Build the proxy's parts for ``settings``.
 
-    With ``persist`` (and not in demo mode) the fleet is restored from
-    ``STATE_FILE`` and saved on every change; ``StateError`` if the file is
-    unusable. Otherwise the declared nodes are all there is.
+    With ``persist`` (and not in demo mode) the fleet is kept in the state
+    store: restored from ``STATE_FILE`` now (``StateError`` if the file is
+    unusable), or from etcd once ``store_service`` runs (until then the
+    declared nodes serve). Otherwise changes live in memory. ``worker`` is the
+    number of a worker process (``--workers``), shown in its metrics.
     """
     registry = NodeRegistry()
     declared = [node_from_spec(spec, reactor.seconds()) for spec in settings.nodes]
@@ -204,18 +226,23 @@ def build_proxy(settings: Settings, reactor, persist: bool = True) -> ProxyParts
         cooldown_cap=settings.eject_cooldown_max,
     )
     balancer = Balancer(registry, reactor, settings.selection_policy, rules, settings.affinity_load_factor)
-    keeper = None
-    if persist and not settings.demo:
-        keeper = FleetKeeper(registry, balancer, JsonFileStore(settings.state_file, reactor))
-        keeper.restore(declared)
+    keeper = FleetKeeper(registry, balancer)
+    store_service = None
+    if not persist or settings.demo:
+        keeper.restore(declared, None)
+    elif settings.state_store is None:
+        keeper.restore_from_file(JsonFileStore(settings.state_file, reactor), declared)
     else:
-        for node in declared:
-            registry.add(node)
+        store_service = keeper.store = EtcdStore(
+            reactor, settings.state_store, settings.etcd_timeout, declared,
+            identity=f"{socket.gethostname()}:{os.getpid()}", on_change=keeper.apply,
+        )
+        keeper.restore(declared, None)
     health = HealthMonitor(
         registry, probe_client(reactor, endpoints), reactor, settings.health_interval, settings.health_timeout,
         settings.health_paths, settings.health_statuses, rules,
     )
-    metrics = ProxyMetrics(registry, reactor)
+    metrics = ProxyMetrics(registry, reactor, worker, os.getpid())
     health.on_probe = metrics.probe
     recorder = TrafficRecorder(metrics, settings.access_log)
     directory = build_directory(settings, reactor, rules, trust_root, metrics) if settings.api_url else None
@@ -243,7 +270,7 @@ def build_proxy(settings: Settings, reactor, persist: bool = True) -> ProxyParts
     site = ProxySite(root, settings.max_body_bytes, reactor=reactor)
     return ProxyParts(
         site=site, registry=registry, balancer=balancer, pool=pool, health=health, keeper=keeper,
-        metrics=metrics, directory=directory,
+        metrics=metrics, directory=directory, store_service=store_service,
     )
 
 
@@ -264,8 +291,18 @@ def build_directory(settings: Settings, reactor, rules: HealthRules, trust_root,
     )
 
 
-def make_proxy_service(settings: Settings, reactor, reload_settings=None) -> MultiService:
-    """Every service of one proxy process, under one ``Drainer`` (the graceful stop).
+def _final_save(keeper: FleetKeeper):
+    """What the drain runs before the process exits: rewrite the state file (etcd and
+    memory fleets need nothing, every change is committed as it is made)."""
+    store = keeper.store
+    if isinstance(store, JsonFileStore):
+        return lambda: store.save(keeper.snapshot())
+    return None
+
+
+def make_proxy_service(settings: Settings, reactor, reload_settings=None,
+                       role: Optional[WorkerRole] = None) -> MultiService:
+    """Every service of one proxy process (a worker when ``role`` is given), under one ``Drainer``.
 
     ``reload_settings`` (a callable returning fresh ``Settings``) makes SIGHUP
     reload them; with it, SIGTERM and SIGHUP get the proxy's handlers.
@@ -273,14 +310,16 @@ def make_proxy_service(settings: Settings, reactor, reload_settings=None) -> Mul
     set_log_level(settings.log_level)
     set_log_format(settings.log_format)
     try:
-        parts = build_proxy(settings, reactor)
+        parts = build_proxy(settings, reactor, worker=role.index if role else None)
     except (StateError, ValueError, OSError) as problem:
         raise SystemExit(f"blyan-proxy: {problem}") from None
     if settings.demo:
         log.info("demo mode: the fleet is not saved to {path}", path=settings.state_file)
     connections = ConnectionTracker(parts.site)
-    top = Drainer(connections, reactor, settings.drain_grace, parts.keeper.save if parts.keeper else None)
+    top = Drainer(connections, reactor, settings.drain_grace, _final_save(parts.keeper))
     UpstreamPoolService(parts.pool, reactor, settings.pool_idle_timeout).setServiceParent(top)
+    if parts.store_service is not None:
+        parts.store_service.setServiceParent(top)
     if settings.demo:
         DemoNodesService(reactor, parts.registry, settings.demo).setServiceParent(top)
     parts.health.setServiceParent(top)
@@ -290,19 +329,41 @@ def make_proxy_service(settings: Settings, reactor, reload_settings=None) -> Mul
         reloader = Reloader(settings, reload_settings, parts.registry, parts.balancer, parts.keeper,
                             lambda spec: node_from_spec(spec, reactor.seconds()))
         ProcessSignals(reactor, reloader.reload).setServiceParent(top)
-    top.add_listener(strports.service(settings.listen, connections, reactor=reactor))
+    if role is None:
+        top.add_listener(strports.service(settings.listen, connections, reactor=reactor))
+    else:
+        top.add_listener(StreamServerEndpointService(worker_endpoint(reactor, role), connections))
+        reactor.addReader(ParentWatch(reactor))
     log.info(
-        "blyan-proxy on {listen}: {count} node(s), policy {policy}",
-        listen=settings.listen, count=len(settings.nodes) + settings.demo, policy=settings.selection_policy,
+        "blyan-proxy on {listen}{worker}: {count} node(s), policy {policy}",
+        listen=settings.listen, worker=f" (worker {role.index})" if role else "",
+        count=len(settings.nodes) + settings.demo, policy=settings.selection_policy,
     )
     return top
 
 
-def makeService(options: Options) -> MultiService:
-    """twistd's entry point."""
+def make_supervisor_service(settings: Settings, reactor, arguments: list) -> WorkerSupervisor:
+    """The ``--workers N`` supervisor: workers run ``twistd -n blyan-proxy`` with ``arguments``."""
+    set_log_level(settings.log_level)
+    set_log_format(settings.log_format)
+    try:  # the token file is written once here, not raced by the workers
+        load_or_create_token(settings.admin_token, settings.admin_token_file, settings.state_file)
+    except (ValueError, OSError) as problem:
+        raise SystemExit(f"blyan-proxy: {problem}") from None
+    argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+            "blyan-proxy", *arguments]
+    return WorkerSupervisor(reactor, settings.listen, settings.workers, argv, os.environ,
+                            settings.worker_stop_timeout)
+
+
+def makeService(options: Options):
+    """twistd's entry point: one proxy, a worker, or the supervisor of ``WORKERS`` workers."""
     from twisted.internet import reactor
 
     def reload_settings() -> Settings:
         return load_settings(os.environ, options, options.node_options)
 
-    return make_proxy_service(options.settings, reactor, reload_settings)
+    role = worker_role(os.environ)
+    if role is None and options.settings.workers > 1:
+        return make_supervisor_service(options.settings, reactor, options.worker_arguments())
+    return make_proxy_service(options.settings, reactor, reload_settings, role)

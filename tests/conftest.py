@@ -38,6 +38,8 @@ class RunningProxy:
             return
         self.stopped = True
         await self.port.stopListening()
+        if self.parts.store_service is not None and self.parts.store_service.running:
+            await self.parts.store_service.stopService()
         if self.parts.health.running:
             await self.parts.health.stopService()
         if self.parts.directory is not None and self.parts.directory.running:
@@ -53,7 +55,8 @@ def proxy_factory(reactor):
     **settings)``.
 
     Active health checks run only when asked for; with ``persist`` the fleet is kept in
-    ``state_file`` (pass one under ``tmp_path``). Everything is stopped at teardown.
+    ``state_file`` (pass one under ``tmp_path``) or, with ``state_store``, in etcd (the
+    store's service is started). Everything is stopped at teardown.
     """
     running = []
 
@@ -70,6 +73,8 @@ def proxy_factory(reactor):
             parts.health.startService()
         if parts.directory is not None:
             parts.directory.startService()
+        if parts.store_service is not None:
+            parts.store_service.startService()
         running.append(proxy)
         return proxy
 

@@ -7,6 +7,7 @@ from twisted.internet.task import Clock
 from blyanproxy.balancer import Balancer
 from blyanproxy.config import ConfigError, Settings
 from blyanproxy.envfile import load_settings, parse_env_file
+from blyanproxy import fleetedit
 from blyanproxy.fleet import FleetKeeper
 from blyanproxy.logs import set_log_level
 from blyanproxy.nodes import Node, NodeRegistry
@@ -106,8 +107,9 @@ class Fleet:
         settings = self.load()
         self.registry = NodeRegistry()
         self.balancer = Balancer(self.registry, self.clock, settings.selection_policy)
-        self.keeper = FleetKeeper(self.registry, self.balancer, JsonFileStore(str(tmp_path / "s.json"), self.clock))
-        self.keeper.restore([node_from_spec(s, 0.0) for s in settings.nodes])
+        self.keeper = FleetKeeper(self.registry, self.balancer)
+        self.keeper.restore_from_file(JsonFileStore(str(tmp_path / "s.json"), self.clock),
+                                      [node_from_spec(s, 0.0) for s in settings.nodes])
         self.reloader = Reloader(settings, self.load, self.registry, self.balancer, self.keeper,
                                  lambda spec: node_from_spec(spec, self.clock.seconds()))
 
@@ -161,8 +163,8 @@ def test_a_bad_file_changes_nothing(tmp_path):
 
 def test_a_runtime_removal_and_a_runtime_policy_survive_a_reload(tmp_path):
     fleet = Fleet(tmp_path, f"NODE_0={A}\nNODE_1={B}\n")
-    fleet.registry.remove(fleet.registry.nodes()[1].id)  # as the admin API does
-    fleet.keeper.change_policy("least-inflight")
+    fleet.keeper.edit(fleetedit.remove_node(fleet.registry.nodes()[1].id))  # as the admin API does
+    fleet.keeper.edit(fleetedit.set_policy("least-inflight"))
     assert fleet.reload(f"NODE_0={A}\nNODE_1={B}\nSELECTION_POLICY=round-robin\n")
     assert fleet.names() == ["a"]
     assert fleet.balancer.policy == "least-inflight"

@@ -9,11 +9,25 @@ import time
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
 from blyanproxy.balancer import Balancer
 from blyanproxy.fleet import FleetKeeper
+from blyanproxy.fleetedit import (
+    add_node,
+    remove_node,
+    set_active,
+    set_policy,
+    update_node,
+)
 from blyanproxy.nodes import Node, NodeRegistry
-from blyanproxy.state import FleetState, JsonFileStore, StateError, merge
+from blyanproxy.state import (
+    FleetState,
+    JsonFileStore,
+    StateError,
+    StoreUnavailable,
+    merge,
+)
 
 
 def node(index, **kwargs):
@@ -23,9 +37,25 @@ def node(index, **kwargs):
 def keeper_on(path, declared=(), policy="active-first"):
     registry = NodeRegistry()
     balancer = Balancer(registry, Clock(), policy)
-    keeper = FleetKeeper(registry, balancer, JsonFileStore(str(path), Clock()))
-    keeper.restore(list(declared))
+    keeper = FleetKeeper(registry, balancer)
+    keeper.restore_from_file(JsonFileStore(str(path), Clock()), list(declared))
     return keeper, registry, balancer
+
+
+def edited(keeper, change):
+    """Apply a change through the keeper (a file store answers at once); the resulting fleet."""
+    results = []
+    keeper.edit(change).addBoth(results.append)
+    assert results and not isinstance(results[0], Failure), results
+    return results[0]
+
+
+def refused(keeper, change):
+    """Apply a change the store must refuse; the exception."""
+    results = []
+    keeper.edit(change).addBoth(results.append)
+    assert results and isinstance(results[0], Failure), results
+    return results[0].value
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -101,7 +131,7 @@ def test_a_damaged_file_stops_start_up_and_is_never_overwritten(tmp_path, conten
 def test_a_damaged_file_falls_back_to_its_backup(tmp_path):
     path = tmp_path / "state.json"
     keeper, registry, _ = keeper_on(path, [node(1)])
-    registry.add(node(2))  # a second save: the first one becomes the backup
+    edited(keeper, add_node(node(2)))  # a second save: the first one becomes the backup
     path.write_bytes(b"garbage")
     _, restored, _ = keeper_on(path)
     assert [n.id for n in restored.nodes()] == ["n1"]
@@ -110,11 +140,11 @@ def test_a_damaged_file_falls_back_to_its_backup(tmp_path):
 def test_runtime_changes_survive_a_restart(tmp_path):
     path = tmp_path / "state.json"
     keeper, registry, balancer = keeper_on(path, [node(1), node(2, declared_by="NODE_2")])
-    registry.add(node(3, metadata={"note": "added at run time"}))
-    registry.update("n1", draining=True)
-    registry.remove("n2")
-    keeper.change_active("n3")
-    keeper.change_policy("least-inflight")
+    edited(keeper, add_node(node(3, metadata={"note": "added at run time"})))
+    edited(keeper, update_node("n1", draining=True))
+    edited(keeper, remove_node("n2"))
+    edited(keeper, set_active("n3"))
+    edited(keeper, set_policy("least-inflight"))
     _, restored, balancer = keeper_on(path, [node(1), node(2, declared_by="NODE_2")])
     assert [n.id for n in restored.nodes()] == ["n1", "n3"]
     assert restored.get("n1").draining and restored.get("n3").metadata == {"note": "added at run time"}
@@ -124,10 +154,10 @@ def test_runtime_changes_survive_a_restart(tmp_path):
 
 def test_removing_another_node_never_changes_the_active_one(tmp_path):
     keeper, registry, _ = keeper_on(tmp_path / "s.json", [node(1), node(2), node(3)])
-    keeper.change_active("n3")
-    registry.remove("n1")
+    edited(keeper, set_active("n3"))
+    edited(keeper, remove_node("n1"))
     assert registry.active_id == "n3"
-    registry.remove("n3")
+    edited(keeper, remove_node("n3"))
     assert registry.active_id is None
 
 
@@ -138,10 +168,11 @@ def test_an_unwritable_directory_keeps_the_last_good_file(tmp_path):
     before = (tmp_path / "state.json").read_bytes()
     tmp_path.chmod(0o500)
     try:
-        assert keeper.save() is False
+        assert isinstance(refused(keeper, add_node(node(2))), StoreUnavailable)
     finally:
         tmp_path.chmod(0o700)
     assert (tmp_path / "state.json").read_bytes() == before
+    assert [n.id for n in registry.nodes()] == ["n1"]  # a change the store refused is not applied
 
 
 def test_a_full_disk_keeps_the_last_good_file(tmp_path, monkeypatch):
@@ -152,8 +183,9 @@ def test_a_full_disk_keeps_the_last_good_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full)
-    assert keeper.save() is False
+    assert "No space left on device" in str(refused(keeper, add_node(node(2))))
     assert (tmp_path / "state.json").read_bytes() == before
+    assert [n.id for n in registry.nodes()] == ["n1"]
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temporary file left
 
 
@@ -196,12 +228,12 @@ def test_sigkill_while_saving_leaves_the_last_completed_save(tmp_path):
 def test_falling_back_to_the_backup_keeps_both_the_damaged_file_and_the_backup(tmp_path):
     path = tmp_path / "state.json"
     keeper, registry, _ = keeper_on(path, [node(1)])
-    registry.add(node(2))
+    edited(keeper, add_node(node(2)))
     good_backup = (tmp_path / "state.json.bak").read_bytes()
     path.write_bytes(b"garbage")
     keeper, registry, _ = keeper_on(path)
-    registry.add(node(5))  # more saves after the fallback
-    registry.add(node(6))
+    edited(keeper, add_node(node(5)))  # more saves after the fallback
+    edited(keeper, add_node(node(6)))
     aside = [p for p in tmp_path.iterdir() if ".damaged-" in p.name]
     assert len(aside) == 1 and aside[0].read_bytes() == b"garbage"
     assert json.loads(good_backup)["nodes"][0]["id"] == "n1"

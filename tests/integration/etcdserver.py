@@ -1,0 +1,79 @@
+"""A real etcd for tests: a child process on free loopback ports with its data in a temporary directory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.request
+import uuid
+
+from blyanproxy.storeurl import parse_state_store
+
+from .processes import free_port
+from .tools import require_program
+
+START_TIMEOUT = 20.0
+
+
+class EtcdServer:
+    """One etcd member; ``start()`` waits until it answers, ``stop()`` ends it by its PID."""
+
+    def __init__(self, data_dir) -> None:
+        self.program = require_program("etcd")
+        self.data_dir = str(data_dir)
+        self.client_port = free_port()
+        self.peer_port = free_port()
+        self.url = f"http://127.0.0.1:{self.client_port}"
+        self.process = None
+        self.log = None
+
+    def start(self) -> "EtcdServer":
+        """Start (or start again, on the same ports and data) and wait until etcd answers."""
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        argv = [
+            self.program, "--name", "test", "--data-dir", self.data_dir,
+            "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"test={peer}",
+        ]
+        self.log = open(f"{self.data_dir}.log", "ab")
+        self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"etcd exited with {self.process.returncode}; see {self.data_dir}.log")
+            try:
+                self.request("kv/range", {"key": "AA=="})
+                return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"etcd did not answer within {START_TIMEOUT} s")
+
+    def request(self, path: str, body: dict) -> dict:
+        """A blocking call to the JSON gateway (for set-up and checks only)."""
+        data = json.dumps(body).encode()
+        with urllib.request.urlopen(f"{self.url}/v3/{path}", data=data, timeout=2) as response:
+            return json.loads(response.read())
+
+    def store_url(self) -> str:
+        """A ``STATE_STORE`` value with a prefix of its own (tests sharing a server never meet)."""
+        return f"etcd://127.0.0.1:{self.client_port}/test-{uuid.uuid4().hex[:12]}"
+
+    def stop(self) -> None:
+        """Stop etcd (SIGTERM, then SIGKILL after 10 s) and wait for it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        if self.log is not None:
+            self.log.close()
+
+
+def location(store_url: str):
+    """The ``EtcdLocation`` of a ``STATE_STORE`` value."""
+    return parse_state_store(store_url)
