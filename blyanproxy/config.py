@@ -95,6 +95,10 @@ class Settings:
 # --- value parsers: text -> value, raising ValueError with the reason -------
 
 
+#: The longest duration a setting takes (about 31 years): longer ones are typing mistakes.
+MAX_MILLISECONDS = 10**12
+
+
 def _milliseconds(minimum: float = 0.0) -> Callable[[str], float]:
     def parse(text: str) -> float:
         if not re.fullmatch(r"\d+(\.\d+)?", text.strip()):
@@ -102,6 +106,8 @@ def _milliseconds(minimum: float = 0.0) -> Callable[[str], float]:
         value = float(text) / 1000.0
         if value < minimum:
             raise ValueError(f"must be at least {minimum * 1000:g} ms")
+        if not value * 1000.0 <= MAX_MILLISECONDS:
+            raise ValueError(f"must be at most {MAX_MILLISECONDS} ms")
         return value
 
     return parse
