@@ -20,7 +20,7 @@ from .healthstate import (
 )
 from .logs import logger
 from .nodes import Node, NodeRegistry, NodeStats
-from .routing import Route
+from .routing import Route, route_allows
 from .selection import POLICIES, Candidate, Turn
 
 log = logger("balancer")
@@ -70,7 +70,8 @@ class Balancer:
     """Hands out leases on usable nodes, chosen by the current selection policy.
 
     Usable: not draining, not excluded for this request, not known to be down
-    and not ejected (``healthstate.usable``). A route with an affinity key goes
+    and not ejected (``healthstate.usable``), and the node a route names, if it
+    names one (``?api=``). A route with an affinity key goes
     to that key's node (``affinity.choose_by_key``) instead of the policy's.
     ``policy`` (a name from ``selection.POLICIES``) may change at run time.
     """
@@ -94,13 +95,17 @@ class Balancer:
         self._choose = POLICIES[name]
         self._policy_name = name
 
+    def serves(self, route: Route) -> bool:
+        """Whether some registered node, usable or not, may take ``route`` (``?api=`` names one)."""
+        return route.node is None or any(route_allows(route, node) for node in self._registry.nodes())
+
     def acquire(self, route: Route, excluded: FrozenSet[str]) -> Optional[Lease]:
         """A lease on the node chosen for ``route``, or ``None`` when no node can take it."""
         registry = self._registry
         now = self._clock.seconds()
         candidates = []
         for node in registry.nodes():
-            if node.id in excluded or node.draining:
+            if node.id in excluded or node.draining or not route_allows(route, node):
                 continue
             stats = registry.stats(node.id)
             if usable(stats.health, now):

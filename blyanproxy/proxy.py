@@ -345,6 +345,8 @@ class ProxyResource(Resource):
         request.defaultContentType = None
         try:
             route = parse_route(request.uri)
+            if not self.balancer.serves(route):
+                raise ProxyError(404, "node_not_found", "no registered node has the id or name api= gives")
         except ProxyError as err:
             write_error(request, err)
             return NOT_DONE_YET
