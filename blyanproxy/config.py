@@ -70,6 +70,7 @@ class Settings:
     connect_timeout: float = 5.0
     proxy_timeout: float = 600.0
     idle_timeout: float = 300.0
+    header_timeout: float = 30.0
     sse_keepalive: float = 15.0
     max_attempts: int = 3
     retry_delay: float = 0.0
@@ -291,6 +292,8 @@ SETTINGS = (
             "milliseconds to wait for a node's response headers"),
     Setting("idle_timeout", "IDLE_TIMEOUT_MS", "idle-timeout-ms", "300000", _milliseconds(0.01),
             "milliseconds a response body may stay silent before it is cut"),
+    Setting("header_timeout", "HEADER_TIMEOUT_MS", "header-timeout-ms", "30000", _milliseconds(0.01),
+            "milliseconds a client has to send a whole request head (408 after)"),
     Setting("sse_keepalive", "SSE_KEEPALIVE_MS", "sse-keepalive-ms", "15000", _milliseconds(),
             "idle milliseconds before an SSE comment keeps a stream alive (0: off)"),
     Setting("max_attempts", "MAX_ATTEMPTS", "max-attempts", "3", _whole(1, 20),
