@@ -218,7 +218,7 @@ def parse_node(text: str, source: str) -> NodeSpec:
     if len(fields) < 2:
         raise ValueError("expected name|url")
     name, url = fields[0].strip(), fields[1].strip()
-    if not name or len(name) > 128 or _NAME_FORBIDDEN.search(name):
+    if not name or len(name) > 128 or _NAME_FORBIDDEN.search(name) or not name.isprintable():
         raise ValueError("the name must be 1 to 128 printable characters")
     try:
         base = parse_base_url(url)

@@ -43,7 +43,8 @@ def _object(document: Any, allowed: set) -> Dict[str, Any]:
 
 
 def _name(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip() or len(value) > 128 or _NAME_FORBIDDEN.search(value):
+    if (not isinstance(value, str) or not value.strip() or len(value) > 128 or _NAME_FORBIDDEN.search(value)
+            or not value.isprintable()):  # Unicode line and paragraph separators would split log lines
         raise invalid("name", "must be 1 to 128 printable characters, without '|'")
     return value.strip()
 

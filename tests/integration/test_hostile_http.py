@@ -150,3 +150,48 @@ async def test_keep_alive_requests_each_get_the_full_head_deadline(reactor, capt
     received = await client.wait_closed(timeout=5)  # then idle past the deadline: closed with a 408
     assert statuses(received) == [200] * 6 + [408]
 
+
+HOSTILE_FIELDS = [
+    {"name": "a\r\nX-Injected: 1"},
+    {"name": "a\nX-Injected: 1"},
+    {"name": "a\u2028X-Injected: 1"},
+    {"name": "a\x85X-Injected: 1"},
+    {"name": "a\x00b"},
+    {"tags": ["a\r\nX-Injected: 1"]},
+    {"tags": ["ok", "a b"]},
+    {"metadata": {"healthPath": "/health\r\nX-Injected: 1"}},
+    {"metadata": {"note": "a\r\nX-Injected: 1", "nested": {"k": "\x1b[31m"}}},
+]
+
+
+@pytest.mark.parametrize("fields", HOSTILE_FIELDS)
+@pytest_twisted.ensureDeferred
+async def test_admin_fields_never_inject_into_requests_or_logs(reactor, capture_node, proxy_factory, tmp_path, fields):
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from .test_admin import AUTH, TOKEN, call
+
+    node = capture_node()
+    lines = []
+    observer = lambda event: lines.append(formatEvent(event))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        proxy = await proxy_factory([], persist=True, admin_token=TOKEN, state_file=str(tmp_path / "state.json"),
+                                    health_checks=True, health_interval=0.1)
+        response, body = await call(proxy, "POST", "/_admin/nodes", {"name": "n", "baseURL": node.url, **fields},
+                                    headers=AUTH)
+        if response.code == 200:
+            node_id = body["node"]["id"]
+            await call(proxy, "PATCH", f"/_admin/nodes/{node_id}", {"weight": 2}, headers=AUTH)
+            served = await send(reactor, proxy, b"GET /_devnode/stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert statuses(served) == [200]
+            await sleep(reactor, 0.3)  # a few health probes
+        else:
+            assert response.code == 400 and body["code"] == "invalid_field"
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    for stream in node.received:
+        for _, headers, _ in strict_requests(stream):
+            assert not any(name == b"x-injected" for name, _ in headers)
+    assert not any("X-Injected" in line.splitlines()[-1] and len(line.splitlines()) > 1 for line in lines)
+    assert not any("\x1b" in line for line in lines)
