@@ -3,7 +3,8 @@
 Every route needs the admin token (``X-Admin-Token`` or ``Authorization:
 Bearer``), compared in constant time; a token in the query string is refused,
 and an address that keeps failing is refused with 429 for a while. Every
-change is saved (through the ``FleetKeeper``) before the answer is sent.
+change is saved (through the ``FleetKeeper``) before the answer is sent; one
+the state file cannot take is undone and answered 503 ``state_not_saved``.
 Errors share the proxy's JSON shape; unknown routes are 404 and wrong
 methods 405 with ``Allow``.
 """
@@ -18,6 +19,7 @@ from werkzeug.exceptions import HTTPException
 
 from .adminauth import FailureThrottle, presented_token, token_matches
 from .errors import ProxyError
+from .fleet import NotSaved
 from .logs import logger
 from .nodeinput import (
     new_node_fields,
@@ -96,10 +98,16 @@ class AdminAPI:
     def _view(self, node: Node) -> dict:
         return node_view(node, self._registry.stats(node.id), self._clock.seconds())
 
-    def _saved(self) -> None:
-        """Refuse to report success for a change the state file did not take."""
-        if self._keeper is not None and not self._keeper.last_save_ok:
-            raise ProxyError(503, "state_not_saved", "the change is live but could not be saved; see the log")
+    def _change(self, change):
+        """Make a change; with a state file, only if the file takes it (else 503 and nothing changed)."""
+        if self._keeper is None:
+            return change()
+        try:
+            return self._keeper.attempt(change)
+        except NotSaved as failure:
+            raise ProxyError(
+                503, "state_not_saved", f"the change was not made: the state file cannot be written ({failure})"
+            ) from None
 
     @app.handle_errors(ProxyError)
     def _proxy_error(self, request, failure):
@@ -166,10 +174,9 @@ class AdminAPI:
         fields = new_node_fields(self._body(request))
         node = Node(id=new_node_id(), added_at=self._clock.seconds(), **fields)
         try:
-            self._registry.add(node)
+            self._change(lambda: self._registry.add(node))
         except ValueError as exc:
             raise ProxyError(409, "duplicate_node", f"baseURL: {exc}") from None
-        self._saved()
         log.info("node {name} added by {client}", name=node.name, client=self._client(request))
         return self._json(request, {"success": True, "node": self._view(node)})
 
@@ -183,8 +190,7 @@ class AdminAPI:
         self._authorize(request)
         self._node(node_id)
         changes = node_changes(self._body(request))
-        node = self._registry.update(node_id, **changes) if changes else self._node(node_id)
-        self._saved()
+        node = self._change(lambda: self._registry.update(node_id, **changes)) if changes else self._node(node_id)
         log.info("node {name} changed by {client}: {fields}", name=node.name, client=self._client(request),
                  fields=", ".join(sorted(changes)) or "nothing")
         return self._json(request, {"success": True, "node": self._view(node)})
@@ -192,16 +198,14 @@ class AdminAPI:
     @app.route("/nodes/<node_id>", methods=["DELETE"])
     def remove_node(self, request, node_id):
         self._authorize(request)
-        node = self._registry.remove(self._node(node_id).id)
-        self._saved()
+        node = self._change(lambda: self._registry.remove(self._node(node_id).id))
         log.info("node {name} removed by {client}", name=node.name, client=self._client(request))
         return self._json(request, {"success": True})
 
     @app.route("/nodes/<node_id>/drain", methods=["POST"])
     def drain_node(self, request, node_id):
         self._authorize(request)
-        node = self._registry.update(self._node(node_id).id, draining=True)
-        self._saved()
+        node = self._change(lambda: self._registry.update(self._node(node_id).id, draining=True))
         log.info("node {name} draining, by {client}", name=node.name, client=self._client(request))
         return self._json(request, {"success": True, "node": self._view(node)})
 
@@ -224,10 +228,9 @@ class AdminAPI:
 
     def _set_active(self, request, node_id: str):
         if self._keeper is not None:
-            self._keeper.change_active(node_id)
+            self._change(lambda: self._keeper.change_active(node_id))
         else:
             self._registry.active_id = node_id
-        self._saved()
         log.info("active node set to {node} by {client}", node=self._node(node_id).name,
                  client=self._client(request))
         return self._json(request, {"success": True, "activeIndex": active_index(self._registry),
@@ -251,9 +254,8 @@ class AdminAPI:
         self._authorize(request)
         name = policy_name(self._body(request))
         if self._keeper is not None:
-            self._keeper.change_policy(name)
+            self._change(lambda: self._keeper.change_policy(name))
         else:
             self._balancer.policy = name
-        self._saved()
         log.info("policy set to {policy} by {client}", policy=name, client=self._client(request))
         return self._json(request, {"success": True, "policy": name})

@@ -2,12 +2,14 @@
 
 Saves happen on node additions, removals and updates, and on runtime changes
 of the active node or the policy; never on health ticks. A save that fails
-(read-only or full disk) is logged and leaves the previous file intact.
+(read-only or full disk) is logged and leaves the previous file intact; a
+change made through ``attempt`` is then undone, so the running fleet never
+differs from the file because of it.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional, TypeVar
 
 from .balancer import Balancer
 from .logs import logger
@@ -15,6 +17,12 @@ from .nodes import Node, NodeRegistry
 from .state import FleetState, JsonFileStore, merge
 
 log = logger("fleet")
+
+T = TypeVar("T")
+
+
+class NotSaved(Exception):
+    """A change was undone because the state file could not take it; the message says why."""
 
 
 class FleetKeeper:
@@ -27,6 +35,18 @@ class FleetKeeper:
         self._runtime_policy: Optional[str] = None
         self._removed: set = set()
         self.last_save_ok = True
+
+    def attempt(self, change: Callable[[], T]) -> T:
+        """Make ``change`` (registry edits, ``change_active``, ``change_policy``) and keep it only
+        if the state file takes it; otherwise put everything back and raise ``NotSaved``."""
+        before = self._registry.checkpoint(), set(self._removed), self._runtime_policy, self._balancer.policy
+        self.last_save_ok = True
+        result = change()
+        if not self.last_save_ok:
+            checkpoint, self._removed, self._runtime_policy, self._balancer.policy = before
+            self._registry.rollback(checkpoint)
+            raise NotSaved(self.last_error)
+        return result
 
     def restore(self, declared: Iterable[Node]) -> FleetState:
         """Load the file (``StateError`` if unusable), merge the declared nodes, fill the registry."""
@@ -81,6 +101,7 @@ class FleetKeeper:
         except OSError as exc:
             log.error("could not save the fleet to {path}: {why}", path=self._store.path, why=exc.strerror)
             self.last_save_ok = False
+            self.last_error = exc.strerror or str(exc)
             return False
         self.last_save_ok = True
         return True

@@ -119,6 +119,15 @@ class NodeRegistry:
         self._announce("updated", node)
         return node
 
+    def checkpoint(self) -> tuple:
+        """The fleet as it is now (nodes in order, their figures, the active node), for ``rollback``."""
+        return dict(self._nodes), dict(self._stats), self.active_id
+
+    def rollback(self, checkpoint: tuple) -> None:
+        """Put the fleet back as ``checkpoint`` had it, telling no listener: the change never stood."""
+        nodes, stats, self.active_id = checkpoint
+        self._nodes, self._stats = dict(nodes), dict(stats)
+
     def remove(self, node_id: str) -> Node:
         """Remove a node; ``KeyError`` if unknown. Leases still open keep its figures alive."""
         node = self._nodes.pop(node_id)
