@@ -22,7 +22,7 @@ from .healthstate import (
 )
 from .logs import logger
 from .nodes import Node, NodeRegistry, NodeStats
-from .routing import Route
+from .routing import Route, route_allows
 from .selection import POLICIES, Candidate, Policy, Turn, route_members
 
 log = logger("balancer")
@@ -115,8 +115,9 @@ class Balancer(LeaseMaker):
     """Hands out leases on the registry's usable nodes, chosen by the current selection policy.
 
     Usable: not draining, not excluded for this request, not known to be down
-    and not ejected (``healthstate.usable``); a tag or index route narrows the
-    choice first (``pools.route_members``, over the nodes not draining).
+    and not ejected (``healthstate.usable``), and the node a route names, if it
+    names one (``?api=``); a tag or index route narrows the choice first
+    (``selection.route_members``, over the nodes not draining).
     ``policy`` (a name from ``selection.POLICIES``) may change at run time.
     """
 
@@ -137,7 +138,7 @@ class Balancer(LeaseMaker):
         self._policy_name = name
 
     def _members(self, route: Route) -> Sequence[Node]:
-        nodes = [node for node in self._registry.nodes() if not node.draining]
+        nodes = [node for node in self._registry.nodes() if not node.draining and route_allows(route, node)]
         if route.tag is None and route.index is None:
             return nodes
         return route_members(nodes, route)
@@ -150,6 +151,10 @@ class Balancer(LeaseMaker):
         """Raise the 404 ``ProxyError`` when a tag or index route names no registry node."""
         if route.tag is not None or route.index is not None:
             self._members(route)
+
+    def serves(self, route: Route) -> bool:
+        """Whether some registered node, usable or not, may take ``route`` (``?api=`` names one)."""
+        return route.node is None or any(route_allows(route, node) for node in self._registry.nodes())
 
     def acquire(self, route: Route, excluded: FrozenSet[str]) -> Optional[Lease]:
         """A lease on the node chosen for ``route``, or ``None`` when no node can take it."""

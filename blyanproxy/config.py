@@ -76,6 +76,7 @@ class Settings:
     connect_timeout: float = 5.0
     proxy_timeout: float = 600.0
     idle_timeout: float = 300.0
+    header_timeout: float = 30.0
     sse_keepalive: float = 15.0
     max_attempts: int = 3
     retry_delay: float = 0.0
@@ -114,6 +115,10 @@ class Settings:
 # --- value parsers: text -> value, raising ValueError with the reason -------
 
 
+#: The longest duration a setting takes (about 31 years): longer ones are typing mistakes.
+MAX_MILLISECONDS = 10**12
+
+
 def _milliseconds(minimum: float = 0.0) -> Callable[[str], float]:
     def parse(text: str) -> float:
         if not re.fullmatch(r"\d+(\.\d+)?", text.strip()):
@@ -121,6 +126,8 @@ def _milliseconds(minimum: float = 0.0) -> Callable[[str], float]:
         value = float(text) / 1000.0
         if value < minimum:
             raise ValueError(f"must be at least {minimum * 1000:g} ms")
+        if not value * 1000.0 <= MAX_MILLISECONDS:
+            raise ValueError(f"must be at most {MAX_MILLISECONDS} ms")
         return value
 
     return parse
@@ -230,7 +237,7 @@ def parse_node(text: str, source: str) -> NodeSpec:
     if len(fields) < 2:
         raise ValueError("expected name|url")
     name, url = fields[0].strip(), fields[1].strip()
-    if not name or len(name) > 128 or _NAME_FORBIDDEN.search(name):
+    if not name or len(name) > 128 or _NAME_FORBIDDEN.search(name) or not name.isprintable():
         raise ValueError("the name must be 1 to 128 printable characters")
     try:
         base = parse_base_url(url)
@@ -312,6 +319,8 @@ SETTINGS = (
             "milliseconds to wait for a node's response headers"),
     Setting("idle_timeout", "IDLE_TIMEOUT_MS", "idle-timeout-ms", "300000", _milliseconds(0.01),
             "milliseconds a response body may stay silent before it is cut"),
+    Setting("header_timeout", "HEADER_TIMEOUT_MS", "header-timeout-ms", "30000", _milliseconds(0.01),
+            "milliseconds a client has to send a whole request head (408 after)"),
     Setting("sse_keepalive", "SSE_KEEPALIVE_MS", "sse-keepalive-ms", "15000", _milliseconds(),
             "idle milliseconds before an SSE comment keeps a stream alive (0: off)"),
     Setting("max_attempts", "MAX_ATTEMPTS", "max-attempts", "3", _whole(1, 20),

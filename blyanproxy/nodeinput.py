@@ -13,6 +13,8 @@ from .selection import POLICIES
 MAX_METADATA_BYTES = 16 * 1024
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\Z")
 _NAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f|]")
+#: ``metadata.healthPath``: a path on the node itself (never ``//host`` or ``@host``), printable ASCII.
+_HEALTH_PATH = re.compile(r"/(?!/)[!-~]{0,1023}\Z")
 
 _CREATE_FIELDS = {"name", "baseURL", "tags", "metadata", "weight", "tlsVerify"}
 _PATCH_FIELDS = {"name", "tags", "metadata", "weight", "draining"}
@@ -41,7 +43,8 @@ def _object(document: Any, allowed: set) -> Dict[str, Any]:
 
 
 def _name(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip() or len(value) > 128 or _NAME_FORBIDDEN.search(value):
+    if (not isinstance(value, str) or not value.strip() or len(value) > 128 or _NAME_FORBIDDEN.search(value)
+            or not value.isprintable()):  # Unicode line and paragraph separators would split log lines
         raise invalid("name", "must be 1 to 128 printable characters, without '|'")
     return value.strip()
 
@@ -57,6 +60,9 @@ def _metadata(value: Any) -> dict:
         raise invalid("metadata", "must be an object")
     if len(json.dumps(value)) > MAX_METADATA_BYTES:
         raise invalid("metadata", f"must be at most {MAX_METADATA_BYTES} bytes as JSON")
+    path = value.get("healthPath")
+    if path is not None and not (isinstance(path, str) and _HEALTH_PATH.match(path)):
+        raise invalid("metadata", "healthPath must be a path on the node such as /health (printable ASCII)")
     return value
 
 

@@ -360,6 +360,8 @@ class ProxyResource(Resource):
             key = api_key_of(request.requestHeaders) if directory is not None else None
             if key is None and directory is not None and self.balancer.is_empty():
                 raise missing_key_error()
+            if key is None and not self.balancer.serves(route):
+                raise ProxyError(404, "node_not_found", "no registered node has the id or name api= gives")
         except ProxyError as err:
             self.refuse(request, err)
             return NOT_DONE_YET

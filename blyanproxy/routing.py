@@ -13,7 +13,7 @@ Any other path goes to the pool's policy, with a leading ``/api`` segment remove
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 from urllib.parse import unquote_to_bytes
 
 import attrs
@@ -27,19 +27,24 @@ class Route:
 
     ``upstream_target`` is the path and query sent to the node, byte for byte as
     the client wrote them (``%2F`` stays encoded), minus a leading ``/api``
-    segment. ``affinity_key``, when set, keeps requests that share it on one node.
+    segment and the ``api`` query parameter. ``affinity_key``, when set, keeps
+    requests that share it on one node. ``node``, when set, is the id or name of
+    the one registered node the request may go to (``?api=``).
     """
 
     upstream_target: bytes
     affinity_key: Optional[bytes] = None
     tag: Optional[str] = None
     index: Optional[int] = None
+    node: Optional[str] = None
 
 
 #: The tag that means every node of the pool.
 ALL_TAG = "all"
 #: Longest index accepted: more digits cannot name a node of any real pool.
 _MAX_INDEX_DIGITS = 6
+#: The query parameter that chooses a registered node by id or name (Blyan's ``?api=``).
+NODE_PARAMETER = "api"
 
 
 def request_target_path(target: bytes) -> bytes:
@@ -103,11 +108,41 @@ def _refuse_admin(upstream: bytes) -> bytes:
     return upstream
 
 
+def _form_decoded(text: bytes) -> str:
+    """A query name or value as text (``+`` is a space, ``%XX`` decoded, UTF-8)."""
+    return unquote_to_bytes(text.replace(b"+", b" ")).decode("utf-8", "replace")
+
+
+def take_node_parameter(target: bytes) -> Tuple[bytes, Optional[str]]:
+    """Split ``api=<node id or name>`` off a target's query: ``(target without it, value or None)``.
+
+    Only a registered node's id or name can be chosen this way, never an
+    address. The other parameters stay byte for byte, in order; a query left
+    empty is dropped with its ``?``. Names are compared decoded (``%61pi`` is
+    ``api``), so no spelling slips past; an empty or repeated choice is a 400.
+    """
+    path, sep, query = target.partition(b"?")
+    if not sep:
+        return target, None
+    kept, chosen = [], []
+    for part in query.split(b"&"):
+        name, _, value = part.partition(b"=")
+        if _form_decoded(name) == NODE_PARAMETER:
+            chosen.append(_form_decoded(value))
+        else:
+            kept.append(part)
+    if not chosen:
+        return target, None
+    if len(chosen) > 1 or not chosen[0]:
+        raise ProxyError(400, "bad_node_choice", "api= must name one node, by id or name, once")
+    return (path + b"?" + b"&".join(kept) if kept else path), chosen[0]
+
+
 def parse_route(target: bytes) -> Route:
     """Turn a raw request target into a ``Route``; raises ``ProxyError`` when unusable.
 
-    400 for a target that is not a path, ``/tags`` without a tag or a signed
-    index; 404 for an ``/_admin`` path behind ``/api``, a tag or an index
+    400 for a target that is not a path, ``/tags`` without a tag, a signed
+    index or a malformed ``?api=``; 404 for an ``/_admin`` path behind ``/api``, a tag or an index
     (``/api/_admin``, ``/0/_admin``): the admin API lives only at ``/_admin``,
     so an allow-list in front of that one prefix cannot be bypassed, and no
     node ever sees such a path.
@@ -123,4 +158,10 @@ def parse_route(target: bytes) -> Route:
     index = _index_of(first)
     if index is not None:
         return Route(upstream_target=_refuse_admin(rest), index=index)
-    return Route(upstream_target=_refuse_admin(strip_api_prefix(origin)))
+    upstream, node = take_node_parameter(_refuse_admin(strip_api_prefix(origin)))
+    return Route(upstream_target=upstream, node=node)
+
+
+def route_allows(route: Route, node) -> bool:
+    """Whether ``node`` may take the request: any node, or the one ``?api=`` names (id or name)."""
+    return route.node is None or route.node in (node.id, node.name)

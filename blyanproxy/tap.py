@@ -267,7 +267,7 @@ def build_proxy(settings: Settings, reactor, persist: bool = True, worker: Optio
         clock=reactor,
         trust=settings.trust_forwarded,
     )
-    site = ProxySite(root, settings.max_body_bytes, reactor=reactor)
+    site = ProxySite(root, settings.max_body_bytes, reactor=reactor, header_timeout=settings.header_timeout)
     return ProxyParts(
         site=site, registry=registry, balancer=balancer, pool=pool, health=health, keeper=keeper,
         metrics=metrics, directory=directory, store_service=store_service,

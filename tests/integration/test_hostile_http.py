@@ -1,0 +1,197 @@
+"""Hostile HTTP against the proxy, checked at the node: smuggling shapes, oversized and slow heads.
+
+Each shape must end either in a 400-class answer to the client with nothing at
+the node, or in exactly one clean request at the node (``strict_requests``);
+never a second, smuggled request. After each, another client is still served.
+"""
+
+import json
+import re
+
+import pytest
+import pytest_twisted
+
+from .capture import strict_requests
+from .rawhttp import connect, sleep
+
+SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+
+SHAPES = {
+    "cl-and-te": b"POST /in HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"0\r\n\r\n" + SMUGGLED,
+    "te-and-cl": b"POST /in HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 40\r\n\r\n"
+                 b"0\r\n\r\n" + SMUGGLED,
+    "two-content-lengths": b"POST /in HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 42\r\n\r\n"
+                           b"abcde" + SMUGGLED,
+    "content-length-list": b"POST /in HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 42\r\n\r\nabcde" + SMUGGLED,
+    "content-length-plus": b"POST /in HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\nabcde" + SMUGGLED,
+    "content-length-negative": b"POST /in HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n" + SMUGGLED,
+    "content-length-hex": b"POST /in HTTP/1.1\r\nHost: x\r\nContent-Length: 0x5\r\n\r\nabcde" + SMUGGLED,
+    "chunk-size-hex-prefix": b"POST /in HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             b"0x5\r\nabcde\r\n0\r\n\r\n" + SMUGGLED,
+    "chunk-size-negative": b"POST /in HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                           b"-5\r\nabcde\r\n0\r\n\r\n" + SMUGGLED,
+    "chunk-size-plus": b"POST /in HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"+5\r\nabcde\r\n0\r\n\r\n" + SMUGGLED,
+    "chunk-size-space": b"POST /in HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b" 5\r\nabcde\r\n0\r\n\r\n" + SMUGGLED,
+    "chunk-size-huge": b"POST /in HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"fffffffffffffffffffffff\r\nabcde\r\n0\r\n\r\n" + SMUGGLED,
+    "chunk-data-overrun": b"POST /in HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          b"3\r\nabcde\r\n0\r\n\r\n" + SMUGGLED,
+    "te-not-chunked": b"POST /in HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nabcde" + SMUGGLED,
+    "te-chunked-then-identity": b"POST /in HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n"
+                                b"0\r\n\r\n" + SMUGGLED,
+    "te-twice": b"POST /in HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n"
+                b"0\r\n\r\n" + SMUGGLED,
+    "te-space-before-colon": b"POST /in HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked\r\nContent-Length: 5\r\n\r\n"
+                             b"0\r\n\r\n" + SMUGGLED,
+    "te-obs-fold": b"POST /in HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding:\r\n chunked\r\n\r\n"
+                   b"0\r\n\r\n" + SMUGGLED,
+    "header-obs-fold": b"GET /in HTTP/1.1\r\nHost: x\r\nX-Folded: one\r\n two\r\n\r\n",
+    "bare-lf-head": b"GET /in HTTP/1.1\nHost: x\nX-A: 1\n\n",
+    "bare-lf-in-te": b"POST /in HTTP/1.1\r\nHost: x\r\nContent-Length: 5\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"0\r\n\r\n" + SMUGGLED,
+    "bare-cr-in-value": b"GET /in HTTP/1.1\r\nHost: x\r\nX-A: 1\rX-Injected: 1\r\n\r\n",
+    "nul-in-value": b"GET /in HTTP/1.1\r\nHost: x\r\nX-A: 1\x00X-Injected: 1\r\n\r\n",
+    "two-hosts": b"GET /in HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+    "space-in-target": b"GET /in HTTP/1.1 HTTP/1.1\r\nHost: x\r\n\r\n",
+    "http10-chunked": b"POST /in HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + SMUGGLED,
+    "header-too-large": b"GET /in HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",
+    "too-many-headers": b"GET /in HTTP/1.1\r\nHost: x\r\n" + b"X-A: 1\r\n" * 600 + b"\r\n",
+}
+
+#: Shapes that are well-formed so far: the proxy waits for the rest of the body, sending nothing on
+#: (a client that then stays silent is closed by the 60 s idle timeout of the connection).
+AWAITS_BODY = {"chunk-size-huge"}
+
+
+async def send(reactor, proxy, raw: bytes, timeout: float = 10) -> bytes:
+    """Send ``raw``, then read until the proxy closes or a quiet second passes."""
+    client = await connect(reactor, proxy.url)
+    client.transport.write(raw)
+    waited = 0.0
+    while not client.closed.called and waited < timeout:
+        seen = len(client.received)
+        await sleep(reactor, 0.1)
+        waited += 0.1
+        if client.received and len(client.received) == seen:
+            break
+    client.transport.abortConnection()
+    return client.received
+
+
+def statuses(received: bytes):
+    """The statuses of the responses in ``received`` (bodies here never hold a status line)."""
+    return [int(status) for status in re.findall(rb"HTTP/1\.[01] (\d{3}) ", received)]
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+@pytest_twisted.ensureDeferred
+async def test_smuggling_shapes_reach_the_node_as_one_clean_request_or_not_at_all(
+        reactor, capture_node, proxy_factory, name):
+    node = capture_node()
+    proxy = await proxy_factory([node.url], header_timeout=0.5)
+    received = await send(reactor, proxy, SHAPES[name], timeout=1.5)
+    at_node = [request for stream in node.received for request in strict_requests(stream)]
+    answered = statuses(received)
+    if name in AWAITS_BODY:
+        assert received == b"" and at_node == []
+        answered = [0]
+    assert answered, f"{name}: no answer at all: {received!r}"
+    assert not any(line.startswith(b"GET /smuggled") for line, _, _ in at_node), name
+    if name in AWAITS_BODY:
+        pass
+    elif answered[0] >= 400 and not at_node:
+        assert answered[0] in (400, 408, 413), received
+        body = received.partition(b"\r\n\r\n")[2]
+        assert json.loads(body)["code"], received
+    else:
+        assert len(at_node) == 1, (name, at_node)
+        assert answered[0] < 500, received
+    # The proxy keeps serving.
+    other = await send(reactor, proxy, b"GET /_devnode/stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert statuses(other) == [200]
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_header_clients_get_408_and_others_are_served_meanwhile(reactor, capture_node, proxy_factory):
+    node = capture_node()
+    proxy = await proxy_factory([node.url], header_timeout=0.6)
+    head = b"GET /slow HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 40 + b"\r\n\r\n"
+    slow = [await connect(reactor, proxy.url) for _ in range(20)]
+    for position in range(len(head) - 1):  # one byte each 50 ms: never idle, never done
+        if position % 4 == 0:
+            other = await send(reactor, proxy, b"GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert statuses(other) == [404]  # the node's own answer: /ok is not one of its routes
+        for client in slow:
+            client.transport.write(head[position:position + 1])
+        await sleep(reactor, 0.05)
+        if all(client.closed.called for client in slow):
+            break
+    for client in slow:
+        received = await client.wait_closed(timeout=5)
+        assert statuses(received) == [408]
+        assert json.loads(received.partition(b"\r\n\r\n")[2])["code"] == "request_timeout"
+    assert not any(line.startswith(b"GET /slow") for stream in node.received for line, _, _ in strict_requests(stream))
+
+
+@pytest_twisted.ensureDeferred
+async def test_keep_alive_requests_each_get_the_full_head_deadline(reactor, capture_node, proxy_factory):
+    """The deadline restarts after each request: a pipelined or later request is not cut short."""
+    node = capture_node()
+    proxy = await proxy_factory([node.url], header_timeout=0.5)
+    client = await connect(reactor, proxy.url)
+    for _ in range(3):
+        client.transport.write(b"GET /_devnode/stats HTTP/1.1\r\nHost: x\r\n\r\n" * 2)
+        await sleep(reactor, 0.3)
+    await sleep(reactor, 0.1)
+    assert statuses(client.received) == [200] * 6
+    received = await client.wait_closed(timeout=5)  # then idle past the deadline: closed with a 408
+    assert statuses(received) == [200] * 6 + [408]
+
+
+HOSTILE_FIELDS = [
+    {"name": "a\r\nX-Injected: 1"},
+    {"name": "a\nX-Injected: 1"},
+    {"name": "a\u2028X-Injected: 1"},
+    {"name": "a\x85X-Injected: 1"},
+    {"name": "a\x00b"},
+    {"tags": ["a\r\nX-Injected: 1"]},
+    {"tags": ["ok", "a b"]},
+    {"metadata": {"healthPath": "/health\r\nX-Injected: 1"}},
+    {"metadata": {"note": "a\r\nX-Injected: 1", "nested": {"k": "\x1b[31m"}}},
+]
+
+
+@pytest.mark.parametrize("fields", HOSTILE_FIELDS)
+@pytest_twisted.ensureDeferred
+async def test_admin_fields_never_inject_into_requests_or_logs(reactor, capture_node, proxy_factory, tmp_path, fields):
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from .test_admin import AUTH, TOKEN, call
+
+    node = capture_node()
+    lines = []
+    observer = lambda event: lines.append(formatEvent(event))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        proxy = await proxy_factory([], persist=True, admin_token=TOKEN, state_file=str(tmp_path / "state.json"),
+                                    health_checks=True, health_interval=0.1)
+        response, body = await call(proxy, "POST", "/_admin/nodes", {"name": "n", "baseURL": node.url, **fields},
+                                    headers=AUTH)
+        if response.code == 200:
+            node_id = body["node"]["id"]
+            await call(proxy, "PATCH", f"/_admin/nodes/{node_id}", {"weight": 2}, headers=AUTH)
+            served = await send(reactor, proxy, b"GET /_devnode/stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert statuses(served) == [200]
+            await sleep(reactor, 0.3)  # a few health probes
+        else:
+            assert response.code == 400 and body["code"] == "invalid_field"
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    for stream in node.received:
+        for _, headers, _ in strict_requests(stream):
+            assert not any(name == b"x-injected" for name, _ in headers)
+    assert not any("X-Injected" in line.splitlines()[-1] and len(line.splitlines()) > 1 for line in lines)
+    assert not any("\x1b" in line for line in lines)
