@@ -21,7 +21,6 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.threads import deferToThread
-from twisted.logger import globalLogPublisher
 
 from blyanproxy.trust import parse_forward_trust
 
@@ -110,20 +109,6 @@ class Nginx:
         received = await client.wait_closed(WAIT)
         head, _, body = received.partition(b"\r\n\r\n")
         return int(head.split(b" ", 2)[1]), head, body
-
-
-@pytest.fixture
-def access_lines():
-    """The proxy's access log lines written during the test."""
-    lines = []
-
-    def observe(event):
-        if event.get("log_namespace") == "blyanproxy.access":
-            lines.append(event["line"])
-
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """Metrics and the access log over real sockets: families present, values move, lines per ending, no secrets."""
 
-import pytest
 import pytest_twisted
 import treq
 from prometheus_client.parser import text_string_to_metric_families
@@ -28,19 +27,6 @@ def sample(families, family, name, **labels):
         if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
             return s.value
     return 0.0
-
-
-@pytest.fixture
-def access_lines():
-    lines = []
-
-    def observe(event):
-        if event.get("log_namespace") == "blyanproxy.access":
-            lines.append(event["line"])
-
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
 
 
 @pytest_twisted.ensureDeferred
