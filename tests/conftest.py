@@ -3,11 +3,17 @@
 import attrs
 import pytest
 import pytest_twisted
+from hypothesis import settings as hypothesis_settings
 from twisted.internet.defer import ensureDeferred
 from twisted.protocols.policies import WrappingFactory
 
 from blyanproxy.config import NodeSpec, Settings
 from blyanproxy.tap import build_proxy
+
+# Property tests check behaviour, never speed: no per-example deadline (a loaded CI host
+# would otherwise fail them as "flaky").
+hypothesis_settings.register_profile("blyanproxy", deadline=None)
+hypothesis_settings.load_profile("blyanproxy")
 
 
 @pytest.fixture
