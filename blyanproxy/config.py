@@ -14,11 +14,11 @@ from typing import Callable, Mapping, Optional, Sequence
 import attrs
 from twisted.logger import LogLevel
 
-from . import selection
-from .affinity import AffinitySource, parse_affinity_source
-from .nodeurl import parse_base_url
-from .trust import ForwardTrust, parse_forward_trust
-from .storeurl import EtcdLocation, parse_state_store
+from blyanproxy.core import selection
+from blyanproxy.core.affinity import AffinitySource, parse_affinity_source
+from blyanproxy.core.nodeurl import parse_base_url
+from blyanproxy.core.trust import ForwardTrust, parse_forward_trust
+from blyanproxy.store.storeurl import EtcdLocation, parse_state_store
 
 POLICIES = tuple(selection.POLICIES)
 LOG_LEVELS = {
@@ -464,27 +464,33 @@ def settings_from(
 ) -> Settings:
     """Build the ``Settings`` from the environment and parsed options (``None`` = not given)."""
     values: dict = {}
+    sources: dict = {}
     for setting in SETTINGS:
         found = _read(setting, env, options)
         if found is not None:
+            sources[setting.field] = found[0]
             values[setting.field] = _parse(setting.parse, *found, secret=setting.secret)
     _max_attempts(env, options, values)
     values["listen"] = _listen_value(env, options)
     values["nodes"] = _nodes(env, option_nodes)
-    return _check_workers(Settings(**values))
+    return _check_workers(Settings(**values), sources.get("workers", "WORKERS"))
 
 
-def _check_workers(settings: Settings) -> Settings:
-    """Several workers need a shared store and a listening socket they can all accept on."""
+def _check_workers(settings: Settings, source: str) -> Settings:
+    """Several workers need a shared store and a listening socket they can all accept on.
+
+    ``source`` is where the worker count came from (``WORKERS`` or ``--workers``),
+    so the error names what the operator typed.
+    """
     if settings.workers == 1:
         return settings
     if settings.demo:
-        raise ConfigError("WORKERS: --demo runs in one process; set WORKERS=1")
+        raise ConfigError(f"{source}: --demo runs in one process; use 1 worker")
     if settings.state_store is None:
         raise ConfigError(
-            f"WORKERS={settings.workers} needs STATE_STORE=etcd://host:port/prefix: "
+            f"{source}: {settings.workers} workers need STATE_STORE=etcd://host:port/prefix: "
             "the state file is written by one process only"
         )
     if not settings.listen.startswith(("tcp:", "tcp6:", "unix:")):
-        raise ConfigError("WORKERS: the listening endpoint must be tcp:, tcp6: or unix: (terminate TLS in front)")
+        raise ConfigError(f"{source}: the listening endpoint must be tcp:, tcp6: or unix: (terminate TLS in front)")
     return settings

@@ -21,7 +21,7 @@ from twisted.logger import (
     jsonFileLogObserver,
 )
 
-from .config import LOG_LEVELS
+from blyanproxy.config import LOG_LEVELS
 
 NAMESPACE = "blyanproxy"
 

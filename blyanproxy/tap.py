@@ -20,40 +20,40 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import LoopingCall
 from twisted.python import usage
 
-from .admin import AdminAPI
-from .adminauth import FailureThrottle, load_or_create_token
-from .balancer import Balancer
-from .client import UpstreamPool
-from .config import (
+from blyanproxy.admin.api import AdminAPI
+from blyanproxy.admin.auth import FailureThrottle, load_or_create_token
+from blyanproxy.fleet.balancer import Balancer
+from blyanproxy.upstream.client import UpstreamPool
+from blyanproxy.config import (
     LISTEN_OPTION,
     SETTINGS,
     ConfigError,
     NodeSpec,
     Settings,
 )
-from .discovery import WorkloadDirectory
-from .drain import ConnectionTracker, Drainer
-from .envfile import load_settings
-from .etcdstore import EtcdStore
-from .fleet import FleetKeeper
-from .health import HealthMonitor, probe_client
-from .healthstate import HealthRules
-from .keycache import CacheLimits
-from .logs import logger, set_log_format, set_log_level
-from .metrics import MetricsResource, ProxyMetrics
-from .nodes import Node, NodeRegistry, new_node_id
-from .pools import KeyedBalancer
-from .proxy import ProxyResource
-from .public import HealthView, LivenessView, StatusView, WorkloadsView
-from .reload import Reloader
-from .server import ProxySite, RootResource
-from .signals import ProcessSignals
-from .state import JsonFileStore, StateError
-from .traffic import TrafficRecorder
-from .upstream import NodeEndpoints, NodeTLSPolicy, load_trust_root
-from .workloads import NodeAddressing
-from .workloadsapi import workloads_client
-from .workers import (
+from blyanproxy.discovery.directory import WorkloadDirectory
+from blyanproxy.serve.drain import ConnectionTracker, Drainer
+from blyanproxy.serve.envfile import load_settings
+from blyanproxy.store.etcdstore import EtcdStore
+from blyanproxy.fleet.keeper import FleetKeeper
+from blyanproxy.fleet.health import HealthMonitor, probe_client
+from blyanproxy.core.healthstate import HealthRules
+from blyanproxy.discovery.keycache import CacheLimits
+from blyanproxy.logs import logger, set_log_format, set_log_level
+from blyanproxy.metrics import MetricsResource, ProxyMetrics
+from blyanproxy.core.nodes import Node, NodeRegistry, new_node_id
+from blyanproxy.discovery.pools import KeyedBalancer
+from blyanproxy.forward.resource import ProxyResource
+from blyanproxy.admin.public import HealthView, LivenessView, StatusView, WorkloadsView
+from blyanproxy.serve.reload import Reloader
+from blyanproxy.serve.site import ProxySite, RootResource
+from blyanproxy.serve.signals import ProcessSignals
+from blyanproxy.core.fleetstate import JsonFileStore, StateError
+from blyanproxy.forward.traffic import TrafficRecorder
+from blyanproxy.upstream.endpoints import NodeEndpoints, NodeTLSPolicy, load_trust_root
+from blyanproxy.discovery.workloads import NodeAddressing
+from blyanproxy.discovery.workloadsapi import workloads_client
+from blyanproxy.serve.workers import (
     ParentWatch,
     WorkerRole,
     WorkerSupervisor,
@@ -161,7 +161,7 @@ class DemoNodesService(Service):
         self._ports: list = []
 
     def startService(self) -> None:
-        from .devnode import DevNodeConfig, listen_devnode
+        from blyanproxy.devnode import DevNodeConfig, listen_devnode
 
         super().startService()
         for index in range(self._count):

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from blyanproxy.config import ConfigError, Settings, parse_node, settings_from
-from blyanproxy.trust import ForwardTrust
+from blyanproxy.core.trust import ForwardTrust
 
 
 def build(env=None, options=None, nodes=()):

@@ -8,7 +8,7 @@ import time
 import urllib.request
 import uuid
 
-from blyanproxy.storeurl import parse_state_store
+from blyanproxy.store.storeurl import parse_state_store
 
 from .processes import free_port
 from .tools import require_program

@@ -163,7 +163,7 @@ async def test_public_health_and_status(proxy_factory, devnode_factory):
 
 
 def test_generated_token_file_is_private_and_reused(tmp_path):
-    from blyanproxy.adminauth import load_or_create_token
+    from blyanproxy.admin.auth import load_or_create_token
 
     state = str(tmp_path / "data" / "state.json")
     token = load_or_create_token(None, None, state)

@@ -25,7 +25,7 @@ from twisted.web.client import (
 )
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from blyanproxy.devnode_wire import completion_text
+from blyanproxy.devnode.wire import completion_text
 
 from .conftest import devnode_timers
 from .processes import TWIST, TWISTD, ProcessCapture, free_port

@@ -11,7 +11,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 
 from blyanproxy.config import NodeSpec, Settings
-from blyanproxy.drain import ConnectionTracker, Drainer
+from blyanproxy.serve.drain import ConnectionTracker, Drainer
 from blyanproxy.tap import build_proxy
 
 from .rawhttp import connect, eventually

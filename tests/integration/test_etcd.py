@@ -12,7 +12,7 @@ import treq
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.error import ConnectionRefusedError
 
-from blyanproxy.etcdkeys import b64, unb64
+from blyanproxy.store.etcdkeys import b64, unb64
 
 from .etcdserver import EtcdServer, location
 from .processes import TWISTD, ProcessCapture, free_port

@@ -4,7 +4,7 @@ import pytest_twisted
 import treq
 
 from blyanproxy.devnode import DevNodeConfig, listen_devnode
-from blyanproxy.healthstate import UP, usable
+from blyanproxy.core.healthstate import UP, usable
 
 from .rawhttp import connect, eventually, sleep
 from .test_forwarding import chat_request
@@ -77,7 +77,7 @@ async def test_draining_keeps_a_running_stream_and_sends_new_requests_elsewhere(
 async def test_affinity_keeps_a_session_on_its_node_and_moves_it_only_when_that_node_dies(
     devnode_factory, proxy_factory
 ):
-    from blyanproxy.affinity import parse_affinity_source
+    from blyanproxy.core.affinity import parse_affinity_source
 
     nodes = [devnode_factory(name=f"n{i}") for i in range(3)]
     proxy = await proxy_factory([n.url for n in nodes], selection_policy="round-robin",

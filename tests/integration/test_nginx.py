@@ -22,7 +22,7 @@ from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.threads import deferToThread
 
-from blyanproxy.trust import parse_forward_trust
+from blyanproxy.core.trust import parse_forward_trust
 
 from .processes import ProcessCapture, free_port
 from .rawhttp import RawClient, sleep

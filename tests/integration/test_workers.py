@@ -78,4 +78,4 @@ async def test_workers_with_the_state_file_are_refused(reactor, tmp_path):
         reactor, ["--pidfile=", "blyan-proxy", "--workers", "2", "--state-file", str(tmp_path / "s.json")],
     )
     assert code != 0
-    assert b"WORKERS=2 needs STATE_STORE=etcd://host:port/prefix" in out + err
+    assert b"--workers: 2 workers need STATE_STORE=etcd://host:port/prefix" in out + err

@@ -7,7 +7,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 
-from blyanproxy.writethrough import write_through
+from blyanproxy.upstream.writethrough import write_through
 
 from .rawhttp import connect, eventually, sleep
 

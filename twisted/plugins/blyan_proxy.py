@@ -11,7 +11,7 @@ BlyanProxy = ServiceMaker(
 
 BlyanDevNode = ServiceMaker(
     "blyan-devnode",
-    "blyanproxy.devnode_tap",
+    "blyanproxy.devnode.tap",
     "A simulated GPU inference node (OpenAI and Ollama style) for demos and tests",
     "blyan-devnode",
 )

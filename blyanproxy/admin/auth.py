@@ -1,0 +1,95 @@
+"""The admin token: where it comes from, how a request presents it, and throttling of failures."""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+from collections import OrderedDict
+from typing import Optional
+
+from blyanproxy.logs import logger
+
+log = logger("admin")
+
+TOKEN_FILE_NAME = "admin_token"
+
+
+def load_or_create_token(explicit: Optional[str], token_file: Optional[str], state_file: str) -> str:
+    """``ADMIN_TOKEN`` if set; else the token file's content; else a new token written there.
+
+    The file (default: ``admin_token`` beside the state file) is created with mode
+    0600 and reused on the next start. The log names the file, never the token.
+    """
+    if explicit:
+        return explicit
+    path = token_file or os.path.join(os.path.dirname(os.path.abspath(state_file)), TOKEN_FILE_NAME)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as source:
+            token = source.read().strip()
+        if len(token) < 16:
+            raise ValueError(f"admin token file {path} holds no usable token (16 characters or more)")
+        return token
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as target:
+        target.write(token + "\n")
+    log.info("generated an admin token and stored it in {path} (mode 0600)", path=path)
+    return token
+
+
+def presented_token(request) -> Optional[bytes]:
+    """The token a request carries in ``X-Admin-Token`` or ``Authorization: Bearer``."""
+    header = request.getHeader(b"x-admin-token")
+    if header:
+        return header.strip()
+    authorization = request.getHeader(b"authorization") or b""
+    scheme, _, credentials = authorization.partition(b" ")
+    if scheme.lower() == b"bearer" and credentials.strip():
+        return credentials.strip()
+    return None
+
+
+def token_matches(presented: Optional[bytes], token: str) -> bool:
+    """Constant-time comparison (also when nothing was presented)."""
+    return hmac.compare_digest(presented or b"", token.encode("utf-8"))
+
+
+class FailureThrottle:
+    """Refuses an address for ``window`` seconds after ``limit`` failed attempts within it.
+
+    At most ``max_addresses`` addresses are remembered (the oldest are forgotten).
+    """
+
+    def __init__(self, clock, limit: int = 10, window: float = 60.0, max_addresses: int = 10000) -> None:
+        self._clock = clock
+        self._limit = limit
+        self._window = window
+        self._max = max_addresses
+        self._failures: "OrderedDict[str, list]" = OrderedDict()
+
+    def _recent(self, address: str) -> list:
+        now = self._clock.seconds()
+        times = [t for t in self._failures.get(address, []) if now - t < self._window]
+        if times:
+            self._failures[address] = times
+        else:
+            self._failures.pop(address, None)
+        return times
+
+    def retry_after(self, address: str) -> Optional[int]:
+        """Seconds until ``address`` may try again, or None when it may now."""
+        times = self._recent(address)
+        if len(times) < self._limit:
+            return None
+        return max(1, int(times[-1] + self._window - self._clock.seconds() + 0.999))
+
+    def failed(self, address: str) -> None:
+        """Record a failed attempt from ``address``."""
+        times = self._recent(address)
+        times.append(self._clock.seconds())
+        self._failures[address] = times
+        self._failures.move_to_end(address)
+        while len(self._failures) > self._max:
+            self._failures.popitem(last=False)

@@ -1,0 +1,136 @@
+"""Pure checks of admin input: a new node, changes to a node, a policy, an index."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Dict
+
+from blyanproxy.core.errors import ProxyError
+from blyanproxy.core.nodeurl import parse_base_url
+from blyanproxy.core.selection import POLICIES
+
+MAX_METADATA_BYTES = 16 * 1024
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\Z")
+_NAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f|]")
+#: ``metadata.healthPath``: a path on the node itself (never ``//host`` or ``@host``), printable ASCII.
+_HEALTH_PATH = re.compile(r"/(?!/)[!-~]{0,1023}\Z")
+
+_CREATE_FIELDS = {"name", "baseURL", "tags", "metadata", "weight", "tlsVerify"}
+_PATCH_FIELDS = {"name", "tags", "metadata", "weight", "draining"}
+
+
+def invalid(field: str, problem: str) -> ProxyError:
+    """A 400 naming the field and the problem."""
+    return ProxyError(400, "invalid_field", f"{field}: {problem}")
+
+
+def parse_json_body(body: bytes) -> Any:
+    """The JSON document of a request body, or a 400."""
+    try:
+        return json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProxyError(400, "malformed_json", f"the body is not valid JSON ({exc})") from None
+
+
+def _object(document: Any, allowed: set) -> Dict[str, Any]:
+    if not isinstance(document, dict):
+        raise ProxyError(400, "invalid_body", "the body must be a JSON object")
+    unknown = sorted(set(document) - allowed)
+    if unknown:
+        raise invalid(unknown[0], f"unknown field (known: {', '.join(sorted(allowed))})")
+    return document
+
+
+def _name(value: Any) -> str:
+    if (not isinstance(value, str) or not value.strip() or len(value) > 128 or _NAME_FORBIDDEN.search(value)
+            or not value.isprintable()):  # Unicode line and paragraph separators would split log lines
+        raise invalid("name", "must be 1 to 128 printable characters, without '|'")
+    return value.strip()
+
+
+def _tags(value: Any) -> tuple:
+    if not isinstance(value, list) or not all(isinstance(t, str) and _TAG.match(t) for t in value):
+        raise invalid("tags", "must be a list of tags (letters, digits, '.', '_', ':', '-')")
+    return tuple(value)
+
+
+def _metadata(value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise invalid("metadata", "must be an object")
+    if len(json.dumps(value)) > MAX_METADATA_BYTES:
+        raise invalid("metadata", f"must be at most {MAX_METADATA_BYTES} bytes as JSON")
+    path = value.get("healthPath")
+    if path is not None and not (isinstance(path, str) and _HEALTH_PATH.match(path)):
+        raise invalid("metadata", "healthPath must be a path on the node such as /health (printable ASCII)")
+    return value
+
+
+def _weight(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1000:
+        raise invalid("weight", "must be a whole number from 1 to 1000")
+    return value
+
+
+def _boolean(field: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise invalid(field, "must be true or false")
+    return value
+
+
+#: JSON field -> (Node field, check) for the fields a request may leave out.
+_OPTIONAL = {
+    "name": ("name", _name),
+    "tags": ("tags", _tags),
+    "metadata": ("metadata", _metadata),
+    "weight": ("weight", _weight),
+    "tlsVerify": ("tls_verify", lambda value: _boolean("tlsVerify", value)),
+    "draining": ("draining", lambda value: _boolean("draining", value)),
+}
+
+
+def _optional(data: Dict[str, Any], names) -> Dict[str, Any]:
+    """The checked ``Node`` fields for those of ``names`` present in ``data``."""
+    fields: Dict[str, Any] = {}
+    for name in names:
+        if name in data:
+            field, check = _OPTIONAL[name]
+            fields[field] = check(data[name])
+    return fields
+
+
+def new_node_fields(document: Any) -> Dict[str, Any]:
+    """The ``Node`` fields of ``{name, baseURL, tags?, metadata?, weight?, tlsVerify?}``."""
+    data = _object(document, _CREATE_FIELDS)
+    for required in ("name", "baseURL"):
+        if required not in data:
+            raise invalid(required, "missing")
+    if not isinstance(data["baseURL"], str):
+        raise invalid("baseURL", "must be a string")
+    try:
+        base_url = parse_base_url(data["baseURL"]).text
+    except ValueError as exc:
+        raise invalid("baseURL", str(exc)) from None
+    fields: Dict[str, Any] = {"name": _name(data["name"]), "base_url": base_url}
+    fields.update(_optional(data, ("tags", "metadata", "weight", "tlsVerify")))
+    return fields
+
+
+def node_changes(document: Any) -> Dict[str, Any]:
+    """The ``Node`` fields a PATCH changes (``name``, ``tags``, ``metadata``, ``weight``, ``draining``)."""
+    return _optional(_object(document, _PATCH_FIELDS), ("name", "tags", "metadata", "weight", "draining"))
+
+
+def policy_name(document: Any) -> str:
+    """The policy of ``{"policy": name}``."""
+    data = _object(document, {"policy"})
+    if not isinstance(data.get("policy"), str) or data["policy"] not in POLICIES:
+        raise invalid("policy", "must be one of " + ", ".join(POLICIES))
+    return data["policy"]
+
+
+def strict_index(text: str) -> int:
+    """A list index written as plain decimal digits (``01``, ``1.0``, ``-1``, ``1e2`` refused)."""
+    if not re.fullmatch(r"0|[1-9][0-9]{0,8}", text):
+        raise invalid("index", "must be a whole number written in digits")
+    return int(text)

@@ -1,0 +1,51 @@
+"""JSON views of the fleet for the admin API and the public status endpoints."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from blyanproxy.core.healthstate import UP, usable
+from blyanproxy.core.nodes import Node, NodeRegistry, NodeStats
+from blyanproxy.core.fleetstate import node_to_json
+
+
+def node_view(node: Node, stats: NodeStats, now: float) -> dict:
+    """A node with its live figures (Blyan's field names where Blyan had them)."""
+    health = stats.health
+    view = node_to_json(node)
+    view.update(
+        healthy=health.state == UP,
+        usable=usable(health, now) and not node.draining,
+        state=health.state,
+        lastCheck=health.last_check,
+        lastError=health.last_error,
+        responseTime=stats.latency_ms,
+        consecutiveFailures=stats.consecutive_failures,
+        inFlight=stats.in_flight,
+        requests=stats.requests,
+        failures=stats.failures,
+        ejectedUntil=health.ejected_until if health.ejected_until and health.ejected_until > now else None,
+        ejectReason=health.eject_reason,
+        ejections=health.ejections,
+    )
+    return view
+
+
+def nodes_view(registry: NodeRegistry, now: float) -> list:
+    """Every node, in registry order."""
+    return [node_view(node, registry.stats(node.id), now) for node in registry.nodes()]
+
+
+def active_index(registry: NodeRegistry) -> Optional[int]:
+    """The active node's place in registry order (Blyan's ``activeIndex``), or None."""
+    for index, node in enumerate(registry.nodes()):
+        if node.id == registry.active_id:
+            return index
+    return None
+
+
+def usable_count(registry: NodeRegistry, now: float) -> int:
+    """How many nodes can take a request now."""
+    return sum(
+        1 for node in registry.nodes() if not node.draining and usable(registry.stats(node.id).health, now)
+    )

@@ -1,0 +1,127 @@
+"""The ``Node`` value type, its live counters, and the ``NodeRegistry`` that holds the fleet."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Callable, Dict, List, Optional
+
+import attrs
+
+from blyanproxy.core.healthstate import Health
+from blyanproxy.core.nodeurl import BaseURL, parse_base_url
+
+
+def new_node_id() -> str:
+    """A fresh, stable node id: 16 hex characters."""
+    return secrets.token_hex(8)
+
+
+@attrs.frozen
+class Node:
+    """One inference node as configured: identity and settings, no live figures.
+
+    ``base_url`` is validated text; ``url`` is its parsed form. A node with
+    ``tls_verify`` false skips certificate checks (only when set explicitly).
+    """
+
+    id: str
+    name: str
+    base_url: str
+    tags: tuple = ()
+    metadata: dict = attrs.field(factory=dict, eq=False)
+    weight: int = 1
+    draining: bool = False
+    tls_verify: bool = True
+    added_at: float = 0.0
+    declared_by: Optional[str] = None  # "NODE_3" or "--node" for nodes named in settings
+    url: BaseURL = attrs.field(init=False, eq=False, repr=False)
+    name_bytes: bytes = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "url", parse_base_url(self.base_url))
+        object.__setattr__(self, "name_bytes", self.name.encode("utf-8"))
+
+
+@attrs.define
+class NodeStats:
+    """Live figures of one node, owned by the registry and updated by the data path."""
+
+    in_flight: int = 0
+    requests: int = 0
+    failures: int = 0
+    consecutive_failures: int = 0
+    last_failure: Optional[str] = None
+    latency_ms: Optional[float] = None
+    health: Health = attrs.Factory(Health)
+
+    def observe_latency(self, milliseconds: float) -> None:
+        """Fold one measurement into the moving average (weight 0.3 for the newest)."""
+        if self.latency_ms is None:
+            self.latency_ms = milliseconds
+        else:
+            self.latency_ms += 0.3 * (milliseconds - self.latency_ms)
+
+
+class NodeRegistry:
+    """The fleet: nodes in registry order, their live figures, the active node's id
+    (preferred by ``active-first``), and change listeners.
+
+    Listeners are called with ``(event, node)`` where event is ``"added"``,
+    ``"removed"`` or ``"updated"``.
+    """
+
+    def __init__(self) -> None:
+        self._nodes: Dict[str, Node] = {}
+        self._stats: Dict[str, NodeStats] = {}
+        self._listeners: List[Callable[[str, Node], None]] = []
+        self.active_id: Optional[str] = None
+
+    def listen(self, listener: Callable[[str, Node], None]) -> None:
+        """Call ``listener(event, node)`` on every change."""
+        self._listeners.append(listener)
+
+    def _announce(self, event: str, node: Node) -> None:
+        for listener in list(self._listeners):
+            listener(event, node)
+
+    def nodes(self) -> List[Node]:
+        """Every node, in registry order."""
+        return list(self._nodes.values())
+
+    def get(self, node_id: str) -> Optional[Node]:
+        """The node with this id, or ``None``."""
+        return self._nodes.get(node_id)
+
+    def stats(self, node_id: str) -> NodeStats:
+        """The live figures of a node (kept until the node is removed)."""
+        return self._stats[node_id]
+
+    def add(self, node: Node) -> Node:
+        """Add a node; ``ValueError`` if its id or base URL is already registered."""
+        if node.id in self._nodes:
+            raise ValueError(f"node id {node.id} is already registered")
+        for other in self._nodes.values():
+            if other.url == node.url:
+                raise ValueError(f"base URL {node.base_url} is already used by node {other.name}")
+        self._nodes[node.id] = node
+        self._stats[node.id] = NodeStats()
+        self._announce("added", node)
+        return node
+
+    def update(self, node_id: str, **changes) -> Node:
+        """Replace a node's settings (``name``, ``tags``, ``metadata``, ``weight``, ``draining``…);
+        ``KeyError`` if unknown, ``ValueError`` if the new base URL is taken. Live figures stay."""
+        node = attrs.evolve(self._nodes[node_id], **changes)
+        for other in self._nodes.values():
+            if other.id != node_id and other.url == node.url:
+                raise ValueError(f"base URL {node.base_url} is already used by node {other.name}")
+        self._nodes[node_id] = node
+        self._announce("updated", node)
+        return node
+
+    def remove(self, node_id: str) -> Node:
+        """Remove a node; ``KeyError`` if unknown. Leases still open keep its figures alive."""
+        node = self._nodes.pop(node_id)
+        del self._stats[node_id]
+        self._announce("removed", node)
+        return node

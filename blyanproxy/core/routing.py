@@ -1,0 +1,167 @@
+"""Pure parsing of a request target into a ``Route``: which nodes, and the path sent upstream.
+
+Two path prefixes choose nodes inside a pool (the registry, or one API key's
+workloads) and are removed before forwarding; the rest goes upstream byte for
+byte (no ``/api`` removal):
+
+- ``/tags/{tag}/rest``: nodes carrying ``tag`` (exact, case-sensitive);
+  ``all`` means every node of the pool.
+- ``/{n}/rest``: the ``n``-th node of the pool (from 0).
+
+Any other path goes to the pool's policy, with a leading ``/api`` segment removed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+from urllib.parse import unquote_to_bytes
+
+import attrs
+
+from blyanproxy.core.errors import ProxyError
+
+
+@attrs.frozen
+class Route:
+    """Where one request goes.
+
+    ``upstream_target`` is the path and query sent to the node, byte for byte as
+    the client wrote them (``%2F`` stays encoded), minus a leading ``/api``
+    segment and the ``api`` query parameter. ``affinity_key``, when set, keeps
+    requests that share it on one node. ``node``, when set, is the id or name of
+    the one registered node the request may go to (``?api=``).
+    """
+
+    upstream_target: bytes
+    affinity_key: Optional[bytes] = None
+    tag: Optional[str] = None
+    index: Optional[int] = None
+    node: Optional[str] = None
+
+
+#: The tag that means every node of the pool.
+ALL_TAG = "all"
+#: Longest index accepted: more digits cannot name a node of any real pool.
+_MAX_INDEX_DIGITS = 6
+#: The query parameter that chooses a registered node by id or name (Blyan's ``?api=``).
+NODE_PARAMETER = "api"
+
+
+def request_target_path(target: bytes) -> bytes:
+    """The origin-form (``/path?query``) of a request target.
+
+    Absolute-form targets (``http://host/path``) are reduced to their path: the
+    authority a client names never chooses where traffic goes. Anything else
+    (``*``, authority-form) is refused.
+    """
+    if target.startswith(b"/"):
+        return target
+    scheme, sep, rest = target.partition(b"://")
+    if sep and scheme.lower() in (b"http", b"https") and rest:
+        slash = rest.find(b"/")
+        query = rest.find(b"?")
+        if slash == -1 or (query != -1 and query < slash):
+            return b"/" + (rest[query:] if query != -1 else b"")
+        return rest[slash:]
+    raise ProxyError(400, "bad_request_target", "the request target must be a path")
+
+
+def strip_api_prefix(target: bytes) -> bytes:
+    """Remove a leading ``/api`` path segment (only as a whole segment: ``/apifoo`` stays)."""
+    if target.startswith(b"/api"):
+        rest = target[4:]
+        if not rest:
+            return b"/"
+        if rest[:1] == b"/":
+            return rest
+        if rest[:1] == b"?":
+            return b"/" + rest
+    return target
+
+
+def _split_first_segment(target: bytes) -> tuple:
+    """``(first segment, rest)`` of an origin-form target: ``/a/b?q`` → ``(b"a", b"/b?q")``.
+
+    The rest always starts with ``/`` (``/a?q`` → ``(b"a", b"/?q")``).
+    """
+    path, sep, query = target.partition(b"?")
+    first, slash, tail = path[1:].partition(b"/")
+    return first, b"/" + tail + sep + query
+
+
+def _index_of(segment: bytes) -> Optional[int]:
+    """The index a first path segment names, ``None`` if it names none; 400 for a signed number."""
+    if segment.isdigit():
+        if len(segment) > _MAX_INDEX_DIGITS:
+            raise ProxyError(404, "index_out_of_range", "no node has that index")
+        return int(segment)
+    if segment[:1] in (b"-", b"+") and segment[1:].isdigit():
+        raise ProxyError(400, "bad_index", "a node index must be a number from 0")
+    return None
+
+
+def _refuse_admin(upstream: bytes) -> bytes:
+    """``upstream`` unless it (or it without ``/api``) is an ``/_admin`` path: 404 then."""
+    for path in (upstream, strip_api_prefix(upstream)):
+        if _split_first_segment(path)[0] == b"_admin":
+            raise ProxyError(404, "not_found", "the admin API is served only under /_admin")
+    return upstream
+
+
+def _form_decoded(text: bytes) -> str:
+    """A query name or value as text (``+`` is a space, ``%XX`` decoded, UTF-8)."""
+    return unquote_to_bytes(text.replace(b"+", b" ")).decode("utf-8", "replace")
+
+
+def take_node_parameter(target: bytes) -> Tuple[bytes, Optional[str]]:
+    """Split ``api=<node id or name>`` off a target's query: ``(target without it, value or None)``.
+
+    Only a registered node's id or name can be chosen this way, never an
+    address. The other parameters stay byte for byte, in order; a query left
+    empty is dropped with its ``?``. Names are compared decoded (``%61pi`` is
+    ``api``), so no spelling slips past; an empty or repeated choice is a 400.
+    """
+    path, sep, query = target.partition(b"?")
+    if not sep:
+        return target, None
+    kept, chosen = [], []
+    for part in query.split(b"&"):
+        name, _, value = part.partition(b"=")
+        if _form_decoded(name) == NODE_PARAMETER:
+            chosen.append(_form_decoded(value))
+        else:
+            kept.append(part)
+    if not chosen:
+        return target, None
+    if len(chosen) > 1 or not chosen[0]:
+        raise ProxyError(400, "bad_node_choice", "api= must name one node, by id or name, once")
+    return (path + b"?" + b"&".join(kept) if kept else path), chosen[0]
+
+
+def parse_route(target: bytes) -> Route:
+    """Turn a raw request target into a ``Route``; raises ``ProxyError`` when unusable.
+
+    400 for a target that is not a path, ``/tags`` without a tag, a signed
+    index or a malformed ``?api=``; 404 for an ``/_admin`` path behind ``/api``, a tag or an index
+    (``/api/_admin``, ``/0/_admin``): the admin API lives only at ``/_admin``,
+    so an allow-list in front of that one prefix cannot be bypassed, and no
+    node ever sees such a path.
+    """
+    origin = request_target_path(target)
+    first, rest = _split_first_segment(origin)
+    if first == b"tags":
+        tag_segment, rest = _split_first_segment(rest)
+        if not tag_segment:
+            raise ProxyError(400, "missing_tag", "Missing tag. Use /tags/{tag}")
+        tag = unquote_to_bytes(tag_segment).decode("utf-8", "replace")
+        return Route(upstream_target=_refuse_admin(rest), tag=tag)
+    index = _index_of(first)
+    if index is not None:
+        return Route(upstream_target=_refuse_admin(rest), index=index)
+    upstream, node = take_node_parameter(_refuse_admin(strip_api_prefix(origin)))
+    return Route(upstream_target=upstream, node=node)
+
+
+def route_allows(route: Route, node) -> bool:
+    """Whether ``node`` may take the request: any node, or the one ``?api=`` names (id or name)."""
+    return route.node is None or route.node in (node.id, node.name)

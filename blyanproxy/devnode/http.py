@@ -1,0 +1,369 @@
+"""The HTTP face of a DevNode: one leaf resource routing every path to a small handler, and the
+node's Site (quiet, counting connections, keeping request header lines in arrival order).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Union
+
+import attrs
+from twisted.internet.interfaces import IProtocol
+from twisted.python.components import proxyForInterface
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.websocket import WebSocketResource
+
+from blyanproxy.devnode.config import SettingError, apply_knobs, parse_flag
+from blyanproxy.devnode.stream import (
+    PatternBody,
+    TokenSchedule,
+    TokenStream,
+    answer_later,
+    hold,
+)
+from blyanproxy.devnode.wire import (
+    ApiError,
+    ChatFormat,
+    CompletionRequest,
+    GenerateFormat,
+    health_answer,
+    injected_failure,
+    json_object,
+    model_list,
+    ollama_tags,
+    parse_chat_request,
+    parse_generate_request,
+    to_json,
+)
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IAddress, ITransport
+    from twisted.python.failure import Failure
+    from twisted.web.websocket import WebSocketTransport
+
+    from blyanproxy.devnode.node import DevNode, DevNodeStats, RequestRecord
+    from blyanproxy.devnode.config import DevNodeConfig
+
+Rendered = Union[bytes, int]  # a body, or NOT_DONE_YET
+
+DEFAULT_BYTES = 1 << 20
+"""Size of ``GET /_devnode/bytes`` without ``?size=``."""
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an HTTP header name (RFC 9110 token)
+
+
+class DevNodeResource(Resource):
+    """Every endpoint of one DevNode, as a leaf resource routing on the raw request path.
+
+    Inference endpoints (``/v1/...``, ``/api/...``, ``/ws/echo``) first apply the request's knobs,
+    then ``hang`` and ``fail_status``; ``/health`` and ``/_devnode/...`` never fail on purpose.
+    """
+
+    isLeaf = True
+
+    def __init__(self, node: DevNode) -> None:
+        super().__init__()
+        self._node = node
+        self._echo_socket = WebSocketResource(_EchoFactory(node.stats))
+
+    def render(self, request: Request) -> Rendered:
+        """Count the request, route it, and answer (errors as OpenAI-shaped JSON)."""
+        record = self._node.note_request(request)
+        try:
+            endpoint = route(request.method, request.path)
+            config = self._node.config
+            if endpoint.inference:
+                config = _request_config(config, request, record)
+                if config.hang:
+                    hold(request, self._node.stats)
+                    return NOT_DONE_YET
+                if config.fail_status is not None:
+                    raise injected_failure(config.fail_status)
+            return endpoint.handler(self, request, record, config)
+        except ApiError as error:
+            for name, value in error.headers:
+                request.setHeader(name, value)
+            return _json(request, error.body(), error.status)
+
+    def _health(self, request: Request, record: RequestRecord, config: DevNodeConfig) -> Rendered:
+        status, body = health_answer(config)
+        return self._later(request, _json(request, body, status), config.health_delay_ms / 1000.0)
+
+    def _models(self, request: Request, record: RequestRecord, config: DevNodeConfig) -> Rendered:
+        return _json(request, model_list(config.models))
+
+    def _tags(self, request: Request, record: RequestRecord, config: DevNodeConfig) -> Rendered:
+        return _json(request, ollama_tags(config.models))
+
+    def _chat(self, request: Request, record: RequestRecord, config: DevNodeConfig) -> Rendered:
+        return self._complete(request, config, parse_chat_request(record.body, config.models), ChatFormat)
+
+    def _generate(self, request: Request, record: RequestRecord, config: DevNodeConfig) -> Rendered:
+        return self._complete(
+            request, config, parse_generate_request(record.body, config.models), GenerateFormat
+        )
+
+    def _complete(
+        self,
+        request: Request,
+        config: DevNodeConfig,
+        completion: CompletionRequest,
+        wire: type[ChatFormat] | type[GenerateFormat],
+    ) -> Rendered:
+        clock = self._node.clock
+        fmt = wire.create(completion, config, clock.seconds())
+        schedule = TokenSchedule.for_config(config, fmt.count)
+        if completion.stream:
+            TokenStream(request, clock, schedule, fmt, self._node.stats, config.close_after).start()
+            return NOT_DONE_YET
+        return self._later(request, _json(request, fmt.whole()), schedule.duration)
+
+    def _websocket(self, request: Request, record: RequestRecord, config: DevNodeConfig) -> Rendered:
+        return self._echo_socket.render(request)
+
+    def _echo(self, request: Request, record: RequestRecord, config: DevNodeConfig) -> Rendered:
+        for line in request.requestHeaders.getRawHeaders(b"x-devnode-set-header", []):
+            request.responseHeaders.addRawHeader(*_set_header(line))
+        client = getattr(request.getClientAddress(), "host", None)
+        return _json(request, {**record.as_json(), "client": client})
+
+    def _bytes(self, request: Request, record: RequestRecord, config: DevNodeConfig) -> Rendered:
+        size = _size(_query(request, b"size"))
+        try:
+            chunked = parse_flag(_query(request, b"chunked") or "")
+        except ValueError as error:
+            raise ApiError(400, f"chunked: {error}", "invalid_chunked") from None
+        request.setHeader(b"content-type", b"application/octet-stream")
+        if not chunked:
+            request.setHeader(b"content-length", b"%d" % size)
+        PatternBody(request, size, self._node.stats).start()
+        return NOT_DONE_YET
+
+    def _stats(self, request: Request, record: RequestRecord, config: DevNodeConfig) -> Rendered:
+        return _json(request, self._node.stats.as_json())
+
+    def _config(self, request: Request, record: RequestRecord, config: DevNodeConfig) -> Rendered:
+        if request.method == b"POST":
+            try:
+                self._node.configure(**json_object(record.body))
+            except (TypeError, ValueError) as error:
+                raise ApiError(400, str(error), "invalid_config") from None
+        return _json(request, attrs.asdict(self._node.config))
+
+    def _later(self, request: Request, body: bytes, delay: float) -> Rendered:
+        """``body`` now, or after ``delay`` seconds on the node's clock."""
+        if delay <= 0:
+            return body
+        answer_later(request, self._node.clock, delay, body)
+        return NOT_DONE_YET
+
+
+Handler = Callable[[DevNodeResource, Request, "RequestRecord", "DevNodeConfig"], Rendered]
+
+
+@attrs.frozen
+class Endpoint:
+    """A route's target: the methods it answers (empty: any), its handler, and whether it is an
+    inference endpoint (knobs and failure injection apply)."""
+
+    methods: tuple[bytes, ...]
+    handler: Handler
+    inference: bool = False
+
+
+_GET = (b"GET", b"HEAD")  # twisted.web sends no body for HEAD
+_POST = (b"POST",)
+_ENDPOINTS = {
+    b"/health": Endpoint(_GET, DevNodeResource._health),
+    b"/v1/models": Endpoint(_GET, DevNodeResource._models, inference=True),
+    b"/v1/chat/completions": Endpoint(_POST, DevNodeResource._chat, inference=True),
+    b"/api/generate": Endpoint(_POST, DevNodeResource._generate, inference=True),
+    b"/api/tags": Endpoint(_GET, DevNodeResource._tags, inference=True),
+    b"/ws/echo": Endpoint((b"GET",), DevNodeResource._websocket, inference=True),
+    b"/_devnode/bytes": Endpoint(_GET, DevNodeResource._bytes),
+    b"/_devnode/stats": Endpoint(_GET, DevNodeResource._stats),
+    b"/_devnode/config": Endpoint(_GET + _POST, DevNodeResource._config),
+}
+_ECHO = Endpoint((), DevNodeResource._echo)
+
+
+def route(method: bytes, path: bytes) -> Endpoint:
+    """The endpoint for a raw request path; ApiError 404 (unknown path) or 405 (wrong method)."""
+    endpoint = (
+        _ECHO if path == b"/_devnode/echo" or path.startswith(b"/_devnode/echo/") else _ENDPOINTS.get(path)
+    )
+    if endpoint is None:
+        raise ApiError(404, f"no such endpoint: {path.decode('latin-1')}", "not_found")
+    if endpoint.methods and method not in endpoint.methods:
+        allow = ((b"Allow", b", ".join(endpoint.methods)),)
+        raise ApiError(
+            405, f"{method.decode('latin-1')} is not allowed here", "method_not_allowed", headers=allow
+        )
+    return endpoint
+
+
+def _request_config(config: DevNodeConfig, request: Request, record: RequestRecord) -> DevNodeConfig:
+    """The node's config overridden by the request's knobs; ApiError 400 naming a bad knob."""
+    try:
+        return apply_knobs(config, record.headers, request.args)
+    except SettingError as error:
+        raise ApiError(400, f"bad devnode knob {error}", "invalid_knob") from None
+
+
+def _json(request: Request, value: object, status: int = 200) -> bytes:
+    """Set the status and JSON content type; return ``value`` as JSON bytes."""
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    return to_json(value)
+
+
+def _query(request: Request, name: bytes) -> str | None:
+    """The last value of a query parameter, or None."""
+    values = request.args.get(name)
+    return values[-1].decode("latin-1") if values else None
+
+
+def _size(text: str | None) -> int:
+    """The ``size`` of ``/_devnode/bytes``: a non-negative integer, DEFAULT_BYTES if absent."""
+    if text is None:
+        return DEFAULT_BYTES
+    if not text.isdigit():
+        raise ApiError(400, f"size must be a non-negative integer, not {text!r}", "invalid_size")
+    return int(text)
+
+
+def _set_header(line: bytes) -> tuple[bytes, bytes]:
+    """Split one ``X-Devnode-Set-Header: Name: value`` instruction into name and value."""
+    name, colon, value = line.partition(b":")
+    name = name.strip()
+    if not colon or not _TOKEN.fullmatch(name):
+        raise ApiError(
+            400, f"X-Devnode-Set-Header must read 'Name: value', not {line!r}", "invalid_set_header"
+        )
+    return name, value.strip()
+
+
+class _Echo:
+    """A WebSocket protocol (twisted.web.websocket) sending every message straight back."""
+
+    def __init__(self, stats: DevNodeStats) -> None:
+        self._stats = stats
+        self._transport: WebSocketTransport | None = None
+
+    def negotiationStarted(self, transport: WebSocketTransport) -> None:
+        """Keep the transport to answer on."""
+        self._transport = transport
+
+    def negotiationFinished(self) -> None:
+        """Nothing to do until a message arrives."""
+
+    def textMessageReceived(self, message: str) -> None:
+        """Echo a text message."""
+        self._stats.websocket_messages += 1
+        self._transport.sendTextMessage(message)
+
+    def bytesMessageReceived(self, data: bytes | bytearray) -> None:
+        """Echo a binary message."""
+        self._stats.websocket_messages += 1
+        self._transport.sendBytesMessage(bytes(data))
+
+    def pongReceived(self, payload: bytes) -> None:
+        """Pongs need no answer."""
+
+    def connectionLost(self, reason: Failure) -> None:
+        """Nothing to release; the node's connection tracking counts the close."""
+
+
+@attrs.frozen
+class _EchoFactory:
+    """The WebSocket server factory of ``/ws/echo``: one _Echo per connection."""
+
+    stats: DevNodeStats
+
+    def buildProtocol(self, request: Request) -> _Echo:
+        """A new echo protocol for an upgraded request."""
+        return _Echo(self.stats)
+
+
+class _ArrivalHeaders(Headers):
+    """Request headers that also keep every (name, value) line added, in order (a ``copy()`` starts
+    a new order)."""
+
+    __slots__ = ("arrivals",)
+
+    def __init__(self, rawHeaders: Mapping[bytes, Sequence[bytes]] | None = None) -> None:
+        super().__init__(rawHeaders)
+        self.arrivals: list[tuple[bytes, bytes]] = []
+
+    def addRawHeader(self, name: bytes, value: bytes) -> None:
+        """Add a header line, remembering its place."""
+        super().addRawHeader(name, value)
+        self.arrivals.append((name, value))
+
+
+class DevNodeRequest(Request):
+    """A twisted.web Request whose headers remember their arrival order."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.requestHeaders = _ArrivalHeaders()
+
+
+def header_lines(request: Request) -> list[tuple[bytes, bytes]]:
+    """Every request header line as (name, value): in arrival order under a DevNodeSite, grouped by
+    name under another Site (e.g. ``treq.testing.StubTreq(node.resource())``)."""
+    headers = request.requestHeaders
+    if isinstance(headers, _ArrivalHeaders):
+        return list(headers.arrivals)
+    return [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
+
+
+class TrackedConnection(proxyForInterface(IProtocol, "_protocol")):  # type: ignore[misc]
+    """The Site's protocol for one connection, reporting its start and end to the node.
+
+    It wraps twisted.web's channel from outside, so counting stays right after a WebSocket upgrade
+    (which replaces the channel's own ``connectionLost``).
+    """
+
+    def __init__(self, protocol: IProtocol, node: DevNode) -> None:
+        self._protocol = protocol
+        self._node = node
+        self.transport: ITransport | None = None
+
+    def makeConnection(self, transport: ITransport) -> None:
+        """Count the connection, then hand it to twisted.web."""
+        self.transport = transport
+        self._node.connection_made(self)
+        self._protocol.makeConnection(transport)
+
+    def connectionLost(self, reason: Failure) -> None:
+        """Let twisted.web clean up (which cancels this connection's timers), then count the loss."""
+        try:
+            self._protocol.connectionLost(reason)
+        finally:
+            self._node.connection_lost(self)
+
+
+class DevNodeSite(Site):
+    """The Site of one DevNode: no access log, quiet, POST bodies left unparsed, connections tracked."""
+
+    noisy = False
+
+    def __init__(self, node: DevNode) -> None:
+        super().__init__(
+            DevNodeResource(node),
+            requestFactory=DevNodeRequest,
+            reactor=node.clock,
+            parsePOSTFormSubmission=False,
+        )
+        self._node = node
+
+    def buildProtocol(self, addr: IAddress) -> TrackedConnection:
+        """twisted.web's protocol for a new connection, wrapped to be tracked."""
+        return TrackedConnection(super().buildProtocol(addr), self._node)
+
+    def log(self, request: Request) -> None:
+        """No access log: the node's stats say what it served."""

@@ -1,0 +1,167 @@
+"""The forwarding engine's ``pick`` seam: choose a node for a route and account for it.
+
+``Balancer.acquire`` picks a node and counts it in flight in one step, so a
+burst of requests sees each other's choices. The returned ``Lease`` is how
+the data path reports what happened and gives the node back.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, FrozenSet, Optional, Sequence
+
+import attrs
+
+from blyanproxy.core.affinity import choose_by_key
+from blyanproxy.core.errors import ProxyError
+from blyanproxy.core.healthstate import (
+    HealthRules,
+    after_traffic_failure,
+    after_traffic_success,
+    readmit_after_cooldown,
+    usable,
+)
+from blyanproxy.logs import logger
+from blyanproxy.core.nodes import Node, NodeRegistry, NodeStats
+from blyanproxy.core.routing import Route, route_allows
+from blyanproxy.core.selection import POLICIES, Candidate, Policy, Turn, route_members
+
+log = logger("balancer")
+
+@attrs.define(eq=False)
+class Lease:
+    """One attempt's hold on a node: in flight from ``acquire`` until ``release``.
+
+    What the attempt reports feeds the node's passive health.
+    """
+
+    node: Node
+    stats: NodeStats
+    clock: object
+    rules: HealthRules
+    released: bool = False
+
+    def failed(self, reason: str) -> None:
+        """The attempt failed before any byte reached the client; releases the lease."""
+        stats = self.stats
+        stats.failures += 1
+        stats.consecutive_failures += 1
+        stats.last_failure = reason
+        before = stats.health
+        stats.health = after_traffic_failure(before, reason, self.clock.seconds(), self.rules)
+        if stats.health.ejected_until != before.ejected_until:
+            log.warn(
+                "node {node} ejected for {seconds:g} s after {reason}",
+                node=self.node.name, seconds=stats.health.ejected_until - self.clock.seconds(), reason=reason,
+            )
+        self.release()
+
+    def responded(self, seconds_to_first_byte: float) -> None:
+        """The node answered with a response the client will get, after this long."""
+        self.stats.consecutive_failures = 0
+        self.stats.health = after_traffic_success(self.stats.health)
+        self.stats.observe_latency(seconds_to_first_byte * 1000.0)
+
+    def release(self) -> None:
+        """The request on this node is over (idempotent)."""
+        if not self.released:
+            self.released = True
+            self.stats.in_flight -= 1
+
+
+class LeaseMaker:
+    """What both pools share: choose one of the usable nodes and count it in flight, in one step.
+
+    A route with an affinity key goes to that key's node
+    (``affinity.choose_by_key``), any other to the given policy's choice.
+    """
+
+    def __init__(self, clock, rules: HealthRules, affinity_load_factor: float) -> None:
+        self._clock = clock
+        self._rules = rules
+        self._turn = Turn()
+        self.affinity_load_factor = affinity_load_factor
+
+    def lease_among(self, members: Sequence[Node], route: Route, excluded: FrozenSet[str],
+                    stats_of: Callable[[Node], NodeStats], choose: Policy, active_id: Optional[str] = None,
+                    unprobed: bool = False) -> Optional[Lease]:
+        """A lease on the node chosen among the usable ``members``, or ``None`` when none is.
+
+        ``stats_of`` gives a node's live figures; with ``unprobed`` (nodes no
+        health check visits) an ejected node is let back once its cooldown ends.
+        """
+        now = self._clock.seconds()
+        usable_nodes = []
+        for node in members:
+            if node.id not in excluded:
+                stats = stats_of(node)
+                if unprobed:
+                    stats.health = readmit_after_cooldown(stats.health, now)
+                if usable(stats.health, now):
+                    usable_nodes.append((node, stats))
+        if not usable_nodes:
+            return None
+        candidates = [Candidate(node, stats.in_flight, stats.latency_ms) for node, stats in usable_nodes]
+        if route.affinity_key is not None:
+            chosen = choose_by_key(route.affinity_key, candidates, self.affinity_load_factor)
+        else:
+            chosen = choose(candidates, self._turn, active_id)
+        node, stats = usable_nodes[candidates.index(chosen)]
+        stats.in_flight += 1
+        stats.requests += 1
+        return Lease(node=node, stats=stats, clock=self._clock, rules=self._rules)
+
+
+class Balancer(LeaseMaker):
+    """Hands out leases on the registry's usable nodes, chosen by the current selection policy.
+
+    Usable: not draining, not excluded for this request, not known to be down
+    and not ejected (``healthstate.usable``), and the node a route names, if it
+    names one (``?api=``); a tag or index route narrows the choice first
+    (``selection.route_members``, over the nodes not draining).
+    ``policy`` (a name from ``selection.POLICIES``) may change at run time.
+    """
+
+    def __init__(self, registry: NodeRegistry, clock, policy: str = "active-first",
+                 rules: HealthRules = HealthRules(), affinity_load_factor: float = 1.25) -> None:
+        super().__init__(clock, rules, affinity_load_factor)
+        self._registry = registry
+        self.policy = policy
+
+    @property
+    def policy(self) -> str:
+        """The name of the selection policy in use."""
+        return self._policy_name
+
+    @policy.setter
+    def policy(self, name: str) -> None:
+        self._choose = POLICIES[name]
+        self._policy_name = name
+
+    def _members(self, route: Route) -> Sequence[Node]:
+        nodes = [node for node in self._registry.nodes() if not node.draining and route_allows(route, node)]
+        if route.tag is None and route.index is None:
+            return nodes
+        return route_members(nodes, route)
+
+    def is_empty(self) -> bool:
+        """Whether the registry has no node at all."""
+        return not self._registry.nodes()
+
+    def check(self, route: Route) -> None:
+        """Raise the 404 ``ProxyError`` when a tag or index route names no registry node."""
+        if route.tag is not None or route.index is not None:
+            self._members(route)
+
+    def serves(self, route: Route) -> bool:
+        """Whether some registered node, usable or not, may take ``route`` (``?api=`` names one)."""
+        return route.node is None or any(route_allows(route, node) for node in self._registry.nodes())
+
+    def acquire(self, route: Route, excluded: FrozenSet[str]) -> Optional[Lease]:
+        """A lease on the node chosen for ``route``, or ``None`` when no node can take it."""
+        registry = self._registry
+        try:
+            members = self._members(route)
+        except ProxyError:
+            return None
+        return self.lease_among(members, route, excluded, lambda node: registry.stats(node.id), self._choose,
+                                registry.active_id)

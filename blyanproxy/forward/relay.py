@@ -1,0 +1,203 @@
+"""Streaming a node's response body to the client, with flow control and idle timers.
+
+``BodyRelay`` receives a node's body from the upstream connection. It registers
+itself as the client request's streaming producer and forwards pause, resume
+and stop to the upstream connection, so a client that reads slowly stops the
+proxy reading from the node (memory stays flat) and a client that leaves
+closes the upstream connection.
+
+One timer serves two jobs: it cuts a body that stays silent longer than the
+idle timeout (time spent paused by the client does not count), and on an SSE
+stream it writes a comment line after ``sse_keepalive`` quiet seconds, at an
+event boundary only.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable, Optional
+
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
+
+from blyanproxy.upstream.writethrough import write_through
+
+#: How a relayed body ended, passed to the ``on_end`` callback.
+COMPLETE = "complete"
+CLIENT_GONE = "client_gone"
+UPSTREAM_BROKE = "upstream_broke"
+IDLE_TIMEOUT = "idle_timeout"
+
+SSE_KEEPALIVE_COMMENT = b": keep-alive\n\n"
+
+
+def sse_error_event(code: str, message: str) -> bytes:
+    """An SSE ``error`` event carrying the JSON error shape."""
+    data = json.dumps({"error": message, "code": code})
+    return b"event: error\ndata: " + data.encode("utf-8") + b"\n\n"
+
+
+@implementer(IPushProducer)
+class BodyRelay:
+    """Copies one response body to one client request; calls ``on_end(how)`` once."""
+
+    def __init__(
+        self,
+        request,
+        clock,
+        idle_timeout: float,
+        sse_keepalive: float,
+        is_sse: bool,
+        on_end: Callable[[str], None],
+        raw_chunks=None,
+    ) -> None:
+        self._request = request
+        self._raw_chunks = raw_chunks
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._keepalive = sse_keepalive if is_sse and sse_keepalive > 0 else 0.0
+        self.is_sse = is_sse
+        self._on_end = on_end
+        self._paused = False
+        self._ended = False
+        self._at_event_boundary = True
+        self._timer = None
+        self.transport = None
+        now = clock.seconds()
+        self._last_data = now
+        self._last_write = now
+        self.bytes_sent = 0
+
+    # -- the node's side -----------------------------------------------------
+
+    def start(self, upstream: IPushProducer) -> None:
+        """Begin relaying; ``upstream`` is paused, resumed and stopped by the client's pace.
+
+        With ``raw_chunks`` (an object whose ``at_chunk_boundary`` tells where
+        the node's chunked body stands), the node's chunk framing is passed
+        to the client as it is, saving a decode and re-encode per event; the
+        client's response must then be chunked too (HTTP/1.1, no length).
+        """
+        self.transport = upstream
+        request = self._request
+        request.registerProducer(self, True)
+        if self._raw_chunks is not None:
+            request.write(b"")  # the head, announcing chunked framing
+            self._forward = write_through(request.channel.transport)
+        else:
+            self._forward = request.write
+        self._schedule()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._ended:
+            return
+        now = self._clock.seconds()
+        self._last_data = self._last_write = now
+        if self._keepalive:
+            if self._raw_chunks is not None:
+                self._at_event_boundary = data.endswith(b"\n\n\r\n")
+            else:
+                self._at_event_boundary = data.endswith(b"\n\n") or data.endswith(b"\r\n\r\n")
+        self.bytes_sent += len(data)
+        self._forward(data)
+
+    body_data = dataReceived
+
+    def _emit(self, data: bytes) -> bool:
+        """Write bytes of the proxy's own (a comment, an error event); False if it cannot now."""
+        if self._raw_chunks is None:
+            self._request.write(data)
+            return True
+        if not self._raw_chunks.at_chunk_boundary:
+            return False
+        self._forward(b"%x\r\n%s\r\n" % (len(data), data))
+        return True
+
+    def response_ended(self, error: Optional[str]) -> None:
+        """The node's body is complete (``error`` None) or broke off."""
+        if self._ended:
+            return
+        if error is None:
+            self._end(COMPLETE)
+        else:
+            self._end(UPSTREAM_BROKE, f"the node's response broke off ({error})")
+
+    finished = response_ended
+
+    # -- IPushProducer: the client's side -------------------------------------
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._last_data = self._clock.seconds()
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.client_gone()
+
+    # -- endings --------------------------------------------------------------
+
+    def client_gone(self) -> None:
+        """The client went away: close the upstream connection and stop."""
+        if self._ended:
+            return
+        self._ended = True
+        self._cancel_timer()
+        self.transport.stopProducing()
+        self._on_end(CLIENT_GONE)
+
+    def _end(self, how: str, message: Optional[str] = None) -> None:
+        self._ended = True
+        self._cancel_timer()
+        request = self._request
+        if request.channel is not None:
+            request.unregisterProducer()
+            if how == COMPLETE:
+                if self._raw_chunks is not None:
+                    request.chunked = 0  # the node's last chunk has been passed on already
+                request.finish()
+            else:
+                self._fail_client(how, message)
+        self._on_end(how)
+
+    def _fail_client(self, how: str, message: Optional[str]) -> None:
+        """End the client's response so that it reads as failed, never as complete."""
+        if self.is_sse:
+            event = sse_error_event(how, message or how)
+            self._emit(event if self._at_event_boundary else b"\n\n" + event)
+        self._request.transport.loseConnection()
+
+    # -- the idle / keep-alive timer ------------------------------------------
+
+    def _schedule(self) -> None:
+        deadline = self._last_data + self._idle_timeout
+        if self._keepalive:
+            deadline = min(deadline, self._last_write + self._keepalive)
+        delay = max(deadline - self._clock.seconds(), 0.0)
+        self._timer = self._clock.callLater(delay, self._tick)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self._ended:
+            return
+        now = self._clock.seconds()
+        if self._paused:
+            self._last_data = now
+        elif now - self._last_data >= self._idle_timeout:
+            self.transport.stopProducing()
+            self._end(IDLE_TIMEOUT, "the node sent nothing for %g s" % self._idle_timeout)
+            return
+        if self._keepalive and now - self._last_write >= self._keepalive:
+            # Mid-event or while the client is not reading, skip this round.
+            if self._at_event_boundary and not self._paused:
+                self._emit(SSE_KEEPALIVE_COMMENT)
+            self._last_write = now
+        self._schedule()

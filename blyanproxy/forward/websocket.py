@@ -1,0 +1,360 @@
+"""WebSocket forwarding: the handshake goes to a node, then the two sockets are spliced.
+
+The proxy does not speak WebSocket itself. It sends the client's upgrade
+request to a node over a fresh connection and reads the node's answer head.
+On ``101 Switching Protocols`` it takes over the client's raw transport
+(``HTTPChannel._protocolUpgradeForWebsockets``, the hook Twisted's own
+WebSocket resource uses) and copies bytes both ways, each side registered as
+the other's producer so neither direction buffers without bound. Any other
+answer is relayed as an ordinary HTTP response. A node that cannot be
+reached is failed over like any request.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Optional, Set
+
+from twisted.internet import defer
+from twisted.internet.error import ConnectingCancelledError
+from twisted.internet.protocol import Protocol
+from twisted.web.http import _ChunkedTransferDecoder, _IdentityTransferDecoder
+
+from blyanproxy.fleet.balancer import Lease
+from blyanproxy.upstream.client import connect_quietly
+from blyanproxy.core.errors import ProxyError, write_error
+from blyanproxy.core.headers import client_facts, downstream_response_headers, upstream_request_headers
+from blyanproxy.upstream.http11 import ProtocolError, body_framing, parse_head, serialize_request_head
+from blyanproxy.logs import logger
+
+log = logger("websocket")
+
+_MAX_HEAD = 64 * 1024
+
+
+def is_websocket_upgrade(request) -> bool:
+    """True for an HTTP/1.1 ``GET`` asking to upgrade to ``websocket``."""
+    if request.method != b"GET" or request.clientproto != b"HTTP/1.1":
+        return False
+    upgrade = request.requestHeaders.getRawHeaders(b"upgrade") or []
+    return any(b"websocket" in value.lower() for value in upgrade)
+
+
+def enable_keepalive_probes(transport, idle: float) -> None:
+    """Turn on TCP keep-alive probes after ``idle`` quiet seconds, so a vanished peer is noticed.
+
+    The probes work below WebSocket framing, which the proxy passes through
+    untouched. ``transport`` may be TLS over TCP; the TCP one is found below it.
+    """
+    while transport is not None and not hasattr(transport, "setTcpKeepAlive"):
+        transport = getattr(transport, "transport", None)
+    if transport is None:
+        return
+    transport.setTcpKeepAlive(True)
+    sock = transport.getHandle()
+    for option, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", max(idle / 3, 1)), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), max(int(value), 1))
+
+
+class _ClientSide(Protocol):
+    """The client's raw connection after the upgrade: bytes go to the node."""
+
+    def __init__(self, splice: "_Splice") -> None:
+        self._splice = splice
+
+    def dataReceived(self, data: bytes) -> None:
+        self._splice.transport.write(data)
+
+    def connectionLost(self, reason) -> None:
+        self._splice.closed("client")
+        # The channel no longer tells its request (the upgrade took its connectionLost):
+        # tell it here, so whoever waits on notifyFinish learns the WebSocket ended.
+        self._splice.client_request_lost(reason)
+
+
+class _Splice(Protocol):
+    """The node's connection: handshake answer first, then raw bytes to the client."""
+
+    def __init__(self, forwarder: "WebSocketForwarder", attempt: "_Handshake") -> None:
+        self._forwarder = forwarder
+        self._attempt = attempt
+        self._head = b""
+        self._spliced = False
+        self._decoder = None
+        self._ended = False
+        self._client: Optional[_ClientSide] = None
+
+    def connectionMade(self) -> None:
+        self.transport.write(self._attempt.head)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._spliced:
+            self._attempt.request.transport.write(data)
+        elif self._decoder is not None:
+            self._decoder.dataReceived(data)
+        else:
+            self._read_head(data)
+
+    def _read_head(self, data: bytes) -> None:
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        if end == -1:
+            if len(self._head) > _MAX_HEAD:
+                self._give_up("the node's handshake answer is too large")
+            return
+        head, rest = self._head[:end], self._head[end + 4 :]
+        try:
+            status, reason, headers = parse_head(head)
+        except ProtocolError as exc:
+            self._give_up(f"the node's handshake answer is malformed: {exc}")
+            return
+        self._attempt.answered()
+        if status == 101:
+            self._splice(head, rest)
+        else:
+            self._relay_refusal(status, reason, headers, rest)
+
+    def _splice(self, head: bytes, rest: bytes) -> None:
+        request = self._attempt.request
+        self._spliced = True
+        client = _ClientSide(self)
+        request.channel._protocolUpgradeForWebsockets(client)
+        node = self._attempt.lease.node.name.encode("utf-8", "replace")
+        client.transport.write(head + b"\r\nX-Blyan-Node: " + node + b"\r\n\r\n" + rest)
+        request.registerProducer(self.transport, True)
+        self.transport.registerProducer(client.transport, True)
+        self._client = client
+        heartbeat = self._forwarder.settings.ws_heartbeat
+        if heartbeat:
+            for transport in (client.transport, self.transport):
+                enable_keepalive_probes(transport, heartbeat)
+        self._forwarder.opened(self)
+
+    def _relay_refusal(self, status: int, reason: bytes, headers, rest: bytes) -> None:
+        request = self._attempt.request
+        request.setResponseCode(status, reason or None)
+        for name, values in downstream_response_headers(headers):
+            request.responseHeaders.setRawHeaders(name, values)
+        request.responseHeaders.setRawHeaders(
+            b"X-Blyan-Node", [self._attempt.lease.node.name.encode("utf-8", "replace")]
+        )
+        try:
+            framing, length = body_framing(b"GET", status, b"HTTP/1.1", headers)
+        except ProtocolError:
+            framing, length = "close", None
+        if framing == "none" or (framing == "length" and not length):
+            if framing == "length":
+                request.responseHeaders.setRawHeaders(b"Content-Length", [b"0"])
+            self._refusal_done()
+            return
+        if framing == "chunked":
+            self._decoder = _ChunkedTransferDecoder(request.write, self._refusal_done)
+        elif framing == "length":
+            request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % length])
+            self._decoder = _IdentityTransferDecoder(length, request.write, self._refusal_done)
+        else:
+            self._decoder = _IdentityTransferDecoder(None, request.write, self._refusal_done)
+        if rest:
+            self._decoder.dataReceived(rest)
+
+    def _refusal_done(self, extra: bytes = b"") -> None:
+        if not self._ended:
+            self._ended = True
+            if self._attempt.request.channel is not None:
+                self._attempt.request.finish()
+            self.transport.loseConnection()
+            self._attempt.lease.release()
+
+    def _give_up(self, message: str) -> None:
+        self._ended = True
+        self.transport.abortConnection()
+        self._attempt.lease.failed("bad_handshake")
+        self._attempt.fail(ProxyError(502, "upstream_failed", message))
+
+    def client_request_lost(self, reason) -> None:
+        """The client's connection is gone: end its upgrade request."""
+        request = self._attempt.request
+        if request.channel is not None:
+            request.connectionLost(reason)
+
+    def closed(self, side: str) -> None:
+        """One side closed: close the other, once."""
+        if self._ended:
+            return
+        self._ended = True
+        self._attempt.lease.release()
+        self._forwarder.closed(self)
+        if side == "client":
+            self.transport.loseConnection()
+        else:
+            self._client.transport.loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        if self._spliced:
+            self.closed("node")
+        elif self._decoder is not None:
+            try:
+                self._decoder.noMoreData()
+            except Exception:  # the body was cut short: the client sees a broken response
+                if self._attempt.request.channel is not None:
+                    self._attempt.request.transport.loseConnection()
+                self._ended = True
+                self._attempt.lease.release()
+            else:
+                self._refusal_done()
+        elif not self._ended:
+            self._ended = True
+            self._attempt.lost_before_answer()
+
+
+class _Handshake:
+    """One client's upgrade request: picks nodes and tries them until one answers."""
+
+    def __init__(self, forwarder: "WebSocketForwarder", request, route, pool) -> None:
+        self.forwarder = forwarder
+        self.request = request
+        self.route = route
+        self.pool = pool
+        self.lease: Optional[Lease] = None
+        self.head = b""
+        self._excluded: Set[str] = set()
+        self._attempts = 0
+        self._pending: Optional[defer.Deferred] = None
+        self._timeout = None
+        self._splice: Optional[_Splice] = None
+        self._answered = False
+        self._timed_out_waiting = False
+        self._client_gone = False
+        request.notifyFinish().addErrback(self._on_client_gone)
+
+    def retry(self, last_error: Optional[ProxyError]) -> None:
+        """Try the next node, or answer ``last_error`` when none is left."""
+        self._cancel_timeout()
+        if self._client_gone:
+            return
+        settings = self.forwarder.settings
+        lease = None
+        if self._attempts < settings.max_attempts:
+            lease = self.pool.acquire(self.route, frozenset(self._excluded))
+        if lease is None:
+            self.fail(last_error or self.forwarder.proxy.no_node_error())
+            return
+        self._attempts += 1
+        self._excluded.add(lease.node.id)
+        self.lease = lease
+        self._splice = None
+        self._timed_out_waiting = False
+        node = lease.node
+        headers = upstream_request_headers(
+            self.request.requestHeaders.getAllRawHeaders(),
+            node.url.netloc.encode("ascii"),
+            client_facts(self.request),
+            trust_forwarded=settings.trust_forwarded,
+            strip_origin=settings.strip_origin,
+            websocket=True,
+        )
+        self.head = serialize_request_head(b"GET", node.url.path_bytes + self.route.upstream_target, headers)
+        endpoint = self.forwarder.endpoint_for(node)
+        self._pending = connect_quietly(endpoint, _Splice(self.forwarder, self))
+        self._pending.addCallbacks(self._connected, self._connect_failed)
+        self._timeout = self.forwarder.clock.callLater(settings.proxy_timeout, self._timed_out)
+
+    def _connected(self, splice: _Splice) -> None:
+        self._pending = None
+        self._splice = splice
+        if self._client_gone:
+            splice.transport.abortConnection()
+
+    def _connect_failed(self, failure) -> None:
+        self._pending = None
+        if failure.check(defer.CancelledError, ConnectingCancelledError):
+            return  # whoever cancelled does the accounting
+        self.lease.failed("connect_failed")
+        log.info("websocket connect to node {node} failed: {why}", node=self.lease.node.name,
+                 why=failure.getErrorMessage())
+        self.retry(ProxyError(502, "upstream_unreachable", "the node could not be reached"))
+
+    def answered(self) -> None:
+        """The node sent its handshake answer."""
+        self._answered = True
+        self._cancel_timeout()
+
+    def lost_before_answer(self) -> None:
+        """The node's connection closed before its handshake answer: try the next node."""
+        if self._client_gone:
+            self.lease.release()
+        elif self._timed_out_waiting:
+            self.lease.failed("response_timeout")
+            self.retry(ProxyError(504, "upstream_timeout", "the node did not answer the upgrade in time"))
+        else:
+            self.lease.failed("no_response")
+            self.retry(ProxyError(502, "upstream_failed", "the node closed the connection without answering"))
+
+    def _timed_out(self) -> None:
+        self._timeout = None
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.cancel()
+            self.lease.failed("connect_timeout")
+            self.retry(ProxyError(504, "upstream_timeout", "connecting to the node timed out"))
+        else:
+            self._timed_out_waiting = True
+            self._splice.transport.abortConnection()
+
+    def _cancel_timeout(self) -> None:
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        self._timeout = None
+
+    def fail(self, err: ProxyError) -> None:
+        """Answer the client with an error."""
+        self._cancel_timeout()
+        if not self._client_gone and self.request.channel is not None:
+            write_error(self.request, err)
+
+    def _on_client_gone(self, failure) -> None:
+        self._client_gone = True
+        self._cancel_timeout()
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.cancel()
+            self.lease.release()
+        elif self._splice is not None and not self._answered:
+            self._splice.transport.abortConnection()
+
+
+class WebSocketForwarder:
+    """Forwards WebSocket upgrades and counts the open WebSockets."""
+
+    def __init__(self, proxy, endpoints) -> None:
+        self.proxy = proxy
+        self.endpoints = endpoints
+        self.open: Set[_Splice] = set()
+
+    @property
+    def settings(self):
+        return self.proxy.settings
+
+    @property
+    def clock(self):
+        return self.proxy.clock
+
+    def endpoint_for(self, node):
+        """A client endpoint to the node (TLS for https nodes, same trust as the Agent)."""
+        return self.endpoints.endpoint(node.url.scheme, node.url.host, node.url.port)
+
+    def forward(self, request, route, pool) -> None:
+        """Start forwarding one upgrade request to a node of ``pool``."""
+        _Handshake(self, request, route, pool).retry(None)
+
+    def opened(self, splice: _Splice) -> None:
+        """A WebSocket is spliced."""
+        self.open.add(splice)
+        self.proxy.traffic.stream("websocket", +1)
+
+    def closed(self, splice: _Splice) -> None:
+        """A spliced WebSocket closed."""
+        if splice in self.open:
+            self.open.discard(splice)
+            self.proxy.traffic.stream("websocket", -1)

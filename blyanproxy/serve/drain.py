@@ -1,0 +1,160 @@
+"""Graceful stop: stop accepting, let open requests and streams finish, then stop the rest.
+
+``ConnectionTracker`` is the listening factory: it knows every open client
+connection and the requests under way on it (a WebSocket stays under way
+until its connection closes). ``Drainer`` is the proxy's top service; when
+twistd stops it (SIGTERM, SIGINT) it
+
+1. stops the listener, so no new connection is accepted;
+2. closes idle keep-alive connections and asks each busy one to close after
+   its current response (``Connection: close``);
+3. waits until every connection has closed, at most ``grace`` seconds, then
+   aborts the stragglers;
+4. saves the fleet, then stops its other children (health checks, the
+   upstream pool) in reverse order.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Set
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet import defer
+from twisted.protocols.policies import WrappingFactory
+
+from blyanproxy.logs import logger
+
+log = logger("drain")
+
+#: Seconds to wait for aborted connections to report their end before stopping anyway.
+ABORT_SETTLE = 5.0
+
+
+class ConnectionTracker(WrappingFactory):
+    """Wraps the ``Site``: tracks open connections and the requests under way on each.
+
+    The site's request class calls ``request_started`` once a request's head
+    has arrived (``ProxySite.on_request``).
+    """
+
+    def __init__(self, site) -> None:
+        super().__init__(site)
+        site.on_request = self.request_started
+        self.draining = False
+        self._active: Dict[object, Set[object]] = {}
+        self._all_closed: Optional[defer.Deferred] = None
+
+    def request_started(self, request) -> None:
+        """A request's head arrived on one of our connections."""
+        connection = request.channel.transport
+        self._active.setdefault(connection, set()).add(request)
+        request.notifyFinish().addBoth(self._request_ended, connection, request)
+        if self.draining:
+            _close_after(request)
+
+    def _request_ended(self, result, connection, request) -> None:
+        self._active.get(connection, set()).discard(request)
+
+    def unregisterProtocol(self, p) -> None:
+        super().unregisterProtocol(p)
+        self._active.pop(p, None)
+        if self._all_closed is not None and not self.protocols:
+            waiting, self._all_closed = self._all_closed, None
+            if not waiting.called:  # not given up on after the grace
+                waiting.callback(None)
+
+    def busy(self) -> int:
+        """Requests under way (WebSockets included)."""
+        return sum(len(requests) for requests in self._active.values())
+
+    def drain(self) -> defer.Deferred:
+        """Close idle connections now and busy ones after their response; fires once all are closed."""
+        self.draining = True
+        closed = defer.Deferred()
+        if not self.protocols:
+            closed.callback(None)
+            return closed
+        self._all_closed = closed
+        for connection in list(self.protocols):
+            requests = self._active.get(connection)
+            if requests:
+                for request in list(requests):
+                    _close_after(request)
+            else:
+                connection.loseConnection()
+        return closed
+
+    def abort_all(self) -> int:
+        """Cut every connection still open; returns how many there were."""
+        connections = list(self.protocols)
+        for connection in connections:
+            connection.transport.abortConnection()
+        return len(connections)
+
+
+def _close_after(request) -> None:
+    """Close the request's connection once its response has ended, and say so if not yet sent."""
+    if request.channel is not None:
+        request.channel.persistent = False
+    if not request.startedWriting:
+        request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+
+
+class Drainer(MultiService):
+    """The top service of one proxy process: starts its children in order, stops them gracefully.
+
+    The listener (added with ``add_listener``, after the services it needs)
+    is stopped first; ``save`` (the fleet keeper's, or None) runs once the
+    drain is over, before the other children stop.
+    """
+
+    def __init__(self, tracker: ConnectionTracker, clock, grace: float,
+                 save: Optional[Callable[[], object]] = None) -> None:
+        super().__init__()
+        self._tracker = tracker
+        self._clock = clock
+        self._grace = grace
+        self._save = save
+        self.listener: Optional[IService] = None
+
+    def add_listener(self, listener: IService) -> None:
+        """Add the listening service: started last, stopped first."""
+        listener.setServiceParent(self)
+        self.listener = listener
+
+    def stopService(self) -> defer.Deferred:
+        Service.stopService(self)
+        stopping = defer.maybeDeferred(self.listener.stopService) if self.listener else defer.succeed(None)
+        stopping.addBoth(lambda _: self._drain())
+        stopping.addBoth(self._after_drain)
+        return stopping
+
+    def _drain(self) -> defer.Deferred:
+        busy, connections = self._tracker.busy(), len(self._tracker.protocols)
+        started = self._clock.seconds()
+        log.info("draining {busy} request(s) on {connections} connection(s), up to {grace:g} s",
+                 busy=busy, connections=connections, grace=self._grace)
+        closed = self._tracker.drain()
+        timer = self._clock.callLater(self._grace, self._abort, closed)
+        result = defer.Deferred()
+
+        def finished(_):
+            if timer.active():
+                timer.cancel()
+                log.info("drained in {seconds:.1f} s", seconds=self._clock.seconds() - started)
+            result.callback(None)
+
+        closed.addBoth(finished)
+        return result
+
+    def _abort(self, closed: defer.Deferred) -> None:
+        count = self._tracker.abort_all()
+        log.warn("aborted {count} connection(s) after the {grace:g} s grace", count=count, grace=self._grace)
+        closed.addTimeout(ABORT_SETTLE, self._clock)
+
+    def _after_drain(self, _) -> defer.Deferred:
+        if self._save is not None:
+            self._save()
+        others = [service for service in reversed(list(self)) if service is not self.listener]
+        return defer.gatherResults([defer.maybeDeferred(service.stopService) for service in others],
+                                   consumeErrors=True)

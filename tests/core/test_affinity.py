@@ -1,0 +1,74 @@
+"""Affinity: key extraction, stickiness, minimal movement, bounded load."""
+
+from collections import Counter
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.web.test.requesthelper import DummyRequest
+
+from blyanproxy.core.affinity import (
+    MIN_BOUND,
+    AffinitySource,
+    affinity_key,
+    choose_by_key,
+    parse_affinity_source,
+)
+from blyanproxy.core.nodes import Node
+from blyanproxy.core.selection import Candidate
+
+
+def pool(count, loads=None):
+    loads = loads or [0] * count
+    return [Candidate(Node(id=f"n{i}", name=f"n{i}", base_url=f"http://10.0.0.{i}:1"), in_flight=loads[i])
+            for i in range(count)]
+
+
+@pytest.mark.parametrize("text", ["header", "body:x", "query:", "header:a b"])
+def test_bad_sources_are_refused(text):
+    with pytest.raises(ValueError):
+        parse_affinity_source(text)
+
+
+def test_keys_from_header_cookie_and_query():
+    request = DummyRequest([b"queue", b"stream"])
+    request.uri = b"/queue/stream?a=1&ticket_id=t-42"
+    request.requestHeaders.setRawHeaders(b"x-session", [b"s-1"])
+    request.received_cookies = {b"sid": b"c-9"}
+    assert affinity_key(parse_affinity_source("query:ticket_id"), request) == b"t-42"
+    assert affinity_key(parse_affinity_source("header:X-Session"), request) == b"s-1"
+    assert affinity_key(parse_affinity_source("cookie:sid"), request) == b"c-9"
+    assert affinity_key(AffinitySource("query", "missing"), request) is None
+    assert affinity_key(None, request) is None
+
+
+@given(st.lists(st.binary(min_size=1, max_size=16), min_size=1, max_size=50, unique=True), st.integers(2, 8))
+def test_when_a_node_leaves_only_its_keys_move(keys, count):
+    before = {key: choose_by_key(key, pool(count), 1.25).node.id for key in keys}
+    survivors = [c for c in pool(count) if c.node.id != "n0"]
+    after = {key: choose_by_key(key, survivors, 1.25).node.id for key in keys}
+    for key in keys:
+        if before[key] != "n0":
+            assert after[key] == before[key]
+
+
+def test_keys_spread_over_nodes():
+    picks = Counter(choose_by_key(b"session-%d" % i, pool(4), 1.25).node.id for i in range(2000))
+    assert set(picks) == {"n0", "n1", "n2", "n3"}
+    assert min(picks.values()) > 350
+
+
+@given(st.lists(st.integers(0, 60), min_size=2, max_size=6), st.binary(min_size=1, max_size=8))
+def test_bounded_load_never_picks_a_node_over_the_bound(loads, key):
+    candidates = pool(len(loads), loads)
+    chosen = choose_by_key(key, candidates, 1.25)
+    bound = max(-(-1.25 * (sum(loads) + 1) // len(loads)), MIN_BOUND)
+    assert chosen.in_flight + 1 <= bound or chosen.in_flight == min(loads)
+
+
+def test_at_low_load_a_key_keeps_its_node_while_its_last_request_runs():
+    keys = [b"ticket-%d" % i for i in range(300)]
+    idle = {key: choose_by_key(key, pool(3), 1.25).node.id for key in keys}
+    for key in keys:
+        loads = [1 if f"n{i}" == idle[key] else 0 for i in range(3)]
+        assert choose_by_key(key, pool(3, loads), 1.25).node.id == idle[key]

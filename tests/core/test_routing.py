@@ -1,0 +1,115 @@
+"""Request target parsing and the /api segment rule."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from blyanproxy.core.errors import ProxyError
+from blyanproxy.core.routing import parse_route, strip_api_prefix
+
+
+@pytest.mark.parametrize(
+    "target, upstream",
+    [
+        (b"/v1/chat/completions", b"/v1/chat/completions"),
+        (b"/api/chat", b"/chat"),
+        (b"/api", b"/"),
+        (b"/api?x=1", b"/?x=1"),
+        (b"/api/", b"/"),
+        (b"/apifoo", b"/apifoo"),
+        (b"/api/a%2Fb?q=%20x", b"/a%2Fb?q=%20x"),
+        (b"/x/api/y", b"/x/api/y"),
+        (b"http://evil.example.com/v1/models?a=b", b"/v1/models?a=b"),
+        (b"http://evil.example.com", b"/"),
+        (b"https://evil.example.com?x", b"/?x"),
+    ],
+)
+def test_upstream_target(target, upstream):
+    assert parse_route(target).upstream_target == upstream
+
+
+@pytest.mark.parametrize("target", [b"*", b"evil.example.com:443", b"ftp://x/y", b""])
+def test_unusable_targets_are_400(target):
+    with pytest.raises(ProxyError) as caught:
+        parse_route(target)
+    assert caught.value.status == 400
+
+
+@given(st.binary(max_size=40))
+def test_parse_route_is_total_and_never_leaves_the_path(target):
+    try:
+        route = parse_route(target)
+    except ProxyError as err:
+        assert err.status in (400, 404)
+    else:
+        assert route.upstream_target.startswith(b"/")
+
+
+@pytest.mark.parametrize("target", [
+    b"/api/_admin", b"/api/_admin/nodes", b"/api/_admin?x=1", b"http://h/api/_admin/status",
+    b"/0/_admin/nodes", b"/tags/all/_admin/nodes", b"/tags/all/api/_admin/nodes", b"/3/api/_admin",
+])
+def test_admin_paths_behind_api_are_never_forwarded(target):
+    with pytest.raises(ProxyError) as raised:
+        parse_route(target)
+    assert raised.value.status == 404
+
+
+@pytest.mark.parametrize("target", [b"/api/_adminx", b"/api/x/_admin", b"/_administrator"])
+def test_only_the_admin_segment_itself_is_refused(target):
+    assert parse_route(target).upstream_target == strip_api_prefix(target)
+
+
+@pytest.mark.parametrize(
+    "target, tag, upstream",
+    [
+        (b"/tags/gpu/api/generate", "gpu", b"/api/generate"),
+        (b"/tags/gpu", "gpu", b"/"),
+        (b"/tags/gpu/", "gpu", b"/"),
+        (b"/tags/gpu?x=1", "gpu", b"/?x=1"),
+        (b"/tags/all/v1/models?a=b", "all", b"/v1/models?a=b"),
+        (b"/tags/GPU/x", "GPU", b"/x"),
+        (b"/tags/a%20b/x%2Fy", "a b", b"/x%2Fy"),
+        (b"http://h/tags/t/x", "t", b"/x"),
+    ],
+)
+def test_tag_routes_choose_by_tag_and_forward_the_rest_verbatim(target, tag, upstream):
+    route = parse_route(target)
+    assert (route.tag, route.index, route.upstream_target) == (tag, None, upstream)
+
+
+@pytest.mark.parametrize(
+    "target, index, upstream",
+    [
+        (b"/0/api/generate", 0, b"/api/generate"),
+        (b"/12", 12, b"/"),
+        (b"/3?q=1", 3, b"/?q=1"),
+        (b"/007/x", 7, b"/x"),
+    ],
+)
+def test_index_routes_choose_by_position(target, index, upstream):
+    route = parse_route(target)
+    assert (route.tag, route.index, route.upstream_target) == (None, index, upstream)
+
+
+@pytest.mark.parametrize(
+    "target, status, code",
+    [
+        (b"/tags", 400, "missing_tag"),
+        (b"/tags/", 400, "missing_tag"),
+        (b"/tags?x", 400, "missing_tag"),
+        (b"/-1/x", 400, "bad_index"),
+        (b"/+2", 400, "bad_index"),
+        (b"/1234567/x", 404, "index_out_of_range"),
+    ],
+)
+def test_bad_tag_and_index_routes(target, status, code):
+    with pytest.raises(ProxyError) as raised:
+        parse_route(target)
+    assert (raised.value.status, raised.value.code) == (status, code)
+
+
+@pytest.mark.parametrize("target", [b"/api/tags", b"/tagsx/y", b"/v1/x", b"/1a/x", b"/x/0"])
+def test_other_paths_are_policy_routes(target):
+    route = parse_route(target)
+    assert route.tag is None and route.index is None

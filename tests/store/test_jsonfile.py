@@ -1,0 +1,267 @@
+"""Durable fleet state: atomic JSON file, the merge rule, Blyan's format, damaged files, restarts."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from blyanproxy.fleet.balancer import Balancer
+from blyanproxy.fleet.keeper import FleetKeeper
+from blyanproxy.core.fleetedit import (
+    add_node,
+    remove_node,
+    set_active,
+    set_policy,
+    update_node,
+)
+from blyanproxy.core.nodes import Node, NodeRegistry
+from blyanproxy.core.fleetstate import (
+    FleetState,
+    JsonFileStore,
+    StateError,
+    StoreUnavailable,
+    merge,
+)
+
+
+def node(index, **kwargs):
+    return Node(id=f"n{index}", name=f"node{index}", base_url=f"http://10.0.0.{index}:8000", **kwargs)
+
+
+def keeper_on(path, declared=(), policy="active-first"):
+    registry = NodeRegistry()
+    balancer = Balancer(registry, Clock(), policy)
+    keeper = FleetKeeper(registry, balancer)
+    keeper.restore_from_file(JsonFileStore(str(path), Clock()), list(declared))
+    return keeper, registry, balancer
+
+
+def edited(keeper, change):
+    """Apply a change through the keeper (a file store answers at once); the resulting fleet."""
+    results = []
+    keeper.edit(change).addBoth(results.append)
+    assert results and not isinstance(results[0], Failure), results
+    return results[0]
+
+
+def refused(keeper, change):
+    """Apply a change the store must refuse; the exception."""
+    results = []
+    keeper.edit(change).addBoth(results.append)
+    assert results and isinstance(results[0], Failure), results
+    return results[0].value
+
+
+def test_save_and_load_round_trip(tmp_path):
+    store = JsonFileStore(str(tmp_path / "state.json"), Clock())
+    state = FleetState(
+        nodes=(node(1, tags=("a100",), metadata={"gpu": "A100"}, weight=3, draining=True), node(2)),
+        active_id="n2", policy="round-robin", removed=("http://10.0.0.9:8000",),
+    )
+    store.save(state)
+    assert store.load() == state
+    loaded = store.load().nodes[0]
+    assert (loaded.metadata, loaded.tags, loaded.weight, loaded.draining) == ({"gpu": "A100"}, ("a100",), 3, True)
+
+
+def test_first_start_has_no_state(tmp_path):
+    assert JsonFileStore(str(tmp_path / "none.json"), Clock()).load() is None
+
+
+def test_merge_rule():
+    saved = FleetState(
+        nodes=(node(1, metadata={"gpu": "H100"}, draining=True, declared_by="NODE_1"), node(2)),
+        removed=("http://10.0.0.3:8000",),
+    )
+    declared = [
+        Node(id="fresh1", name="renamed", base_url="http://10.0.0.1:8000", weight=5, declared_by="NODE_1"),
+        Node(id="fresh3", name="node3", base_url="http://10.0.0.3:8000", declared_by="NODE_3"),
+        Node(id="fresh4", name="node4", base_url="http://10.0.0.4:8000", declared_by="NODE_4"),
+    ]
+    merged = merge(declared, saved)
+    by_url = {n.base_url: n for n in merged.nodes}
+    kept = by_url["http://10.0.0.1:8000"]
+    assert (kept.id, kept.name, kept.weight, kept.metadata, kept.draining) == ("n1", "renamed", 5, {"gpu": "H100"}, True)
+    assert "http://10.0.0.2:8000" in by_url  # added at run time, restored
+    assert "http://10.0.0.3:8000" not in by_url  # removed at run time, stays removed
+    assert by_url["http://10.0.0.4:8000"].id == "fresh4"  # new in the environment: appears
+    assert merge(declared, None).nodes == tuple(declared)
+
+
+def test_blyan_state_file_is_converted(tmp_path):
+    path = tmp_path / "proxy_state.json"
+    path.write_text(json.dumps({
+        "nodes": [
+            {"id": "a1b2c3d4e5f60708", "name": "primary", "baseURL": "https://gpu1.example.com:8000",
+             "healthy": True, "lastCheck": 0, "responseTime": None, "consecutiveFailures": 0, "metadata": {}},
+            {"id": "1111111111111111", "name": "backup", "baseURL": "https://gpu2.example.com:8000",
+             "metadata": {"gpu": "RTX 6000"}, "addedAt": "2025-08-30T10:00:00Z"},
+            {"id": "2222222222222222", "name": "dup", "baseURL": "https://gpu2.example.com:8000"},
+        ],
+        "activeIndex": 1,
+        "savedAt": "2025-08-31T00:00:00Z",
+    }))
+    state = JsonFileStore(str(path), Clock()).load()
+    assert [n.name for n in state.nodes] == ["primary", "backup"]
+    assert state.active_id == "1111111111111111"
+    assert state.nodes[1].metadata == {"gpu": "RTX 6000"}
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [(b"{not json", "is not valid JSON"), (b'{"nodes": 3}', "cannot be used"),
+     (b'{"version": 1, "nodes": [{"name": "x", "baseURL": "ftp://x"}]}', "cannot be used"),
+     (b"\xff\xfe", "is not valid JSON")],
+)
+def test_a_damaged_file_stops_start_up_and_is_never_overwritten(tmp_path, content, problem):
+    path = tmp_path / "state.json"
+    path.write_bytes(content)
+    with pytest.raises(StateError) as caught:
+        keeper_on(path, [node(1)])
+    assert str(path) in str(caught.value) and problem in str(caught.value)
+    assert path.read_bytes() == content
+
+
+def test_a_damaged_file_falls_back_to_its_backup(tmp_path):
+    path = tmp_path / "state.json"
+    keeper, registry, _ = keeper_on(path, [node(1)])
+    edited(keeper, add_node(node(2)))  # a second save: the first one becomes the backup
+    path.write_bytes(b"garbage")
+    _, restored, _ = keeper_on(path)
+    assert [n.id for n in restored.nodes()] == ["n1"]
+
+
+def test_runtime_changes_survive_a_restart(tmp_path):
+    path = tmp_path / "state.json"
+    keeper, registry, balancer = keeper_on(path, [node(1), node(2, declared_by="NODE_2")])
+    edited(keeper, add_node(node(3, metadata={"note": "added at run time"})))
+    edited(keeper, update_node("n1", draining=True))
+    edited(keeper, remove_node("n2"))
+    edited(keeper, set_active("n3"))
+    edited(keeper, set_policy("least-inflight"))
+    _, restored, balancer = keeper_on(path, [node(1), node(2, declared_by="NODE_2")])
+    assert [n.id for n in restored.nodes()] == ["n1", "n3"]
+    assert restored.get("n1").draining and restored.get("n3").metadata == {"note": "added at run time"}
+    assert restored.active_id == "n3"
+    assert balancer.policy == "least-inflight"
+
+
+def test_removing_another_node_never_changes_the_active_one(tmp_path):
+    keeper, registry, _ = keeper_on(tmp_path / "s.json", [node(1), node(2), node(3)])
+    edited(keeper, set_active("n3"))
+    edited(keeper, remove_node("n1"))
+    assert registry.active_id == "n3"
+    edited(keeper, remove_node("n3"))
+    assert registry.active_id is None
+
+
+def test_an_unwritable_directory_keeps_the_last_good_file(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only directories")
+    keeper, registry, _ = keeper_on(tmp_path / "state.json", [node(1)])
+    before = (tmp_path / "state.json").read_bytes()
+    tmp_path.chmod(0o500)
+    try:
+        assert isinstance(refused(keeper, add_node(node(2))), StoreUnavailable)
+    finally:
+        tmp_path.chmod(0o700)
+    assert (tmp_path / "state.json").read_bytes() == before
+    assert [n.id for n in registry.nodes()] == ["n1"]  # a change the store refused is not applied
+
+
+def test_a_full_disk_keeps_the_last_good_file(tmp_path, monkeypatch):
+    keeper, registry, _ = keeper_on(tmp_path / "state.json", [node(1)])
+    before = (tmp_path / "state.json").read_bytes()
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    assert "No space left on device" in str(refused(keeper, add_node(node(2))))
+    assert (tmp_path / "state.json").read_bytes() == before
+    assert [n.id for n in registry.nodes()] == ["n1"]
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temporary file left
+
+
+SAVER = """
+import sys
+from twisted.internet.task import Clock
+from blyanproxy.core.nodes import Node
+from blyanproxy.core.fleetstate import FleetState, JsonFileStore
+store = JsonFileStore(sys.argv[1], Clock())
+count = 0
+while True:
+    count += 1
+    nodes = tuple(Node(id=f"n{i}", name=f"save{count}", base_url=f"http://10.0.{i // 250}.{i % 250}:8000")
+                  for i in range(50))
+    store.save(FleetState(nodes=nodes, policy="round-robin"))
+    print(count, flush=True)
+"""
+
+
+def test_sigkill_while_saving_leaves_the_last_completed_save(tmp_path):
+    path = tmp_path / "state.json"
+    saver = subprocess.Popen([sys.executable, "-c", SAVER, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        last = 0
+        while last < 30 and time.monotonic() < deadline:
+            last = int(saver.stdout.readline() or 0)
+        saver.send_signal(signal.SIGKILL)
+        saver.wait(10)
+    finally:
+        if saver.poll() is None:
+            saver.kill()
+    printed = [last] + [int(line) for line in saver.stdout.read().split()]
+    state = JsonFileStore(str(path), Clock()).load()
+    saved = int(state.nodes[0].name[len("save"):])
+    assert max(printed) <= saved <= max(printed) + 1  # the last completed save, or the one in flight
+    assert len(state.nodes) == 50 and state.policy == "round-robin"
+
+
+def test_falling_back_to_the_backup_keeps_both_the_damaged_file_and_the_backup(tmp_path):
+    path = tmp_path / "state.json"
+    keeper, registry, _ = keeper_on(path, [node(1)])
+    edited(keeper, add_node(node(2)))
+    good_backup = (tmp_path / "state.json.bak").read_bytes()
+    path.write_bytes(b"garbage")
+    keeper, registry, _ = keeper_on(path)
+    edited(keeper, add_node(node(5)))  # more saves after the fallback
+    edited(keeper, add_node(node(6)))
+    aside = [p for p in tmp_path.iterdir() if ".damaged-" in p.name]
+    assert len(aside) == 1 and aside[0].read_bytes() == b"garbage"
+    assert json.loads(good_backup)["nodes"][0]["id"] == "n1"
+    assert [n["id"] for n in json.loads(path.read_bytes())["nodes"]] == ["n1", "n5", "n6"]
+
+
+def test_an_unknown_policy_in_the_file_is_a_state_error(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps({"version": 1, "nodes": [], "policy": "fastest"}))
+    with pytest.raises(StateError) as caught:
+        keeper_on(path)
+    assert "unknown policy 'fastest'" in str(caught.value)
+
+
+def test_a_declared_node_given_a_new_url_is_the_same_node_moved():
+    saved = FleetState(nodes=(node(1, declared_by="NODE_1", metadata={"k": "v"}),))
+    moved = Node(id="fresh", name="node1", base_url="http://10.0.0.50:8000", declared_by="NODE_1")
+    merged = merge([moved], saved)
+    assert [(n.id, n.base_url, n.metadata) for n in merged.nodes] == [("n1", "http://10.0.0.50:8000", {"k": "v"})]
+
+
+def test_blyan_active_index_points_at_the_same_node_despite_duplicates(tmp_path):
+    path = tmp_path / "proxy_state.json"
+    path.write_text(json.dumps({
+        "nodes": [{"id": "a", "name": "a", "baseURL": "http://10.0.0.1:1"},
+                  {"id": "b", "name": "b", "baseURL": "http://10.0.0.1:1"},
+                  {"id": "c", "name": "c", "baseURL": "http://10.0.0.3:1"}],
+        "activeIndex": 2,
+    }))
+    state = JsonFileStore(str(path), Clock()).load()
+    assert [n.id for n in state.nodes] == ["a", "c"] and state.active_id == "c"
