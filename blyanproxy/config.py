@@ -12,22 +12,15 @@ import re
 from typing import Callable, Mapping, Optional, Sequence
 
 import attrs
-from twisted.logger import LogLevel
 
 from blyanproxy.core import selection
+from blyanproxy.logs import LOG_LEVELS
 from blyanproxy.core.affinity import AffinitySource, parse_affinity_source
 from blyanproxy.core.nodeurl import parse_base_url
 from blyanproxy.core.trust import ForwardTrust, parse_forward_trust
 from blyanproxy.store.storeurl import EtcdLocation, parse_state_store
 
 POLICIES = tuple(selection.POLICIES)
-LOG_LEVELS = {
-    "DEBUG": LogLevel.debug,
-    "INFO": LogLevel.info,
-    "WARN": LogLevel.warn,
-    "WARNING": LogLevel.warn,
-    "ERROR": LogLevel.error,
-}
 DEFAULT_LISTEN = "tcp:9000:interface=127.0.0.1"
 _NODE_VARIABLE = re.compile(r"NODE_(\d+)\Z")
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\Z")

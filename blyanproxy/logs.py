@@ -21,9 +21,16 @@ from twisted.logger import (
     jsonFileLogObserver,
 )
 
-from blyanproxy.config import LOG_LEVELS
-
 NAMESPACE = "blyanproxy"
+
+#: The ``LOG_LEVEL`` words and the Twisted levels they stand for.
+LOG_LEVELS = {
+    "DEBUG": LogLevel.debug,
+    "INFO": LogLevel.info,
+    "WARN": LogLevel.warn,
+    "WARNING": LogLevel.warn,
+    "ERROR": LogLevel.error,
+}
 
 class _Destination:
     """Where events that pass the level filter go; switchable at start-up."""

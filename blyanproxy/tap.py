@@ -48,7 +48,8 @@ from blyanproxy.admin.public import HealthView, LivenessView, StatusView, Worklo
 from blyanproxy.serve.reload import Reloader
 from blyanproxy.serve.site import ProxySite, RootResource
 from blyanproxy.serve.signals import ProcessSignals
-from blyanproxy.core.fleetstate import JsonFileStore, StateError
+from blyanproxy.core.fleetstate import StateError, StateStore
+from blyanproxy.store.jsonfile import JsonFileStore, MemoryStore
 from blyanproxy.forward.traffic import TrafficRecorder
 from blyanproxy.upstream.endpoints import NodeEndpoints, NodeTLSPolicy, load_trust_root
 from blyanproxy.discovery.workloads import NodeAddressing
@@ -193,6 +194,7 @@ class ProxyParts:
     health: HealthMonitor
     keeper: FleetKeeper
     metrics: ProxyMetrics
+    store: StateStore
     directory: Optional[WorkloadDirectory] = None
     store_service: Optional[EtcdStore] = None  # started with the proxy when the fleet is in etcd
 
@@ -226,18 +228,19 @@ def build_proxy(settings: Settings, reactor, persist: bool = True, worker: Optio
         cooldown_cap=settings.eject_cooldown_max,
     )
     balancer = Balancer(registry, reactor, settings.selection_policy, rules, settings.affinity_load_factor)
-    keeper = FleetKeeper(registry, balancer)
     store_service = None
+    store: StateStore
     if not persist or settings.demo:
-        keeper.restore(declared, None)
+        store = MemoryStore()
     elif settings.state_store is None:
-        keeper.restore_from_file(JsonFileStore(settings.state_file, reactor), declared)
+        store = JsonFileStore(settings.state_file, reactor)
     else:
-        store_service = keeper.store = EtcdStore(
+        store = store_service = EtcdStore(
             reactor, settings.state_store, settings.etcd_timeout, declared,
-            identity=f"{socket.gethostname()}:{os.getpid()}", on_change=keeper.apply,
+            identity=f"{socket.gethostname()}:{os.getpid()}",
         )
-        keeper.restore(declared, None)
+    keeper = FleetKeeper(registry, balancer, store)
+    keeper.restore(declared)
     health = HealthMonitor(
         registry, probe_client(reactor, endpoints), reactor, settings.health_interval, settings.health_timeout,
         settings.health_paths, settings.health_statuses, rules,
@@ -270,7 +273,7 @@ def build_proxy(settings: Settings, reactor, persist: bool = True, worker: Optio
     site = ProxySite(root, settings.max_body_bytes, reactor=reactor, header_timeout=settings.header_timeout)
     return ProxyParts(
         site=site, registry=registry, balancer=balancer, pool=pool, health=health, keeper=keeper,
-        metrics=metrics, directory=directory, store_service=store_service,
+        metrics=metrics, store=store, directory=directory, store_service=store_service,
     )
 
 
@@ -291,15 +294,6 @@ def build_directory(settings: Settings, reactor, rules: HealthRules, trust_root,
     )
 
 
-def _final_save(keeper: FleetKeeper):
-    """What the drain runs before the process exits: rewrite the state file (etcd and
-    memory fleets need nothing, every change is committed as it is made)."""
-    store = keeper.store
-    if isinstance(store, JsonFileStore):
-        return lambda: store.save(keeper.snapshot())
-    return None
-
-
 def make_proxy_service(settings: Settings, reactor, reload_settings=None,
                        role: Optional[WorkerRole] = None) -> MultiService:
     """Every service of one proxy process (a worker when ``role`` is given), under one ``Drainer``.
@@ -316,7 +310,7 @@ def make_proxy_service(settings: Settings, reactor, reload_settings=None,
     if settings.demo:
         log.info("demo mode: the fleet is not saved to {path}", path=settings.state_file)
     connections = ConnectionTracker(parts.site)
-    top = Drainer(connections, reactor, settings.drain_grace, _final_save(parts.keeper))
+    top = Drainer(connections, reactor, settings.drain_grace, parts.keeper.flush)
     UpstreamPoolService(parts.pool, reactor, settings.pool_idle_timeout).setServiceParent(top)
     if parts.store_service is not None:
         parts.store_service.setServiceParent(top)

@@ -1,23 +1,19 @@
-"""Durable fleet state: what the JSON file holds, how it is read and written, and the merge rule.
+"""Durable fleet state as values: the ``FleetState``, its JSON form, the merge rule and
+the ``StateStore`` protocol every store implements.
 
-The file keeps the nodes, the active node (by id), a policy chosen at run time,
+The state keeps the nodes, the active node (by id), a policy chosen at run time,
 and the base URLs of declared nodes (``NODE_<n>``, ``--node``) that were
-removed at run time. Writes are atomic (temporary file, fsync, rename, fsync of
-the directory); the file is always present, and the previous good version is
-kept as ``<file>.bak``. A file that cannot be read or parsed is never
-overwritten: loading raises ``StateError`` naming the file and the problem,
-unless a readable backup exists, which is used (and said so) after the damaged
-file is moved aside. Blyan's format (``{"nodes": [...], "activeIndex": n}``) is
-read and converted.
+removed at run time. Blyan's format (``{"nodes": [...], "activeIndex": n}``) is
+read and converted. Nothing here does I/O.
 
 The merge rule at start-up (``merge``):
 
-1. Nodes in the file are restored as they were (id, name, settings, drain flag).
-2. A declared node found in the file (by base URL, or by its declaration such
+1. Nodes in the saved state are restored as they were (id, name, settings, drain flag).
+2. A declared node found in the saved state (by base URL, or by its declaration such
    as ``NODE_3`` when the variable now names another URL) takes its name, URL,
    weight, tags and TLS setting from the declaration and keeps its id,
-   metadata and drain flag from the file.
-3. A declared node not in the file is added (a node newly put in the
+   metadata and drain flag from the saved state.
+3. A declared node not in the saved state is added (a node newly put in the
    environment appears after a restart), unless it was removed at run time
    (its URL is in ``removed``): a runtime removal survives restarts.
 4. A policy set at run time wins over ``SELECTION_POLICY`` until set again.
@@ -25,20 +21,16 @@ The merge rule at start-up (``merge``):
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-from typing import Iterable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Iterable, List, Optional, Protocol, Tuple
 
 import attrs
-from twisted.internet.defer import Deferred, fail, succeed
 
-from blyanproxy.logs import logger
 from blyanproxy.core.nodes import Node, new_node_id
 from blyanproxy.core.nodeurl import parse_base_url
 from blyanproxy.core.selection import POLICIES
 
-log = logger("state")
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
 
 FORMAT_VERSION = 1
 
@@ -135,8 +127,15 @@ def state_to_json(state: FleetState, saved_at: float) -> dict:
     }
 
 
-def state_from_json(document) -> FleetState:
-    """Read our format or Blyan's; ``ValueError`` when the document cannot be used."""
+def _ignore(message: str) -> None:
+    """Drop a note about a skipped record."""
+
+
+def state_from_json(document, on_skip: Callable[[str], None] = _ignore) -> FleetState:
+    """Read our format or Blyan's; ``ValueError`` when the document cannot be used.
+
+    A record that is left out (a base URL listed twice) is told to ``on_skip``.
+    """
     if not isinstance(document, dict) or not isinstance(document.get("nodes"), list):
         raise ValueError("expected an object with a list of nodes")
     nodes: List[Node] = []
@@ -150,7 +149,7 @@ def state_from_json(document) -> FleetState:
     for data in document["nodes"]:
         node = node_from_json(data)
         if node.url in seen:
-            log.warn("state: skipped node {name}: its base URL is listed twice", name=node.name)
+            on_skip(f"skipped node {node.name}: its base URL is listed twice")
             continue
         if node.id in {n.id for n in nodes}:
             node = attrs.evolve(node, id=new_node_id())
@@ -195,107 +194,26 @@ def merge(declared: Iterable[Node], saved: Optional[FleetState]) -> FleetState:
     return attrs.evolve(saved, nodes=tuple(nodes))
 
 
-class JsonFileStore:
-    """The ``StateStore`` kept in one JSON file (see the module docstring).
 
-    A store offers ``commit(state) -> Deferred[FleetState]``: it fires with the
-    fleet to apply once the store holds ``state``, or fails with
-    ``StoreUnavailable`` (nothing was written) or ``StoreConflict``. This one
-    writes at once and never conflicts: it serves one process.
+
+class StateStore(Protocol):
+    """Where the fleet is kept: the JSON file, etcd, or memory only.
+
+    A store is given to the ``FleetKeeper`` when it is built. The keeper asks
+    ``load`` once at start, has every change taken by ``commit`` before applying
+    it, hears changes made elsewhere through the callable given to ``watch``,
+    and calls ``flush`` when the process stops.
     """
 
-    def __init__(self, path: str, clock) -> None:
-        self.path = path
-        self.backup = path + ".bak"
-        self._clock = clock
-        self._primary_good = False  # True once the file at ``path`` is known to be a good save
-
     def load(self) -> Optional[FleetState]:
-        """The saved state, ``None`` on a first start, or ``StateError``.
+        """The fleet held now, if the store can tell at once (``None``: none, or later by ``watch``)."""
 
-        A damaged file with a readable backup is moved aside (``<file>.damaged-<time>``)
-        and the backup is used; without a backup it is left alone and loading fails.
-        """
-        self._primary_good = False
-        if not os.path.exists(self.path):
-            if os.path.exists(self.backup):
-                log.warn("state file {path} is missing; using its backup", path=self.path)
-                return self._read(self.backup)
-            return None
-        try:
-            state = self._read(self.path)
-        except StateError as problem:
-            if not os.path.exists(self.backup):
-                raise
-            backup = self._read(self.backup)
-            aside = f"{self.path}.damaged-{int(self._clock.seconds())}"
-            os.replace(self.path, aside)
-            log.error("{problem}; moved it to {aside} and using the backup {backup}",
-                      problem=str(problem), aside=aside, backup=self.backup)
-            return backup
-        self._primary_good = True
-        return state
+    def commit(self, state: FleetState) -> "Deferred[FleetState]":
+        """Hold ``state``; fires with the fleet to apply, or fails with ``StoreUnavailable``
+        (nothing was written) or ``StoreConflict``."""
 
-    def _read(self, path: str) -> FleetState:
-        try:
-            with open(path, "rb") as source:
-                document = json.loads(source.read().decode("utf-8"))
-            return state_from_json(document)
-        except OSError as exc:
-            raise StateError(f"state file {path} cannot be read: {exc.strerror}") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise StateError(f"state file {path} is not valid JSON: {exc}") from None
-        except ValueError as exc:
-            raise StateError(f"state file {path} cannot be used: {exc}") from None
+    def watch(self, on_change: Callable[[FleetState], None]) -> None:
+        """Call ``on_change`` with every fleet another process commits."""
 
-    def commit(self, state: FleetState) -> Deferred:
-        """Save ``state``; fails with ``StoreUnavailable`` when the file cannot be written."""
-        try:
-            self.save(state)
-        except OSError as exc:
-            log.error("could not save the fleet to {path}: {why}", path=self.path, why=exc.strerror)
-            return fail(StoreUnavailable(f"the state file could not be written ({exc.strerror})"))
-        return succeed(state)
-
-    def save(self, state: FleetState) -> None:
-        """Write ``state`` atomically; ``OSError`` if the directory refuses (nothing half-written).
-
-        The file is always present: the previous version is linked (or copied) to
-        the backup first, and only when it is known to be good, then the new one
-        replaces it in one rename.
-        """
-        directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, exist_ok=True)
-        payload = json.dumps(state_to_json(state, self._clock.seconds()), indent=2).encode("utf-8")
-        temporary = f"{self.path}.tmp-{os.getpid()}"
-        try:
-            with open(temporary, "wb") as target:
-                target.write(payload)
-                target.flush()
-                os.fsync(target.fileno())
-            if self._primary_good and os.path.exists(self.path):
-                self._keep_as_backup()
-            os.replace(temporary, self.path)
-        finally:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-        self._primary_good = True
-        _fsync_directory(directory)
-
-    def _keep_as_backup(self) -> None:
-        staged = self.backup + ".tmp"
-        if os.path.exists(staged):
-            os.unlink(staged)
-        try:
-            os.link(self.path, staged)
-        except OSError:  # no hard links here: copy instead
-            shutil.copyfile(self.path, staged)
-        os.replace(staged, self.backup)
-
-
-def _fsync_directory(directory: str) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    def flush(self, state: FleetState) -> None:
+        """Write ``state`` out once more (at start after the merge, and at exit), if the store keeps a copy."""

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred
 
 from blyanproxy.fleet.balancer import Balancer
 from blyanproxy.core.fleetedit import Change
 from blyanproxy.logs import logger
 from blyanproxy.core.nodes import Node, NodeRegistry
-from blyanproxy.core.fleetstate import FleetState, StoreConflict, merge, node_to_json
+from blyanproxy.core.fleetstate import FleetState, StateStore, StoreConflict, merge, node_to_json
 
 log = logger("fleet")
 
@@ -33,28 +33,28 @@ EDIT_ATTEMPTS = 10
 class FleetKeeper:
     """Owns the fleet's durable parts in one process: restore, edit through the store, apply."""
 
-    def __init__(self, registry: NodeRegistry, balancer: Balancer, store=None) -> None:
-        """``store``: a ``JsonFileStore``, an ``EtcdStore`` or ``None``; it may be set later."""
+    def __init__(self, registry: NodeRegistry, balancer: Balancer, store: StateStore) -> None:
+        """``store`` takes every change before it is applied and tells changes made elsewhere."""
         self._registry = registry
         self._balancer = balancer
-        self.store = store  # None: changes are kept in memory only
+        self._store = store
         self._default_policy = balancer.policy
         self._runtime_policy: Optional[str] = None
         self._removed: tuple = ()
         self._one_at_a_time = DeferredLock()  # this process's own edits never race each other
+        store.watch(self.apply)
 
-    def restore(self, declared: Iterable[Node], saved: Optional[FleetState]) -> FleetState:
-        """Merge the declared nodes into ``saved`` (see ``state.merge``) and apply the result."""
-        state = merge(declared, saved)
+    def restore(self, declared: Iterable[Node]) -> FleetState:
+        """Merge the declared nodes into what the store holds (see ``fleetstate.merge``), apply
+        the result and have the store write it out (``StateError``/``OSError`` if it cannot)."""
+        state = merge(declared, self._store.load())
         self.apply(state)
+        self._store.flush(state)
         return state
 
-    def restore_from_file(self, store, declared: Iterable[Node]) -> FleetState:
-        """Keep the fleet in the ``JsonFileStore``: load it (``StateError`` if unusable), merge, apply, save."""
-        self.store = store
-        state = self.restore(declared, store.load())
-        store.save(state)
-        return state
+    def flush(self) -> None:
+        """Have the store write the fleet out once more (before the process exits)."""
+        self._store.flush(self.snapshot())
 
     def set_default_policy(self, name: str) -> None:
         """The policy in force while none is set at run time (``SELECTION_POLICY``, on reload)."""
@@ -85,10 +85,7 @@ class FleetKeeper:
             wanted = change(self.snapshot())
         except (KeyError, ValueError) as exc:
             return fail(exc)
-        if self.store is None:
-            self.apply(wanted)
-            return succeed(wanted)
-        committed = maybeDeferred(self.store.commit, wanted)
+        committed = maybeDeferred(self._store.commit, wanted)
 
         def lost_race(failure):
             failure.trap(StoreConflict)

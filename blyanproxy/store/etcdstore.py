@@ -55,11 +55,15 @@ RETRY_DELAY = 0.5
 SYNC_ATTEMPTS = 5
 
 
+def _nobody(state: FleetState) -> None:
+    """No watcher yet."""
+
+
 class EtcdStore(Service):
-    """The fleet under one etcd prefix; ``on_change(state)`` is called with every state to apply."""
+    """The ``StateStore`` under one etcd prefix; the watcher is called with every state to apply."""
 
     def __init__(self, reactor, location: EtcdLocation, timeout: float, declared: Iterable[Node],
-                 identity: str, on_change: Callable[[FleetState], None]) -> None:
+                 identity: str) -> None:
         self._reactor = reactor
         self._location = location
         self._prefix = location.prefix
@@ -67,7 +71,7 @@ class EtcdStore(Service):
         self._gateway = EtcdGateway(reactor, location.base_url, timeout)
         self._declared = tuple(declared)
         self._identity = identity
-        self._on_change = on_change
+        self._on_change: Callable[[FleetState], None] = _nobody
         self._kvs: Dict[bytes, KeyValue] = {}
         self._revision = 0
         self._ready = False  # True once etcd answered and the declared nodes are merged in
@@ -80,6 +84,17 @@ class EtcdStore(Service):
     def ready(self) -> bool:
         """Whether the fleet is in step with etcd (admin writes are refused until it is)."""
         return self._ready
+
+    def load(self) -> Optional[FleetState]:
+        """Nothing at once: the fleet arrives through the watcher once etcd has answered."""
+        return None
+
+    def watch(self, on_change: Callable[[FleetState], None]) -> None:
+        """Call ``on_change`` with the fleet each time etcd's copy changes."""
+        self._on_change = on_change
+
+    def flush(self, state: FleetState) -> None:
+        """Nothing to write: every change was committed as it was made."""
 
     def state(self) -> Optional[FleetState]:
         """The fleet as etcd held it at the mirror's revision (``None``: nothing stored yet)."""

@@ -6,6 +6,7 @@ from twisted.internet.task import Clock
 
 from blyanproxy.fleet.balancer import Balancer
 from blyanproxy.fleet.keeper import EDIT_ATTEMPTS, FleetKeeper
+from blyanproxy.store.jsonfile import MemoryStore
 from blyanproxy.core.fleetedit import (
     add_node,
     remove_node,
@@ -22,7 +23,7 @@ def node(index, **fields):
     return Node(name=f"node{index}", base_url=f"http://10.0.0.{index}:8000", **fields)
 
 
-class RacingStore:
+class RacingStore(MemoryStore):
     """A store where another process wins the first ``losses`` writes by adding ``theirs``."""
 
     def __init__(self, losses, theirs):
@@ -43,8 +44,8 @@ class RacingStore:
 
 def keeper_with(store=None, nodes=()):
     registry = NodeRegistry()
-    keeper = FleetKeeper(registry, Balancer(registry, Clock(), "active-first"), store)
-    keeper.restore(nodes, None)
+    keeper = FleetKeeper(registry, Balancer(registry, Clock(), "active-first"), store or MemoryStore())
+    keeper.restore(nodes)
     return keeper, registry
 
 
@@ -76,7 +77,7 @@ def test_endless_races_end_in_a_conflict():
 
 
 def test_a_refused_write_changes_nothing():
-    class Down:
+    class Down(MemoryStore):
         def commit(self, wanted):
             return fail(StoreUnavailable("etcd is unreachable"))
 

@@ -175,7 +175,7 @@ async def test_a_read_only_state_directory_refuses_admin_changes_and_keeps_servi
     _, listed = await call(proxy, "GET", "/_admin/nodes")
     node_id = listed["nodes"][0]["id"]
     saved = state_file.read_bytes()
-    store = proxy.parts.keeper.store
+    store = proxy.parts.store
     working_save, store.save = store.save, failing_save(errno.EROFS)  # the file system's seam
     attempts = [
         ("POST", "/_admin/nodes", {"name": "new", "baseURL": "http://127.0.0.1:9"}),

@@ -12,7 +12,7 @@ from blyanproxy.fleet.keeper import FleetKeeper
 from blyanproxy.logs import set_log_level
 from blyanproxy.core.nodes import Node, NodeRegistry
 from blyanproxy.serve.reload import Reloader, plan_nodes, restart_needed
-from blyanproxy.core.fleetstate import JsonFileStore
+from blyanproxy.store.jsonfile import JsonFileStore
 from blyanproxy.tap import node_from_spec
 
 
@@ -107,9 +107,8 @@ class Fleet:
         settings = self.load()
         self.registry = NodeRegistry()
         self.balancer = Balancer(self.registry, self.clock, settings.selection_policy)
-        self.keeper = FleetKeeper(self.registry, self.balancer)
-        self.keeper.restore_from_file(JsonFileStore(str(tmp_path / "s.json"), self.clock),
-                                      [node_from_spec(s, 0.0) for s in settings.nodes])
+        self.keeper = FleetKeeper(self.registry, self.balancer, JsonFileStore(str(tmp_path / "s.json"), self.clock))
+        self.keeper.restore([node_from_spec(s, 0.0) for s in settings.nodes])
         self.reloader = Reloader(settings, self.load, self.registry, self.balancer, self.keeper,
                                  lambda spec: node_from_spec(spec, self.clock.seconds()))
 

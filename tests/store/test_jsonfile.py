@@ -23,11 +23,11 @@ from blyanproxy.core.fleetedit import (
 from blyanproxy.core.nodes import Node, NodeRegistry
 from blyanproxy.core.fleetstate import (
     FleetState,
-    JsonFileStore,
     StateError,
     StoreUnavailable,
     merge,
 )
+from blyanproxy.store.jsonfile import JsonFileStore
 
 
 def node(index, **kwargs):
@@ -37,8 +37,8 @@ def node(index, **kwargs):
 def keeper_on(path, declared=(), policy="active-first"):
     registry = NodeRegistry()
     balancer = Balancer(registry, Clock(), policy)
-    keeper = FleetKeeper(registry, balancer)
-    keeper.restore_from_file(JsonFileStore(str(path), Clock()), list(declared))
+    keeper = FleetKeeper(registry, balancer, JsonFileStore(str(path), Clock()))
+    keeper.restore(list(declared))
     return keeper, registry, balancer
 
 
@@ -193,7 +193,8 @@ SAVER = """
 import sys
 from twisted.internet.task import Clock
 from blyanproxy.core.nodes import Node
-from blyanproxy.core.fleetstate import FleetState, JsonFileStore
+from blyanproxy.core.fleetstate import FleetState
+from blyanproxy.store.jsonfile import JsonFileStore
 store = JsonFileStore(sys.argv[1], Clock())
 count = 0
 while True:

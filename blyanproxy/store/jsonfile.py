@@ -1,0 +1,152 @@
+"""The ``StateStore`` kept in one JSON file, and the one kept in memory only.
+
+Writes are atomic (temporary file, fsync, rename, fsync of the directory); the
+file is always present, and the previous good version is kept as
+``<file>.bak``. A file that cannot be read or parsed is never overwritten:
+loading raises ``StateError`` naming the file and the problem, unless a
+readable backup exists, which is used (and said so) after the damaged file is
+moved aside. The document's form and the merge rule are ``core.fleetstate``'s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Callable, Optional
+
+from twisted.internet.defer import Deferred, fail, succeed
+
+from blyanproxy.core.fleetstate import FleetState, StateError, StoreUnavailable, state_from_json, state_to_json
+from blyanproxy.logs import logger
+
+log = logger("state")
+
+
+class MemoryStore:
+    """A ``StateStore`` that keeps nothing: changes live as long as the process (demo, tests)."""
+
+    def load(self) -> Optional[FleetState]:
+        """Nothing is saved."""
+        return None
+
+    def commit(self, state: FleetState) -> Deferred:
+        """Take ``state`` at once."""
+        return succeed(state)
+
+    def watch(self, on_change: Callable[[FleetState], None]) -> None:
+        """No other process shares this fleet."""
+
+    def flush(self, state: FleetState) -> None:
+        """Nothing to write."""
+
+
+class JsonFileStore:
+    """The ``StateStore`` kept in one JSON file (see the module docstring).
+
+    It writes at once and never conflicts: it serves one process.
+    """
+
+    def __init__(self, path: str, clock) -> None:
+        self.path = path
+        self.backup = path + ".bak"
+        self._clock = clock
+        self._primary_good = False  # True once the file at ``path`` is known to be a good save
+
+    def load(self) -> Optional[FleetState]:
+        """The saved state, ``None`` on a first start, or ``StateError``.
+
+        A damaged file with a readable backup is moved aside (``<file>.damaged-<time>``)
+        and the backup is used; without a backup it is left alone and loading fails.
+        """
+        self._primary_good = False
+        if not os.path.exists(self.path):
+            if os.path.exists(self.backup):
+                log.warn("state file {path} is missing; using its backup", path=self.path)
+                return self._read(self.backup)
+            return None
+        try:
+            state = self._read(self.path)
+        except StateError as problem:
+            if not os.path.exists(self.backup):
+                raise
+            backup = self._read(self.backup)
+            aside = f"{self.path}.damaged-{int(self._clock.seconds())}"
+            os.replace(self.path, aside)
+            log.error("{problem}; moved it to {aside} and using the backup {backup}",
+                      problem=str(problem), aside=aside, backup=self.backup)
+            return backup
+        self._primary_good = True
+        return state
+
+    def _read(self, path: str) -> FleetState:
+        try:
+            with open(path, "rb") as source:
+                document = json.loads(source.read().decode("utf-8"))
+            return state_from_json(document, lambda note: log.warn("state file {path}: {note}", path=path,
+                                                                   note=note))
+        except OSError as exc:
+            raise StateError(f"state file {path} cannot be read: {exc.strerror}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StateError(f"state file {path} is not valid JSON: {exc}") from None
+        except ValueError as exc:
+            raise StateError(f"state file {path} cannot be used: {exc}") from None
+
+    def commit(self, state: FleetState) -> Deferred:
+        """Save ``state``; fails with ``StoreUnavailable`` when the file cannot be written."""
+        try:
+            self.save(state)
+        except OSError as exc:
+            log.error("could not save the fleet to {path}: {why}", path=self.path, why=exc.strerror)
+            return fail(StoreUnavailable(f"the state file could not be written ({exc.strerror})"))
+        return succeed(state)
+
+    def watch(self, on_change: Callable[[FleetState], None]) -> None:
+        """No other process writes this file."""
+
+    def flush(self, state: FleetState) -> None:
+        """Save ``state`` (``OSError`` if the directory refuses)."""
+        self.save(state)
+
+    def save(self, state: FleetState) -> None:
+        """Write ``state`` atomically; ``OSError`` if the directory refuses (nothing half-written).
+
+        The file is always present: the previous version is linked (or copied) to
+        the backup first, and only when it is known to be good, then the new one
+        replaces it in one rename.
+        """
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, exist_ok=True)
+        payload = json.dumps(state_to_json(state, self._clock.seconds()), indent=2).encode("utf-8")
+        temporary = f"{self.path}.tmp-{os.getpid()}"
+        try:
+            with open(temporary, "wb") as target:
+                target.write(payload)
+                target.flush()
+                os.fsync(target.fileno())
+            if self._primary_good and os.path.exists(self.path):
+                self._keep_as_backup()
+            os.replace(temporary, self.path)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+        self._primary_good = True
+        _fsync_directory(directory)
+
+    def _keep_as_backup(self) -> None:
+        staged = self.backup + ".tmp"
+        if os.path.exists(staged):
+            os.unlink(staged)
+        try:
+            os.link(self.path, staged)
+        except OSError:  # no hard links here: copy instead
+            shutil.copyfile(self.path, staged)
+        os.replace(staged, self.backup)
+
+
+def _fsync_directory(directory: str) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
