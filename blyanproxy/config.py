@@ -9,15 +9,16 @@ echoed). An empty environment variable counts as unset.
 from __future__ import annotations
 
 import re
-from typing import Callable, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Callable
 
 import attrs
 
 from blyanproxy.core import selection
-from blyanproxy.logs import LOG_LEVELS
 from blyanproxy.core.affinity import AffinitySource, parse_affinity_source
 from blyanproxy.core.nodeurl import parse_base_url
 from blyanproxy.core.trust import ForwardTrust, parse_forward_trust
+from blyanproxy.logs import LOG_LEVELS
 from blyanproxy.store.storeurl import EtcdLocation, parse_state_store
 
 POLICIES = tuple(selection.POLICIES)
@@ -48,8 +49,8 @@ class Settings:
     """Every setting of one proxy process, validated. Durations are in seconds."""
 
     listen: str = DEFAULT_LISTEN
-    admin_token: Optional[str] = attrs.field(default=None, repr=False)
-    admin_token_file: Optional[str] = None
+    admin_token: str | None = attrs.field(default=None, repr=False)
+    admin_token_file: str | None = None
     selection_policy: str = "active-first"
     health_interval: float = 5.0
     health_timeout: float = 3.0
@@ -61,7 +62,7 @@ class Settings:
     eject_cooldown: float = 10.0
     eject_cooldown_max: float = 300.0
     state_file: str = "./data/proxy_state.json"
-    state_store: Optional[EtcdLocation] = None  # None: the JSON state file
+    state_store: EtcdLocation | None = None  # None: the JSON state file
     etcd_timeout: float = 2.0
     workers: int = 1
     worker_stop_timeout: float = 30.0
@@ -77,15 +78,15 @@ class Settings:
     max_body_bytes: int = 32 * 1024 * 1024
     pool_max_idle: int = 128
     pool_idle_timeout: float = 4.0
-    tls_ca_file: Optional[str] = None
+    tls_ca_file: str | None = None
     trust_forwarded: ForwardTrust = ForwardTrust()
     strip_origin: bool = False
-    affinity_key: Optional[AffinitySource] = None
+    affinity_key: AffinitySource | None = None
     affinity_load_factor: float = 1.25
     ws_heartbeat: float = 30.0
     enable_metrics: bool = True
-    metrics_token: Optional[str] = attrs.field(default=None, repr=False)
-    api_url: Optional[str] = None
+    metrics_token: str | None = attrs.field(default=None, repr=False)
+    api_url: str | None = None
     workloads_timeout: float = 10.0
     workloads_node_scheme: str = "https"
     workloads_node_port: int = 0
@@ -101,7 +102,7 @@ class Settings:
     log_format: str = "text"
     access_log: bool = True
     drain_grace: float = 30.0
-    env_file: Optional[str] = None
+    env_file: str | None = None
     demo: int = 0
 
 
@@ -262,8 +263,8 @@ class Setting:
     """One setting: its field, environment variable, option, default text, parser and meaning."""
 
     field: str
-    env: Optional[str]
-    option: Optional[str]
+    env: str | None
+    option: str | None
     default: str
     parse: Callable[[str], object]
     meaning: str

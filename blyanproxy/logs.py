@@ -10,7 +10,7 @@ object per event, for log shippers; Twisted's own lines stay in twistd's log.
 from __future__ import annotations
 
 import sys
-from typing import Optional, TextIO
+from typing import TextIO
 
 from twisted.logger import (
     FilteringLogObserver,
@@ -57,7 +57,7 @@ def set_log_level(name: str) -> None:
     _PREDICATE.setLogLevelForNamespace(NAMESPACE, LOG_LEVELS[name.upper()])
 
 
-def set_log_format(name: str, stream: Optional[TextIO] = None) -> None:
+def set_log_format(name: str, stream: TextIO | None = None) -> None:
     """``text``: into twistd's log; ``json``: JSON lines on ``stream`` (standard output by default)."""
     if name == "json":
         _DESTINATION.target = jsonFileLogObserver(stream or sys.stdout, recordSeparator="")

@@ -9,8 +9,6 @@ and ``/metrics`` show the same numbers.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -82,7 +80,7 @@ class ProxyMetrics:
     ``worker`` label and ``blyan_worker_info`` names the process's pid.
     """
 
-    def __init__(self, node_registry, clock, worker: Optional[int] = None, pid: int = 0) -> None:
+    def __init__(self, node_registry, clock, worker: int | None = None, pid: int = 0) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._scraped = r if worker is None else _WorkerLabel(r, str(worker))

@@ -10,7 +10,6 @@ import os
 import secrets
 import socket
 import sys
-from typing import Optional
 
 import attrs
 from twisted.application import strports
@@ -22,8 +21,7 @@ from twisted.python import usage
 
 from blyanproxy.admin.api import AdminAPI
 from blyanproxy.admin.auth import FailureThrottle, load_or_create_token
-from blyanproxy.fleet.balancer import Balancer
-from blyanproxy.upstream.client import UpstreamPool
+from blyanproxy.admin.public import HealthView, LivenessView, StatusView, WorkloadsView
 from blyanproxy.config import (
     LISTEN_OPTION,
     SETTINGS,
@@ -31,29 +29,26 @@ from blyanproxy.config import (
     NodeSpec,
     Settings,
 )
-from blyanproxy.discovery.directory import WorkloadDirectory
-from blyanproxy.serve.drain import ConnectionTracker, Drainer
-from blyanproxy.serve.envfile import load_settings
-from blyanproxy.store.etcdstore import EtcdStore
-from blyanproxy.fleet.keeper import FleetKeeper
-from blyanproxy.fleet.health import HealthMonitor, probe_client
-from blyanproxy.core.healthstate import HealthRules
-from blyanproxy.discovery.keycache import CacheLimits
-from blyanproxy.logs import logger, set_log_format, set_log_level
-from blyanproxy.metrics import MetricsResource, ProxyMetrics
-from blyanproxy.core.nodes import Node, NodeRegistry, new_node_id
-from blyanproxy.discovery.pools import KeyedBalancer
-from blyanproxy.forward.resource import ProxyResource
-from blyanproxy.admin.public import HealthView, LivenessView, StatusView, WorkloadsView
-from blyanproxy.serve.reload import Reloader
-from blyanproxy.serve.site import ProxySite, RootResource
-from blyanproxy.serve.signals import ProcessSignals
 from blyanproxy.core.fleetstate import StateError, StateStore
-from blyanproxy.store.jsonfile import JsonFileStore, MemoryStore
-from blyanproxy.forward.traffic import TrafficRecorder
-from blyanproxy.upstream.endpoints import NodeEndpoints, NodeTLSPolicy, load_trust_root
+from blyanproxy.core.healthstate import HealthRules
+from blyanproxy.core.nodes import Node, NodeRegistry, new_node_id
+from blyanproxy.discovery.directory import WorkloadDirectory
+from blyanproxy.discovery.keycache import CacheLimits
+from blyanproxy.discovery.pools import KeyedBalancer
 from blyanproxy.discovery.workloads import NodeAddressing
 from blyanproxy.discovery.workloadsapi import workloads_client
+from blyanproxy.fleet.balancer import Balancer
+from blyanproxy.fleet.health import HealthMonitor, probe_client
+from blyanproxy.fleet.keeper import FleetKeeper
+from blyanproxy.forward.resource import ProxyResource
+from blyanproxy.forward.traffic import TrafficRecorder
+from blyanproxy.logs import logger, set_log_format, set_log_level
+from blyanproxy.metrics import MetricsResource, ProxyMetrics
+from blyanproxy.serve.drain import ConnectionTracker, Drainer
+from blyanproxy.serve.envfile import load_settings
+from blyanproxy.serve.reload import Reloader
+from blyanproxy.serve.signals import ProcessSignals
+from blyanproxy.serve.site import ProxySite, RootResource
 from blyanproxy.serve.workers import (
     ParentWatch,
     WorkerRole,
@@ -61,6 +56,10 @@ from blyanproxy.serve.workers import (
     worker_endpoint,
     worker_role,
 )
+from blyanproxy.store.etcdstore import EtcdStore
+from blyanproxy.store.jsonfile import JsonFileStore, MemoryStore
+from blyanproxy.upstream.client import UpstreamPool
+from blyanproxy.upstream.endpoints import NodeEndpoints, NodeTLSPolicy, load_trust_root
 
 log = logger("tap")
 
@@ -195,11 +194,11 @@ class ProxyParts:
     keeper: FleetKeeper
     metrics: ProxyMetrics
     store: StateStore
-    directory: Optional[WorkloadDirectory] = None
-    store_service: Optional[EtcdStore] = None  # started with the proxy when the fleet is in etcd
+    directory: WorkloadDirectory | None = None
+    store_service: EtcdStore | None = None  # started with the proxy when the fleet is in etcd
 
 
-def build_proxy(settings: Settings, reactor, persist: bool = True, worker: Optional[int] = None) -> ProxyParts:
+def build_proxy(settings: Settings, reactor, persist: bool = True, worker: int | None = None) -> ProxyParts:
     """Build the proxy's parts for ``settings``.
 
     With ``persist`` (and not in demo mode) the fleet is kept in the state
@@ -295,7 +294,7 @@ def build_directory(settings: Settings, reactor, rules: HealthRules, trust_root,
 
 
 def make_proxy_service(settings: Settings, reactor, reload_settings=None,
-                       role: Optional[WorkerRole] = None) -> MultiService:
+                       role: WorkerRole | None = None) -> MultiService:
     """Every service of one proxy process (a worker when ``role`` is given), under one ``Drainer``.
 
     ``reload_settings`` (a callable returning fresh ``Settings``) makes SIGHUP

@@ -96,7 +96,10 @@ def test_max_retries_maps_to_attempts():
         ({"NODE_3": "gpu3|ftp://x"}, {}, "NODE_3: the URL must start with http:// or https://"),
         ({"NODE_3": "gpu3|http://u:p@x"}, {}, "NODE_3: the URL must not carry credentials"),
         ({"NODE_3": "gpu3|http://x|colour=red"}, {}, "NODE_3: unknown key 'colour'"),
-        ({"NODE_1": "a|http://x:1", "NODE_2": "b|http://x:1/"}, {}, "NODE_2: base URL http://x:1 is already used by NODE_1"),
+        (
+            {"NODE_1": "a|http://x:1", "NODE_2": "b|http://x:1/"}, {},
+            "NODE_2: base URL http://x:1 is already used by NODE_1",
+        ),
         ({"API_URL": "api.example.com"}, {}, "API_URL: must start with http:// or https://"),
         ({"LOG_LEVEL": "loud"}, {}, "LOG_LEVEL: expected DEBUG, INFO, WARN or ERROR (got 'loud')"),
         ({"PROXY_PORT": "70000"}, {}, "PROXY_PORT: must be between 0 and 65535 (got '70000')"),
@@ -137,7 +140,12 @@ def test_parse_node_is_total(text):
         assert "|" not in spec.name
 
 
-@given(st.dictionaries(st.sampled_from(["HEALTH_INTERVAL_MS", "MAX_ATTEMPTS", "PROXY_PORT", "SELECTION_POLICY", "LOG_LEVEL", "HEALTH_PATHS"]), st.text(max_size=12)))
+@given(st.dictionaries(
+    st.sampled_from(
+        ["HEALTH_INTERVAL_MS", "MAX_ATTEMPTS", "PROXY_PORT", "SELECTION_POLICY", "LOG_LEVEL", "HEALTH_PATHS"]
+    ),
+    st.text(max_size=12),
+))
 def test_settings_from_is_total(env):
     """Whatever the environment holds, the result is Settings or a ConfigError naming a variable."""
     try:

@@ -18,10 +18,7 @@ from pathlib import Path
 from klein import Klein
 from werkzeug.exceptions import HTTPException
 
-from blyanproxy.core import fleetedit
 from blyanproxy.admin.auth import FailureThrottle, presented_token, token_matches
-from blyanproxy.core.errors import ProxyError
-from blyanproxy.logs import logger
 from blyanproxy.admin.nodeinput import (
     new_node_fields,
     node_changes,
@@ -29,9 +26,12 @@ from blyanproxy.admin.nodeinput import (
     policy_name,
     strict_index,
 )
-from blyanproxy.core.nodes import Node, new_node_id
-from blyanproxy.core.fleetstate import StoreConflict, StoreUnavailable
 from blyanproxy.admin.views import active_index, node_view, nodes_view
+from blyanproxy.core import fleetedit
+from blyanproxy.core.errors import ProxyError
+from blyanproxy.core.fleetstate import StoreConflict, StoreUnavailable
+from blyanproxy.core.nodes import Node, new_node_id
+from blyanproxy.logs import logger
 
 log = logger("admin")
 

@@ -6,7 +6,6 @@ import hmac
 import os
 import secrets
 from collections import OrderedDict
-from typing import Optional
 
 from blyanproxy.logs import logger
 
@@ -15,7 +14,7 @@ log = logger("admin")
 TOKEN_FILE_NAME = "admin_token"
 
 
-def load_or_create_token(explicit: Optional[str], token_file: Optional[str], state_file: str) -> str:
+def load_or_create_token(explicit: str | None, token_file: str | None, state_file: str) -> str:
     """``ADMIN_TOKEN`` if set; else the token file's content; else a new token written there.
 
     The file (default: ``admin_token`` beside the state file) is created with mode
@@ -39,7 +38,7 @@ def load_or_create_token(explicit: Optional[str], token_file: Optional[str], sta
     return token
 
 
-def presented_token(request) -> Optional[bytes]:
+def presented_token(request) -> bytes | None:
     """The token a request carries in ``X-Admin-Token`` or ``Authorization: Bearer``."""
     header = request.getHeader(b"x-admin-token")
     if header:
@@ -51,7 +50,7 @@ def presented_token(request) -> Optional[bytes]:
     return None
 
 
-def token_matches(presented: Optional[bytes], token: str) -> bool:
+def token_matches(presented: bytes | None, token: str) -> bool:
     """Constant-time comparison (also when nothing was presented)."""
     return hmac.compare_digest(presented or b"", token.encode("utf-8"))
 
@@ -67,7 +66,7 @@ class FailureThrottle:
         self._limit = limit
         self._window = window
         self._max = max_addresses
-        self._failures: "OrderedDict[str, list]" = OrderedDict()
+        self._failures: OrderedDict[str, list] = OrderedDict()
 
     def _recent(self, address: str) -> list:
         now = self._clock.seconds()
@@ -78,7 +77,7 @@ class FailureThrottle:
             self._failures.pop(address, None)
         return times
 
-    def retry_after(self, address: str) -> Optional[int]:
+    def retry_after(self, address: str) -> int | None:
         """Seconds until ``address`` may try again, or None when it may now."""
         times = self._recent(address)
         if len(times) < self._limit:

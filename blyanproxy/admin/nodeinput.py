@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Dict
+from typing import Any
 
 from blyanproxy.core.errors import ProxyError
 from blyanproxy.core.nodeurl import parse_base_url
@@ -33,7 +33,7 @@ def parse_json_body(body: bytes) -> Any:
         raise ProxyError(400, "malformed_json", f"the body is not valid JSON ({exc})") from None
 
 
-def _object(document: Any, allowed: set) -> Dict[str, Any]:
+def _object(document: Any, allowed: set) -> dict[str, Any]:
     if not isinstance(document, dict):
         raise ProxyError(400, "invalid_body", "the body must be a JSON object")
     unknown = sorted(set(document) - allowed)
@@ -89,9 +89,9 @@ _OPTIONAL = {
 }
 
 
-def _optional(data: Dict[str, Any], names) -> Dict[str, Any]:
+def _optional(data: dict[str, Any], names) -> dict[str, Any]:
     """The checked ``Node`` fields for those of ``names`` present in ``data``."""
-    fields: Dict[str, Any] = {}
+    fields: dict[str, Any] = {}
     for name in names:
         if name in data:
             field, check = _OPTIONAL[name]
@@ -99,7 +99,7 @@ def _optional(data: Dict[str, Any], names) -> Dict[str, Any]:
     return fields
 
 
-def new_node_fields(document: Any) -> Dict[str, Any]:
+def new_node_fields(document: Any) -> dict[str, Any]:
     """The ``Node`` fields of ``{name, baseURL, tags?, metadata?, weight?, tlsVerify?}``."""
     data = _object(document, _CREATE_FIELDS)
     for required in ("name", "baseURL"):
@@ -111,12 +111,12 @@ def new_node_fields(document: Any) -> Dict[str, Any]:
         base_url = parse_base_url(data["baseURL"]).text
     except ValueError as exc:
         raise invalid("baseURL", str(exc)) from None
-    fields: Dict[str, Any] = {"name": _name(data["name"]), "base_url": base_url}
+    fields: dict[str, Any] = {"name": _name(data["name"]), "base_url": base_url}
     fields.update(_optional(data, ("tags", "metadata", "weight", "tlsVerify")))
     return fields
 
 
-def node_changes(document: Any) -> Dict[str, Any]:
+def node_changes(document: Any) -> dict[str, Any]:
     """The ``Node`` fields a PATCH changes (``name``, ``tags``, ``metadata``, ``weight``, ``draining``)."""
     return _optional(_object(document, _PATCH_FIELDS), ("name", "tags", "metadata", "weight", "draining"))
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
+from blyanproxy.core.fleetstate import node_to_json
 from blyanproxy.core.healthstate import UP, usable
 from blyanproxy.core.nodes import Node, NodeRegistry, NodeStats
-from blyanproxy.core.fleetstate import node_to_json
 
 
 def node_view(node: Node, stats: NodeStats, now: float) -> dict:
@@ -36,7 +34,7 @@ def nodes_view(registry: NodeRegistry, now: float) -> list:
     return [node_view(node, registry.stats(node.id), now) for node in registry.nodes()]
 
 
-def active_index(registry: NodeRegistry) -> Optional[int]:
+def active_index(registry: NodeRegistry) -> int | None:
     """The active node's place in registry order (Blyan's ``activeIndex``), or None."""
     for index, node in enumerate(registry.nodes()):
         if node.id == registry.active_id:

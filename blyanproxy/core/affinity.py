@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 from urllib.parse import parse_qsl
 
 import attrs
@@ -41,7 +41,7 @@ def parse_affinity_source(text: str) -> AffinitySource:
     return AffinitySource(kind, name)
 
 
-def affinity_key(source: Optional[AffinitySource], request) -> Optional[bytes]:
+def affinity_key(source: AffinitySource | None, request) -> bytes | None:
     """The request's affinity key, or None when it carries none (or affinity is off)."""
     if source is None:
         return None

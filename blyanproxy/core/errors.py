@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 import attrs
 
@@ -34,7 +33,7 @@ class ProxyError(Exception):
     status: int
     code: str
     message: str
-    retry_after: Optional[int] = None
+    retry_after: int | None = None
 
     def body(self) -> bytes:
         """The JSON body: ``{"error": message, "code": code}``."""

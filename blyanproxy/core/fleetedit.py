@@ -11,13 +11,13 @@ no longer makes sense. Nothing is ever silently lost.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import attrs
 
+from blyanproxy.core.fleetstate import FleetState
 from blyanproxy.core.nodes import Node
 from blyanproxy.core.selection import POLICIES
-from blyanproxy.core.fleetstate import FleetState
 
 Change = Callable[[FleetState], FleetState]
 
@@ -79,7 +79,7 @@ def remove_node(node_id: str) -> Change:
     return change
 
 
-def set_active(node_id: Optional[str]) -> Change:
+def set_active(node_id: str | None) -> Change:
     """Prefer this node under ``active-first`` (``None``: no preference)."""
 
     def change(state: FleetState) -> FleetState:

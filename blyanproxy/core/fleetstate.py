@@ -21,7 +21,8 @@ The merge rule at start-up (``merge``):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable, List, Optional, Protocol, Tuple
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import attrs
 
@@ -49,7 +50,7 @@ class StoreUnavailable(Exception):
 class StoreConflict(Exception):
     """Another process changed the fleet first; ``fresh`` is the fleet as the store now holds it."""
 
-    def __init__(self, fresh: "FleetState") -> None:
+    def __init__(self, fresh: FleetState) -> None:
         super().__init__("the fleet changed meanwhile")
         self.fresh = fresh
 
@@ -58,10 +59,10 @@ class StoreConflict(Exception):
 class FleetState:
     """Everything about the fleet that survives a restart."""
 
-    nodes: Tuple[Node, ...] = ()
-    active_id: Optional[str] = None
-    policy: Optional[str] = None
-    removed: Tuple[str, ...] = ()
+    nodes: tuple[Node, ...] = ()
+    active_id: str | None = None
+    policy: str | None = None
+    removed: tuple[str, ...] = ()
 
 
 def node_to_json(node: Node) -> dict:
@@ -138,7 +139,7 @@ def state_from_json(document, on_skip: Callable[[str], None] = _ignore) -> Fleet
     """
     if not isinstance(document, dict) or not isinstance(document.get("nodes"), list):
         raise ValueError("expected an object with a list of nodes")
-    nodes: List[Node] = []
+    nodes: list[Node] = []
     seen = set()
     blyan_active_url = None
     index = document.get("activeIndex")
@@ -174,7 +175,7 @@ def state_from_json(document, on_skip: Callable[[str], None] = _ignore) -> Fleet
     )
 
 
-def merge(declared: Iterable[Node], saved: Optional[FleetState]) -> FleetState:
+def merge(declared: Iterable[Node], saved: FleetState | None) -> FleetState:
     """Apply the module's merge rule to declared nodes and the saved state."""
     if saved is None:
         return FleetState(nodes=tuple(declared))
@@ -205,10 +206,10 @@ class StateStore(Protocol):
     and calls ``flush`` when the process stops.
     """
 
-    def load(self) -> Optional[FleetState]:
+    def load(self) -> FleetState | None:
         """The fleet held now, if the store can tell at once (``None``: none, or later by ``watch``)."""
 
-    def commit(self, state: FleetState) -> "Deferred[FleetState]":
+    def commit(self, state: FleetState) -> Deferred[FleetState]:
         """Hold ``state``; fires with the fleet to apply, or fails with ``StoreUnavailable``
         (nothing was written) or ``StoreConflict``."""
 

@@ -6,13 +6,13 @@ Headers travel as ``(name, [values])`` pairs of bytes, the shape of
 
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Tuple, Union
+from collections.abc import Iterable
 
 import attrs
 
 from blyanproxy.core.trust import ForwardTrust, origin_address
 
-RawHeaders = List[Tuple[bytes, List[bytes]]]
+RawHeaders = list[tuple[bytes, list[bytes]]]
 
 #: Hop-by-hop headers (RFC 9110 §7.6.1) plus the ones the client library frames itself.
 _HOP_BY_HOP = frozenset(
@@ -45,7 +45,7 @@ class ClientFacts:
 
     address: str
     scheme: bytes
-    host: Optional[bytes]
+    host: bytes | None
     origin: str = attrs.field()
 
     @origin.default
@@ -53,7 +53,7 @@ class ClientFacts:
         return self.address
 
 
-def client_facts(request, trust: Union[bool, ForwardTrust] = False) -> ClientFacts:
+def client_facts(request, trust: bool | ForwardTrust = False) -> ClientFacts:
     """The ``ClientFacts`` of a twisted.web request, its origin as far as ``trust`` allows."""
     peer = getattr(request.getClientAddress(), "host", None) or "unknown"
     return ClientFacts(
@@ -74,7 +74,7 @@ def _connection_tokens(headers: RawHeaders) -> frozenset:
     return frozenset(tokens)
 
 
-def _first(headers: RawHeaders, wanted: bytes) -> Optional[bytes]:
+def _first(headers: RawHeaders, wanted: bytes) -> bytes | None:
     for name, values in headers:
         if name.lower() == wanted and values:
             return values[0]
@@ -82,10 +82,10 @@ def _first(headers: RawHeaders, wanted: bytes) -> Optional[bytes]:
 
 
 def upstream_request_headers(
-    incoming: Iterable[Tuple[bytes, List[bytes]]],
+    incoming: Iterable[tuple[bytes, list[bytes]]],
     node_host: bytes,
     client: ClientFacts,
-    trust_forwarded: Union[bool, ForwardTrust] = False,
+    trust_forwarded: bool | ForwardTrust = False,
     strip_origin: bool = False,
     websocket: bool = False,
 ) -> RawHeaders:
@@ -107,7 +107,7 @@ def upstream_request_headers(
     if strip_origin:
         dropped = dropped | {b"origin"}
     out: RawHeaders = [(b"Host", [node_host])]
-    earlier_for: List[bytes] = []
+    earlier_for: list[bytes] = []
     for name, values in incoming:
         lowered = name.lower()
         if lowered in dropped or lowered.startswith(b"proxy-"):
@@ -132,7 +132,7 @@ def upstream_request_headers(
     return out
 
 
-def downstream_response_headers(upstream: Iterable[Tuple[bytes, List[bytes]]]) -> RawHeaders:
+def downstream_response_headers(upstream: Iterable[tuple[bytes, list[bytes]]]) -> RawHeaders:
     """The node's response headers a client may see: hop-by-hop and ``Proxy-*`` removed.
 
     Twisted's client already moves ``Connection``, ``Content-Length`` and

@@ -15,8 +15,6 @@ Two kinds of evidence move it:
 
 from __future__ import annotations
 
-from typing import Optional
-
 import attrs
 
 UNKNOWN = "unknown"
@@ -46,16 +44,16 @@ class Health:
     passes: int = 0  # consecutive passing probes
     fails: int = 0  # consecutive failing probes
     traffic_failures: int = 0  # consecutive failed attempts from real traffic
-    ejected_until: Optional[float] = None
+    ejected_until: float | None = None
     ejections: int = 0  # ejections in a row (the cooldown doubles with each)
-    last_ejected: Optional[float] = None
-    eject_reason: Optional[str] = None
+    last_ejected: float | None = None
+    eject_reason: str | None = None
     probe_needed: bool = False  # ejected: a passing probe must come before traffic
-    last_check: Optional[float] = None
-    last_error: Optional[str] = None
+    last_check: float | None = None
+    last_error: str | None = None
 
 
-def after_probe(health: Health, passed: bool, now: float, rules: HealthRules, error: Optional[str] = None) -> Health:
+def after_probe(health: Health, passed: bool, now: float, rules: HealthRules, error: str | None = None) -> Health:
     """The state after one probe."""
     if passed:
         passes, fails = health.passes + 1, 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from typing import Callable, Dict, List, Optional
+from typing import Callable
 
 import attrs
 
@@ -33,7 +33,7 @@ class Node:
     draining: bool = False
     tls_verify: bool = True
     added_at: float = 0.0
-    declared_by: Optional[str] = None  # "NODE_3" or "--node" for nodes named in settings
+    declared_by: str | None = None  # "NODE_3" or "--node" for nodes named in settings
     url: BaseURL = attrs.field(init=False, eq=False, repr=False)
     name_bytes: bytes = attrs.field(init=False, eq=False, repr=False)
 
@@ -50,8 +50,8 @@ class NodeStats:
     requests: int = 0
     failures: int = 0
     consecutive_failures: int = 0
-    last_failure: Optional[str] = None
-    latency_ms: Optional[float] = None
+    last_failure: str | None = None
+    latency_ms: float | None = None
     health: Health = attrs.Factory(Health)
 
     def observe_latency(self, milliseconds: float) -> None:
@@ -71,10 +71,10 @@ class NodeRegistry:
     """
 
     def __init__(self) -> None:
-        self._nodes: Dict[str, Node] = {}
-        self._stats: Dict[str, NodeStats] = {}
-        self._listeners: List[Callable[[str, Node], None]] = []
-        self.active_id: Optional[str] = None
+        self._nodes: dict[str, Node] = {}
+        self._stats: dict[str, NodeStats] = {}
+        self._listeners: list[Callable[[str, Node], None]] = []
+        self.active_id: str | None = None
 
     def listen(self, listener: Callable[[str, Node], None]) -> None:
         """Call ``listener(event, node)`` on every change."""
@@ -84,11 +84,11 @@ class NodeRegistry:
         for listener in list(self._listeners):
             listener(event, node)
 
-    def nodes(self) -> List[Node]:
+    def nodes(self) -> list[Node]:
         """Every node, in registry order."""
         return list(self._nodes.values())
 
-    def get(self, node_id: str) -> Optional[Node]:
+    def get(self, node_id: str) -> Node | None:
         """The node with this id, or ``None``."""
         return self._nodes.get(node_id)
 

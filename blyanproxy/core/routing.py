@@ -13,7 +13,6 @@ Any other path goes to the pool's policy, with a leading ``/api`` segment remove
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
 from urllib.parse import unquote_to_bytes
 
 import attrs
@@ -33,10 +32,10 @@ class Route:
     """
 
     upstream_target: bytes
-    affinity_key: Optional[bytes] = None
-    tag: Optional[str] = None
-    index: Optional[int] = None
-    node: Optional[str] = None
+    affinity_key: bytes | None = None
+    tag: str | None = None
+    index: int | None = None
+    node: str | None = None
 
 
 #: The tag that means every node of the pool.
@@ -89,7 +88,7 @@ def _split_first_segment(target: bytes) -> tuple:
     return first, b"/" + tail + sep + query
 
 
-def _index_of(segment: bytes) -> Optional[int]:
+def _index_of(segment: bytes) -> int | None:
     """The index a first path segment names, ``None`` if it names none; 400 for a signed number."""
     if segment.isdigit():
         if len(segment) > _MAX_INDEX_DIGITS:
@@ -113,7 +112,7 @@ def _form_decoded(text: bytes) -> str:
     return unquote_to_bytes(text.replace(b"+", b" ")).decode("utf-8", "replace")
 
 
-def take_node_parameter(target: bytes) -> Tuple[bytes, Optional[str]]:
+def take_node_parameter(target: bytes) -> tuple[bytes, str | None]:
     """Split ``api=<node id or name>`` off a target's query: ``(target without it, value or None)``.
 
     Only a registered node's id or name can be chosen this way, never an

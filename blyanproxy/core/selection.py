@@ -16,7 +16,8 @@ does I/O or reads a clock.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence
+from collections.abc import Sequence
+from typing import Callable, Optional
 
 import attrs
 
@@ -52,7 +53,7 @@ class Candidate:
 
     node: Node
     in_flight: int = 0
-    latency_ms: Optional[float] = None
+    latency_ms: float | None = None
 
 
 @attrs.define
@@ -60,7 +61,7 @@ class Turn:
     """What fair policies remember between picks: a rotation counter and smooth-RR weights."""
 
     counter: int = 0
-    current_weights: Dict[str, int] = attrs.Factory(dict)
+    current_weights: dict[str, int] = attrs.Factory(dict)
 
 
 def _rotate_among(tied: Sequence[Candidate], turn: Turn) -> Candidate:
@@ -69,7 +70,7 @@ def _rotate_among(tied: Sequence[Candidate], turn: Turn) -> Candidate:
     return chosen
 
 
-def active_first(candidates: Sequence[Candidate], turn: Turn, active_id: Optional[str]) -> Candidate:
+def active_first(candidates: Sequence[Candidate], turn: Turn, active_id: str | None) -> Candidate:
     """The active node when it can take the request, else the first candidate."""
     for candidate in candidates:
         if candidate.node.id == active_id:
@@ -77,7 +78,7 @@ def active_first(candidates: Sequence[Candidate], turn: Turn, active_id: Optiona
     return candidates[0]
 
 
-def round_robin(candidates: Sequence[Candidate], turn: Turn, active_id: Optional[str]) -> Candidate:
+def round_robin(candidates: Sequence[Candidate], turn: Turn, active_id: str | None) -> Candidate:
     """Smooth weighted round-robin: add each weight to its node's score, take the highest,
     subtract the total from it. Nodes that left the candidates lose their score."""
     weights = turn.current_weights
@@ -96,7 +97,7 @@ def round_robin(candidates: Sequence[Candidate], turn: Turn, active_id: Optional
     return best
 
 
-def least_latency(candidates: Sequence[Candidate], turn: Turn, active_id: Optional[str]) -> Candidate:
+def least_latency(candidates: Sequence[Candidate], turn: Turn, active_id: str | None) -> Candidate:
     """The lowest latency; unmeasured nodes first; ties rotate."""
     unmeasured = [c for c in candidates if c.latency_ms is None]
     if unmeasured:
@@ -105,7 +106,7 @@ def least_latency(candidates: Sequence[Candidate], turn: Turn, active_id: Option
     return _rotate_among([c for c in candidates if c.latency_ms == lowest], turn)
 
 
-def least_inflight(candidates: Sequence[Candidate], turn: Turn, active_id: Optional[str]) -> Candidate:
+def least_inflight(candidates: Sequence[Candidate], turn: Turn, active_id: str | None) -> Candidate:
     """The fewest requests in flight; ties rotate."""
     fewest = min(c.in_flight for c in candidates)
     return _rotate_among([c for c in candidates if c.in_flight == fewest], turn)
@@ -113,7 +114,7 @@ def least_inflight(candidates: Sequence[Candidate], turn: Turn, active_id: Optio
 
 Policy = Callable[[Sequence[Candidate], Turn, Optional[str]], Candidate]
 
-POLICIES: Dict[str, Policy] = {
+POLICIES: dict[str, Policy] = {
     "active-first": active_first,
     "round-robin": round_robin,
     "least-latency": least_latency,

@@ -10,7 +10,7 @@ nginx on the same host). Pure functions, no I/O.
 from __future__ import annotations
 
 import ipaddress
-from typing import Iterable, List, Optional, Tuple, Union
+from collections.abc import Iterable
 
 import attrs
 
@@ -23,10 +23,10 @@ class ForwardTrust:
     """Which TCP peers may set forwarding headers: ``everyone``, or those in ``networks``."""
 
     everyone: bool = False
-    networks: Tuple[Union[ipaddress.IPv4Network, ipaddress.IPv6Network], ...] = ()
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @classmethod
-    def of(cls, value: Union[bool, "ForwardTrust"]) -> "ForwardTrust":
+    def of(cls, value: bool | ForwardTrust) -> ForwardTrust:
         """``value`` itself, or the trust a plain ``True``/``False`` means."""
         return value if isinstance(value, ForwardTrust) else cls(everyone=bool(value))
 
@@ -70,7 +70,7 @@ def parse_forward_trust(text: str) -> ForwardTrust:
     return ForwardTrust(networks=networks)
 
 
-def _forwarded_for(values: Iterable[bytes]) -> List[str]:
+def _forwarded_for(values: Iterable[bytes]) -> list[str]:
     """Every address listed in ``X-Forwarded-For`` values, left to right."""
     listed = []
     for value in values:
@@ -78,7 +78,7 @@ def _forwarded_for(values: Iterable[bytes]) -> List[str]:
     return listed
 
 
-def origin_address(trust: Union[bool, ForwardTrust], peer: str, forwarded_for: Iterable[bytes]) -> str:
+def origin_address(trust: bool | ForwardTrust, peer: str, forwarded_for: Iterable[bytes]) -> str:
     """The client's real address: ``peer`` unless a trusted peer says otherwise.
 
     With a trusted peer, ``X-Forwarded-For`` is read from the right, skipping
@@ -90,7 +90,7 @@ def origin_address(trust: Union[bool, ForwardTrust], peer: str, forwarded_for: I
     trust = ForwardTrust.of(trust)
     if not trust.trusts(peer):
         return peer
-    found: Optional[str] = None
+    found: str | None = None
     for entry in reversed(_forwarded_for(forwarded_for)):
         if _address(entry) is None:
             break

@@ -44,8 +44,8 @@ if TYPE_CHECKING:
     from twisted.python.failure import Failure
     from twisted.web.websocket import WebSocketTransport
 
-    from blyanproxy.devnode.node import DevNode, DevNodeStats, RequestRecord
     from blyanproxy.devnode.config import DevNodeConfig
+    from blyanproxy.devnode.node import DevNode, DevNodeStats, RequestRecord
 
 Rendered = Union[bytes, int]  # a body, or NOT_DONE_YET
 

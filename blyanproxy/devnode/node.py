@@ -8,7 +8,7 @@ import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from blyanproxy.devnode.config import MAX_TOKENS_CAP, DevNodeConfig
+from blyanproxy.devnode.config import DevNodeConfig
 from blyanproxy.devnode.http import DevNodeResource, DevNodeSite, header_lines
 
 if TYPE_CHECKING:

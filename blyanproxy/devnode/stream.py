@@ -19,8 +19,8 @@ if TYPE_CHECKING:
     from twisted.python.failure import Failure
     from twisted.web.server import Request
 
-    from blyanproxy.devnode.node import DevNodeStats
     from blyanproxy.devnode.config import DevNodeConfig
+    from blyanproxy.devnode.node import DevNodeStats
     from blyanproxy.devnode.wire import ChatFormat, GenerateFormat
 
 

@@ -12,8 +12,8 @@ from twisted.internet.interfaces import IReactorTCP
 from twisted.logger import Logger
 from twisted.python import usage
 
-from blyanproxy.devnode.node import DevNode, DevNodeConfig
 from blyanproxy.devnode.config import SettingError, evolve_from_text
+from blyanproxy.devnode.node import DevNode, DevNodeConfig
 
 log = Logger()
 

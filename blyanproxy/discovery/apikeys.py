@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Optional
 
 from blyanproxy.core.errors import ProxyError
 
@@ -15,7 +14,7 @@ def _acceptable(key: bytes) -> bool:
     return 0 < len(key) <= MAX_KEY_LENGTH and all(0x21 <= byte <= 0x7E for byte in key)
 
 
-def api_key_of(headers) -> Optional[bytes]:
+def api_key_of(headers) -> bytes | None:
     """The API key a request carries, or ``None`` when it carries none.
 
     ``X-C3-API-KEY`` first, else ``Authorization: Bearer <key>`` (the scheme in

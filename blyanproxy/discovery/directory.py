@@ -10,7 +10,7 @@ again; logs and metrics name a key by ``apikeys.key_id``.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, List
+from typing import Callable
 
 import attrs
 from twisted.application.service import Service
@@ -18,13 +18,13 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
+from blyanproxy.core.errors import ProxyError
 from blyanproxy.discovery import keycache
 from blyanproxy.discovery.apikeys import key_id
-from blyanproxy.core.errors import ProxyError
-from blyanproxy.logs import logger
 from blyanproxy.discovery.pools import KeyedBalancer, KeyPool
 from blyanproxy.discovery.workloads import NodeAddressing, workload_nodes
 from blyanproxy.discovery.workloadsapi import KeyRefused
+from blyanproxy.logs import logger
 
 log = logger("discovery")
 
@@ -54,7 +54,7 @@ class KeyRecord:
     last_used: float
     in_flight: int = 0
     fetching: bool = False
-    waiters: List[defer.Deferred] = attrs.Factory(list)
+    waiters: list[defer.Deferred] = attrs.Factory(list)
 
     def finished(self, _=None) -> None:
         """One request of this key ended (pairs with ``WorkloadDirectory.started``)."""
@@ -87,7 +87,7 @@ class WorkloadDirectory(Service):
         self._calls = defer.DeferredSemaphore(max_fetches)
         self._max_queue = max_fetches * QUEUE_PER_CALL
         self._metrics = metrics
-        self._records: "OrderedDict[bytes, KeyRecord]" = OrderedDict()
+        self._records: OrderedDict[bytes, KeyRecord] = OrderedDict()
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = clock
 

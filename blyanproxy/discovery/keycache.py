@@ -7,8 +7,6 @@ plain function to test. ``discovery.WorkloadDirectory`` applies them.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import attrs
 
 #: What to do with a request for a key.
@@ -52,9 +50,9 @@ class KeyState:
 
     workloads: tuple = ()
     nodes: tuple = ()
-    fetched_at: Optional[float] = None
-    checked_at: Optional[float] = None
-    last_outcome: Optional[str] = None
+    fetched_at: float | None = None
+    checked_at: float | None = None
+    last_outcome: str | None = None
 
 
 def decide(state: KeyState, now: float, limits: CacheLimits, may_fetch: bool = True) -> str:
@@ -108,7 +106,7 @@ def is_idle(last_used: float, in_flight: int, now: float, limits: CacheLimits) -
     return in_flight == 0 and now - last_used >= limits.idle
 
 
-def node_changes(before: Tuple, after: Tuple) -> Tuple[list, list]:
+def node_changes(before: tuple, after: tuple) -> tuple[list, list]:
     """``(joined, left)`` node names between two node lists (for the log)."""
     old = {node.name for node in before}
     new = {node.name for node in after}

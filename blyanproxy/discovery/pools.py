@@ -7,14 +7,14 @@ a node's whole load (every key's requests) counts when choosing.
 
 from __future__ import annotations
 
-from typing import Dict, FrozenSet, Optional, Sequence
+from collections.abc import Sequence
 
-from blyanproxy.fleet.balancer import Lease, LeaseMaker
 from blyanproxy.core.errors import ProxyError
 from blyanproxy.core.healthstate import HealthRules
 from blyanproxy.core.nodes import Node, NodeStats
 from blyanproxy.core.routing import Route
 from blyanproxy.core.selection import POLICIES, route_members
+from blyanproxy.fleet.balancer import Lease, LeaseMaker
 
 
 class KeyedBalancer(LeaseMaker):
@@ -28,7 +28,7 @@ class KeyedBalancer(LeaseMaker):
                  affinity_load_factor: float = 1.25) -> None:
         super().__init__(clock, rules, affinity_load_factor)
         self._choose = POLICIES[policy]
-        self._stats: Dict[str, NodeStats] = {}
+        self._stats: dict[str, NodeStats] = {}
 
     def stats(self, node: Node) -> NodeStats:
         """The figures of ``node``'s URL (created on first use)."""
@@ -37,16 +37,16 @@ class KeyedBalancer(LeaseMaker):
             found = self._stats[node.base_url] = NodeStats()
         return found
 
-    def known_urls(self) -> FrozenSet[str]:
+    def known_urls(self) -> frozenset[str]:
         """The node URLs that have figures."""
         return frozenset(self._stats)
 
-    def prune(self, in_use: FrozenSet[str]) -> None:
+    def prune(self, in_use: frozenset[str]) -> None:
         """Forget figures of URLs no cached key lists and nothing is in flight on."""
         for url in [url for url, stats in self._stats.items() if url not in in_use and stats.in_flight == 0]:
             del self._stats[url]
 
-    def acquire(self, nodes: Sequence[Node], route: Route, excluded: FrozenSet[str]) -> Optional[Lease]:
+    def acquire(self, nodes: Sequence[Node], route: Route, excluded: frozenset[str]) -> Lease | None:
         """A lease on the node of ``nodes`` chosen for ``route``, or ``None`` when none can take it."""
         try:
             members = route_members(nodes, route)
@@ -66,6 +66,6 @@ class KeyPool:
         """Raise the 404 ``ProxyError`` when ``route`` names no node of this key."""
         route_members(self.nodes, route)
 
-    def acquire(self, route: Route, excluded: FrozenSet[str]) -> Optional[Lease]:
+    def acquire(self, route: Route, excluded: frozenset[str]) -> Lease | None:
         """A lease on the node chosen for ``route``, or ``None`` when none can take it."""
         return self._balancer.acquire(self.nodes, route, excluded)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import attrs
 
-from blyanproxy.logs import logger
 from blyanproxy.core.nodes import Node
+from blyanproxy.logs import logger
 
 log = logger("workloads")
 
@@ -38,7 +38,7 @@ def _text(value, field: str) -> str:
     return value[:_TEXT_LIMIT]
 
 
-def _seconds(value, field: str) -> Optional[int]:
+def _seconds(value, field: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -55,9 +55,9 @@ class Workload:
     running: bool
     status: str
     type: str = ""
-    created: Optional[int] = None
-    expires: Optional[int] = None
-    tags: Tuple[str, ...] = ()
+    created: int | None = None
+    expires: int | None = None
+    tags: tuple[str, ...] = ()
 
     @property
     def usable(self) -> bool:
@@ -99,7 +99,7 @@ def _workload(item) -> Workload:
     )
 
 
-def parse_workloads(body: bytes) -> Tuple[Workload, ...]:
+def parse_workloads(body: bytes) -> tuple[Workload, ...]:
     """The workloads in an API answer; ``WorkloadsFormatError`` when it is not a JSON array of them."""
     try:
         document = json.loads(body)
@@ -127,7 +127,7 @@ class NodeAddressing:
         return f"{self.scheme}://{node_name}{suffix}"
 
 
-def _node_of(item: Workload, addressing: NodeAddressing) -> Optional[Node]:
+def _node_of(item: Workload, addressing: NodeAddressing) -> Node | None:
     if not _NODE_NAME.match(item.node):
         return None
     base_url = addressing.base_url(item.node)
@@ -138,7 +138,7 @@ def _node_of(item: Workload, addressing: NodeAddressing) -> Optional[Node]:
         return None
 
 
-def workload_nodes(workloads: Sequence[Workload], addressing: NodeAddressing) -> Tuple[Node, ...]:
+def workload_nodes(workloads: Sequence[Workload], addressing: NodeAddressing) -> tuple[Node, ...]:
     """The routable ``Node`` of every usable workload, in the API's order.
 
     A workload whose ``node`` is not a host name (``host[:port]``) is left out

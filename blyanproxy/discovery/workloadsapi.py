@@ -8,14 +8,12 @@ never logged and never part of an error.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from treq.client import HTTPClient
 from twisted.internet import defer
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
-from blyanproxy.upstream.bodies import BodyTooLarge, read_capped
 from blyanproxy.discovery.workloads import WorkloadsFormatError, parse_workloads
+from blyanproxy.upstream.bodies import BodyTooLarge, read_capped
 
 #: Largest workloads answer read (a key with thousands of workloads fits easily).
 MAX_ANSWER_BYTES = 4 * 1024 * 1024
@@ -30,7 +28,7 @@ class WorkloadsUnavailable(Exception):
     """The API could not answer: unreachable, timed out, an error status or a malformed answer."""
 
 
-def workloads_client(reactor, api_url: str, timeout: float, trust_root=None) -> "WorkloadsClient":
+def workloads_client(reactor, api_url: str, timeout: float, trust_root=None) -> WorkloadsClient:
     """A client for ``api_url``: kept-alive connections, TLS verified (system roots or ``trust_root``)."""
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 8
@@ -47,7 +45,7 @@ class WorkloadsClient:
     """
 
     def __init__(self, http: HTTPClient, api_url: str, timeout: float, clock,
-                 pool: Optional[HTTPConnectionPool] = None) -> None:
+                 pool: HTTPConnectionPool | None = None) -> None:
         self._http = http
         self._url = api_url.rstrip("/") + "/workloads"
         self._timeout = timeout

@@ -7,7 +7,8 @@ the data path reports what happened and gives the node back.
 
 from __future__ import annotations
 
-from typing import Callable, FrozenSet, Optional, Sequence
+from collections.abc import Sequence
+from typing import Callable
 
 import attrs
 
@@ -20,10 +21,10 @@ from blyanproxy.core.healthstate import (
     readmit_after_cooldown,
     usable,
 )
-from blyanproxy.logs import logger
 from blyanproxy.core.nodes import Node, NodeRegistry, NodeStats
 from blyanproxy.core.routing import Route, route_allows
 from blyanproxy.core.selection import POLICIES, Candidate, Policy, Turn, route_members
+from blyanproxy.logs import logger
 
 log = logger("balancer")
 
@@ -81,9 +82,9 @@ class LeaseMaker:
         self._turn = Turn()
         self.affinity_load_factor = affinity_load_factor
 
-    def lease_among(self, members: Sequence[Node], route: Route, excluded: FrozenSet[str],
-                    stats_of: Callable[[Node], NodeStats], choose: Policy, active_id: Optional[str] = None,
-                    unprobed: bool = False) -> Optional[Lease]:
+    def lease_among(self, members: Sequence[Node], route: Route, excluded: frozenset[str],
+                    stats_of: Callable[[Node], NodeStats], choose: Policy, active_id: str | None = None,
+                    unprobed: bool = False) -> Lease | None:
         """A lease on the node chosen among the usable ``members``, or ``None`` when none is.
 
         ``stats_of`` gives a node's live figures; with ``unprobed`` (nodes no
@@ -156,7 +157,7 @@ class Balancer(LeaseMaker):
         """Whether some registered node, usable or not, may take ``route`` (``?api=`` names one)."""
         return route.node is None or any(route_allows(route, node) for node in self._registry.nodes())
 
-    def acquire(self, route: Route, excluded: FrozenSet[str]) -> Optional[Lease]:
+    def acquire(self, route: Route, excluded: frozenset[str]) -> Lease | None:
         """A lease on the node chosen for ``route``, or ``None`` when no node can take it."""
         registry = self._registry
         try:

@@ -11,7 +11,7 @@ at once.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 from treq.client import HTTPClient
 from twisted.application.service import Service
@@ -19,10 +19,10 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
-from blyanproxy.upstream.bodies import read_capped
 from blyanproxy.core.healthstate import DOWN, UP, HealthRules, after_probe
-from blyanproxy.logs import logger
 from blyanproxy.core.nodes import Node, NodeRegistry
+from blyanproxy.logs import logger
+from blyanproxy.upstream.bodies import read_capped
 
 log = logger("health")
 
@@ -71,8 +71,8 @@ class HealthMonitor(Service):
         self._rules = rules
         self._loop = LoopingCall(self.check_now)
         self._loop.clock = clock
-        self._run: Optional[defer.Deferred] = None
-        self._joiners: List[defer.Deferred] = []
+        self._run: defer.Deferred | None = None
+        self._joiners: list[defer.Deferred] = []
         self._extra: set = set()  # probes of nodes added or moved between runs
         self.on_probe = None  # called with (node name, passed, seconds) after each probe
         registry.listen(self._on_change)
@@ -161,5 +161,7 @@ class HealthMonitor(Service):
     def _status_of(self, url: str) -> defer.Deferred:
         """The status of ``url``, read to the end of its (capped) body within the timeout."""
         answer = self._http.get(url, allow_redirects=False)
-        answer.addCallback(lambda response: read_capped(response, MAX_PROBE_BODY, keep=False).addCallback(lambda _: response.code))
+        answer.addCallback(
+            lambda response: read_capped(response, MAX_PROBE_BODY, keep=False).addCallback(lambda _: response.code)
+        )
         return answer.addTimeout(self._timeout, self._clock)

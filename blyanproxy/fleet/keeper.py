@@ -14,15 +14,15 @@ never stored.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred
 
-from blyanproxy.fleet.balancer import Balancer
 from blyanproxy.core.fleetedit import Change
-from blyanproxy.logs import logger
-from blyanproxy.core.nodes import Node, NodeRegistry
 from blyanproxy.core.fleetstate import FleetState, StateStore, StoreConflict, merge, node_to_json
+from blyanproxy.core.nodes import Node, NodeRegistry
+from blyanproxy.fleet.balancer import Balancer
+from blyanproxy.logs import logger
 
 log = logger("fleet")
 
@@ -39,7 +39,7 @@ class FleetKeeper:
         self._balancer = balancer
         self._store = store
         self._default_policy = balancer.policy
-        self._runtime_policy: Optional[str] = None
+        self._runtime_policy: str | None = None
         self._removed: tuple = ()
         self._one_at_a_time = DeferredLock()  # this process's own edits never race each other
         store.watch(self.apply)

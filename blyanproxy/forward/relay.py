@@ -15,7 +15,7 @@ event boundary only.
 from __future__ import annotations
 
 import json
-from typing import Callable, Optional
+from typing import Callable
 
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
@@ -113,7 +113,7 @@ class BodyRelay:
         self._forward(b"%x\r\n%s\r\n" % (len(data), data))
         return True
 
-    def response_ended(self, error: Optional[str]) -> None:
+    def response_ended(self, error: str | None) -> None:
         """The node's body is complete (``error`` None) or broke off."""
         if self._ended:
             return
@@ -149,7 +149,7 @@ class BodyRelay:
         self.transport.stopProducing()
         self._on_end(CLIENT_GONE)
 
-    def _end(self, how: str, message: Optional[str] = None) -> None:
+    def _end(self, how: str, message: str | None = None) -> None:
         self._ended = True
         self._cancel_timer()
         request = self._request
@@ -163,7 +163,7 @@ class BodyRelay:
                 self._fail_client(how, message)
         self._on_end(how)
 
-    def _fail_client(self, how: str, message: Optional[str]) -> None:
+    def _fail_client(self, how: str, message: str | None) -> None:
         """End the client's response so that it reads as failed, never as complete."""
         if self.is_sse:
             event = sse_error_event(how, message or how)
@@ -193,7 +193,7 @@ class BodyRelay:
             self._last_data = now
         elif now - self._last_data >= self._idle_timeout:
             self.transport.stopProducing()
-            self._end(IDLE_TIMEOUT, "the node sent nothing for %g s" % self._idle_timeout)
+            self._end(IDLE_TIMEOUT, f"the node sent nothing for {self._idle_timeout:g} s")
             return
         if self._keepalive and now - self._last_write >= self._keepalive:
             # Mid-event or while the client is not reading, skip this round.

@@ -8,28 +8,26 @@ to a ``BodyRelay``.
 
 from __future__ import annotations
 
-from typing import Optional, Set
-
 import attrs
 from twisted.internet import defer, error
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from blyanproxy.forward import traffic
-from blyanproxy.core.affinity import affinity_key
-from blyanproxy.discovery.apikeys import api_key_of, missing_key_error
-from blyanproxy.fleet.balancer import Balancer, Lease
-from blyanproxy.upstream.client import UpstreamConnection, UpstreamPool
 from blyanproxy.config import Settings
-from blyanproxy.discovery.directory import WorkloadDirectory
+from blyanproxy.core.affinity import affinity_key
 from blyanproxy.core.errors import ProxyError, write_error
 from blyanproxy.core.headers import client_facts, downstream_response_headers, upstream_request_headers
-from blyanproxy.upstream.http11 import ProtocolError, serialize_request_head
-from blyanproxy.logs import logger
-from blyanproxy.forward.relay import CLIENT_GONE, COMPLETE, IDLE_TIMEOUT, UPSTREAM_BROKE, BodyRelay
 from blyanproxy.core.routing import Route, parse_route
+from blyanproxy.discovery.apikeys import api_key_of, missing_key_error
+from blyanproxy.discovery.directory import WorkloadDirectory
+from blyanproxy.fleet.balancer import Balancer, Lease
+from blyanproxy.forward import traffic
+from blyanproxy.forward.relay import CLIENT_GONE, COMPLETE, IDLE_TIMEOUT, UPSTREAM_BROKE, BodyRelay
 from blyanproxy.forward.websocket import WebSocketForwarder, is_websocket_upgrade
+from blyanproxy.logs import logger
+from blyanproxy.upstream.client import UpstreamConnection, UpstreamPool
+from blyanproxy.upstream.http11 import ProtocolError, serialize_request_head
 
 log = logger("proxy")
 
@@ -84,7 +82,7 @@ class Exchange:
     ``response_started``); the body then goes straight to the ``BodyRelay``.
     """
 
-    def __init__(self, forwarder: "ProxyResource", request, route: Route, pool) -> None:
+    def __init__(self, forwarder: ProxyResource, request, route: Route, pool) -> None:
         self._forwarder = forwarder
         self._settings = forwarder.settings
         self._request = request
@@ -93,18 +91,18 @@ class Exchange:
         self._method = request.method
         request.content.seek(0)
         self._body = request.content.read()
-        self._excluded: Set[str] = set()
+        self._excluded: set[str] = set()
         self._attempts = 0
-        self._lease: Optional[Lease] = None
+        self._lease: Lease | None = None
         self._head = b""
-        self._pending: Optional[defer.Deferred] = None
-        self._conn: Optional[UpstreamConnection] = None
+        self._pending: defer.Deferred | None = None
+        self._conn: UpstreamConnection | None = None
         self._timer = None
-        self._relay: Optional[BodyRelay] = None
+        self._relay: BodyRelay | None = None
         self._fresh_retry_used = False
         self._sent_at = 0.0
         self._started = forwarder.clock.seconds()
-        self._ttfb: Optional[float] = None
+        self._ttfb: float | None = None
         self._recorded = False
         self._client_gone = False
         request.notifyFinish().addErrback(self._on_client_gone)
@@ -116,7 +114,7 @@ class Exchange:
 
     # -- attempts -------------------------------------------------------------
 
-    def _attempt(self, last_error: Optional[ProxyError]) -> None:
+    def _attempt(self, last_error: ProxyError | None) -> None:
         self._timer = None
         lease = None
         if self._attempts < self._settings.max_attempts:
@@ -202,7 +200,7 @@ class Exchange:
             return
         self._attempt_failed(*classify_failure(reason))
 
-    def response_started(self, status: int, reason: bytes, headers, length: Optional[int]) -> None:
+    def response_started(self, status: int, reason: bytes, headers, length: int | None) -> None:
         self._cancel_timer()
         self._ttfb = self._forwarder.clock.seconds() - self._started
         lease = self._lease
@@ -212,8 +210,8 @@ class Exchange:
                 log.info("node {node} answered {status}; failing over", node=lease.node.name, status=status)
                 conn, self._conn = self._conn, None
                 conn.abort()
-                lease.failed("status_%d" % status)
-                self._forwarder.traffic.attempt_failed(lease.node.name, "status_%d" % status)
+                lease.failed(f"status_{status}")
+                self._forwarder.traffic.attempt_failed(lease.node.name, f"status_{status}")
                 self._use(following)
                 return
         lease.responded(self._forwarder.clock.seconds() - self._sent_at)
@@ -230,7 +228,7 @@ class Exchange:
 
     # -- the response ---------------------------------------------------------
 
-    def _start_relay(self, status: int, reason: bytes, headers, length: Optional[int]) -> BodyRelay:
+    def _start_relay(self, status: int, reason: bytes, headers, length: int | None) -> BodyRelay:
         request = self._request
         request.setResponseCode(status, reason)
         out = request.responseHeaders
@@ -331,8 +329,8 @@ class ProxyResource(Resource):
     isLeaf = True
 
     def __init__(self, balancer: Balancer, upstream: UpstreamPool, endpoints, clock, settings: Settings,
-                 recorder: Optional[traffic.TrafficRecorder] = None,
-                 directory: Optional[WorkloadDirectory] = None) -> None:
+                 recorder: traffic.TrafficRecorder | None = None,
+                 directory: WorkloadDirectory | None = None) -> None:
         super().__init__()
         self.directory = directory
         self.traffic = recorder or traffic.TrafficRecorder()
@@ -406,14 +404,14 @@ class ProxyResource(Resource):
 
         self.directory.lookup_for(request, key, found, lambda err: self.refuse(request, err, started), gone)
 
-    def refuse(self, request, err: ProxyError, started: Optional[float] = None) -> None:
+    def refuse(self, request, err: ProxyError, started: float | None = None) -> None:
         """Answer ``err`` for a request no node was chosen for, and account for it."""
         self.counters.requests += 1
         self.counters.failures += 1
         write_error(request, err)
         self._record_unforwarded(request, err.status, traffic.ERROR, started)
 
-    def _record_unforwarded(self, request, status: int, ended: str, started: Optional[float]) -> None:
+    def _record_unforwarded(self, request, status: int, ended: str, started: float | None) -> None:
         now = self.clock.seconds()
         self.traffic.finished(traffic.AccessRecord(
             method=request.method.decode("latin-1"),

@@ -8,7 +8,6 @@ may hold secrets, and no header (so no token or API key) is ever logged.
 
 from __future__ import annotations
 
-from typing import Optional
 from urllib.parse import parse_qsl
 
 import attrs
@@ -35,9 +34,9 @@ class AccessRecord:
     method: str
     target: bytes
     status: int
-    node: Optional[str]
+    node: str | None
     attempts: int
-    ttfb: Optional[float]
+    ttfb: float | None
     duration: float
     bytes_out: int
     ended: str

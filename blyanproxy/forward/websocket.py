@@ -13,19 +13,18 @@ reached is failed over like any request.
 from __future__ import annotations
 
 import socket
-from typing import Optional, Set
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.protocol import Protocol
 from twisted.web.http import _ChunkedTransferDecoder, _IdentityTransferDecoder
 
-from blyanproxy.fleet.balancer import Lease
-from blyanproxy.upstream.client import connect_quietly
 from blyanproxy.core.errors import ProxyError, write_error
 from blyanproxy.core.headers import client_facts, downstream_response_headers, upstream_request_headers
-from blyanproxy.upstream.http11 import ProtocolError, body_framing, parse_head, serialize_request_head
+from blyanproxy.fleet.balancer import Lease
 from blyanproxy.logs import logger
+from blyanproxy.upstream.client import connect_quietly
+from blyanproxy.upstream.http11 import ProtocolError, body_framing, parse_head, serialize_request_head
 
 log = logger("websocket")
 
@@ -60,7 +59,7 @@ def enable_keepalive_probes(transport, idle: float) -> None:
 class _ClientSide(Protocol):
     """The client's raw connection after the upgrade: bytes go to the node."""
 
-    def __init__(self, splice: "_Splice") -> None:
+    def __init__(self, splice: _Splice) -> None:
         self._splice = splice
 
     def dataReceived(self, data: bytes) -> None:
@@ -76,14 +75,14 @@ class _ClientSide(Protocol):
 class _Splice(Protocol):
     """The node's connection: handshake answer first, then raw bytes to the client."""
 
-    def __init__(self, forwarder: "WebSocketForwarder", attempt: "_Handshake") -> None:
+    def __init__(self, forwarder: WebSocketForwarder, attempt: _Handshake) -> None:
         self._forwarder = forwarder
         self._attempt = attempt
         self._head = b""
         self._spliced = False
         self._decoder = None
         self._ended = False
-        self._client: Optional[_ClientSide] = None
+        self._client: _ClientSide | None = None
 
     def connectionMade(self) -> None:
         self.transport.write(self._attempt.head)
@@ -211,24 +210,24 @@ class _Splice(Protocol):
 class _Handshake:
     """One client's upgrade request: picks nodes and tries them until one answers."""
 
-    def __init__(self, forwarder: "WebSocketForwarder", request, route, pool) -> None:
+    def __init__(self, forwarder: WebSocketForwarder, request, route, pool) -> None:
         self.forwarder = forwarder
         self.request = request
         self.route = route
         self.pool = pool
-        self.lease: Optional[Lease] = None
+        self.lease: Lease | None = None
         self.head = b""
-        self._excluded: Set[str] = set()
+        self._excluded: set[str] = set()
         self._attempts = 0
-        self._pending: Optional[defer.Deferred] = None
+        self._pending: defer.Deferred | None = None
         self._timeout = None
-        self._splice: Optional[_Splice] = None
+        self._splice: _Splice | None = None
         self._answered = False
         self._timed_out_waiting = False
         self._client_gone = False
         request.notifyFinish().addErrback(self._on_client_gone)
 
-    def retry(self, last_error: Optional[ProxyError]) -> None:
+    def retry(self, last_error: ProxyError | None) -> None:
         """Try the next node, or answer ``last_error`` when none is left."""
         self._cancel_timeout()
         if self._client_gone:
@@ -330,7 +329,7 @@ class WebSocketForwarder:
     def __init__(self, proxy, endpoints) -> None:
         self.proxy = proxy
         self.endpoints = endpoints
-        self.open: Set[_Splice] = set()
+        self.open: set[_Splice] = set()
 
     @property
     def settings(self):

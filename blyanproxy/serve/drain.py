@@ -16,7 +16,7 @@ twistd stops it (SIGTERM, SIGINT) it
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Set
+from typing import Callable
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer
@@ -41,8 +41,8 @@ class ConnectionTracker(WrappingFactory):
         super().__init__(site)
         site.on_request = self.request_started
         self.draining = False
-        self._active: Dict[object, Set[object]] = {}
-        self._all_closed: Optional[defer.Deferred] = None
+        self._active: dict[object, set[object]] = {}
+        self._all_closed: defer.Deferred | None = None
 
     def request_started(self, request) -> None:
         """A request's head arrived on one of our connections."""
@@ -109,13 +109,13 @@ class Drainer(MultiService):
     """
 
     def __init__(self, tracker: ConnectionTracker, clock, grace: float,
-                 save: Optional[Callable[[], object]] = None) -> None:
+                 save: Callable[[], object] | None = None) -> None:
         super().__init__()
         self._tracker = tracker
         self._clock = clock
         self._grace = grace
         self._save = save
-        self.listener: Optional[IService] = None
+        self.listener: IService | None = None
 
     def add_listener(self, listener: IService) -> None:
         """Add the listening service: started last, stopped first."""

@@ -12,7 +12,7 @@ file and line, never the line's text (it may hold a token).
 from __future__ import annotations
 
 import re
-from typing import Dict, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from blyanproxy.config import ConfigError, Settings, settings_from
 
@@ -22,9 +22,9 @@ FILE_VARIABLE = "ENV_FILE"
 FILE_OPTION = "env-file"
 
 
-def parse_env_file(text: str, source: str = "the environment file") -> Dict[str, str]:
+def parse_env_file(text: str, source: str = "the environment file") -> dict[str, str]:
     """The variables of an environment file; ``ConfigError`` naming the first bad line."""
-    values: Dict[str, str] = {}
+    values: dict[str, str] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
         if not stripped or stripped[0] in "#;":
@@ -40,7 +40,7 @@ def parse_env_file(text: str, source: str = "the environment file") -> Dict[str,
     return values
 
 
-def read_env_file(path: str) -> Dict[str, str]:
+def read_env_file(path: str) -> dict[str, str]:
     """``parse_env_file`` of the file at ``path``; ``ConfigError`` when it cannot be read."""
     try:
         with open(path, encoding="utf-8") as source:

@@ -10,14 +10,15 @@ removed node keeps the requests it has until they end.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from collections.abc import Iterable, Sequence
+from typing import Callable
 
 import attrs
 
 from blyanproxy.config import LISTEN_OPTION, SETTINGS_BY_FIELD, ConfigError, NodeSpec, Settings
-from blyanproxy.logs import logger, set_log_level
-from blyanproxy.core.nodes import Node, NodeRegistry
 from blyanproxy.core.fleetstate import FleetState, merge
+from blyanproxy.core.nodes import Node, NodeRegistry
+from blyanproxy.logs import logger, set_log_level
 
 log = logger("reload")
 
@@ -31,9 +32,9 @@ _DECLARED_FIELDS = ("name", "base_url", "weight", "tags", "tls_verify", "declare
 class NodePlan:
     """What a reload does to the registry: nodes to add, ``(id, changes)`` to apply, nodes to remove."""
 
-    add: Tuple[Node, ...] = ()
-    update: Tuple[Tuple[str, dict], ...] = ()
-    remove: Tuple[Node, ...] = ()
+    add: tuple[Node, ...] = ()
+    update: tuple[tuple[str, dict], ...] = ()
+    remove: tuple[Node, ...] = ()
 
     def __bool__(self) -> bool:
         return bool(self.add or self.update or self.remove)
@@ -64,7 +65,7 @@ def plan_nodes(current: Sequence[Node], removed: Iterable[str], declared: Sequen
     )
 
 
-def restart_needed(old: Settings, new: Settings) -> List[str]:
+def restart_needed(old: Settings, new: Settings) -> list[str]:
     """The names (variables, or options) of settings that changed but only apply at start."""
     names = []
     for field in attrs.fields(Settings):
@@ -137,7 +138,7 @@ class Reloader:
                  source=source, added=len(plan.add), updated=len(plan.update), removed=len(plan.remove))
         return True
 
-    def _apply_policy(self, policy: str, runtime_policy: Optional[str]) -> None:
+    def _apply_policy(self, policy: str, runtime_policy: str | None) -> None:
         if policy == self.settings.selection_policy:
             return
         if runtime_policy is not None:

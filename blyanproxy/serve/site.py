@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable
 
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from blyanproxy.core.errors import ProxyError
 from blyanproxy.core.headers import client_facts
-from blyanproxy.logs import logger
 from blyanproxy.forward.traffic import CLIENT_CLOSED_STATUS, CLIENT_GONE, COMPLETE, AccessRecord
+from blyanproxy.logs import logger
 
 log = logger("server")
 
@@ -104,7 +104,7 @@ class RootResource(Resource):
     (``TRUST_FORWARDED``) decides which client address their access lines show.
     """
 
-    def __init__(self, forwarder: Resource, prefixes: Dict[bytes, Resource], exact: Dict[bytes, Resource],
+    def __init__(self, forwarder: Resource, prefixes: dict[bytes, Resource], exact: dict[bytes, Resource],
                  recorder=None, clock=None, trust=False):
         super().__init__()
         self._trust = trust
@@ -217,7 +217,7 @@ class ProxySite(server.Site):
             root, requestFactory=ProxyRequest, reactor=reactor, parsePOSTFormSubmission=False
         )
         self.max_body_bytes = max_body_bytes
-        self.on_request: Optional[Callable[[server.Request], None]] = None
+        self.on_request: Callable[[server.Request], None] | None = None
         self.header_timeout = header_timeout
 
     def protocol(self):

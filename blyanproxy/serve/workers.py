@@ -28,7 +28,7 @@ A worker learns its role from ``BLYANPROXY_WORKER=<index>:<fd>:<family>``.
 from __future__ import annotations
 
 import os
-from typing import Dict, Mapping, Optional
+from collections.abc import Mapping
 
 import attrs
 from twisted.application.service import Service
@@ -61,7 +61,7 @@ class WorkerRole:
     family: int
 
 
-def worker_role(env: Mapping[str, str]) -> Optional[WorkerRole]:
+def worker_role(env: Mapping[str, str]) -> WorkerRole | None:
     """The role in ``BLYANPROXY_WORKER``, or ``None`` in a process that is not a worker."""
     text = env.get(WORKER_ENV)
     if not text:
@@ -108,7 +108,7 @@ class ParentWatch:
 
 
 class _Worker(ProcessProtocol):
-    def __init__(self, supervisor: "WorkerSupervisor", index: int, started: float) -> None:
+    def __init__(self, supervisor: WorkerSupervisor, index: int, started: float) -> None:
         self.supervisor = supervisor
         self.index = index
         self.started = started
@@ -131,9 +131,9 @@ class WorkerSupervisor(Service):
         self._env = dict(env)
         self._stop_timeout = stop_timeout
         self._port = None
-        self._workers: Dict[int, _Worker] = {}
-        self._quick_exits: Dict[int, int] = {}
-        self._restarts: Dict[int, object] = {}
+        self._workers: dict[int, _Worker] = {}
+        self._quick_exits: dict[int, int] = {}
+        self._restarts: dict[int, object] = {}
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()

@@ -9,7 +9,7 @@ each newline-delimited JSON message to a callback.
 from __future__ import annotations
 
 import json
-from typing import Callable, Optional
+from typing import Callable
 
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred
@@ -44,7 +44,7 @@ class EtcdGateway:
         requested.addTimeout(self._timeout, self._reactor)
         return requested.addErrback(_unavailable, path)
 
-    def watch(self, body: dict, on_message: Callable[[dict], None]) -> "WatchStream":
+    def watch(self, body: dict, on_message: Callable[[dict], None]) -> WatchStream:
         """Open ``/v3/watch`` with ``body``; ``on_message`` gets every message until the stream ends."""
         return WatchStream(self._http, f"{self._base}/v3/watch", body, on_message, self._reactor, self._timeout)
 
@@ -58,7 +58,7 @@ class WatchStream:
 
     def __init__(self, http, url: str, body: dict, on_message, reactor, timeout: float) -> None:
         self.ended: Deferred = Deferred()
-        self._lines: Optional[_Lines] = None
+        self._lines: _Lines | None = None
         self._requested = http.post(url, json=body, unbuffered=True)
         self._requested.addTimeout(timeout, reactor)
         self._requested.addCallback(self._opened, on_message)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Dict, Optional
 
 import attrs
 
@@ -53,7 +52,7 @@ def range_end(prefix: bytes) -> bytes:
     return prefix[:-1] + bytes([prefix[-1] + 1])
 
 
-def state_keys(state: FleetState, prefix: bytes) -> Dict[bytes, bytes]:
+def state_keys(state: FleetState, prefix: bytes) -> dict[bytes, bytes]:
     """Every key (but ``changed``) and value that hold ``state``."""
     keys = {
         prefix + b"nodes/" + node.id.encode(): json.dumps(node_to_json(node), sort_keys=True).encode()
@@ -68,7 +67,7 @@ def state_keys(state: FleetState, prefix: bytes) -> Dict[bytes, bytes]:
     return keys
 
 
-def state_from_keys(kvs: Dict[bytes, KeyValue], prefix: bytes) -> Optional[FleetState]:
+def state_from_keys(kvs: dict[bytes, KeyValue], prefix: bytes) -> FleetState | None:
     """The fleet held by ``kvs`` (``None`` when the prefix is empty); ``ValueError`` if a key is unusable."""
     if not kvs:
         return None
@@ -94,7 +93,7 @@ def state_from_keys(kvs: Dict[bytes, KeyValue], prefix: bytes) -> Optional[Fleet
     )
 
 
-def write_operations(held: Dict[bytes, KeyValue], wanted: Dict[bytes, bytes], lock: bytes) -> list:
+def write_operations(held: dict[bytes, KeyValue], wanted: dict[bytes, bytes], lock: bytes) -> list:
     """The txn operations that turn the keys ``held`` into ``wanted``, leaving the ``lock`` key alone."""
     operations = [
         {"request_put": {"key": b64(key), "value": b64(value)}}
@@ -109,7 +108,7 @@ def write_operations(held: Dict[bytes, KeyValue], wanted: Dict[bytes, bytes], lo
     return operations
 
 
-def kvs_from_range(response: dict) -> Dict[bytes, KeyValue]:
+def kvs_from_range(response: dict) -> dict[bytes, KeyValue]:
     """The keys of a range response (``/v3/kv/range`` or a txn's ``response_range``)."""
     return {unb64(kv["key"]): _key_value(kv) for kv in response.get("kvs", [])}
 
@@ -122,7 +121,7 @@ def _key_value(kv: dict) -> KeyValue:
     )
 
 
-def apply_events(kvs: Dict[bytes, KeyValue], events: list, after: int) -> bool:
+def apply_events(kvs: dict[bytes, KeyValue], events: list, after: int) -> bool:
     """Fold watch ``events`` newer than revision ``after`` into ``kvs``; True if anything changed."""
     changed = False
     for event in events:

@@ -24,11 +24,15 @@ as a service:
 from __future__ import annotations
 
 import json
-from typing import Callable, Dict, Iterable, Optional
+from collections.abc import Iterable
+from typing import Callable
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail
 
+from blyanproxy.core.fleetstate import FleetState, StoreConflict, StoreUnavailable, merge
+from blyanproxy.core.nodes import Node
+from blyanproxy.logs import logger
 from blyanproxy.store.etcdclient import EtcdGateway, WatchStream
 from blyanproxy.store.etcdkeys import (
     CHANGED,
@@ -42,9 +46,6 @@ from blyanproxy.store.etcdkeys import (
     unb64,
     write_operations,
 )
-from blyanproxy.logs import logger
-from blyanproxy.core.nodes import Node
-from blyanproxy.core.fleetstate import FleetState, StoreConflict, StoreUnavailable, merge
 from blyanproxy.store.storeurl import EtcdLocation
 
 log = logger("etcd")
@@ -72,11 +73,11 @@ class EtcdStore(Service):
         self._declared = tuple(declared)
         self._identity = identity
         self._on_change: Callable[[FleetState], None] = _nobody
-        self._kvs: Dict[bytes, KeyValue] = {}
+        self._kvs: dict[bytes, KeyValue] = {}
         self._revision = 0
         self._ready = False  # True once etcd answered and the declared nodes are merged in
         self._reachable = True  # for logging each outage once
-        self._stream: Optional[WatchStream] = None
+        self._stream: WatchStream | None = None
         self._compacted = False
         self._retry = None
 
@@ -85,7 +86,7 @@ class EtcdStore(Service):
         """Whether the fleet is in step with etcd (admin writes are refused until it is)."""
         return self._ready
 
-    def load(self) -> Optional[FleetState]:
+    def load(self) -> FleetState | None:
         """Nothing at once: the fleet arrives through the watcher once etcd has answered."""
         return None
 
@@ -96,7 +97,7 @@ class EtcdStore(Service):
     def flush(self, state: FleetState) -> None:
         """Nothing to write: every change was committed as it was made."""
 
-    def state(self) -> Optional[FleetState]:
+    def state(self) -> FleetState | None:
         """The fleet as etcd held it at the mirror's revision (``None``: nothing stored yet)."""
         return state_from_keys(self._kvs, self._prefix)
 
@@ -140,7 +141,7 @@ class EtcdStore(Service):
             self._revision = revision
         return self.state() or FleetState()
 
-    def _replace(self, kvs: Dict[bytes, KeyValue], revision: int) -> None:
+    def _replace(self, kvs: dict[bytes, KeyValue], revision: int) -> None:
         self._kvs = kvs
         self._revision = revision
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Callable, Optional
+from typing import Callable
 
 from twisted.internet.defer import Deferred, fail, succeed
 
@@ -26,7 +26,7 @@ log = logger("state")
 class MemoryStore:
     """A ``StateStore`` that keeps nothing: changes live as long as the process (demo, tests)."""
 
-    def load(self) -> Optional[FleetState]:
+    def load(self) -> FleetState | None:
         """Nothing is saved."""
         return None
 
@@ -53,7 +53,7 @@ class JsonFileStore:
         self._clock = clock
         self._primary_good = False  # True once the file at ``path`` is known to be a good save
 
-    def load(self) -> Optional[FleetState]:
+    def load(self) -> FleetState | None:
         """The saved state, ``None`` on a first start, or ``StateError``.
 
         A damaged file with a readable backup is moved aside (``<file>.damaged-<time>``)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
 from urllib.parse import urlsplit
 
 import attrs
@@ -16,7 +15,7 @@ class EtcdLocation:
     prefix: bytes
 
 
-def parse_state_store(text: str) -> Optional[EtcdLocation]:
+def parse_state_store(text: str) -> EtcdLocation | None:
     """``file`` → ``None`` (the JSON file); ``etcd://host[:port]/prefix`` → its ``EtcdLocation``."""
     if text == "file":
         return None

@@ -11,8 +11,6 @@ a complete, well-framed response that did not ask to close.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
-
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
@@ -53,13 +51,13 @@ def connect_quietly(endpoint, protocol: Protocol) -> defer.Deferred:
 class BodyReceiver:
     """What a caller of ``UpstreamConnection.request`` implements (documentation only)."""
 
-    def response_started(self, status: int, reason: bytes, headers: RawHeaders, length: Optional[int]) -> None:
+    def response_started(self, status: int, reason: bytes, headers: RawHeaders, length: int | None) -> None:
         """The response head arrived; ``length`` is None unless the body length is known."""
 
     def body_data(self, data: bytes) -> None:
         """A piece of the body."""
 
-    def response_ended(self, error: Optional[str]) -> None:
+    def response_ended(self, error: str | None) -> None:
         """The body is complete (``error`` None) or broke off (``error`` says how)."""
 
     def request_failed(self, reason) -> None:
@@ -70,17 +68,17 @@ class BodyReceiver:
 class UpstreamConnection(Protocol):
     """One keep-alive HTTP/1.1 connection to a node, carrying one request at a time."""
 
-    def __init__(self, pool: "UpstreamPool", key: tuple) -> None:
+    def __init__(self, pool: UpstreamPool, key: tuple) -> None:
         self._pool = pool
         self.key = key
         self.reused = False
         self.idle_since = 0.0
-        self._receiver: Optional[BodyReceiver] = None
+        self._receiver: BodyReceiver | None = None
         self._method = b""
         self._head = b""
         self._framing = "none"
         self._remaining = 0
-        self._chunks: Optional[ChunkedBody] = None
+        self._chunks: ChunkedBody | None = None
         self._raw_chunks = False
         self._keep_alive = False
         self._in_body = False
@@ -268,7 +266,7 @@ class UpstreamPool:
         self._endpoints = endpoints
         self._max_idle = max_idle
         self._idle_timeout = idle_timeout
-        self._idle: Dict[tuple, List[UpstreamConnection]] = {}
+        self._idle: dict[tuple, list[UpstreamConnection]] = {}
         self._busy: set = set()
 
     def connection(self, scheme: str, host: str, port: int, fresh: bool = False) -> defer.Deferred:

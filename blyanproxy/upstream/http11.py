@@ -6,9 +6,8 @@ No I/O here: the connection in ``client`` feeds bytes in and acts on the answers
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional, Tuple
 
-RawHeaders = List[Tuple[bytes, List[bytes]]]
+RawHeaders = list[tuple[bytes, list[bytes]]]
 
 MAX_HEAD = 64 * 1024
 _NO_BODY_STATUSES = frozenset({204, 304})
@@ -32,7 +31,7 @@ def serialize_request_head(method: bytes, target: bytes, headers: RawHeaders) ->
     return b"\r\n".join(lines)
 
 
-def parse_head(head: bytes) -> Tuple[int, bytes, RawHeaders]:
+def parse_head(head: bytes) -> tuple[int, bytes, RawHeaders]:
     """``(status, reason, headers)`` of a response head (without the final blank line).
 
     Repeated header names are grouped, keeping the first spelling; obsolete
@@ -47,7 +46,7 @@ def parse_head(head: bytes) -> Tuple[int, bytes, RawHeaders]:
         or _FORBIDDEN_IN_VALUE.search(lines[0])
     ):
         raise ProtocolError("malformed status line")
-    grouped: Dict[bytes, Tuple[bytes, List[bytes]]] = {}
+    grouped: dict[bytes, tuple[bytes, list[bytes]]] = {}
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
         if not sep or not _TOKEN.match(name) or _FORBIDDEN_IN_VALUE.search(value):
@@ -62,14 +61,14 @@ def parse_head(head: bytes) -> Tuple[int, bytes, RawHeaders]:
     return int(status_line[1]), reason, list(grouped.values())
 
 
-def _tokens(headers: RawHeaders, wanted: bytes) -> List[bytes]:
+def _tokens(headers: RawHeaders, wanted: bytes) -> list[bytes]:
     for name, values in headers:
         if name.lower() == wanted:
             return [t.strip().lower() for v in values for t in v.split(b",") if t.strip()]
     return []
 
 
-def body_framing(method: bytes, status: int, version: bytes, headers: RawHeaders) -> Tuple[str, Optional[int]]:
+def body_framing(method: bytes, status: int, version: bytes, headers: RawHeaders) -> tuple[str, int | None]:
     """How the body of a response is delimited: ``("none" | "length" | "chunked" | "close", length)``."""
     if method == b"HEAD" or status < 200 or status in _NO_BODY_STATUSES:
         return "none", 0
@@ -117,7 +116,7 @@ class ChunkedBody:
         """True between chunks, where a whole new chunk may be inserted."""
         return self._state == 0 and not self._line
 
-    def feed(self, data: bytes, pieces: Optional[list] = None) -> int:
+    def feed(self, data: bytes, pieces: list | None = None) -> int:
         i, n = 0, len(data)
         while i < n:
             state = self._state

@@ -4,13 +4,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from blyanproxy.core.errors import ProxyError
 from blyanproxy.admin.nodeinput import (
     new_node_fields,
     node_changes,
     policy_name,
     strict_index,
 )
+from blyanproxy.core.errors import ProxyError
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10),

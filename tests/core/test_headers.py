@@ -94,7 +94,9 @@ header_name = st.sampled_from([b"Connection", b"Keep-Alive", b"TE", b"Trailer", 
                                b"Upgrade", b"Proxy-Foo", b"Content-Length", b"Host", b"X-A", b"Accept"])
 
 
-@given(st.lists(st.tuples(header_name, st.lists(st.binary(min_size=1, max_size=8), min_size=1, max_size=3)), max_size=8))
+@given(st.lists(
+    st.tuples(header_name, st.lists(st.binary(min_size=1, max_size=8), min_size=1, max_size=3)), max_size=8,
+))
 def test_no_hop_by_hop_header_ever_leaves(incoming):
     out = as_dict(upstream_request_headers(incoming, b"node", CLIENT))
     for name in (b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade", b"content-length"):

@@ -7,7 +7,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
-from blyanproxy.fleet.balancer import Balancer
 from blyanproxy.core.nodes import Node, NodeRegistry
 from blyanproxy.core.routing import Route
 from blyanproxy.core.selection import (
@@ -19,6 +18,7 @@ from blyanproxy.core.selection import (
     least_latency,
     round_robin,
 )
+from blyanproxy.fleet.balancer import Balancer
 
 ROUTE = Route(upstream_target=b"/")
 

@@ -17,8 +17,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from blyanproxy.devnode import tap as devnode_tap
 from blyanproxy.devnode import MAX_TOKENS_CAP, DevNode, DevNodeConfig
+from blyanproxy.devnode import tap as devnode_tap
 from blyanproxy.devnode.config import (
     SettingError,
     apply_knobs,

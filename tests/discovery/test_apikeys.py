@@ -3,8 +3,8 @@
 import pytest
 from twisted.web.http_headers import Headers
 
-from blyanproxy.discovery.apikeys import api_key_of, key_id
 from blyanproxy.core.errors import ProxyError
+from blyanproxy.discovery.apikeys import api_key_of, key_id
 
 
 @pytest.mark.parametrize(

@@ -4,11 +4,11 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from blyanproxy.discovery.directory import WorkloadDirectory
 from blyanproxy.core.errors import ProxyError
+from blyanproxy.core.routing import Route
+from blyanproxy.discovery.directory import WorkloadDirectory
 from blyanproxy.discovery.keycache import CacheLimits
 from blyanproxy.discovery.pools import KeyedBalancer, KeyPool
-from blyanproxy.core.routing import Route
 from blyanproxy.discovery.workloads import NodeAddressing, Workload, workload_nodes
 from blyanproxy.discovery.workloadsapi import KeyRefused, WorkloadsUnavailable
 

@@ -4,8 +4,19 @@ import pytest
 
 from blyanproxy.discovery import keycache
 from blyanproxy.discovery.keycache import (
-    FAILED, FETCH, FETCHED, KEY_REFUSED, REJECTED, SERVE, UNAVAILABLE, CacheLimits, KeyState,
-    after_fetch, decide, is_idle, refresh_due,
+    FAILED,
+    FETCH,
+    FETCHED,
+    KEY_REFUSED,
+    REJECTED,
+    SERVE,
+    UNAVAILABLE,
+    CacheLimits,
+    KeyState,
+    after_fetch,
+    decide,
+    is_idle,
+    refresh_due,
 )
 
 LIMITS = CacheLimits(refresh=60, idle=180, negative_ttl=5, rejected_ttl=30, stale_max=300)

@@ -6,9 +6,9 @@ from twisted.internet.task import Clock
 from blyanproxy.core.errors import ProxyError
 from blyanproxy.core.healthstate import HealthRules
 from blyanproxy.core.nodes import Node
-from blyanproxy.discovery.pools import KeyedBalancer, KeyPool
 from blyanproxy.core.routing import Route
 from blyanproxy.core.selection import route_members
+from blyanproxy.discovery.pools import KeyedBalancer, KeyPool
 
 A = Node(id="a", name="a", base_url="http://10.0.0.1", tags=("small",))
 B = Node(id="b", name="b", base_url="http://10.0.0.2", tags=("large", "eu"))

@@ -6,7 +6,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from blyanproxy.discovery.workloads import NodeAddressing, Workload, WorkloadsFormatError, parse_workloads, workload_nodes
+from blyanproxy.discovery.workloads import (
+    NodeAddressing,
+    Workload,
+    WorkloadsFormatError,
+    parse_workloads,
+    workload_nodes,
+)
 
 ANSWER = [
     {"created": 1, "expires": 2, "node": "gpu-1.example.com", "running": True, "status": "running",

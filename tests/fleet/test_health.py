@@ -7,9 +7,9 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
-from blyanproxy.fleet.health import HealthMonitor
 from blyanproxy.core.healthstate import DOWN, UP, HealthRules
 from blyanproxy.core.nodes import Node, NodeRegistry
+from blyanproxy.fleet.health import HealthMonitor
 
 
 @attrs.define

@@ -4,9 +4,6 @@ import attrs
 from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
 
-from blyanproxy.fleet.balancer import Balancer
-from blyanproxy.fleet.keeper import EDIT_ATTEMPTS, FleetKeeper
-from blyanproxy.store.jsonfile import MemoryStore
 from blyanproxy.core.fleetedit import (
     add_node,
     remove_node,
@@ -14,8 +11,11 @@ from blyanproxy.core.fleetedit import (
     set_policy,
     update_node,
 )
-from blyanproxy.core.nodes import Node, NodeRegistry
 from blyanproxy.core.fleetstate import FleetState, StoreConflict, StoreUnavailable
+from blyanproxy.core.nodes import Node, NodeRegistry
+from blyanproxy.fleet.balancer import Balancer
+from blyanproxy.fleet.keeper import EDIT_ATTEMPTS, FleetKeeper
+from blyanproxy.store.jsonfile import MemoryStore
 
 
 def node(index, **fields):

@@ -8,7 +8,6 @@ a sequence of clean HTTP/1.1 requests, each framed by one ``Content-Length``.
 from __future__ import annotations
 
 import re
-from typing import List, Tuple
 
 import attrs
 import pytest_twisted
@@ -38,7 +37,7 @@ class _RecordingFactory(WrappingFactory):
 
     def __init__(self, wrapped) -> None:
         super().__init__(wrapped)
-        self.connections: List[_Recording] = []
+        self.connections: list[_Recording] = []
 
 
 @attrs.define
@@ -54,7 +53,7 @@ class CaptureNode:
         return f"http://127.0.0.1:{self.listening.getHost().port}"
 
     @property
-    def received(self) -> List[bytes]:
+    def received(self) -> list[bytes]:
         """What each connection received, in connection order."""
         return [connection.received for connection in self.factory.connections]
 
@@ -63,7 +62,7 @@ class CaptureNode:
         return stopped.addCallback(lambda _: self.node.disconnect_all())
 
 
-def strict_requests(stream: bytes) -> List[Tuple[bytes, List[Tuple[bytes, bytes]], bytes]]:
+def strict_requests(stream: bytes) -> list[tuple[bytes, list[tuple[bytes, bytes]], bytes]]:
     """Split one connection's bytes into ``(request line, headers, body)``; AssertionError if unclean.
 
     Clean means: CRLF line ends only, a well-formed request line and header
@@ -97,7 +96,7 @@ def strict_requests(stream: bytes) -> List[Tuple[bytes, List[Tuple[bytes, bytes]
 @pytest_twisted.async_yield_fixture()
 async def capture_node(reactor):
     """Start recording DevNodes: ``capture_node(**DevNodeConfig fields) -> CaptureNode``."""
-    started: List[CaptureNode] = []
+    started: list[CaptureNode] = []
 
     def start(**config) -> CaptureNode:
         node = DevNode(DevNodeConfig(**config), reactor)

@@ -28,7 +28,7 @@ class EtcdServer:
         self.process = None
         self.log = None
 
-    def start(self) -> "EtcdServer":
+    def start(self) -> EtcdServer:
         """Start (or start again, on the same ports and data) and wait until etcd answers."""
         peer = f"http://127.0.0.1:{self.peer_port}"
         argv = [

@@ -12,7 +12,10 @@ from twisted.internet.utils import getProcessOutputAndValue
 
 from .test_admin import TOKEN
 
-CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,negative_data_rejection"
+CHECKS = (
+    "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,"
+    "negative_data_rejection"
+)
 
 
 @pytest_twisted.ensureDeferred

@@ -3,8 +3,8 @@
 import pytest_twisted
 import treq
 
-from blyanproxy.devnode import DevNodeConfig, listen_devnode
 from blyanproxy.core.healthstate import UP, usable
+from blyanproxy.devnode import DevNodeConfig, listen_devnode
 
 from .rawhttp import connect, eventually, sleep
 from .test_forwarding import chat_request

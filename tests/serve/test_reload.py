@@ -4,13 +4,13 @@ import attrs
 import pytest
 from twisted.internet.task import Clock
 
-from blyanproxy.fleet.balancer import Balancer
 from blyanproxy.config import ConfigError, Settings
-from blyanproxy.serve.envfile import load_settings, parse_env_file
 from blyanproxy.core import fleetedit
+from blyanproxy.core.nodes import Node, NodeRegistry
+from blyanproxy.fleet.balancer import Balancer
 from blyanproxy.fleet.keeper import FleetKeeper
 from blyanproxy.logs import set_log_level
-from blyanproxy.core.nodes import Node, NodeRegistry
+from blyanproxy.serve.envfile import load_settings, parse_env_file
 from blyanproxy.serve.reload import Reloader, plan_nodes, restart_needed
 from blyanproxy.store.jsonfile import JsonFileStore
 from blyanproxy.tap import node_from_spec

@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from blyanproxy.core.fleetstate import FleetState
+from blyanproxy.core.nodes import Node
 from blyanproxy.store.etcdkeys import (
     KeyValue,
     apply_events,
@@ -13,8 +15,6 @@ from blyanproxy.store.etcdkeys import (
     state_keys,
     write_operations,
 )
-from blyanproxy.core.nodes import Node
-from blyanproxy.core.fleetstate import FleetState
 from blyanproxy.store.storeurl import EtcdLocation, parse_state_store
 
 PREFIX = b"/fleet/"

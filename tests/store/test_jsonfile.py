@@ -11,8 +11,6 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from blyanproxy.fleet.balancer import Balancer
-from blyanproxy.fleet.keeper import FleetKeeper
 from blyanproxy.core.fleetedit import (
     add_node,
     remove_node,
@@ -20,13 +18,15 @@ from blyanproxy.core.fleetedit import (
     set_policy,
     update_node,
 )
-from blyanproxy.core.nodes import Node, NodeRegistry
 from blyanproxy.core.fleetstate import (
     FleetState,
     StateError,
     StoreUnavailable,
     merge,
 )
+from blyanproxy.core.nodes import Node, NodeRegistry
+from blyanproxy.fleet.balancer import Balancer
+from blyanproxy.fleet.keeper import FleetKeeper
 from blyanproxy.store.jsonfile import JsonFileStore
 
 
@@ -87,7 +87,9 @@ def test_merge_rule():
     merged = merge(declared, saved)
     by_url = {n.base_url: n for n in merged.nodes}
     kept = by_url["http://10.0.0.1:8000"]
-    assert (kept.id, kept.name, kept.weight, kept.metadata, kept.draining) == ("n1", "renamed", 5, {"gpu": "H100"}, True)
+    assert (kept.id, kept.name, kept.weight, kept.metadata, kept.draining) == (
+        "n1", "renamed", 5, {"gpu": "H100"}, True,
+    )
     assert "http://10.0.0.2:8000" in by_url  # added at run time, restored
     assert "http://10.0.0.3:8000" not in by_url  # removed at run time, stays removed
     assert by_url["http://10.0.0.4:8000"].id == "fresh4"  # new in the environment: appears
