@@ -14,12 +14,16 @@ from typing import Callable
 
 import attrs
 
-from blyanproxy.core import selection
-from blyanproxy.core.affinity import AffinitySource, parse_affinity_source
-from blyanproxy.core.nodeurl import parse_base_url
-from blyanproxy.core.trust import ForwardTrust, parse_forward_trust
+from blyanproxy.core import (
+    AffinitySource,
+    ForwardTrust,
+    parse_affinity_source,
+    parse_base_url,
+    parse_forward_trust,
+    selection,
+)
 from blyanproxy.logs import LOG_LEVELS
-from blyanproxy.store.storeurl import EtcdLocation, parse_state_store
+from blyanproxy.store import EtcdLocation, parse_state_store
 
 POLICIES = tuple(selection.POLICIES)
 DEFAULT_LISTEN = "tcp:9000:interface=127.0.0.1"

@@ -21,9 +21,8 @@ from prometheus_client.core import GaugeMetricFamily
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from blyanproxy.admin.auth import presented_token, token_matches
-from blyanproxy.core.errors import ProxyError, write_error
-from blyanproxy.core.healthstate import UP, usable
+from blyanproxy.admin import presented_token, token_matches
+from blyanproxy.core import UP, ProxyError, usable, write_error
 
 #: Time to first byte and whole-request buckets, from milliseconds to the length of a long generation.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)

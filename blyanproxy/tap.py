@@ -19,9 +19,15 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import LoopingCall
 from twisted.python import usage
 
-from blyanproxy.admin.api import AdminAPI
-from blyanproxy.admin.auth import FailureThrottle, load_or_create_token
-from blyanproxy.admin.public import HealthView, LivenessView, StatusView, WorkloadsView
+from blyanproxy.admin import (
+    AdminAPI,
+    FailureThrottle,
+    HealthView,
+    LivenessView,
+    StatusView,
+    WorkloadsView,
+    load_or_create_token,
+)
 from blyanproxy.config import (
     LISTEN_OPTION,
     SETTINGS,
@@ -29,37 +35,28 @@ from blyanproxy.config import (
     NodeSpec,
     Settings,
 )
-from blyanproxy.core.fleetstate import StateError, StateStore
-from blyanproxy.core.healthstate import HealthRules
-from blyanproxy.core.nodes import Node, NodeRegistry, new_node_id
-from blyanproxy.discovery.directory import WorkloadDirectory
-from blyanproxy.discovery.keycache import CacheLimits
-from blyanproxy.discovery.pools import KeyedBalancer
-from blyanproxy.discovery.workloads import NodeAddressing
-from blyanproxy.discovery.workloadsapi import workloads_client
-from blyanproxy.fleet.balancer import Balancer
-from blyanproxy.fleet.health import HealthMonitor, probe_client
-from blyanproxy.fleet.keeper import FleetKeeper
-from blyanproxy.forward.resource import ProxyResource
-from blyanproxy.forward.traffic import TrafficRecorder
+from blyanproxy.core import HealthRules, Node, NodeRegistry, StateError, StateStore, new_node_id
+from blyanproxy.discovery import CacheLimits, KeyedBalancer, NodeAddressing, WorkloadDirectory, workloads_client
+from blyanproxy.fleet import Balancer, FleetKeeper, HealthMonitor, probe_client
+from blyanproxy.forward import ProxyResource, TrafficRecorder
 from blyanproxy.logs import logger, set_log_format, set_log_level
 from blyanproxy.metrics import MetricsResource, ProxyMetrics
-from blyanproxy.serve.drain import ConnectionTracker, Drainer
-from blyanproxy.serve.envfile import load_settings
-from blyanproxy.serve.reload import Reloader
-from blyanproxy.serve.signals import ProcessSignals
-from blyanproxy.serve.site import ProxySite, RootResource
-from blyanproxy.serve.workers import (
+from blyanproxy.serve import (
+    ConnectionTracker,
+    Drainer,
     ParentWatch,
+    ProcessSignals,
+    ProxySite,
+    Reloader,
+    RootResource,
     WorkerRole,
     WorkerSupervisor,
+    load_settings,
     worker_endpoint,
     worker_role,
 )
-from blyanproxy.store.etcdstore import EtcdStore
-from blyanproxy.store.jsonfile import JsonFileStore, MemoryStore
-from blyanproxy.upstream.client import UpstreamPool
-from blyanproxy.upstream.endpoints import NodeEndpoints, NodeTLSPolicy, load_trust_root
+from blyanproxy.store import EtcdStore, JsonFileStore, MemoryStore
+from blyanproxy.upstream import NodeEndpoints, NodeTLSPolicy, UpstreamPool, load_trust_root
 
 log = logger("tap")
 

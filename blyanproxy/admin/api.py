@@ -27,10 +27,7 @@ from blyanproxy.admin.nodeinput import (
     strict_index,
 )
 from blyanproxy.admin.views import active_index, node_view, nodes_view
-from blyanproxy.core import fleetedit
-from blyanproxy.core.errors import ProxyError
-from blyanproxy.core.fleetstate import StoreConflict, StoreUnavailable
-from blyanproxy.core.nodes import Node, new_node_id
+from blyanproxy.core import Node, ProxyError, StoreConflict, StoreUnavailable, fleetedit, new_node_id
 from blyanproxy.logs import logger
 
 log = logger("admin")

@@ -6,9 +6,7 @@ import json
 import re
 from typing import Any
 
-from blyanproxy.core.errors import ProxyError
-from blyanproxy.core.nodeurl import parse_base_url
-from blyanproxy.core.selection import POLICIES
+from blyanproxy.core import POLICIES, ProxyError, parse_base_url
 
 MAX_METADATA_BYTES = 16 * 1024
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\Z")

@@ -10,8 +10,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from blyanproxy.admin.views import usable_count
-from blyanproxy.core.errors import ProxyError, write_error
-from blyanproxy.discovery.apikeys import api_key_of, missing_key_error
+from blyanproxy.core import ProxyError, write_error
+from blyanproxy.discovery import api_key_of, missing_key_error
 
 
 def _refuse_method(request, allowed: bytes) -> bytes:

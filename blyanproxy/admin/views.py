@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from blyanproxy.core.fleetstate import node_to_json
-from blyanproxy.core.healthstate import UP, usable
-from blyanproxy.core.nodes import Node, NodeRegistry, NodeStats
+from blyanproxy.core import UP, Node, NodeRegistry, NodeStats, node_to_json, usable
 
 
 def node_view(node: Node, stats: NodeStats, now: float) -> dict:

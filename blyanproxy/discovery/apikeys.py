@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from blyanproxy.core.errors import ProxyError
+from blyanproxy.core import ProxyError
 
 #: Keys longer than this are refused without asking the workloads API.
 MAX_KEY_LENGTH = 512

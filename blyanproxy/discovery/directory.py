@@ -18,7 +18,7 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
-from blyanproxy.core.errors import ProxyError
+from blyanproxy.core import ProxyError
 from blyanproxy.discovery import keycache
 from blyanproxy.discovery.apikeys import key_id
 from blyanproxy.discovery.pools import KeyedBalancer, KeyPool

@@ -9,12 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from blyanproxy.core.errors import ProxyError
-from blyanproxy.core.healthstate import HealthRules
-from blyanproxy.core.nodes import Node, NodeStats
-from blyanproxy.core.routing import Route
-from blyanproxy.core.selection import POLICIES, route_members
-from blyanproxy.fleet.balancer import Lease, LeaseMaker
+from blyanproxy.core import POLICIES, HealthRules, Node, NodeStats, ProxyError, Route, route_members
+from blyanproxy.fleet import Lease, LeaseMaker
 
 
 class KeyedBalancer(LeaseMaker):

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import attrs
 
-from blyanproxy.core.nodes import Node
+from blyanproxy.core import Node
 from blyanproxy.logs import logger
 
 log = logger("workloads")

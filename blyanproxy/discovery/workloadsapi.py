@@ -13,7 +13,7 @@ from twisted.internet import defer
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
 from blyanproxy.discovery.workloads import WorkloadsFormatError, parse_workloads
-from blyanproxy.upstream.bodies import BodyTooLarge, read_capped
+from blyanproxy.upstream import BodyTooLarge, read_capped
 
 #: Largest workloads answer read (a key with thousands of workloads fits easily).
 MAX_ANSWER_BYTES = 4 * 1024 * 1024

@@ -1,1 +1,16 @@
 """fleet."""
+
+from __future__ import annotations
+
+from blyanproxy.fleet.balancer import Balancer, Lease, LeaseMaker
+from blyanproxy.fleet.health import HealthMonitor, probe_client
+from blyanproxy.fleet.keeper import FleetKeeper
+
+__all__ = [
+    "Balancer",
+    "FleetKeeper",
+    "HealthMonitor",
+    "Lease",
+    "LeaseMaker",
+    "probe_client",
+]

@@ -12,18 +12,25 @@ from typing import Callable
 
 import attrs
 
-from blyanproxy.core.affinity import choose_by_key
-from blyanproxy.core.errors import ProxyError
-from blyanproxy.core.healthstate import (
+from blyanproxy.core import (
+    POLICIES,
+    Candidate,
     HealthRules,
+    Node,
+    NodeRegistry,
+    NodeStats,
+    Policy,
+    ProxyError,
+    Route,
+    Turn,
     after_traffic_failure,
     after_traffic_success,
+    choose_by_key,
     readmit_after_cooldown,
+    route_allows,
+    route_members,
     usable,
 )
-from blyanproxy.core.nodes import Node, NodeRegistry, NodeStats
-from blyanproxy.core.routing import Route, route_allows
-from blyanproxy.core.selection import POLICIES, Candidate, Policy, Turn, route_members
 from blyanproxy.logs import logger
 
 log = logger("balancer")

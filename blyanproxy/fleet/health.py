@@ -19,10 +19,9 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
-from blyanproxy.core.healthstate import DOWN, UP, HealthRules, after_probe
-from blyanproxy.core.nodes import Node, NodeRegistry
+from blyanproxy.core import DOWN, UP, HealthRules, Node, NodeRegistry, after_probe
 from blyanproxy.logs import logger
-from blyanproxy.upstream.bodies import read_capped
+from blyanproxy.upstream import read_capped
 
 log = logger("health")
 

@@ -18,9 +18,7 @@ from collections.abc import Iterable
 
 from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred
 
-from blyanproxy.core.fleetedit import Change
-from blyanproxy.core.fleetstate import FleetState, StateStore, StoreConflict, merge, node_to_json
-from blyanproxy.core.nodes import Node, NodeRegistry
+from blyanproxy.core import Change, FleetState, Node, NodeRegistry, StateStore, StoreConflict, merge, node_to_json
 from blyanproxy.fleet.balancer import Balancer
 from blyanproxy.logs import logger
 

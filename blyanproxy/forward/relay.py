@@ -20,7 +20,7 @@ from typing import Callable
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
-from blyanproxy.upstream.writethrough import write_through
+from blyanproxy.upstream import write_through
 
 #: How a relayed body ended, passed to the ``on_end`` callback.
 COMPLETE = "complete"

@@ -15,19 +15,23 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from blyanproxy.config import Settings
-from blyanproxy.core.affinity import affinity_key
-from blyanproxy.core.errors import ProxyError, write_error
-from blyanproxy.core.headers import client_facts, downstream_response_headers, upstream_request_headers
-from blyanproxy.core.routing import Route, parse_route
-from blyanproxy.discovery.apikeys import api_key_of, missing_key_error
-from blyanproxy.discovery.directory import WorkloadDirectory
-from blyanproxy.fleet.balancer import Balancer, Lease
+from blyanproxy.core import (
+    ProxyError,
+    Route,
+    affinity_key,
+    client_facts,
+    downstream_response_headers,
+    parse_route,
+    upstream_request_headers,
+    write_error,
+)
+from blyanproxy.discovery import WorkloadDirectory, api_key_of, missing_key_error
+from blyanproxy.fleet import Balancer, Lease
 from blyanproxy.forward import traffic
 from blyanproxy.forward.relay import CLIENT_GONE, COMPLETE, IDLE_TIMEOUT, UPSTREAM_BROKE, BodyRelay
 from blyanproxy.forward.websocket import WebSocketForwarder, is_websocket_upgrade
 from blyanproxy.logs import logger
-from blyanproxy.upstream.client import UpstreamConnection, UpstreamPool
-from blyanproxy.upstream.http11 import ProtocolError, serialize_request_head
+from blyanproxy.upstream import ProtocolError, UpstreamConnection, UpstreamPool, serialize_request_head
 
 log = logger("proxy")
 

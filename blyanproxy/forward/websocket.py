@@ -19,12 +19,10 @@ from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.protocol import Protocol
 from twisted.web.http import _ChunkedTransferDecoder, _IdentityTransferDecoder
 
-from blyanproxy.core.errors import ProxyError, write_error
-from blyanproxy.core.headers import client_facts, downstream_response_headers, upstream_request_headers
-from blyanproxy.fleet.balancer import Lease
+from blyanproxy.core import ProxyError, client_facts, downstream_response_headers, upstream_request_headers, write_error
+from blyanproxy.fleet import Lease
 from blyanproxy.logs import logger
-from blyanproxy.upstream.client import connect_quietly
-from blyanproxy.upstream.http11 import ProtocolError, body_framing, parse_head, serialize_request_head
+from blyanproxy.upstream import ProtocolError, body_framing, connect_quietly, parse_head, serialize_request_head
 
 log = logger("websocket")
 

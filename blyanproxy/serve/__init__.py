@@ -1,1 +1,25 @@
 """serve."""
+
+from __future__ import annotations
+
+from blyanproxy.serve.drain import ConnectionTracker, Drainer
+from blyanproxy.serve.envfile import load_settings
+from blyanproxy.serve.reload import Reloader
+from blyanproxy.serve.signals import ProcessSignals
+from blyanproxy.serve.site import ProxySite, RootResource
+from blyanproxy.serve.workers import ParentWatch, WorkerRole, WorkerSupervisor, worker_endpoint, worker_role
+
+__all__ = [
+    "ConnectionTracker",
+    "Drainer",
+    "ParentWatch",
+    "ProcessSignals",
+    "ProxySite",
+    "Reloader",
+    "RootResource",
+    "WorkerRole",
+    "WorkerSupervisor",
+    "load_settings",
+    "worker_endpoint",
+    "worker_role",
+]

@@ -16,8 +16,7 @@ from typing import Callable
 import attrs
 
 from blyanproxy.config import LISTEN_OPTION, SETTINGS_BY_FIELD, ConfigError, NodeSpec, Settings
-from blyanproxy.core.fleetstate import FleetState, merge
-from blyanproxy.core.nodes import Node, NodeRegistry
+from blyanproxy.core import FleetState, Node, NodeRegistry, merge
 from blyanproxy.logs import logger, set_log_level
 
 log = logger("reload")

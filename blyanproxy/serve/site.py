@@ -7,9 +7,8 @@ from typing import Callable
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
-from blyanproxy.core.errors import ProxyError
-from blyanproxy.core.headers import client_facts
-from blyanproxy.forward.traffic import CLIENT_CLOSED_STATUS, CLIENT_GONE, COMPLETE, AccessRecord
+from blyanproxy.core import ProxyError, client_facts
+from blyanproxy.forward import CLIENT_CLOSED_STATUS, CLIENT_GONE, COMPLETE, AccessRecord
 from blyanproxy.logs import logger
 
 log = logger("server")

@@ -1,1 +1,15 @@
 """store."""
+
+from __future__ import annotations
+
+from blyanproxy.store.etcdstore import EtcdStore
+from blyanproxy.store.jsonfile import JsonFileStore, MemoryStore
+from blyanproxy.store.storeurl import EtcdLocation, parse_state_store
+
+__all__ = [
+    "EtcdLocation",
+    "EtcdStore",
+    "JsonFileStore",
+    "MemoryStore",
+    "parse_state_store",
+]

@@ -16,7 +16,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Protocol
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 
-from blyanproxy.core.fleetstate import StoreUnavailable
+from blyanproxy.core import StoreUnavailable
 
 #: Longest watch message accepted without a newline (a watch batch of many node changes).
 MAX_LINE = 16 * 1024 * 1024

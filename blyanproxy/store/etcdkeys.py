@@ -23,7 +23,7 @@ import json
 
 import attrs
 
-from blyanproxy.core.fleetstate import FleetState, node_from_json, node_to_json
+from blyanproxy.core import FleetState, node_from_json, node_to_json
 
 CHANGED = "changed"
 

@@ -30,8 +30,7 @@ from typing import Callable
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail
 
-from blyanproxy.core.fleetstate import FleetState, StoreConflict, StoreUnavailable, merge
-from blyanproxy.core.nodes import Node
+from blyanproxy.core import FleetState, Node, StoreConflict, StoreUnavailable, merge
 from blyanproxy.logs import logger
 from blyanproxy.store.etcdclient import EtcdGateway, WatchStream
 from blyanproxy.store.etcdkeys import (

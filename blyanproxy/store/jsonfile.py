@@ -17,7 +17,7 @@ from typing import Callable
 
 from twisted.internet.defer import Deferred, fail, succeed
 
-from blyanproxy.core.fleetstate import FleetState, StateError, StoreUnavailable, state_from_json, state_to_json
+from blyanproxy.core import FleetState, StateError, StoreUnavailable, state_from_json, state_to_json
 from blyanproxy.logs import logger
 
 log = logger("state")

@@ -1,1 +1,25 @@
 """upstream."""
+
+from __future__ import annotations
+
+from blyanproxy.upstream.bodies import BodyTooLarge, read_capped
+from blyanproxy.upstream.client import UpstreamConnection, UpstreamPool, connect_quietly
+from blyanproxy.upstream.endpoints import NodeEndpoints, NodeTLSPolicy, load_trust_root
+from blyanproxy.upstream.http11 import ProtocolError, body_framing, parse_head, serialize_request_head
+from blyanproxy.upstream.writethrough import write_through
+
+__all__ = [
+    "BodyTooLarge",
+    "NodeEndpoints",
+    "NodeTLSPolicy",
+    "ProtocolError",
+    "UpstreamConnection",
+    "UpstreamPool",
+    "body_framing",
+    "connect_quietly",
+    "load_trust_root",
+    "parse_head",
+    "read_capped",
+    "serialize_request_head",
+    "write_through",
+]
