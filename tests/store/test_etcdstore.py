@@ -342,11 +342,12 @@ def test_a_stopped_store_watches_no_more_and_retries_nothing(network, etcd, prox
     assert len(etcd.calls) == calls and len(started.announced) == announced
 
 
-def test_a_store_stopped_before_etcd_answered_stops_asking(network, etcd, proxy):
-    network.down = True
+def test_a_store_stopped_while_waiting_to_ask_etcd_again_stops_asking(network, etcd, proxy):
+    etcd.refusing = True
     started = proxy([node(1)])
+    assert etcd.calls == ["/v3/kv/range"]  # refused: the next attempt is RETRY_DELAY away
     started.stop()
-    network.start()
+    etcd.refusing = False
     for _ in range(4):
         network.advance(RETRY_DELAY)
-    assert etcd.calls == [] and started.announced == []
+    assert etcd.calls == ["/v3/kv/range"] and started.announced == []
