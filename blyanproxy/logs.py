@@ -14,12 +14,15 @@ from typing import TextIO
 
 from twisted.logger import (
     FilteringLogObserver,
+    ILogObserver,
+    LogEvent,
     Logger,
     LogLevel,
     LogLevelFilterPredicate,
     globalLogPublisher,
     jsonFileLogObserver,
 )
+from zope.interface import implementer
 
 NAMESPACE = "blyanproxy"
 
@@ -32,13 +35,16 @@ LOG_LEVELS = {
     "ERROR": LogLevel.error,
 }
 
+
+@implementer(ILogObserver)
 class _Destination:
     """Where events that pass the level filter go; switchable at start-up."""
 
     def __init__(self) -> None:
-        self.target = globalLogPublisher
+        self.target: ILogObserver = globalLogPublisher
 
-    def __call__(self, event: dict) -> None:
+    def __call__(self, event: LogEvent) -> None:
+        """Pass ``event`` on to the current target."""
         self.target(event)
 
 

@@ -9,6 +9,10 @@ and ``/metrics`` show the same numbers.
 
 from __future__ import annotations
 
+import typing
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -17,26 +21,56 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from blyanproxy.admin import presented_token, token_matches
 from blyanproxy.core import UP, ProxyError, usable, write_error
 
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+    from twisted.web.server import Request
+
+    from blyanproxy.core import NodeRegistry
+
 #: Time to first byte and whole-request buckets, from milliseconds to the length of a long generation.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 _PROBE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
+class FinishedRequest(typing.Protocol):
+    """What ``ProxyMetrics.request_finished`` reads of a finished request (forward's ``AccessRecord``)."""
+
+    @property
+    def node(self) -> str | None: ...
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def ended(self) -> str: ...
+
+    @property
+    def ttfb(self) -> float | None: ...
+
+    @property
+    def duration(self) -> float: ...
+
+    @property
+    def bytes_out(self) -> int: ...
+
+
 class _NodeGauges:
     """A collector reading the live node figures at scrape time."""
 
-    def __init__(self, registry, clock) -> None:
+    def __init__(self, registry: NodeRegistry, clock: IReactorTime) -> None:
         self._registry = registry
         self._clock = clock
 
-    def collect(self):
+    def collect(self) -> list[GaugeMetricFamily]:
+        """The node gauges as they are now."""
         now = self._clock.seconds()
         families = {
             "in_flight": GaugeMetricFamily("blyan_node_in_flight", "Requests in flight on a node", labels=["node"]),
@@ -61,11 +95,12 @@ class _NodeGauges:
 class _WorkerLabel:
     """Adds a ``worker`` label to every sample of a registry (one scrape shows one worker)."""
 
-    def __init__(self, registry, worker: str) -> None:
+    def __init__(self, registry: CollectorRegistry, worker: str) -> None:
         self._registry = registry
         self._worker = worker
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
+        """The registry's families, each sample labelled with the worker."""
         for family in self._registry.collect():
             family.samples = [sample._replace(labels={**sample.labels, "worker": self._worker})
                               for sample in family.samples]
@@ -79,10 +114,12 @@ class ProxyMetrics:
     ``worker`` label and ``blyan_worker_info`` names the process's pid.
     """
 
-    def __init__(self, node_registry, clock, worker: int | None = None, pid: int = 0) -> None:
+    def __init__(
+        self, node_registry: NodeRegistry, clock: IReactorTime, worker: int | None = None, pid: int = 0
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self._scraped = r if worker is None else _WorkerLabel(r, str(worker))
+        self._scraped: Collector = r if worker is None else _WorkerLabel(r, str(worker))
         if worker is not None:
             Gauge("blyan_worker_info", "This worker process (the worker label is on every sample)", ["pid"],
                   registry=r).labels(str(pid)).set(1)
@@ -109,7 +146,7 @@ class ProxyMetrics:
             self.streams.labels(kind)
         r.register(_NodeGauges(node_registry, clock))
 
-    def request_finished(self, record) -> None:
+    def request_finished(self, record: FinishedRequest) -> None:
         """Count one finished request (an ``AccessRecord``)."""
         node = record.node or "-"
         self.requests.labels(node, f"{record.status // 100}xx", record.ended).inc()
@@ -152,12 +189,13 @@ class MetricsResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, metrics: ProxyMetrics, token) -> None:
+    def __init__(self, metrics: ProxyMetrics, token: str | None) -> None:
         super().__init__()
         self._metrics = metrics
         self._token = token
 
-    def render_GET(self, request):
+    def render_GET(self, request: Request) -> bytes | int:
+        """The scrape, or 401 (``NOT_DONE_YET``: already answered) without the token."""
         if self._token and not token_matches(presented_token(request), self._token):
             write_error(request, ProxyError(401, "unauthorized", "missing or wrong metrics token"))
             return NOT_DONE_YET

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 from klein import Klein
 from werkzeug.exceptions import HTTPException
@@ -30,6 +31,17 @@ from blyanproxy.admin.views import active_index, node_view, nodes_view
 from blyanproxy.core import Node, ProxyError, StoreConflict, StoreUnavailable, fleetedit, new_node_id
 from blyanproxy.logs import logger
 
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+    from twisted.internet.interfaces import IReactorTime
+    from twisted.python.failure import Failure
+    from twisted.web.iweb import IRequest
+    from twisted.web.resource import Resource
+
+    from blyanproxy.admin.views import RequestTotals
+    from blyanproxy.core import Change, FleetState, NodeRegistry
+    from blyanproxy.fleet import Balancer, FleetKeeper, HealthMonitor
+
 log = logger("admin")
 
 MAX_ADMIN_BODY = 64 * 1024
@@ -41,8 +53,8 @@ class AdminAPI:
 
     app = Klein()
 
-    def __init__(self, registry, balancer, keeper, health, counters, token: str, clock,
-                 throttle: FailureThrottle) -> None:
+    def __init__(self, registry: NodeRegistry, balancer: Balancer, keeper: FleetKeeper, health: HealthMonitor,
+                 counters: RequestTotals, token: str, clock: IReactorTime, throttle: FailureThrottle) -> None:
         self._registry = registry
         self._balancer = balancer
         self._keeper = keeper
@@ -52,16 +64,16 @@ class AdminAPI:
         self._clock = clock
         self._throttle = throttle
 
-    def resource(self):
+    def resource(self) -> Resource:
         """The twisted.web resource to mount."""
         return self.app.resource()
 
     # -- plumbing -------------------------------------------------------------
 
-    def _client(self, request) -> str:
+    def _client(self, request: IRequest) -> str:
         return getattr(request.getClientAddress(), "host", "unknown")
 
-    def _authorize(self, request) -> None:
+    def _authorize(self, request: IRequest) -> None:
         client = self._client(request)
         wait = self._throttle.retry_after(client)
         if wait is not None:
@@ -75,14 +87,15 @@ class AdminAPI:
             log.warn("admin request from {client} refused: missing or wrong token", client=client)
             raise ProxyError(401, "unauthorized", "missing or wrong admin token")
 
-    def _body(self, request):
+    def _body(self, request: IRequest) -> Any:
+        """The request's JSON document (any JSON value: the callers check its shape)."""
         request.content.seek(0)
         body = request.content.read(MAX_ADMIN_BODY + 1)
         if len(body) > MAX_ADMIN_BODY:
             raise ProxyError(413, "body_too_large", f"the body exceeds {MAX_ADMIN_BODY} bytes")
         return parse_json_body(body)
 
-    def _json(self, request, document, status: int = 200) -> bytes:
+    def _json(self, request: IRequest, document: object, status: int = 200) -> bytes:
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
@@ -97,10 +110,10 @@ class AdminAPI:
     def _view(self, node: Node) -> dict:
         return node_view(node, self._registry.stats(node.id), self._clock.seconds())
 
-    def _edit(self, change):
+    def _edit(self, change: Change) -> Deferred[FleetState]:
         """Apply a ``fleetedit`` change through the keeper; store and input failures become ``ProxyError``."""
 
-        def refused(failure):
+        def refused(failure: Failure) -> Failure:
             error = failure.value
             if failure.check(StoreUnavailable):
                 raise ProxyError(503, "state_store_unavailable", f"the change was not applied: {error}")
@@ -115,27 +128,29 @@ class AdminAPI:
         return self._keeper.edit(change).addErrback(refused)
 
     @app.handle_errors(ProxyError)
-    def _proxy_error(self, request, failure):
-        error = failure.value
+    def _proxy_error(self, request: IRequest, failure: Failure) -> bytes:
+        error = cast(ProxyError, failure.value)  # the errors this handler is for
         for name, value in error.headers():
             request.setHeader(name, value)
         request.setResponseCode(error.status)
         return error.body()
 
     @app.handle_errors(HTTPException)
-    def _http_error(self, request, failure):
-        error = failure.value
+    def _http_error(self, request: IRequest, failure: Failure) -> bytes:
+        error = cast(HTTPException, failure.value)  # the errors this handler is for
+        status = error.code
+        assert status is not None  # every werkzeug routing error (404, 405, a redirect) has one
         for name, value in error.get_headers():  # Allow for 405, Location for a redirect
             if name.lower() != "content-type":
                 request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
         request.setHeader(b"content-type", b"application/json")
-        request.setResponseCode(error.code)
-        code = {404: "not_found", 405: "method_not_allowed"}.get(error.code, "http_error")
-        message = {404: "no such admin route", 405: "method not allowed here"}.get(error.code, error.name)
+        request.setResponseCode(status)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
+        message = {404: "no such admin route", 405: "method not allowed here"}.get(status, error.name)
         return json.dumps({"error": message, "code": code}).encode("utf-8")
 
     @app.handle_errors(Exception)
-    def _unexpected(self, request, failure):
+    def _unexpected(self, request: IRequest, failure: Failure) -> bytes:
         log.failure("admin request {method} {path} failed", failure,
                     method=request.method, path=request.path)
         request.setHeader(b"content-type", b"application/json")
@@ -145,13 +160,14 @@ class AdminAPI:
     # -- routes -----------------------------------------------------------------
 
     @app.route("/openapi.json", methods=["GET"])
-    def openapi(self, request):
+    def openapi(self, request: IRequest) -> bytes:
         """The OpenAPI 3.1 document of this API (no token needed: it holds no secret)."""
         request.setHeader(b"content-type", b"application/json")
         return OPENAPI
 
     @app.route("/status", methods=["GET"])
-    def status(self, request):
+    def status(self, request: IRequest) -> bytes:
+        """The fleet: policy, active node, every node and the request counters."""
         self._authorize(request)
         now = self._clock.seconds()
         nodes = nodes_view(self._registry, now)
@@ -169,34 +185,38 @@ class AdminAPI:
         })
 
     @app.route("/nodes", methods=["GET"])
-    def list_nodes(self, request):
+    def list_nodes(self, request: IRequest) -> bytes:
+        """Every node with its live figures."""
         self._authorize(request)
         return self._json(request, {"nodes": nodes_view(self._registry, self._clock.seconds())})
 
     @app.route("/nodes", methods=["POST"])
-    def add_node(self, request):
+    def add_node(self, request: IRequest) -> Deferred[bytes]:
+        """Add a node (a new id; the body gives its fields)."""
         self._authorize(request)
         fields = new_node_fields(self._body(request))
         node = Node(id=new_node_id(), added_at=self._clock.seconds(), **fields)
 
-        def added(_):
+        def added(_: object) -> bytes:
             log.info("node {name} added by {client}", name=node.name, client=self._client(request))
             return self._json(request, {"success": True, "node": self._view(self._node(node.id))})
 
         return self._edit(fleetedit.add_node(node)).addCallback(added)
 
     @app.route("/nodes/<node_id>", methods=["GET"])
-    def get_node(self, request, node_id):
+    def get_node(self, request: IRequest, node_id: str) -> bytes:
+        """One node with its live figures."""
         self._authorize(request)
         return self._json(request, {"node": self._view(self._node(node_id))})
 
     @app.route("/nodes/<node_id>", methods=["PATCH"])
-    def change_node(self, request, node_id):
+    def change_node(self, request: IRequest, node_id: str) -> Deferred[bytes]:
+        """Change some of a node's fields."""
         self._authorize(request)
         self._node(node_id)
         changes = node_changes(self._body(request))
 
-        def changed(_):
+        def changed(_: object) -> bytes:
             node = self._node(node_id)
             log.info("node {name} changed by {client}: {fields}", name=node.name, client=self._client(request),
                      fields=", ".join(sorted(changes)) or "nothing")
@@ -205,22 +225,24 @@ class AdminAPI:
         return self._edit(fleetedit.update_node(node_id, **changes)).addCallback(changed)
 
     @app.route("/nodes/<node_id>", methods=["DELETE"])
-    def remove_node(self, request, node_id):
+    def remove_node(self, request: IRequest, node_id: str) -> Deferred[bytes]:
+        """Remove a node."""
         self._authorize(request)
         node = self._node(node_id)
 
-        def removed(_):
+        def removed(_: object) -> bytes:
             log.info("node {name} removed by {client}", name=node.name, client=self._client(request))
             return self._json(request, {"success": True})
 
         return self._edit(fleetedit.remove_node(node.id)).addCallback(removed)
 
     @app.route("/nodes/<node_id>/drain", methods=["POST"])
-    def drain_node(self, request, node_id):
+    def drain_node(self, request: IRequest, node_id: str) -> Deferred[bytes]:
+        """Drain a node: it takes no new requests."""
         self._authorize(request)
         self._node(node_id)
 
-        def drained(_):
+        def drained(_: object) -> bytes:
             node = self._node(node_id)
             log.info("node {name} draining, by {client}", name=node.name, client=self._client(request))
             return self._json(request, {"success": True, "node": self._view(node)})
@@ -228,7 +250,8 @@ class AdminAPI:
         return self._edit(fleetedit.update_node(node_id, draining=True)).addCallback(drained)
 
     @app.route("/active/<index>", methods=["POST"])
-    def set_active_index(self, request, index):
+    def set_active_index(self, request: IRequest, index: str) -> Deferred[bytes]:
+        """Make the node at ``index`` (registry order) the active one."""
         self._authorize(request)
         position = strict_index(index)
         nodes = self._registry.nodes()
@@ -237,15 +260,16 @@ class AdminAPI:
         return self._set_active(request, nodes[position].id)
 
     @app.route("/active", methods=["PUT"])
-    def set_active_id(self, request):
+    def set_active_id(self, request: IRequest) -> Deferred[bytes]:
+        """Make the node the body names (``{"id": ...}``) the active one."""
         self._authorize(request)
         document = self._body(request)
         if not isinstance(document, dict) or set(document) != {"id"} or not isinstance(document["id"], str):
             raise ProxyError(400, "invalid_field", 'id: expected {"id": "<node id>"}')
         return self._set_active(request, self._node(document["id"]).id)
 
-    def _set_active(self, request, node_id: str):
-        def done(_):
+    def _set_active(self, request: IRequest, node_id: str) -> Deferred[bytes]:
+        def done(_: object) -> bytes:
             log.info("active node set to {node} by {client}", node=self._node(node_id).name,
                      client=self._client(request))
             return self._json(request, {"success": True, "activeIndex": active_index(self._registry),
@@ -254,7 +278,8 @@ class AdminAPI:
         return self._edit(fleetedit.set_active(node_id)).addCallback(done)
 
     @app.route("/health-check", methods=["POST"])
-    def health_check(self, request):
+    def health_check(self, request: IRequest) -> Deferred[bytes]:
+        """Probe every node now; answers once done."""
         self._authorize(request)
         done = self._health.check_now()
         return done.addCallback(lambda _: self._json(
@@ -262,16 +287,18 @@ class AdminAPI:
         ))
 
     @app.route("/policy", methods=["GET"])
-    def get_policy(self, request):
+    def get_policy(self, request: IRequest) -> bytes:
+        """The selection policy in use."""
         self._authorize(request)
         return self._json(request, {"policy": self._balancer.policy})
 
     @app.route("/policy", methods=["PUT"])
-    def set_policy(self, request):
+    def set_policy(self, request: IRequest) -> Deferred[bytes]:
+        """Set the selection policy (through the store, like every change)."""
         self._authorize(request)
         name = policy_name(self._body(request))
 
-        def done(_):
+        def done(_: object) -> bytes:
             log.info("policy set to {policy} by {client}", policy=name, client=self._client(request))
             return self._json(request, {"success": True, "policy": name})
 

@@ -6,8 +6,13 @@ import hmac
 import os
 import secrets
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 from blyanproxy.logs import logger
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+    from twisted.web.iweb import IRequest
 
 log = logger("admin")
 
@@ -38,7 +43,7 @@ def load_or_create_token(explicit: str | None, token_file: str | None, state_fil
     return token
 
 
-def presented_token(request) -> bytes | None:
+def presented_token(request: IRequest) -> bytes | None:
     """The token a request carries in ``X-Admin-Token`` or ``Authorization: Bearer``."""
     header = request.getHeader(b"x-admin-token")
     if header:
@@ -61,14 +66,16 @@ class FailureThrottle:
     At most ``max_addresses`` addresses are remembered (the oldest are forgotten).
     """
 
-    def __init__(self, clock, limit: int = 10, window: float = 60.0, max_addresses: int = 10000) -> None:
+    def __init__(
+        self, clock: IReactorTime, limit: int = 10, window: float = 60.0, max_addresses: int = 10000
+    ) -> None:
         self._clock = clock
         self._limit = limit
         self._window = window
         self._max = max_addresses
-        self._failures: OrderedDict[str, list] = OrderedDict()
+        self._failures: OrderedDict[str, list[float]] = OrderedDict()
 
-    def _recent(self, address: str) -> list:
+    def _recent(self, address: str) -> list[float]:
         now = self._clock.seconds()
         times = [t for t in self._failures.get(address, []) if now - t < self._window]
         if times:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -13,8 +14,20 @@ from blyanproxy.admin.views import usable_count
 from blyanproxy.core import ProxyError, write_error
 from blyanproxy.discovery import api_key_of, missing_key_error
 
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+    from twisted.web.server import Request
 
-def _refuse_method(request, allowed: bytes) -> bytes:
+    from blyanproxy.admin.views import RequestTotals
+    from blyanproxy.core import NodeRegistry
+    from blyanproxy.discovery import WorkloadDirectory
+    from blyanproxy.fleet import Balancer
+
+#: A JSON view's answer: the HTTP status and the document.
+Answer = tuple[int, dict[str, object]]
+
+
+def _refuse_method(request: Request, allowed: bytes) -> int:
     """Answer 405 with ``Allow: allowed`` (the JSON error shape)."""
     request.setHeader(b"allow", allowed)
     write_error(request, ProxyError(405, "method_not_allowed", f"only {allowed.decode()} here"))
@@ -26,10 +39,11 @@ class _JSONView(Resource):
 
     isLeaf = True
 
-    def _document(self) -> tuple:
+    def _document(self) -> Answer:
         raise NotImplementedError
 
-    def render_GET(self, request):
+    def render_GET(self, request: Request) -> bytes:
+        """The document as JSON, never cached."""
         status, document = self._document()
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")
@@ -38,7 +52,8 @@ class _JSONView(Resource):
 
     render_HEAD = render_GET
 
-    def render(self, request):
+    def render(self, request: Request) -> bytes | int:
+        """GET and HEAD answer; other methods get 405."""
         if request.method in (b"GET", b"HEAD"):
             return super().render(request)
         return _refuse_method(request, b"GET, HEAD")
@@ -47,13 +62,13 @@ class _JSONView(Resource):
 class HealthView(_JSONView):
     """``/health``: 200 while at least one node can take requests, else 503."""
 
-    def __init__(self, registry, clock) -> None:
+    def __init__(self, registry: NodeRegistry, clock: IReactorTime) -> None:
         super().__init__()
         self._registry = registry
         self._clock = clock
         self._started = clock.seconds()
 
-    def _document(self) -> tuple:
+    def _document(self) -> Answer:
         now = self._clock.seconds()
         usable = usable_count(self._registry, now)
         return (200 if usable else 503), {
@@ -67,14 +82,16 @@ class HealthView(_JSONView):
 class StatusView(_JSONView):
     """``/_status``: node counts, the policy and the request counters."""
 
-    def __init__(self, registry, balancer, counters, clock) -> None:
+    def __init__(
+        self, registry: NodeRegistry, balancer: Balancer, counters: RequestTotals, clock: IReactorTime
+    ) -> None:
         super().__init__()
         self._registry = registry
         self._balancer = balancer
         self._counters = counters
         self._clock = clock
 
-    def _document(self) -> tuple:
+    def _document(self) -> Answer:
         return 200, {
             "healthy": usable_count(self._registry, self._clock.seconds()),
             "total": len(self._registry.nodes()),
@@ -91,11 +108,11 @@ class LivenessView(_JSONView):
 
     only_methods = (b"GET", b"HEAD")
 
-    def __init__(self, clock) -> None:
+    def __init__(self, clock: IReactorTime) -> None:
         super().__init__()
         self._clock = clock
 
-    def _document(self) -> tuple:
+    def _document(self) -> Answer:
         now = datetime.fromtimestamp(self._clock.seconds(), timezone.utc)
         return 200, {"status": "healthy", "time": now.strftime("%Y-%m-%dT%H:%M:%SZ")}
 
@@ -105,11 +122,12 @@ class WorkloadsView(Resource):
 
     isLeaf = True
 
-    def __init__(self, directory) -> None:
+    def __init__(self, directory: WorkloadDirectory) -> None:
         super().__init__()
         self._directory = directory
 
-    def render_GET(self, request):
+    def render_GET(self, request: Request) -> int:
+        """Look the caller's key up, then answer with its workloads (or the JSON error)."""
         try:
             key = api_key_of(request.requestHeaders)
             if key is None:
@@ -129,7 +147,8 @@ class WorkloadsView(Resource):
 
     render_HEAD = render_GET
 
-    def render(self, request):
+    def render(self, request: Request) -> bytes | int:
+        """GET and HEAD answer; other methods get 405."""
         if request.method in (b"GET", b"HEAD"):
             return super().render(request)
         return _refuse_method(request, b"GET, HEAD")

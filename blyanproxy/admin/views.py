@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import typing
+
 from blyanproxy.core import UP, Node, NodeRegistry, NodeStats, node_to_json, usable
+
+
+class RequestTotals(typing.Protocol):
+    """The request counters the status views show (the forwarder's ``RequestCounters``)."""
+
+    @property
+    def requests(self) -> int: ...
+
+    @property
+    def failures(self) -> int: ...
 
 
 def node_view(node: Node, stats: NodeStats, now: float) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Callable
+from typing import Any, Callable
 
 import attrs
 
@@ -57,9 +57,9 @@ def _model_names(instance: object, attribute: attrs.Attribute, value: tuple[obje
             raise ValueError(f"models: bad model name {name!r}")
 
 
-def _as_tuple(value: object) -> tuple:
+def _as_tuple(value: str | Iterable[str]) -> tuple[str, ...]:
     """Converter: a single string is one model; any other iterable becomes a tuple."""
-    return (value,) if isinstance(value, str) else tuple(value)  # type: ignore[arg-type]
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 @attrs.frozen
@@ -124,7 +124,8 @@ def _model_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(","))
 
 
-_TEXT_PARSERS: Mapping[str, Callable[[str], object]] = {
+# Each parser returns its field's type (Any: they differ); the field's validator checks the value.
+_TEXT_PARSERS: Mapping[str, Callable[[str], Any]] = {
     "name": str.strip,
     "models": _model_list,
     "tokens_per_second": float,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Callable, Union
+from typing import TYPE_CHECKING, Callable, Union, cast
 
 import attrs
 from twisted.internet.interfaces import IProtocol
@@ -40,8 +40,9 @@ from blyanproxy.devnode.wire import (
 )
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IAddress, ITransport
+    from twisted.internet.interfaces import IAddress, ITCPTransport, ITransport
     from twisted.python.failure import Failure
+    from twisted.web.http import Request as HTTPRequest
     from twisted.web.websocket import WebSocketTransport
 
     from blyanproxy.devnode.config import DevNodeConfig
@@ -249,9 +250,10 @@ def _set_header(line: bytes) -> tuple[bytes, bytes]:
 class _Echo:
     """A WebSocket protocol (twisted.web.websocket) sending every message straight back."""
 
+    _transport: WebSocketTransport  # given by negotiationStarted, before any message
+
     def __init__(self, stats: DevNodeStats) -> None:
         self._stats = stats
-        self._transport: WebSocketTransport | None = None
 
     def negotiationStarted(self, transport: WebSocketTransport) -> None:
         """Keep the transport to answer on."""
@@ -298,10 +300,13 @@ class _ArrivalHeaders(Headers):
         super().__init__(rawHeaders)
         self.arrivals: list[tuple[bytes, bytes]] = []
 
-    def addRawHeader(self, name: bytes, value: bytes) -> None:
-        """Add a header line, remembering its place."""
+    def addRawHeader(self, name: str | bytes, value: str | bytes) -> None:
+        """Add a header line, remembering its place (a str encoded as Headers encodes it)."""
         super().addRawHeader(name, value)
-        self.arrivals.append((name, value))
+        self.arrivals.append((
+            name.encode("iso-8859-1") if isinstance(name, str) else name,
+            value.encode("utf-8") if isinstance(value, str) else value,
+        ))
 
 
 class DevNodeRequest(Request):
@@ -321,6 +326,7 @@ def header_lines(request: Request) -> list[tuple[bytes, bytes]]:
     return [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
 
 
+# proxyForInterface builds the base class at run time, which mypy cannot follow (a Twisted typing gap).
 class TrackedConnection(proxyForInterface(IProtocol, "_protocol")):  # type: ignore[misc]
     """The Site's protocol for one connection, reporting its start and end to the node.
 
@@ -338,6 +344,10 @@ class TrackedConnection(proxyForInterface(IProtocol, "_protocol")):  # type: ign
         self.transport = transport
         self._node.connection_made(self)
         self._protocol.makeConnection(transport)
+
+    def abort(self) -> None:
+        """Drop the connection at once (a node listens on TCP, whose transports abort)."""
+        cast("ITCPTransport", self.transport).abortConnection()
 
     def connectionLost(self, reason: Failure) -> None:
         """Let twisted.web clean up (which cancels this connection's timers), then count the loss."""
@@ -361,9 +371,9 @@ class DevNodeSite(Site):
         )
         self._node = node
 
-    def buildProtocol(self, addr: IAddress) -> TrackedConnection:
+    def buildProtocol(self, addr: IAddress | None) -> TrackedConnection:
         """twisted.web's protocol for a new connection, wrapped to be tracked."""
         return TrackedConnection(super().buildProtocol(addr), self._node)
 
-    def log(self, request: Request) -> None:
+    def log(self, request: HTTPRequest) -> None:
         """No access log: the node's stats say what it served."""

@@ -8,14 +8,14 @@ Every timer here belongs to one request and is cancelled when that request's cli
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import attrs
 from twisted.internet.interfaces import IPullProducer
 from zope.interface import implementer
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IDelayedCall, IReactorTime
+    from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
     from twisted.python.failure import Failure
     from twisted.web.server import Request
 
@@ -110,7 +110,7 @@ class TokenStream:
         if self._written == self._drop_after:
             self._close()
             self._stats.streams_dropped += 1
-            self._request.transport.abortConnection()
+            cast("ITCPTransport", self._request.transport).abortConnection()  # a node listens on TCP
             return
         due = self._schedule.due_by(self._clock.seconds() - self._started)
         stop = min(max(due, self._written + 1), self._schedule.count)

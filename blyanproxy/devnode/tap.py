@@ -5,15 +5,19 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IReactorTCP
 from twisted.logger import Logger
 from twisted.python import usage
 
 from blyanproxy.devnode.config import SettingError, evolve_from_text
 from blyanproxy.devnode.node import DevNode, DevNodeConfig
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorCore, IReactorTime
 
 log = Logger()
 
@@ -68,16 +72,16 @@ class Options(usage.Options):
             raise usage.UsageError(f"--port: bad value {self['port']!r}: {error}") from None
 
 
-def makeService(options: Options, reactor: IReactorTCP | None = None) -> MultiService:
+def makeService(options: Options, reactor: IReactorCore | None = None) -> MultiService:
     """The node's service: its Site listening on ``options["port"]``.
 
-    ``reactor`` (also the node's clock) defaults to the global one."""
+    ``reactor`` (also the node's clock, an ``IReactorTime``) defaults to the global one."""
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
     config = options["config"]
-    node = DevNode(config, reactor)
+    node = DevNode(config, cast("IReactorTime", reactor))
     top = MultiService()
     listener = strports.service(options["port"], node.site(), reactor=reactor)
     listener.setName("devnode-http")

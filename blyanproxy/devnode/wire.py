@@ -9,10 +9,14 @@ import json
 import secrets
 from collections.abc import Sequence
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import attrs
 
 from blyanproxy.devnode.config import MAX_TOKENS_CAP, DevNodeConfig
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 MODELS_CREATED = 1_700_000_000
 """The ``created`` time reported for every simulated model (fixed, so answers are reproducible)."""
@@ -221,7 +225,7 @@ class Generation:
     id: str
 
     @classmethod
-    def create(cls, request: CompletionRequest, config: DevNodeConfig, now: float) -> Generation:
+    def create(cls, request: CompletionRequest, config: DevNodeConfig, now: float) -> Self:
         """The generation ``config`` makes for ``request``, starting at ``now`` (POSIX seconds)."""
         count, finish_reason = request.length(config)
         return cls(request, count, finish_reason, now, secrets.token_hex(12))

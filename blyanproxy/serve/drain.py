@@ -16,13 +16,19 @@ twistd stops it (SIGTERM, SIGINT) it
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, cast
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer
-from twisted.protocols.policies import WrappingFactory
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 from blyanproxy.logs import logger
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime, ITCPTransport
+    from twisted.web.server import Request
+
+    from blyanproxy.serve.site import ProxySite
 
 log = logger("drain")
 
@@ -37,14 +43,15 @@ class ConnectionTracker(WrappingFactory):
     has arrived (``ProxySite.on_request``).
     """
 
-    def __init__(self, site) -> None:
+    def __init__(self, site: ProxySite) -> None:
         super().__init__(site)
         site.on_request = self.request_started
         self.draining = False
-        self._active: dict[object, set[object]] = {}
-        self._all_closed: defer.Deferred | None = None
+        # Keyed by connection: the ProtocolWrapper that is the channel's transport.
+        self._active: dict[object, set[Request]] = {}
+        self._all_closed: defer.Deferred[None] | None = None
 
-    def request_started(self, request) -> None:
+    def request_started(self, request: Request) -> None:
         """A request's head arrived on one of our connections."""
         connection = request.channel.transport
         self._active.setdefault(connection, set()).add(request)
@@ -52,10 +59,11 @@ class ConnectionTracker(WrappingFactory):
         if self.draining:
             _close_after(request)
 
-    def _request_ended(self, result, connection, request) -> None:
+    def _request_ended(self, result: object, connection: object, request: Request) -> None:
         self._active.get(connection, set()).discard(request)
 
-    def unregisterProtocol(self, p) -> None:
+    def unregisterProtocol(self, p: ProtocolWrapper) -> None:
+        """A connection closed: forget it, and fire the drain's Deferred after the last one."""
         super().unregisterProtocol(p)
         self._active.pop(p, None)
         if self._all_closed is not None and not self.protocols:
@@ -67,10 +75,10 @@ class ConnectionTracker(WrappingFactory):
         """Requests under way (WebSockets included)."""
         return sum(len(requests) for requests in self._active.values())
 
-    def drain(self) -> defer.Deferred:
+    def drain(self) -> defer.Deferred[None]:
         """Close idle connections now and busy ones after their response; fires once all are closed."""
         self.draining = True
-        closed = defer.Deferred()
+        closed: defer.Deferred[None] = defer.Deferred()
         if not self.protocols:
             closed.callback(None)
             return closed
@@ -86,13 +94,13 @@ class ConnectionTracker(WrappingFactory):
 
     def abort_all(self) -> int:
         """Cut every connection still open; returns how many there were."""
-        connections = list(self.protocols)
+        connections: list[ProtocolWrapper] = list(self.protocols)
         for connection in connections:
-            connection.transport.abortConnection()
+            cast("ITCPTransport", connection.transport).abortConnection()  # TCP, or TLS over TCP
         return len(connections)
 
 
-def _close_after(request) -> None:
+def _close_after(request: Request) -> None:
     """Close the request's connection once its response has ended, and say so if not yet sent."""
     if request.channel is not None:
         request.channel.persistent = False
@@ -108,7 +116,7 @@ class Drainer(MultiService):
     drain is over, before the other children stop.
     """
 
-    def __init__(self, tracker: ConnectionTracker, clock, grace: float,
+    def __init__(self, tracker: ConnectionTracker, clock: IReactorTime, grace: float,
                  save: Callable[[], object] | None = None) -> None:
         super().__init__()
         self._tracker = tracker
@@ -122,23 +130,22 @@ class Drainer(MultiService):
         listener.setServiceParent(self)
         self.listener = listener
 
-    def stopService(self) -> defer.Deferred:
+    def stopService(self) -> defer.Deferred[list[object]]:
+        """Stop the listener, drain, save, then stop the other children (last added first)."""
         Service.stopService(self)
         stopping = defer.maybeDeferred(self.listener.stopService) if self.listener else defer.succeed(None)
-        stopping.addBoth(lambda _: self._drain())
-        stopping.addBoth(self._after_drain)
-        return stopping
+        return stopping.addBoth(lambda _: self._drain()).addBoth(self._after_drain)
 
-    def _drain(self) -> defer.Deferred:
+    def _drain(self) -> defer.Deferred[None]:
         busy, connections = self._tracker.busy(), len(self._tracker.protocols)
         started = self._clock.seconds()
         log.info("draining {busy} request(s) on {connections} connection(s), up to {grace:g} s",
                  busy=busy, connections=connections, grace=self._grace)
         closed = self._tracker.drain()
         timer = self._clock.callLater(self._grace, self._abort, closed)
-        result = defer.Deferred()
+        result: defer.Deferred[None] = defer.Deferred()
 
-        def finished(_):
+        def finished(_: object) -> None:
             if timer.active():
                 timer.cancel()
                 log.info("drained in {seconds:.1f} s", seconds=self._clock.seconds() - started)
@@ -147,12 +154,12 @@ class Drainer(MultiService):
         closed.addBoth(finished)
         return result
 
-    def _abort(self, closed: defer.Deferred) -> None:
+    def _abort(self, closed: defer.Deferred[None]) -> None:
         count = self._tracker.abort_all()
         log.warn("aborted {count} connection(s) after the {grace:g} s grace", count=count, grace=self._grace)
         closed.addTimeout(ABORT_SETTLE, self._clock)
 
-    def _after_drain(self, _) -> defer.Deferred:
+    def _after_drain(self, _: object) -> defer.Deferred[list[object]]:
         if self._save is not None:
             self._save()
         others = [service for service in reversed(list(self)) if service is not self.listener]

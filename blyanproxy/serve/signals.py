@@ -14,12 +14,17 @@ calls the reload.
 from __future__ import annotations
 
 import signal
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, cast
 
 from twisted.application.service import Service
 from twisted.internet.error import ReactorNotRunning
 
 from blyanproxy.logs import logger
+
+if TYPE_CHECKING:
+    from types import FrameType
+
+    from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
 
 log = logger("signals")
 
@@ -27,15 +32,22 @@ log = logger("signals")
 class ProcessSignals(Service):
     """Installs the SIGTERM and SIGHUP handlers once the reactor runs (twistd processes only).
 
-    ``install`` is ``signal.signal``, or a stand-in in tests.
+    ``install`` is ``signal.signal``, or a stand-in in tests. ``reactor`` also runs calls from
+    other threads (``IReactorFromThreads``): a signal handler hands its work over that way.
     """
 
-    def __init__(self, reactor, on_hangup: Callable[[], object], install=signal.signal) -> None:
+    def __init__(
+        self,
+        reactor: IReactorCore,
+        on_hangup: Callable[[], object],
+        install: Callable[[int, Callable[[int, FrameType | None], None]], object] = signal.signal,
+    ) -> None:
         self._reactor = reactor
         self._on_hangup = on_hangup
         self._install = install
 
     def startService(self) -> None:
+        """Install the handlers as soon as the reactor runs (twistd's own are in place by then)."""
         super().startService()
         self._reactor.callWhenRunning(self._install_handlers)
 
@@ -43,12 +55,12 @@ class ProcessSignals(Service):
         self._install(signal.SIGTERM, self._terminate)
         self._install(signal.SIGHUP, self._hangup)
 
-    def _terminate(self, number, frame) -> None:
+    def _terminate(self, number: int, frame: FrameType | None) -> None:
         # A signal handler only schedules: the work happens in the reactor's thread.
-        self._reactor.callFromThread(self._stop)
+        cast("IReactorFromThreads", self._reactor).callFromThread(self._stop)
 
-    def _hangup(self, number, frame) -> None:
-        self._reactor.callFromThread(self._reload)
+    def _hangup(self, number: int, frame: FrameType | None) -> None:
+        cast("IReactorFromThreads", self._reactor).callFromThread(self._reload)
 
     def _stop(self) -> None:
         log.info("SIGTERM: stopping gracefully")

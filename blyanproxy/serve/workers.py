@@ -28,7 +28,8 @@ A worker learns its role from ``BLYANPROXY_WORKER=<index>:<fd>:<family>``.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, cast
 
 import attrs
 from twisted.application.service import Service
@@ -42,6 +43,18 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from blyanproxy.logs import logger
+
+if TYPE_CHECKING:
+    from twisted.internet import tcp
+    from twisted.internet.interfaces import (
+        IDelayedCall,
+        IListeningPort,
+        IReactorCore,
+        IReactorFDSet,
+        IReactorProcess,
+        IReactorSocket,
+        IReactorTime,
+    )
 
 log = logger("workers")
 
@@ -75,35 +88,41 @@ def restart_delay(quick_exits: int) -> float:
     return min(FIRST_DELAY * 2 ** max(quick_exits - 1, 0), LONGEST_DELAY)
 
 
-def worker_endpoint(reactor, role: WorkerRole) -> AdoptedStreamServerEndpoint:
+def worker_endpoint(reactor: IReactorSocket, role: WorkerRole) -> AdoptedStreamServerEndpoint:
     """The endpoint a worker listens on: the supervisor's socket."""
     return AdoptedStreamServerEndpoint(reactor, role.fd, role.family)
 
 
 @implementer(IReadDescriptor)
 class ParentWatch:
-    """Stops the reactor when the supervisor's pipe on ``fd`` closes (the supervisor is gone)."""
+    """Stops the reactor when the supervisor's pipe on ``fd`` closes (the supervisor is gone).
 
-    def __init__(self, reactor, fd: int = 0) -> None:
+    ``reactor`` watches the descriptor and is stopped (``IReactorCore`` too).
+    """
+
+    def __init__(self, reactor: IReactorFDSet, fd: int = 0) -> None:
         self._reactor = reactor
         self._fd = fd
         fdesc.setNonBlocking(fd)
 
     def fileno(self) -> int:
+        """The watched descriptor."""
         return self._fd
 
-    def doRead(self):
+    def doRead(self) -> None:
+        """Read what the supervisor sent (nothing, normally); at end of file, stop the reactor."""
         if os.read(self._fd, 4096):
             return None
         self._reactor.removeReader(self)
         log.warn("the supervisor is gone; this worker stops")
-        self._reactor.stop()
+        cast("IReactorCore", self._reactor).stop()
         return None
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure) -> None:
         """Nothing to clean up: the descriptor is the process's standard input."""
 
     def logPrefix(self) -> str:
+        """How the reactor's log names this descriptor."""
         return "ParentWatch"
 
 
@@ -112,39 +131,44 @@ class _Worker(ProcessProtocol):
         self.supervisor = supervisor
         self.index = index
         self.started = started
-        self.ended: Deferred = Deferred()
+        self.ended: Deferred[None] = Deferred()
 
-    def processEnded(self, reason) -> None:
+    def processEnded(self, reason: Failure) -> None:
         self.ended.callback(None)
         self.supervisor._ended(self, reason.value)
 
 
 class WorkerSupervisor(Service):
-    """Binds ``listen``, keeps ``count`` workers running ``argv``, stops them on the way out."""
+    """Binds ``listen``, keeps ``count`` workers running ``argv``, stops them on the way out.
 
-    def __init__(self, reactor, listen: str, count: int, argv: list, env: Mapping[str, str],
-                 stop_timeout: float) -> None:
+    ``reactor`` keeps time and spawns the workers (``IReactorProcess`` too).
+    """
+
+    def __init__(self, reactor: IReactorTime, listen: str, count: int, argv: Sequence[str],
+                 env: Mapping[str, str], stop_timeout: float) -> None:
         self._reactor = reactor
         self._listen = listen
         self._count = count
         self._argv = list(argv)
         self._env = dict(env)
         self._stop_timeout = stop_timeout
-        self._port = None
+        self._port: tcp.Port | None = None
         self._workers: dict[int, _Worker] = {}
         self._quick_exits: dict[int, int] = {}
-        self._restarts: dict[int, object] = {}
+        self._restarts: dict[int, IDelayedCall] = {}
 
     def privilegedStartService(self) -> None:
+        """Bind the listening socket (before twistd drops privileges), never to accept on it."""
         super().privilegedStartService()
-        bound: list = []  # a TCP or UNIX endpoint listens at once: its Deferred has fired
+        bound: list[IListeningPort | Failure] = []  # a TCP or UNIX endpoint listens at once: it has fired
         serverFromString(self._reactor, self._listen).listen(ServerFactory.forProtocol(Protocol)).addBoth(bound.append)
         if isinstance(bound[0], Failure):
             bound[0].raiseException()
-        self._port = bound[0]
+        self._port = cast("tcp.Port", bound[0])  # TCP and UNIX endpoints listen with a tcp.Port
         self._port.stopReading()  # the workers accept; the supervisor only holds the socket
 
     def startService(self) -> None:
+        """Bind if not done yet, then start the workers."""
         if self._port is None:
             self.privilegedStartService()
         super().startService()
@@ -154,17 +178,19 @@ class WorkerSupervisor(Service):
 
     def _spawn(self, index: int) -> None:
         self._restarts.pop(index, None)
-        family = self._port.socket.family
+        port = self._port
+        assert port is not None  # bound by privilegedStartService
+        family = port.socket.family
         env = dict(self._env, **{WORKER_ENV: f"{index}:{LISTEN_FD}:{int(family)}"})
         worker = _Worker(self, index, self._reactor.seconds())
-        transport = self._reactor.spawnProcess(
+        transport = cast("IReactorProcess", self._reactor).spawnProcess(
             worker, self._argv[0], self._argv, env=env,
-            childFDs={0: "w", 1: 1, 2: 2, LISTEN_FD: self._port.fileno()},
+            childFDs={0: "w", 1: 1, 2: 2, LISTEN_FD: port.fileno()},
         )
         self._workers[index] = worker
         log.info("worker {index} started (pid {pid})", index=index, pid=transport.pid)
 
-    def _ended(self, worker: _Worker, status) -> None:
+    def _ended(self, worker: _Worker, status: BaseException | None) -> None:
         self._workers.pop(worker.index, None)
         if not self.running:
             return
@@ -176,7 +202,8 @@ class WorkerSupervisor(Service):
                  index=worker.index, status=_describe(status), lived=lived, delay=delay)
         self._restarts[worker.index] = self._reactor.callLater(delay, self._spawn, worker.index)
 
-    def stopService(self):
+    def stopService(self) -> Deferred[None]:
+        """Cancel pending restarts, TERM every worker (KILL after the timeout), then close the socket."""
         super().stopService()
         for call in self._restarts.values():
             if call.active():
@@ -188,7 +215,7 @@ class WorkerSupervisor(Service):
             _signal(worker, "TERM")
         everyone = DeferredList([worker.ended for worker in workers])
 
-        def too_slow(failure):
+        def too_slow(failure: Failure) -> Deferred[list[tuple[bool, None]]]:
             failure.trap(TimeoutError)
             for worker in workers:
                 if not worker.ended.called:
@@ -198,17 +225,20 @@ class WorkerSupervisor(Service):
             return DeferredList([worker.ended for worker in workers])
 
         everyone.addTimeout(self._stop_timeout, self._reactor).addErrback(too_slow)
-        return everyone.addCallback(lambda _: self._port.stopListening())
+        return everyone.addCallback(lambda _: cast("tcp.Port", self._port).stopListening())
 
 
 def _signal(worker: _Worker, name: str) -> None:
+    transport = worker.transport
+    assert transport is not None  # connected by spawnProcess
     try:
-        worker.transport.signalProcess(name)
+        transport.signalProcess(name)
     except ProcessExitedAlready:
         pass
 
 
-def _describe(status) -> str:
-    if getattr(status, "signal", None):
-        return f"signal {status.signal}"
+def _describe(status: BaseException | None) -> str:
+    signal = getattr(status, "signal", None)
+    if signal:
+        return f"signal {signal}"
     return f"code {getattr(status, 'exitCode', '?')}"

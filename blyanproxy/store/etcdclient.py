@@ -9,14 +9,23 @@ each newline-delimited JSON message to a callback.
 from __future__ import annotations
 
 import json
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 
 from blyanproxy.core import StoreUnavailable
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+    from twisted.python.failure import Failure
+    from twisted.web.iweb import IResponse
+
+#: A JSON object as etcd's gateway sends and takes it.
+Document = dict[str, Any]
 
 #: Longest watch message accepted without a newline (a watch batch of many node changes).
 MAX_LINE = 16 * 1024 * 1024
@@ -25,7 +34,8 @@ MAX_LINE = 16 * 1024 * 1024
 class EtcdGateway:
     """Calls to one etcd endpoint; ``close()`` at shutdown."""
 
-    def __init__(self, reactor, base_url: str, timeout: float) -> None:
+    def __init__(self, reactor: IReactorTime, base_url: str, timeout: float) -> None:
+        """``reactor`` times every call out, and connects (``IReactorTCP``)."""
         self._reactor = reactor
         self._base = base_url
         self._timeout = timeout
@@ -33,22 +43,21 @@ class EtcdGateway:
         self._pool.maxPersistentPerHost = 4
         self._http = HTTPClient(Agent(reactor, connectTimeout=timeout, pool=self._pool))
 
-    def call(self, path: str, body: dict) -> Deferred:
+    def call(self, path: str, body: Document) -> Deferred[Document]:
         """POST ``body`` to ``/v3/<path>``; fires with the answer's JSON object."""
 
-        def answered(response):
+        def answered(response) -> Deferred[Document]:  # a treq response, whose class treq keeps private
             return response.content().addCallback(lambda raw: _document(path, response.code, raw))
 
-        requested = self._http.post(f"{self._base}/v3/{path}", json=body, unbuffered=True)
-        requested.addCallback(answered)
-        requested.addTimeout(self._timeout, self._reactor)
-        return requested.addErrback(_unavailable, path)
+        answer = self._http.post(f"{self._base}/v3/{path}", json=body, unbuffered=True).addCallback(answered)
+        answer.addTimeout(self._timeout, self._reactor)
+        return answer.addErrback(_unavailable, path)
 
-    def watch(self, body: dict, on_message: Callable[[dict], None]) -> WatchStream:
+    def watch(self, body: Document, on_message: Callable[[Document], None]) -> WatchStream:
         """Open ``/v3/watch`` with ``body``; ``on_message`` gets every message until the stream ends."""
         return WatchStream(self._http, f"{self._base}/v3/watch", body, on_message, self._reactor, self._timeout)
 
-    def close(self) -> Deferred:
+    def close(self) -> Deferred[None]:
         """Close idle connections to etcd."""
         return self._pool.closeCachedConnections()
 
@@ -56,22 +65,30 @@ class EtcdGateway:
 class WatchStream:
     """One open watch call; ``ended`` fires (with a ``StoreUnavailable`` failure) when it stops."""
 
-    def __init__(self, http, url: str, body: dict, on_message, reactor, timeout: float) -> None:
-        self.ended: Deferred = Deferred()
+    def __init__(
+        self,
+        http: HTTPClient,
+        url: str,
+        body: Document,
+        on_message: Callable[[Document], None],
+        clock: IReactorTime,
+        timeout: float,
+    ) -> None:
+        self.ended: Deferred[None] = Deferred()
         self._lines: _Lines | None = None
         self._requested = http.post(url, json=body, unbuffered=True)
-        self._requested.addTimeout(timeout, reactor)
+        self._requested.addTimeout(timeout, clock)
         self._requested.addCallback(self._opened, on_message)
         self._requested.addErrback(_unavailable, "watch")
         self._requested.addErrback(self._finish)
 
-    def _opened(self, response, on_message) -> None:
+    def _opened(self, response: IResponse, on_message: Callable[[Document], None]) -> None:
         if response.code != 200:
             raise StoreUnavailable(f"etcd refused the watch (HTTP {response.code})")
         self._lines = _Lines(on_message, self._finish)
         response.deliverBody(self._lines)
 
-    def _finish(self, failure) -> None:
+    def _finish(self, failure: Failure | StoreUnavailable) -> None:
         if not self.ended.called:
             self.ended.errback(failure)
 
@@ -80,13 +97,15 @@ class WatchStream:
         if self._lines is None:
             self._requested.cancel()
         elif self._lines.transport is not None:
-            self._lines.transport.stopProducing()
+            self._lines.stop()
 
 
 class _Lines(Protocol):
     """Splits a streamed body into JSON messages, one per line."""
 
-    def __init__(self, on_message, finish) -> None:
+    def __init__(
+        self, on_message: Callable[[Document], None], finish: Callable[[StoreUnavailable], None]
+    ) -> None:
         self._on_message = on_message
         self._finish = finish
         self._buffer = b""
@@ -98,14 +117,20 @@ class _Lines(Protocol):
             if line.strip():
                 self._on_message(json.loads(line))
         if len(self._buffer) > MAX_LINE:
-            self.transport.stopProducing()
+            self.stop()
 
-    def connectionLost(self, reason) -> None:
+    def stop(self) -> None:
+        """Stop the body: its connection closes, then ``connectionLost`` ends the watch."""
+        # A response body's protocol is connected to an IPushProducer (IResponse.deliverBody),
+        # which Twisted's ``Protocol.transport: ITransport`` does not say.
+        cast(IPushProducer, self.transport).stopProducing()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         why = "etcd ended the watch" if reason.check(ResponseDone) else "the watch connection to etcd was lost"
         self._finish(StoreUnavailable(why))
 
 
-def _document(path: str, code: int, raw: bytes) -> dict:
+def _document(path: str, code: int, raw: bytes) -> Document:
     try:
         document = json.loads(raw)
     except ValueError:
@@ -116,9 +141,9 @@ def _document(path: str, code: int, raw: bytes) -> dict:
     return document
 
 
-def _unavailable(failure, path: str):
+def _unavailable(failure: Failure, path: str) -> Failure:
     if failure.check(StoreUnavailable):
         return failure
     if failure.check(CancelledError):
         raise StoreUnavailable(f"etcd did not answer {path} in time")
-    raise StoreUnavailable(f"etcd is unreachable ({failure.type.__name__})")
+    raise StoreUnavailable(f"etcd is unreachable ({type(failure.value).__name__})")

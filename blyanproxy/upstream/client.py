@@ -11,9 +11,14 @@ a complete, well-framed response that did not ask to close.
 
 from __future__ import annotations
 
+import typing
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, TypeVar, cast
+
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from blyanproxy.upstream.http11 import (
@@ -27,8 +32,18 @@ from blyanproxy.upstream.http11 import (
 )
 from blyanproxy.upstream.writethrough import write_through
 
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IAddress, IReactorTime, IStreamClientEndpoint
+
+    from blyanproxy.upstream.endpoints import NodeEndpoints
+
 #: A request body up to this size is sent together with its head, in one write.
 _ONE_WRITE = 64 * 1024
+
+#: Where a connection goes: ``(scheme, host, port)``.
+NodeAddress = tuple[str, str, int]
+
+_P = TypeVar("_P", bound=Protocol)
 
 
 class _OneConnection(Factory):
@@ -39,20 +54,18 @@ class _OneConnection(Factory):
     def __init__(self, protocol: Protocol) -> None:
         self._protocol = protocol
 
-    def buildProtocol(self, addr) -> Protocol:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
         return self._protocol
 
 
-def connect_quietly(endpoint, protocol: Protocol) -> defer.Deferred:
+def connect_quietly(endpoint: IStreamClientEndpoint, protocol: _P) -> defer.Deferred[_P]:
     """``endpoint.connect`` for one ready-made protocol; fires with it once connected."""
-    return endpoint.connect(_OneConnection(protocol))
+    # An endpoint fires with the protocol its factory built (a TLS endpoint with the wrapped one).
+    return cast("defer.Deferred[_P]", endpoint.connect(_OneConnection(protocol)))
 
 
-class BodyReceiver:
-    """What a caller of ``UpstreamConnection.request`` implements (documentation only)."""
-
-    def response_started(self, status: int, reason: bytes, headers: RawHeaders, length: int | None) -> None:
-        """The response head arrived; ``length`` is None unless the body length is known."""
+class BodySink(typing.Protocol):
+    """Where a response body goes: what ``UpstreamConnection.deliver_body`` is given."""
 
     def body_data(self, data: bytes) -> None:
         """A piece of the body."""
@@ -60,20 +73,48 @@ class BodyReceiver:
     def response_ended(self, error: str | None) -> None:
         """The body is complete (``error`` None) or broke off (``error`` says how)."""
 
-    def request_failed(self, reason) -> None:
+
+class BodyReceiver(BodySink, typing.Protocol):
+    """What a caller of ``UpstreamConnection.request`` implements: the head, then the body."""
+
+    def response_started(self, status: int, reason: bytes, headers: RawHeaders, length: int | None) -> None:
+        """The response head arrived; ``length`` is None unless the body length is known."""
+
+    def request_failed(self, reason: Failure | ProtocolError) -> None:
         """No response head arrived: ``reason`` is the connection's Failure or a ProtocolError."""
+
+
+class _NodeTransport(typing.Protocol):
+    """What a connection uses of its transport: TCP, or TLS over TCP (``ITCPTransport`` and
+    ``IPushProducer`` both, which Twisted's ``Protocol.transport: ITransport`` cannot say)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def writeSequence(self, data: Iterable[bytes]) -> None: ...
+
+    def loseConnection(self) -> None: ...
+
+    def abortConnection(self) -> None: ...
+
+    def pauseProducing(self) -> None: ...
+
+    def resumeProducing(self) -> None: ...
 
 
 @implementer(IPushProducer)
 class UpstreamConnection(Protocol):
-    """One keep-alive HTTP/1.1 connection to a node, carrying one request at a time."""
+    """One keep-alive HTTP/1.1 connection to a node, carrying one request at a time.
 
-    def __init__(self, pool: UpstreamPool, key: tuple) -> None:
+    Until the response head is in, the receiver is the ``BodyReceiver`` that ``request`` was
+    given; once it is, ``deliver_body`` may hand the body to a ``BodySink`` instead.
+    """
+
+    def __init__(self, pool: UpstreamPool, key: NodeAddress) -> None:
         self._pool = pool
         self.key = key
         self.reused = False
         self.idle_since = 0.0
-        self._receiver: BodyReceiver | None = None
+        self._receiver: BodySink | None = None
         self._method = b""
         self._head = b""
         self._framing = "none"
@@ -82,6 +123,7 @@ class UpstreamConnection(Protocol):
         self._raw_chunks = False
         self._keep_alive = False
         self._in_body = False
+        self._closed: defer.Deferred[None] | None = None
         self.bytes_received = 0
 
     # -- the caller's side ----------------------------------------------------
@@ -98,13 +140,13 @@ class UpstreamConnection(Protocol):
         elif len(body) <= _ONE_WRITE:
             self._write(head + body)
         else:
-            self.transport.writeSequence((head, body))
+            self._link.writeSequence((head, body))
 
     def pass_chunks_raw(self) -> None:
         """Deliver a chunked body with its chunk framing, as received (called on seeing the head)."""
         self._raw_chunks = True
 
-    def deliver_body(self, receiver) -> None:
+    def deliver_body(self, receiver: BodySink) -> None:
         """From now on, body bytes and the end go to ``receiver`` (called on seeing the head)."""
         self._receiver = receiver
 
@@ -121,29 +163,46 @@ class UpstreamConnection(Protocol):
     def abort(self) -> None:
         """Drop the connection (the response is unwanted or broken)."""
         self._receiver = None
-        self.transport.abortConnection()
+        self._link.abortConnection()
+
+    def close(self) -> None:
+        """Close the connection once what was written has been sent (an idle one, not wanted)."""
+        self._link.loseConnection()
+
+    def abort_and_wait(self) -> defer.Deferred[None]:
+        """Drop the connection, telling its receiver if any; fires once it has closed."""
+        closed: defer.Deferred[None] = defer.Deferred()
+        self._closed = closed
+        self._link.abortConnection()
+        return closed
 
     def pauseProducing(self) -> None:
-        self.transport.pauseProducing()
+        """The caller cannot take more body now: stop reading from the node."""
+        self._link.pauseProducing()
 
     def resumeProducing(self) -> None:
-        self.transport.resumeProducing()
+        """Read from the node again."""
+        self._link.resumeProducing()
 
     def stopProducing(self) -> None:
+        """The caller wants no more of the body: drop the connection."""
         self.abort()
 
     # -- the node's side ------------------------------------------------------
 
     def connectionMade(self) -> None:
+        """Keep the transport, as what it is, and its write-through ``write``."""
+        self._link = cast(_NodeTransport, self.transport)
         self._write = write_through(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
+        """Bytes from the node: the head of the response, then its body."""
         self.bytes_received += len(data)
         if self._receiver is None:
-            self.transport.abortConnection()  # bytes nobody asked for: never reuse
+            self._link.abortConnection()  # bytes nobody asked for: never reuse
             return
         if self._in_body:
-            self._body(data)
+            self._body(self._receiver, data)
         else:
             self._read_head(data)
 
@@ -178,80 +237,86 @@ class UpstreamConnection(Protocol):
         self._chunks = ChunkedBody() if self._framing == "chunked" else None
         self._raw_chunks = False
         self._in_body = True
-        self._receiver.response_started(status, reason, headers, length)
+        cast(BodyReceiver, self._receiver).response_started(status, reason, headers, length)
         if self._receiver is None:
             return  # the receiver aborted on seeing the head
         if self._framing == "none" or (self._framing == "length" and not length):
-            self._complete(rest)
+            self._complete(self._receiver, rest)
         elif rest:
-            self._body(rest)
+            self._body(self._receiver, rest)
 
-    def _body(self, data: bytes) -> None:
+    def _body(self, receiver: BodySink, data: bytes) -> None:
+        """Body bytes for ``receiver``, the current one (which a call may abort or replace)."""
         framing = self._framing
         if framing == "length":
             if len(data) >= self._remaining:
                 piece, extra = data[: self._remaining], data[self._remaining:]
                 self._remaining = 0
                 if piece:
-                    self._receiver.body_data(piece)
+                    receiver.body_data(piece)
                 if self._receiver is not None:
-                    self._complete(extra)
+                    self._complete(self._receiver, extra)
                 return
             self._remaining -= len(data)
-            self._receiver.body_data(data)
+            receiver.body_data(data)
         elif framing == "chunked":
-            pieces = None if self._raw_chunks else []
+            chunks = cast(ChunkedBody, self._chunks)  # set with the chunked framing
+            pieces: list[bytes] | None = None if self._raw_chunks else []
             try:
-                end = self._chunks.feed(data, pieces)
+                end = chunks.feed(data, pieces)
             except ProtocolError as exc:
-                self._broke(f"malformed chunked body: {exc}")
+                self._broke(receiver, f"malformed chunked body: {exc}")
                 return
             if pieces is None:
                 raw = data if end == -1 else data[:end]
                 if raw:
-                    self._receiver.body_data(raw)
+                    receiver.body_data(raw)
             else:
                 for piece in pieces:
                     if self._receiver is None:
                         return
                     self._receiver.body_data(piece)
             if end != -1 and self._receiver is not None:
-                self._complete(data[end:])
+                self._complete(self._receiver, data[end:])
         else:
-            self._receiver.body_data(data)
+            receiver.body_data(data)
 
-    def _complete(self, extra: bytes) -> None:
-        receiver, self._receiver = self._receiver, None
+    def _complete(self, receiver: BodySink, extra: bytes) -> None:
+        """The body of ``receiver`` (the current one) is complete; ``extra`` came after it."""
+        self._receiver = None
         self._in_body = False
         if extra or not self._keep_alive:
-            self.transport.loseConnection()
+            self._link.loseConnection()
         else:
             # A slow client may have paused this connection just as the body ended.
-            self.transport.resumeProducing()
+            self._link.resumeProducing()
             self._pool.release(self)
         receiver.response_ended(None)
 
-    def _broke(self, why: str) -> None:
-        receiver, self._receiver = self._receiver, None
-        self.transport.abortConnection()
+    def _broke(self, receiver: BodySink, why: str) -> None:
+        self._receiver = None
+        self._link.abortConnection()
         receiver.response_ended(why)
 
-    def _fail(self, reason) -> None:
-        receiver, self._receiver = self._receiver, None
-        self.transport.abortConnection()
+    def _fail(self, reason: ProtocolError) -> None:
+        # Only while the head is awaited, so the receiver is the BodyReceiver ``request`` was given.
+        receiver, self._receiver = cast(BodyReceiver, self._receiver), None
+        self._link.abortConnection()
         receiver.request_failed(reason)
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """The connection closed: leave the pool, and tell the receiver if one was waiting."""
         self._pool.forget(self)
         receiver, self._receiver = self._receiver, None
-        if receiver is None:
-            return
-        if not self._in_body:
-            receiver.request_failed(reason)
-        elif self._framing == "close":
-            receiver.response_ended(None)
-        else:
-            receiver.response_ended("the connection closed before the body was complete")
+        if receiver is not None:
+            if not self._in_body:
+                cast(BodyReceiver, receiver).request_failed(reason)
+            elif self._framing == "close":
+                receiver.response_ended(None)
+            else:
+                receiver.response_ended("the connection closed before the body was complete")
+        if self._closed is not None:
+            self._closed.callback(None)
 
 
 class UpstreamPool:
@@ -261,15 +326,15 @@ class UpstreamPool:
     ``idle_timeout`` seconds (checked when it is taken and by ``sweep``).
     """
 
-    def __init__(self, clock, endpoints, max_idle: int, idle_timeout: float) -> None:
+    def __init__(self, clock: IReactorTime, endpoints: NodeEndpoints, max_idle: int, idle_timeout: float) -> None:
         self._clock = clock
         self._endpoints = endpoints
         self._max_idle = max_idle
         self._idle_timeout = idle_timeout
-        self._idle: dict[tuple, list[UpstreamConnection]] = {}
-        self._busy: set = set()
+        self._idle: dict[NodeAddress, list[UpstreamConnection]] = {}
+        self._busy: set[UpstreamConnection] = set()
 
-    def connection(self, scheme: str, host: str, port: int, fresh: bool = False) -> defer.Deferred:
+    def connection(self, scheme: str, host: str, port: int, fresh: bool = False) -> defer.Deferred[UpstreamConnection]:
         """A connection to the node: an idle one if young enough (unless ``fresh``), else a new one."""
         key = (scheme, host, port)
         idle = None if fresh else self._idle.get(key)
@@ -280,10 +345,9 @@ class UpstreamPool:
                 conn.reused = True
                 self._busy.add(conn)
                 return defer.succeed(conn)
-            conn.transport.loseConnection()
+            conn.close()
         endpoint = self._endpoints.endpoint(scheme, host, port)
-        conn = UpstreamConnection(self, key)
-        d = connect_quietly(endpoint, conn)
+        d = connect_quietly(endpoint, UpstreamConnection(self, key))
         d.addCallback(self._connected)
         return d
 
@@ -296,7 +360,7 @@ class UpstreamPool:
         self._busy.discard(conn)
         idle = self._idle.setdefault(conn.key, [])
         if len(idle) >= self._max_idle:
-            conn.transport.loseConnection()
+            conn.close()
             return
         conn.idle_since = self._clock.seconds()
         idle.append(conn)
@@ -314,23 +378,12 @@ class UpstreamPool:
         for idle in self._idle.values():
             for conn in [c for c in idle if now - c.idle_since >= self._idle_timeout]:
                 idle.remove(conn)
-                conn.transport.loseConnection()
+                conn.close()
 
-    def close(self) -> defer.Deferred:
+    def close(self) -> defer.Deferred[list[None]]:
         """Close every connection, idle or busy; fires when all are closed."""
-        waits = []
-        for conn in [c for idle in self._idle.values() for c in idle] + list(self._busy):
-            closed = defer.Deferred()
-            conn.connectionLost = _then(conn.connectionLost, closed)
-            conn.transport.abortConnection()
-            waits.append(closed)
+        waits = [
+            conn.abort_and_wait() for conn in [c for idle in self._idle.values() for c in idle] + list(self._busy)
+        ]
         self._idle.clear()
         return defer.gatherResults(waits)
-
-
-def _then(lost, closed: defer.Deferred):
-    def connection_lost(reason) -> None:
-        lost(reason)
-        closed.callback(None)
-
-    return connection_lost

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from OpenSSL import SSL
 from twisted.internet import ssl
@@ -18,8 +18,15 @@ from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
+if TYPE_CHECKING:
+    # For its type only: Twisted (checked with 26.10) exports this interface from no public module.
+    from twisted.internet._sslverify import IOpenSSLTrustRoot
+    from twisted.internet.interfaces import IReactorTCP, IStreamClientEndpoint
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
+    from twisted.web.client import URI
 
-def load_trust_root(path: str):
+
+def load_trust_root(path: str) -> IOpenSSLTrustRoot:
     """Trust the CA certificates of a PEM bundle; ``ValueError`` naming the file if unusable."""
     try:
         with open(path, "rb") as pem:
@@ -45,7 +52,8 @@ class _UnverifiedTLS:
         self._hostname = hostname
         self._context = ssl.CertificateOptions().getContext()
 
-    def clientConnectionForTLS(self, tlsProtocol):
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        """A client connection with SNI set and no verification."""
         connection = SSL.Connection(self._context, None)
         connection.set_app_data(tlsProtocol)
         connection.set_tlsext_host_name(self._hostname)
@@ -58,11 +66,14 @@ class NodeTLSPolicy:
     """Verify every https node (against ``trust_root`` or the system roots) unless
     ``verify_for(host, port)`` says that node opted out."""
 
-    def __init__(self, verify_for: Callable[[bytes, int], bool], trust_root=None) -> None:
+    def __init__(
+        self, verify_for: Callable[[bytes, int], bool], trust_root: IOpenSSLTrustRoot | None = None
+    ) -> None:
         self._verify_for = verify_for
         self._verified = BrowserLikePolicyForHTTPS(trustRoot=trust_root)
 
-    def creatorForNetloc(self, hostname: bytes, port: int):
+    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
+        """Verifying TLS for ``hostname:port``, unless that node opted out."""
         if self._verify_for(hostname, port):
             return self._verified.creatorForNetloc(hostname, port)
         return _UnverifiedTLS(hostname)
@@ -71,15 +82,19 @@ class NodeTLSPolicy:
 @implementer(IAgentEndpointFactory)
 class NodeEndpoints:
     """Client endpoints to nodes: TCP, with TLS for https, and no resolver round trip
-    for IP literals (a node named by address connects at once)."""
+    for IP literals (a node named by address connects at once).
 
-    def __init__(self, reactor, tls_policy: IPolicyForHTTPS, connect_timeout: float) -> None:
+    ``reactor`` also keeps time and resolves names (``HostnameEndpoint`` needs both).
+    """
+
+    def __init__(self, reactor: IReactorTCP, tls_policy: IPolicyForHTTPS, connect_timeout: float) -> None:
         self._reactor = reactor
         self._tls_policy = tls_policy
         self._timeout = connect_timeout
 
-    def endpoint(self, scheme: str, host: str, port: int):
+    def endpoint(self, scheme: str, host: str, port: int) -> IStreamClientEndpoint:
         """The endpoint for one node address."""
+        endpoint: IStreamClientEndpoint
         if isIPAddress(host):
             endpoint = TCP4ClientEndpoint(self._reactor, host, port, timeout=self._timeout)
         elif isIPv6Address(host):
@@ -91,6 +106,6 @@ class NodeEndpoints:
             endpoint = wrapClientTLS(creator, endpoint)
         return endpoint
 
-    def endpointForURI(self, uri):
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         """``IAgentEndpointFactory``, so an ``Agent`` (health probes) reaches nodes the same way."""
         return self.endpoint(uri.scheme.decode("ascii"), uri.host.decode("ascii"), uri.port)

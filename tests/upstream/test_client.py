@@ -247,3 +247,32 @@ def test_chunked_with_content_length_is_not_kept_alive():
     send(conn)
     conn.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n")
     assert conn.transport.disconnecting
+
+
+
+class EventReceiver(Receiver):
+    """A Receiver that also notes a failed request in a shared list of events."""
+
+    def __init__(self, events):
+        super().__init__()
+        self._events = events
+
+    def request_failed(self, reason):
+        super().request_failed(reason)
+        self._events.append("request failed")
+
+
+def test_close_aborts_idle_and_busy_connections_and_fires_once_all_are_closed():
+    _, endpoints, pool = make_pool()
+    idle, busy = connected(pool, endpoints), connected(pool, endpoints)
+    send(idle)
+    idle.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+    events = []
+    busy.request(b"GET", serialize_request_head(b"GET", b"/x", [(b"Host", [b"n"])]), b"", EventReceiver(events))
+    closed = pool.close()
+    closed.addCallback(lambda _: events.append("closed"))
+    assert idle.transport.disconnected and busy.transport.disconnected  # aborted, not closed gently
+    idle.connectionLost(Failure(ConnectionLost()))
+    assert events == []  # one connection is still open
+    busy.connectionLost(Failure(ConnectionLost()))
+    assert events == ["request failed", "closed"]  # its receiver is told before close() fires
