@@ -12,16 +12,16 @@ import json
 from typing import TYPE_CHECKING, Any, Callable, cast
 
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 
 from blyanproxy.core import StoreUnavailable
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
-    from twisted.python.failure import Failure
     from twisted.web.iweb import IResponse
 
 #: A JSON object as etcd's gateway sends and takes it.
@@ -50,7 +50,7 @@ class EtcdGateway:
             return response.content().addCallback(lambda raw: _document(path, response.code, raw))
 
         answer = self._http.post(f"{self._base}/v3/{path}", json=body, unbuffered=True).addCallback(answered)
-        answer.addTimeout(self._timeout, self._reactor)
+        answer.addTimeout(self._timeout, self._reactor, onTimeoutCancel=_too_slow(path))
         return answer.addErrback(_unavailable, path)
 
     def watch(self, body: Document, on_message: Callable[[Document], None]) -> WatchStream:
@@ -77,7 +77,7 @@ class WatchStream:
         self.ended: Deferred[None] = Deferred()
         self._lines: _Lines | None = None
         self._requested = http.post(url, json=body, unbuffered=True)
-        self._requested.addTimeout(timeout, clock)
+        self._requested.addTimeout(timeout, clock, onTimeoutCancel=_too_slow("watch"))
         self._requested.addCallback(self._opened, on_message)
         self._requested.addErrback(_unavailable, "watch")
         self._requested.addErrback(self._finish)
@@ -141,9 +141,16 @@ def _document(path: str, code: int, raw: bytes) -> Document:
     return document
 
 
+def _too_slow(path: str) -> Callable[[object, float], Failure]:
+    """What a call cut short by its timeout fails with, whatever the cancelled request reported."""
+
+    def timed_out(result: object, timeout: float) -> Failure:
+        return Failure(StoreUnavailable(f"etcd did not answer {path} in time"))
+
+    return timed_out
+
+
 def _unavailable(failure: Failure, path: str) -> Failure:
     if failure.check(StoreUnavailable):
         return failure
-    if failure.check(CancelledError):
-        raise StoreUnavailable(f"etcd did not answer {path} in time")
     raise StoreUnavailable(f"etcd is unreachable ({type(failure.value).__name__})")

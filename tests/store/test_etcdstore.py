@@ -234,9 +234,6 @@ def test_etcd_not_answering_a_write_in_time_is_store_unavailable(network, etcd, 
     assert [n.id for n in store.state().nodes] == ["n1"]
 
 
-@pytest.mark.xfail(strict=True, reason="EtcdGateway.call's timeout (Deferred.addTimeout) fails with "
-                   "ResponseNeverReceived or TimeoutError, never CancelledError, so the 'did not answer in time' "
-                   "message is never used: a slow etcd is reported as 'etcd is unreachable (ResponseNeverReceived)'")
 def test_etcd_not_answering_in_time_is_told_as_such(network, etcd, proxy):
     late, _ = late_commit(network, etcd, proxy)
     assert str(late.value) == "etcd did not answer kv/txn in time"
