@@ -17,10 +17,15 @@ import attrs
 from blyanproxy.core import (
     AffinitySource,
     ForwardTrust,
+    node_name,
+    node_tags,
+    node_weight,
     parse_affinity_source,
     parse_base_url,
+    parse_boolean,
     parse_forward_trust,
     selection,
+    url_taken,
 )
 from blyanproxy.logs import LOG_LEVELS
 from blyanproxy.store import EtcdLocation, parse_state_store
@@ -28,8 +33,8 @@ from blyanproxy.store import EtcdLocation, parse_state_store
 POLICIES = tuple(selection.POLICIES)
 DEFAULT_LISTEN = "tcp:9000:interface=127.0.0.1"
 _NODE_VARIABLE = re.compile(r"NODE_(\d+)\Z")
-_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\Z")
-_NAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f|]")
+#: Control characters and ``|``: never in a health path or a token.
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f|]")
 
 
 class ConfigError(ValueError):
@@ -149,15 +154,6 @@ def _factor(text: str) -> float:
     return float(text)
 
 
-def _boolean(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("expected true or false")
-
-
 def _choice(choices: Sequence[str]) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in choices:
@@ -178,7 +174,7 @@ def _paths(text: str) -> tuple:
     if not paths:
         raise ValueError("expected at least one path")
     for path in paths:
-        if not path.startswith("/") or _NAME_FORBIDDEN.search(path) or " " in path:
+        if not path.startswith("/") or _UNSAFE.search(path) or " " in path:
             raise ValueError(f"{path!r} is not an absolute path")
     return paths
 
@@ -214,7 +210,7 @@ def _api_url(text: str) -> str:
 def _secret(text: str) -> str:
     if len(text) < 16:
         raise ValueError("must be at least 16 characters")
-    if _NAME_FORBIDDEN.search(text) or " " in text:
+    if _UNSAFE.search(text) or " " in text:
         raise ValueError("must not contain spaces, '|' or control characters")
     return text
 
@@ -234,9 +230,11 @@ def parse_node(text: str, source: str) -> NodeSpec:
     fields = text.split("|")
     if len(fields) < 2:
         raise ValueError("expected name|url")
-    name, url = fields[0].strip(), fields[1].strip()
-    if not name or len(name) > 128 or _NAME_FORBIDDEN.search(name) or not name.isprintable():
-        raise ValueError("the name must be 1 to 128 printable characters")
+    try:
+        name = node_name(fields[0].strip())
+    except ValueError as exc:
+        raise ValueError(f"the {exc}") from None
+    url = fields[1].strip()
     try:
         base = parse_base_url(url)
     except ValueError as exc:
@@ -248,15 +246,11 @@ def parse_node(text: str, source: str) -> NodeSpec:
         if not sep:
             raise ValueError(f"expected key=value after the URL, got {item!r}")
         if key == "weight":
-            extras["weight"] = _whole(1, 1000)(value)
+            extras["weight"] = node_weight(int(value) if re.fullmatch(r"\d+", value.strip()) else value)
         elif key == "tags":
-            tags = tuple(t.strip() for t in value.split(",") if t.strip())
-            for tag in tags:
-                if not _TAG.match(tag):
-                    raise ValueError(f"tag {tag!r} must be letters, digits, '.', '_', ':' or '-'")
-            extras["tags"] = tags
+            extras["tags"] = node_tags(tuple(t.strip() for t in value.split(",") if t.strip()))
         elif key == "tls_verify":
-            extras["tls_verify"] = _boolean(value)
+            extras["tls_verify"] = parse_boolean(value)
         else:
             raise ValueError(f"unknown key {key!r} (known: weight, tags, tls_verify)")
     return NodeSpec(name=name, base_url=base.text, source=source, **extras)
@@ -341,11 +335,11 @@ SETTINGS = (
             "keep requests sharing this key on one node: header:NAME, cookie:NAME or query:NAME"),
     Setting("affinity_load_factor", "AFFINITY_LOAD_FACTOR", "affinity-load-factor", "1.25", _factor,
             "a node above this multiple of the average in-flight count takes no new affinity keys"),
-    Setting("strip_origin", "STRIP_ORIGIN", "strip-origin", "false", _boolean,
+    Setting("strip_origin", "STRIP_ORIGIN", "strip-origin", "false", parse_boolean,
             "drop the client's Origin header before forwarding"),
     Setting("ws_heartbeat", "WS_HEARTBEAT_MS", "ws-heartbeat-ms", "30000", _milliseconds(),
             "idle milliseconds before TCP keep-alive probes check a WebSocket's peers (0: off)"),
-    Setting("enable_metrics", "ENABLE_METRICS", "enable-metrics", "true", _boolean,
+    Setting("enable_metrics", "ENABLE_METRICS", "enable-metrics", "true", parse_boolean,
             "serve Prometheus metrics at /metrics"),
     Setting("metrics_token", "METRICS_TOKEN", None, "(none)", _secret,
             "token a scraper must send (X-Admin-Token or Bearer) to read /metrics; unset: open",
@@ -379,7 +373,7 @@ SETTINGS = (
             "DEBUG, INFO, WARN or ERROR"),
     Setting("log_format", "LOG_FORMAT", "log-format", "text", _choice(("text", "json")),
             "text: blyanproxy's events in twistd's log; json: JSON lines on standard output"),
-    Setting("access_log", "ACCESS_LOG", "access-log", "true", _boolean,
+    Setting("access_log", "ACCESS_LOG", "access-log", "true", parse_boolean,
             "write one access line per finished request"),
     Setting("drain_grace", "DRAIN_GRACE_MS", "drain-grace-ms", "30000", _milliseconds(),
             "on SIGTERM, milliseconds open requests and streams may take to finish before they are cut"),
@@ -445,9 +439,7 @@ def _nodes(env: Mapping[str, str], option_nodes: Sequence[str]) -> tuple:
     seen: dict = {}
     for spec in specs:
         if spec.base_url in seen:
-            raise ConfigError(
-                f"{spec.source}: base URL {spec.base_url} is already used by {seen[spec.base_url]}"
-            )
+            raise ConfigError(f"{spec.source}: {url_taken(spec.base_url, seen[spec.base_url])}")
         seen[spec.base_url] = spec.source
     return tuple(specs)
 
