@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from blyanproxy.core import POLICIES, HealthRules, Node, NodeStats, ProxyError, Route, route_members
-from blyanproxy.fleet import Lease, LeaseMaker
+from blyanproxy.fleet import Lease, LeaseMaker, LeasePool
 
 
 class KeyedBalancer(LeaseMaker):
@@ -51,7 +51,7 @@ class KeyedBalancer(LeaseMaker):
         return self.lease_among(members, route, excluded, self.stats, self._choose, unprobed=True)
 
 
-class KeyPool:
+class KeyPool(LeasePool):
     """One API key's usable nodes (in the API's order), as a pool the data path takes leases from."""
 
     def __init__(self, nodes: Sequence[Node], balancer: KeyedBalancer) -> None:
