@@ -33,10 +33,6 @@ class KeyedBalancer(LeaseMaker):
             found = self._stats[node.base_url] = NodeStats()
         return found
 
-    def known_urls(self) -> frozenset[str]:
-        """The node URLs that have figures."""
-        return frozenset(self._stats)
-
     def prune(self, in_use: frozenset[str]) -> None:
         """Forget figures of URLs no cached key lists and nothing is in flight on."""
         for url in [url for url, stats in self._stats.items() if url not in in_use and stats.in_flight == 0]:
