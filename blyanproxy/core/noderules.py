@@ -1,11 +1,13 @@
 """The rules a node's settings follow, each written once: its name, tags, weight and base URL.
 
-The settings (``NODE_<n>``, ``--node``), the admin API, the stored fleet, the
-registry and the fleet edits all check a node with these. A check that fails
-raises ``NodeFieldError``: ``field`` names the setting and ``problem`` says what
-is wrong, so each caller can put the words its users know in front
-(``name: must be ...`` for the admin API, ``node 'gpu-a': weight must be ...``
-for a stored node). Pure, no I/O.
+The settings (``NODE_<n>``, ``--node``) and the admin API check name, tags and
+weight with these; the stored fleet (state file, etcd) checks the weight and
+takes names and tags as they were stored; the registry, the fleet edits and the
+settings keep base URLs unique with ``check_url_free`` and ``url_taken``. A
+check that fails raises ``NodeFieldError``: ``field`` names the setting and
+``problem`` says what is wrong, so each caller puts the words its users know in
+front (``name: must be ...`` for the admin API, ``node 'gpu-a': weight must
+be ...`` for a stored node). Pure, no I/O.
 """
 
 from __future__ import annotations
