@@ -316,7 +316,7 @@ def make_proxy_service(settings: Settings, reactor, reload_settings=None,
     if parts.directory is not None:
         parts.directory.setServiceParent(top)
     if reload_settings is not None:
-        reloader = Reloader(settings, reload_settings, parts.registry, parts.balancer, parts.keeper,
+        reloader = Reloader(settings, reload_settings, parts.registry, parts.keeper,
                             lambda spec: node_from_spec(spec, reactor.seconds()))
         ProcessSignals(reactor, reloader.reload).setServiceParent(top)
     if role is None:

@@ -1,5 +1,6 @@
 """Settings parsing: defaults, environment, options, precedence and every refusal."""
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -152,3 +153,13 @@ def test_settings_from_is_total(env):
         build(env)
     except ConfigError as exc:
         assert any(name in str(exc) for name in env)
+
+
+def test_the_config_package_face_keeps_every_name_its_importers_use():
+    import blyanproxy.config as config
+
+    for name in ("ConfigError", "LISTEN_OPTION", "NodeSpec", "SETTINGS", "SETTINGS_BY_FIELD", "Setting",
+                 "Settings", "parse_node", "settings_from"):
+        assert name in config.__all__ and hasattr(config, name), name
+    assert set(config.SETTINGS_BY_FIELD) == {s.field for s in config.SETTINGS}
+    assert {s.field for s in config.SETTINGS} | {"listen", "nodes"} == set(attrs.fields_dict(Settings))

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Callable
 
-from blyanproxy.core import POLICIES, ProxyError, parse_base_url
+from blyanproxy.core import POLICIES, NodeFieldError, ProxyError, node_name, node_tags, node_weight, parse_base_url
 
 MAX_METADATA_BYTES = 16 * 1024
-_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\Z")
-_NAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f|]")
 #: ``metadata.healthPath``: a path on the node itself (never ``//host`` or ``@host``), printable ASCII.
 _HEALTH_PATH = re.compile(r"/(?!/)[!-~]{0,1023}\Z")
 
@@ -40,17 +38,19 @@ def _object(document: Any, allowed: set) -> dict[str, Any]:
     return document
 
 
-def _name(value: Any) -> str:
-    if (not isinstance(value, str) or not value.strip() or len(value) > 128 or _NAME_FORBIDDEN.search(value)
-            or not value.isprintable()):  # Unicode line and paragraph separators would split log lines
-        raise invalid("name", "must be 1 to 128 printable characters, without '|'")
-    return value.strip()
+def _node_field(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A ``noderules`` check whose refusal is a 400 naming the field."""
+
+    def checked(value: Any) -> Any:
+        try:
+            return check(value)
+        except NodeFieldError as broken:
+            raise invalid(broken.field, broken.problem) from None
+
+    return checked
 
 
-def _tags(value: Any) -> tuple:
-    if not isinstance(value, list) or not all(isinstance(t, str) and _TAG.match(t) for t in value):
-        raise invalid("tags", "must be a list of tags (letters, digits, '.', '_', ':', '-')")
-    return tuple(value)
+_name = _node_field(node_name)
 
 
 def _metadata(value: Any) -> dict:
@@ -64,12 +64,6 @@ def _metadata(value: Any) -> dict:
     return value
 
 
-def _weight(value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1000:
-        raise invalid("weight", "must be a whole number from 1 to 1000")
-    return value
-
-
 def _boolean(field: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise invalid(field, "must be true or false")
@@ -79,9 +73,9 @@ def _boolean(field: str, value: Any) -> bool:
 #: JSON field -> (Node field, check) for the fields a request may leave out.
 _OPTIONAL = {
     "name": ("name", _name),
-    "tags": ("tags", _tags),
+    "tags": ("tags", _node_field(node_tags)),
     "metadata": ("metadata", _metadata),
-    "weight": ("weight", _weight),
+    "weight": ("weight", _node_field(node_weight)),
     "tlsVerify": ("tls_verify", lambda value: _boolean("tlsVerify", value)),
     "draining": ("draining", lambda value: _boolean("draining", value)),
 }

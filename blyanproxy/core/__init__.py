@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from blyanproxy.core.affinity import AffinitySource, affinity_key, choose_by_key, parse_affinity_source
+from blyanproxy.core.booleans import boolean_word, parse_boolean
 from blyanproxy.core.errors import ProxyError, write_error
 from blyanproxy.core.fleetedit import Change
 from blyanproxy.core.fleetstate import (
@@ -17,7 +18,7 @@ from blyanproxy.core.fleetstate import (
     state_from_json,
     state_to_json,
 )
-from blyanproxy.core.headers import client_facts, downstream_response_headers, upstream_request_headers
+from blyanproxy.core.headers import RawHeaders, client_facts, downstream_response_headers, upstream_request_headers
 from blyanproxy.core.healthstate import (
     DOWN,
     UP,
@@ -28,6 +29,7 @@ from blyanproxy.core.healthstate import (
     readmit_after_cooldown,
     usable,
 )
+from blyanproxy.core.noderules import NodeFieldError, node_name, node_tags, node_weight, url_taken
 from blyanproxy.core.nodes import Node, NodeRegistry, NodeStats, new_node_id
 from blyanproxy.core.nodeurl import parse_base_url
 from blyanproxy.core.routing import Route, parse_route, route_allows
@@ -43,11 +45,13 @@ __all__ = [
     "ForwardTrust",
     "HealthRules",
     "Node",
+    "NodeFieldError",
     "NodeRegistry",
     "NodeStats",
     "POLICIES",
     "Policy",
     "ProxyError",
+    "RawHeaders",
     "Route",
     "StateError",
     "StateStore",
@@ -59,15 +63,20 @@ __all__ = [
     "after_probe",
     "after_traffic_failure",
     "after_traffic_success",
+    "boolean_word",
     "choose_by_key",
     "client_facts",
     "downstream_response_headers",
     "merge",
     "new_node_id",
     "node_from_json",
+    "node_name",
+    "node_tags",
     "node_to_json",
+    "node_weight",
     "parse_affinity_source",
     "parse_base_url",
+    "parse_boolean",
     "parse_forward_trust",
     "parse_route",
     "readmit_after_cooldown",
@@ -76,6 +85,7 @@ __all__ = [
     "state_from_json",
     "state_to_json",
     "upstream_request_headers",
+    "url_taken",
     "usable",
     "write_error",
 ]

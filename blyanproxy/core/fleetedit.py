@@ -11,11 +11,12 @@ no longer makes sense. Nothing is ever silently lost.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import attrs
 
 from blyanproxy.core.fleetstate import FleetState
+from blyanproxy.core.noderules import check_url_free
 from blyanproxy.core.nodes import Node
 from blyanproxy.core.selection import POLICIES
 
@@ -30,31 +31,25 @@ def find(state: FleetState, node_id: str) -> Node:
     raise KeyError(node_id)
 
 
-def _check_unique(nodes, candidate: Node) -> None:
-    for other in nodes:
-        if other.id != candidate.id and other.url == candidate.url:
-            raise ValueError(f"base URL {candidate.base_url} is already used by node {other.name}")
-
-
 def add_node(node: Node) -> Change:
     """Append ``node``; a URL that was removed at run time is no longer remembered as removed."""
 
     def change(state: FleetState) -> FleetState:
         if any(other.id == node.id for other in state.nodes):
             raise ValueError(f"node id {node.id} is already registered")
-        _check_unique(state.nodes, node)
+        check_url_free(state.nodes, node)
         removed = tuple(url for url in state.removed if url != node.base_url)
         return attrs.evolve(state, nodes=state.nodes + (node,), removed=removed)
 
     return change
 
 
-def update_node(node_id: str, **fields) -> Change:
+def update_node(node_id: str, **fields: Any) -> Change:
     """Replace some of a node's settings (``name``, ``tags``, ``weight``, ``draining``…)."""
 
     def change(state: FleetState) -> FleetState:
         updated = attrs.evolve(find(state, node_id), **fields)
-        _check_unique(state.nodes, updated)
+        check_url_free(state.nodes, updated)
         nodes = tuple(updated if node.id == node_id else node for node in state.nodes)
         return attrs.evolve(state, nodes=nodes)
 

@@ -22,10 +22,11 @@ The merge rule at start-up (``merge``):
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import attrs
 
+from blyanproxy.core.noderules import NodeFieldError, node_weight
 from blyanproxy.core.nodes import Node, new_node_id
 from blyanproxy.core.nodeurl import parse_base_url
 from blyanproxy.core.selection import POLICIES
@@ -65,7 +66,7 @@ class FleetState:
     removed: tuple[str, ...] = ()
 
 
-def node_to_json(node: Node) -> dict:
+def node_to_json(node: Node) -> dict[str, Any]:
     """The JSON form of a node (Blyan's field names where Blyan had them)."""
     return {
         "id": node.id,
@@ -81,7 +82,7 @@ def node_to_json(node: Node) -> dict:
     }
 
 
-def node_from_json(data: dict) -> Node:
+def node_from_json(data: object) -> Node:
     """A node from its JSON form; ``ValueError`` naming the field when it is unusable."""
     if not isinstance(data, dict):
         raise ValueError("a node must be an object")
@@ -91,16 +92,18 @@ def node_from_json(data: dict) -> Node:
     if not isinstance(base_url, str):
         raise ValueError(f"node {name!r}: baseURL missing")
     parse_base_url(base_url)
-    node_id = data.get("id") if isinstance(data.get("id"), str) and data.get("id") else new_node_id()
+    given_id = data.get("id")
+    node_id = given_id if isinstance(given_id, str) and given_id else new_node_id()
     tags = data.get("tags") or []
     metadata = data.get("metadata") or {}
-    weight = data.get("weight", 1)
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         raise ValueError(f"node {name!r}: tags must be a list of strings")
     if not isinstance(metadata, dict):
         raise ValueError(f"node {name!r}: metadata must be an object")
-    if not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= 1000:
-        raise ValueError(f"node {name!r}: weight must be a whole number from 1 to 1000")
+    try:
+        weight = node_weight(data.get("weight", 1))
+    except NodeFieldError as broken:
+        raise ValueError(f"node {name!r}: {broken}") from None
     added = data.get("addedAt", 0.0)
     return Node(
         id=node_id,
@@ -116,7 +119,7 @@ def node_from_json(data: dict) -> Node:
     )
 
 
-def state_to_json(state: FleetState, saved_at: float) -> dict:
+def state_to_json(state: FleetState, saved_at: float) -> dict[str, Any]:
     """The file's JSON document for ``state``."""
     return {
         "version": FORMAT_VERSION,
@@ -132,7 +135,7 @@ def _ignore(message: str) -> None:
     """Drop a note about a skipped record."""
 
 
-def state_from_json(document, on_skip: Callable[[str], None] = _ignore) -> FleetState:
+def state_from_json(document: object, on_skip: Callable[[str], None] = _ignore) -> FleetState:
     """Read our format or Blyan's; ``ValueError`` when the document cannot be used.
 
     A record that is left out (a base URL listed twice) is told to ``on_skip``.
@@ -184,7 +187,7 @@ def merge(declared: Iterable[Node], saved: FleetState | None) -> FleetState:
     by_declaration = {node.declared_by: index for index, node in enumerate(nodes) if node.declared_by}
     removed = set(saved.removed)
     for node in declared:
-        index = by_url.get(node.url, by_declaration.get(node.declared_by))
+        index = by_url.get(node.url, by_declaration.get(node.declared_by or ""))
         if index is not None:  # the same node, perhaps at a URL the declaration changed
             nodes[index] = attrs.evolve(
                 nodes[index], name=node.name, base_url=node.base_url, weight=node.weight,

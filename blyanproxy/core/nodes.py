@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import secrets
-from typing import Callable
+from typing import Any, Callable
 
 import attrs
 
 from blyanproxy.core.healthstate import Health
+from blyanproxy.core.noderules import check_url_free
 from blyanproxy.core.nodeurl import BaseURL, parse_base_url
 
 
@@ -27,8 +28,8 @@ class Node:
     id: str
     name: str
     base_url: str
-    tags: tuple = ()
-    metadata: dict = attrs.field(factory=dict, eq=False)
+    tags: tuple[str, ...] = ()
+    metadata: dict[str, Any] = attrs.field(factory=dict, eq=False)
     weight: int = 1
     draining: bool = False
     tls_verify: bool = True
@@ -100,21 +101,17 @@ class NodeRegistry:
         """Add a node; ``ValueError`` if its id or base URL is already registered."""
         if node.id in self._nodes:
             raise ValueError(f"node id {node.id} is already registered")
-        for other in self._nodes.values():
-            if other.url == node.url:
-                raise ValueError(f"base URL {node.base_url} is already used by node {other.name}")
+        check_url_free(self._nodes.values(), node)
         self._nodes[node.id] = node
         self._stats[node.id] = NodeStats()
         self._announce("added", node)
         return node
 
-    def update(self, node_id: str, **changes) -> Node:
+    def update(self, node_id: str, **changes: Any) -> Node:
         """Replace a node's settings (``name``, ``tags``, ``metadata``, ``weight``, ``draining``…);
         ``KeyError`` if unknown, ``ValueError`` if the new base URL is taken. Live figures stay."""
         node = attrs.evolve(self._nodes[node_id], **changes)
-        for other in self._nodes.values():
-            if other.id != node_id and other.url == node.url:
-                raise ValueError(f"base URL {node.base_url} is already used by node {other.name}")
+        check_url_free(self._nodes.values(), node)
         self._nodes[node_id] = node
         self._announce("updated", node)
         return node

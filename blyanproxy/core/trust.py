@@ -14,8 +14,7 @@ from collections.abc import Iterable
 
 import attrs
 
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
+from blyanproxy.core.booleans import boolean_word
 
 
 @attrs.frozen
@@ -43,7 +42,7 @@ class ForwardTrust:
         return ",".join(str(network) for network in self.networks)
 
 
-def _address(text: str):
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         address = ipaddress.ip_address(text.strip().strip("[]"))
     except ValueError:
@@ -55,11 +54,9 @@ def _address(text: str):
 
 def parse_forward_trust(text: str) -> ForwardTrust:
     """``true``/``false`` (and the other boolean words), or comma-separated addresses and CIDRs."""
-    lowered = text.strip().lower()
-    if lowered in _TRUE:
-        return ForwardTrust(everyone=True)
-    if lowered in _FALSE:
-        return ForwardTrust()
+    everyone = boolean_word(text)
+    if everyone is not None:
+        return ForwardTrust(everyone=everyone)
     expected = "expected true, false or addresses/CIDRs such as 127.0.0.1,::1"
     try:
         networks = tuple(ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip())
@@ -72,7 +69,7 @@ def parse_forward_trust(text: str) -> ForwardTrust:
 
 def _forwarded_for(values: Iterable[bytes]) -> list[str]:
     """Every address listed in ``X-Forwarded-For`` values, left to right."""
-    listed = []
+    listed: list[str] = []
     for value in values:
         listed.extend(part.strip() for part in value.decode("latin-1").split(",") if part.strip())
     return listed

@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 import attrs
 
+from blyanproxy.core import boolean_word
+
 MAX_TOKENS_CAP = 100_000
 """The longest completion a node generates, whatever a request asks for."""
 
@@ -99,19 +101,15 @@ class SettingError(Exception):
         return f"{self.name}: bad value {self.value!r}: {self.reason}"
 
 
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off", ""})
 _NONE = frozenset({"", "none", "null", "off"})
 
 
 def parse_flag(text: str) -> bool:
     """Read a yes/no text (``1``/``0``, ``true``/``false``, ``yes``/``no``, ``on``/``off``; empty is no)."""
-    lowered = text.strip().lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
+    meaning = boolean_word(text) if text.strip() else False
+    if meaning is None:
+        raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
+    return meaning
 
 
 def _optional_int(text: str) -> int | None:

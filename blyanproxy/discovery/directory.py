@@ -105,11 +105,6 @@ class WorkloadDirectory(Service):
 
     # -- lookups --------------------------------------------------------------
 
-    @property
-    def key_count(self) -> int:
-        """How many keys are cached."""
-        return len(self._records)
-
     def lookup(self, key: bytes) -> defer.Deferred:
         """The key's ``KeyRecord`` once its list can be used (it may list no running workload).
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from blyanproxy.core import POLICIES, HealthRules, Node, NodeStats, ProxyError, Route, route_members
-from blyanproxy.fleet import Lease, LeaseMaker
+from blyanproxy.fleet import Lease, LeaseMaker, LeasePool
 
 
 class KeyedBalancer(LeaseMaker):
@@ -33,10 +33,6 @@ class KeyedBalancer(LeaseMaker):
             found = self._stats[node.base_url] = NodeStats()
         return found
 
-    def known_urls(self) -> frozenset[str]:
-        """The node URLs that have figures."""
-        return frozenset(self._stats)
-
     def prune(self, in_use: frozenset[str]) -> None:
         """Forget figures of URLs no cached key lists and nothing is in flight on."""
         for url in [url for url, stats in self._stats.items() if url not in in_use and stats.in_flight == 0]:
@@ -51,7 +47,7 @@ class KeyedBalancer(LeaseMaker):
         return self.lease_among(members, route, excluded, self.stats, self._choose, unprobed=True)
 
 
-class KeyPool:
+class KeyPool(LeasePool):
     """One API key's usable nodes (in the API's order), as a pool the data path takes leases from."""
 
     def __init__(self, nodes: Sequence[Node], balancer: KeyedBalancer) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from blyanproxy.fleet.balancer import Balancer, Lease, LeaseMaker
+from blyanproxy.fleet.balancer import Balancer, Lease, LeaseMaker, LeasePool
 from blyanproxy.fleet.health import HealthMonitor, probe_client
 from blyanproxy.fleet.keeper import FleetKeeper
 
@@ -12,5 +12,6 @@ __all__ = [
     "HealthMonitor",
     "Lease",
     "LeaseMaker",
+    "LeasePool",
     "probe_client",
 ]

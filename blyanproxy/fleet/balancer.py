@@ -2,13 +2,15 @@
 
 ``Balancer.acquire`` picks a node and counts it in flight in one step, so a
 burst of requests sees each other's choices. The returned ``Lease`` is how
-the data path reports what happened and gives the node back.
+the data path reports what happened and gives the node back. ``LeasePool``
+is what the data path needs of a pool: the registry's ``Balancer`` and one
+API key's ``discovery.KeyPool`` both are one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 import attrs
 
@@ -34,6 +36,7 @@ from blyanproxy.core import (
 from blyanproxy.logs import logger
 
 log = logger("balancer")
+
 
 @attrs.define(eq=False)
 class Lease:
@@ -74,6 +77,21 @@ class Lease:
         if not self.released:
             self.released = True
             self.stats.in_flight -= 1
+
+
+@runtime_checkable
+class LeasePool(Protocol):
+    """Where the data path takes leases: the registry's ``Balancer`` or one API key's ``KeyPool``.
+
+    Forwarding calls ``check`` once per request, then ``acquire`` once per
+    attempt with the nodes already tried in ``excluded`` (node ids).
+    """
+
+    def check(self, route: Route) -> None:
+        """Raise the 404 ``ProxyError`` when ``route`` names no node of the pool (a tag or index)."""
+
+    def acquire(self, route: Route, excluded: frozenset[str]) -> Lease | None:
+        """A lease on the node chosen for ``route``, or ``None`` when none can take it."""
 
 
 class LeaseMaker:
@@ -119,7 +137,7 @@ class LeaseMaker:
         return Lease(node=node, stats=stats, clock=self._clock, rules=self._rules)
 
 
-class Balancer(LeaseMaker):
+class Balancer(LeaseMaker, LeasePool):
     """Hands out leases on the registry's usable nodes, chosen by the current selection policy.
 
     Usable: not draining, not excluded for this request, not known to be down

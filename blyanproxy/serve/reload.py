@@ -100,12 +100,11 @@ class Reloader:
     the node changes out through the state store.
     """
 
-    def __init__(self, settings: Settings, load: Callable[[], Settings], registry: NodeRegistry, balancer,
+    def __init__(self, settings: Settings, load: Callable[[], Settings], registry: NodeRegistry,
                  keeper, make_node: Callable[[NodeSpec], Node]) -> None:
         self.settings = settings
         self._load = load
         self._registry = registry
-        self._balancer = balancer
         self._keeper = keeper
         self._make_node = make_node
 

@@ -80,11 +80,6 @@ class EtcdStore(Service):
         self._compacted = False
         self._retry = None
 
-    @property
-    def ready(self) -> bool:
-        """Whether the fleet is in step with etcd (admin writes are refused until it is)."""
-        return self._ready
-
     def load(self) -> FleetState | None:
         """Nothing at once: the fleet arrives through the watcher once etcd has answered."""
         return None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-RawHeaders = list[tuple[bytes, list[bytes]]]
+from blyanproxy.core import RawHeaders
 
 MAX_HEAD = 64 * 1024
 _NO_BODY_STATUSES = frozenset({204, 304})

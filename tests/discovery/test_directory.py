@@ -5,12 +5,14 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from blyanproxy.core.errors import ProxyError
+from blyanproxy.core.nodes import NodeRegistry
 from blyanproxy.core.routing import Route
 from blyanproxy.discovery.directory import WorkloadDirectory
 from blyanproxy.discovery.keycache import CacheLimits
 from blyanproxy.discovery.pools import KeyedBalancer, KeyPool
 from blyanproxy.discovery.workloads import NodeAddressing, Workload, workload_nodes
 from blyanproxy.discovery.workloadsapi import KeyRefused, WorkloadsUnavailable
+from blyanproxy.metrics import ProxyMetrics
 
 LIMITS = CacheLimits(refresh=60, idle=180, negative_ttl=5, rejected_ttl=30, stale_max=300)
 
@@ -61,9 +63,19 @@ def client():
 
 
 @pytest.fixture
-def directory(clock, client):
+def metrics(clock):
+    return ProxyMetrics(NodeRegistry(), clock)
+
+
+def cached_keys(metrics):
+    """The keys the cache held at the end of the directory's last sweep, as ``/metrics`` shows them."""
+    return metrics.registry.get_sample_value("blyan_workloads_cached_keys")
+
+
+@pytest.fixture
+def directory(clock, client, metrics):
     found = WorkloadDirectory(client, clock, KeyedBalancer(clock), LIMITS, NodeAddressing("http"),
-                              max_keys=3, max_fetches=2)
+                              max_keys=3, max_fetches=2, metrics=metrics)
     found.startService()
     yield found
     found.stopService()
@@ -79,7 +91,7 @@ def test_concurrent_first_lookups_share_one_call(directory, client):
     assert len(client.pending) == 0
 
 
-def test_a_key_in_use_is_refreshed_every_interval_and_forgotten_when_idle(directory, client, clock):
+def test_a_key_in_use_is_refreshed_every_interval_and_forgotten_when_idle(directory, client, clock, metrics):
     lookup = directory.lookup(b"k")
     client.answer([running("a")])
     record = outcome(lookup)
@@ -92,12 +104,12 @@ def test_a_key_in_use_is_refreshed_every_interval_and_forgotten_when_idle(direct
     # Unused since t=0: refreshed at 120 too, forgotten at 180.
     clock.pump([1] * 60)
     client.answer([running("b")])
-    assert directory.key_count == 1
+    assert cached_keys(metrics) == 1
     clock.pump([1] * 60)
-    assert directory.key_count == 0 and client.pending == []
+    assert cached_keys(metrics) == 0 and client.pending == []
 
 
-def test_a_key_with_requests_in_flight_is_not_forgotten(directory, client, clock):
+def test_a_key_with_requests_in_flight_is_not_forgotten(directory, client, clock, metrics):
     lookup = directory.lookup(b"k")
     client.answer([running("a")])
     record = outcome(lookup)
@@ -106,10 +118,10 @@ def test_a_key_with_requests_in_flight_is_not_forgotten(directory, client, clock
         clock.pump([1] * 60)
         while client.pending:
             client.answer([running("a")])
-    assert directory.key_count == 1
+    assert cached_keys(metrics) == 1
     record.finished()
     clock.pump([1] * 60)
-    assert directory.key_count == 0
+    assert cached_keys(metrics) == 0
 
 
 def test_refused_and_empty_answers_are_remembered_and_never_polled(directory, client, clock):
@@ -146,7 +158,7 @@ def test_stale_list_is_served_while_the_api_fails_then_502(directory, client, cl
     assert client.pending == [] and outcome(late).value.code == "workloads_unavailable"
 
 
-def test_the_cache_is_bounded_least_recently_used_first(directory, client):
+def test_the_cache_is_bounded_least_recently_used_first(directory, client, metrics):
     for key in (b"a", b"b", b"c"):
         d = directory.lookup(key)
         client.answer([running("n")])
@@ -155,7 +167,8 @@ def test_the_cache_is_bounded_least_recently_used_first(directory, client):
     d = directory.lookup(b"d")
     client.answer([running("n")])
     outcome(d)
-    assert directory.key_count == 3
+    directory.sweep()
+    assert cached_keys(metrics) == 3
     directory.lookup(b"b")  # b was the least recently used: forgotten, so asked again
     assert [key for key, _ in client.pending] == [b"b"]
 
@@ -185,12 +198,13 @@ def test_a_request_waits_at_most_the_wait_limit_and_the_late_answer_is_still_kep
     assert outcome(directory.lookup(b"k")).state.nodes[0].name == "a"
 
 
-def test_busy_keys_are_never_forgotten_new_keys_are_refused_instead(directory, client):
+def test_busy_keys_are_never_forgotten_new_keys_are_refused_instead(directory, client, metrics):
     first = [directory.lookup(key) for key in (b"a", b"b", b"c")]  # all three fetching (c queued)
     assert outcome(directory.lookup(b"d")).value.code == "workloads_busy"
     client.answer([running("n")])  # a now has its list and nothing in flight
     late = directory.lookup(b"d")  # so a is the one forgotten
-    assert directory.key_count == 3 and [key for key, _ in client.pending] == [b"b", b"c"]
+    directory.sweep()
+    assert cached_keys(metrics) == 3 and [key for key, _ in client.pending] == [b"b", b"c"]
     for _ in range(3):
         client.answer([running("n")])
     assert all(not isinstance(outcome(d), Exception) for d in first + [late])

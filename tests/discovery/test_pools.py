@@ -74,10 +74,13 @@ def test_an_ejected_node_comes_back_on_trial_after_its_cooldown():
 
 def test_figures_of_nodes_no_key_lists_are_pruned_unless_in_flight():
     balancer = KeyedBalancer(Clock())
-    held = KeyPool((A, B), balancer).acquire(Route(b"/", index=0), frozenset())
-    balancer.stats(B)
-    balancer.prune(frozenset())
-    assert balancer.known_urls() == frozenset({A.base_url})
+    pool = KeyPool((A, B, C), balancer)
+    held = pool.acquire(Route(b"/", index=0), frozenset())
+    for index in (1, 2):
+        pool.acquire(Route(b"/", index=index), frozenset()).release()
+    balancer.prune(frozenset({C.base_url}))
+    # Forgotten figures start again from nothing; kept ones still count what happened.
+    assert [balancer.stats(node).requests for node in (A, B, C)] == [1, 0, 1]
     held.release()
     balancer.prune(frozenset())
-    assert balancer.known_urls() == frozenset()
+    assert [balancer.stats(node).requests for node in (A, B, C)] == [0, 0, 0]

@@ -109,7 +109,7 @@ class Fleet:
         self.balancer = Balancer(self.registry, self.clock, settings.selection_policy)
         self.keeper = FleetKeeper(self.registry, self.balancer, JsonFileStore(str(tmp_path / "s.json"), self.clock))
         self.keeper.restore([node_from_spec(s, 0.0) for s in settings.nodes])
-        self.reloader = Reloader(settings, self.load, self.registry, self.balancer, self.keeper,
+        self.reloader = Reloader(settings, self.load, self.registry, self.keeper,
                                  lambda spec: node_from_spec(spec, self.clock.seconds()))
 
     def load(self):

@@ -1,0 +1,53 @@
+"""Nodes declared in the settings: ``NODE_<n>=name|url[|key=value...]`` and ``--node``."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import attrs
+
+from blyanproxy.core import node_name, node_tags, node_weight, parse_base_url, parse_boolean
+
+
+@attrs.frozen
+class NodeSpec:
+    """A node named in the environment (``NODE_<n>``) or with ``--node``."""
+
+    name: str
+    base_url: str
+    source: str
+    tags: tuple[str, ...] = ()
+    weight: int = 1
+    tls_verify: bool = True
+
+
+def parse_node(text: str, source: str) -> NodeSpec:
+    """Parse ``name|url[|key=value...]`` (keys: ``weight``, ``tags``, ``tls_verify``)."""
+    fields = text.split("|")
+    if len(fields) < 2:
+        raise ValueError("expected name|url")
+    try:
+        name = node_name(fields[0].strip())
+    except ValueError as exc:
+        raise ValueError(f"the {exc}") from None
+    url = fields[1].strip()
+    try:
+        base = parse_base_url(url)
+    except ValueError as exc:
+        raise ValueError(f"the URL {exc}") from None
+    extras: dict[str, Any] = {}
+    for item in fields[2:]:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ValueError(f"expected key=value after the URL, got {item!r}")
+        if key == "weight":
+            extras["weight"] = node_weight(int(value) if re.fullmatch(r"\d+", value.strip()) else value)
+        elif key == "tags":
+            extras["tags"] = node_tags(tuple(t.strip() for t in value.split(",") if t.strip()))
+        elif key == "tls_verify":
+            extras["tls_verify"] = parse_boolean(value)
+        else:
+            raise ValueError(f"unknown key {key!r} (known: weight, tags, tls_verify)")
+    return NodeSpec(name=name, base_url=base.text, source=source, **extras)

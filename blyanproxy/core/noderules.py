@@ -1,0 +1,92 @@
+"""The rules a node's settings follow, each written once: its name, tags, weight and base URL.
+
+The settings (``NODE_<n>``, ``--node``) and the admin API check name, tags and
+weight with these; the stored fleet (state file, etcd) checks the weight and
+takes names and tags as they were stored; the registry, the fleet edits and the
+settings keep base URLs unique with ``check_url_free`` and ``url_taken``. A
+check that fails raises ``NodeFieldError``: ``field`` names the setting and
+``problem`` says what is wrong, so each caller puts the words its users know in
+front (``name: must be ...`` for the admin API, ``node 'gpu-a': weight must
+be ...`` for a stored node). Pure, no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from blyanproxy.core.nodes import Node
+
+NAME_MAX_LENGTH = 128
+MIN_WEIGHT = 1
+MAX_WEIGHT = 1000
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\Z")
+
+NAME_PROBLEM = f"must be 1 to {NAME_MAX_LENGTH} printable characters, without '|'"
+TAGS_PROBLEM = "must be a list of tags (letters, digits, '.', '_', ':', '-')"
+WEIGHT_PROBLEM = f"must be a whole number from {MIN_WEIGHT} to {MAX_WEIGHT}"
+
+
+class NodeFieldError(ValueError):
+    """A node setting that breaks its rule; the message reads ``"<field> <problem>"``."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} {problem}")
+        self.field = field
+        self.problem = problem
+
+
+def node_name(value: object) -> str:
+    """``value`` without surrounding spaces when it is a node name, else ``NodeFieldError``.
+
+    A name is 1 to 128 printable characters without ``|`` (the separator of
+    ``NODE_<n>``). Printable rules out control characters and Unicode line and
+    paragraph separators, which would split log lines; the length and the
+    characters are those of ``value`` as given, spaces around it included.
+    """
+    if (not isinstance(value, str) or not value.strip() or len(value) > NAME_MAX_LENGTH
+            or not value.isprintable() or "|" in value):
+        raise NodeFieldError("name", NAME_PROBLEM)
+    return value.strip()
+
+
+def is_tag(value: object) -> bool:
+    """Whether ``value`` is a tag: 1 to 64 letters, digits, ``.``, ``_``, ``:`` or ``-``, the first alphanumeric."""
+    return isinstance(value, str) and _TAG.match(value) is not None
+
+
+def node_tags(values: object) -> tuple[str, ...]:
+    """``values`` (a list or tuple of tags) as a tuple, or ``NodeFieldError`` when it is anything else."""
+    if not isinstance(values, (list, tuple)):
+        raise NodeFieldError("tags", TAGS_PROBLEM)
+    tags: list[str] = []
+    for tag in values:
+        if not isinstance(tag, str) or not is_tag(tag):
+            raise NodeFieldError("tags", TAGS_PROBLEM)
+        tags.append(tag)
+    return tuple(tags)
+
+
+def node_weight(value: object) -> int:
+    """``value`` when it is a node weight (a whole number from 1 to 1000, not a bool), else ``NodeFieldError``."""
+    if not isinstance(value, int) or isinstance(value, bool) or not MIN_WEIGHT <= value <= MAX_WEIGHT:
+        raise NodeFieldError("weight", WEIGHT_PROBLEM)
+    return value
+
+
+def url_taken(base_url: str, owner: str) -> str:
+    """What to say when ``base_url`` is already the base URL of ``owner`` (a node, or a setting)."""
+    return f"base URL {base_url} is already used by {owner}"
+
+
+def check_url_free(nodes: Iterable[Node], candidate: Node) -> None:
+    """``ValueError`` when a node of ``nodes`` other than ``candidate`` (by id) has its base URL.
+
+    Two nodes never share a base URL: they would be one node counted twice.
+    URLs compare parsed (``http://h:80/`` is ``http://h``).
+    """
+    for other in nodes:
+        if other.id != candidate.id and other.url == candidate.url:
+            raise ValueError(url_taken(candidate.base_url, f"node {other.name}"))
