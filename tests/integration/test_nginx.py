@@ -24,6 +24,7 @@ from twisted.internet.threads import deferToThread
 
 from blyanproxy.core.trust import parse_forward_trust
 
+from .capture import strict_requests
 from .processes import ProcessCapture, free_port
 from .rawhttp import RawClient, sleep
 from .test_forwarding import chat_request, sse_events
@@ -112,24 +113,35 @@ class Nginx:
 
 
 @pytest.fixture
-def stack(reactor, tmp_path, devnode_factory, proxy_factory):
-    """``await stack()``: a node, the proxy (trusting only 127.0.0.1) and nginx in front."""
+def nginx_factory(reactor, tmp_path):
+    """``await nginx_factory(upstream_port)``: the shipped site, checked and running, in front of that port."""
     started = []
+
+    async def start(upstream_port: int) -> Nginx:
+        nginx = Nginx(reactor, tmp_path, upstream_port)
+        checked = nginx.check()
+        assert checked.returncode == 0, checked.stderr
+        started.append(nginx)
+        await nginx.start()
+        return nginx
+
+    yield start
+    for nginx in started:
+        pytest_twisted.blockon(ensureDeferred(nginx.stop()))
+
+
+@pytest.fixture
+def stack(devnode_factory, proxy_factory, nginx_factory):
+    """``await stack()``: a node, the proxy (trusting only 127.0.0.1) and nginx in front."""
 
     async def start(**node_config):
         node = devnode_factory(**node_config)
         proxy = await proxy_factory([node.url], trust_forwarded=parse_forward_trust("127.0.0.1,::1"),
                                     admin_token=TOKEN)
-        nginx = Nginx(reactor, tmp_path, int(proxy.url.rsplit(":", 1)[1]))
-        checked = nginx.check()
-        assert checked.returncode == 0, checked.stderr
-        started.append(nginx)
-        await nginx.start()
+        nginx = await nginx_factory(int(proxy.url.rsplit(":", 1)[1]))
         return node, proxy, nginx
 
-    yield start
-    for nginx in started:
-        pytest_twisted.blockon(ensureDeferred(nginx.stop()))
+    return start
 
 
 @pytest_twisted.ensureDeferred
@@ -200,3 +212,25 @@ async def test_admin_answers_the_allow_list_and_no_prefix_gets_through(stack):
     assert status == 401  # the proxy's own check still applies
     status, _, body = await nginx.fetch(b"/api/_admin/nodes", headers=f"X-Admin-Token: {TOKEN}\r\n".encode())
     assert status == 404 and b"<center>nginx" in body
+
+
+def _forwarded_heads(capture) -> list[dict[bytes, bytes]]:
+    """The headers (lower-case names) of every request nginx sent the capture node, in order."""
+    return [dict(headers) for stream in capture.received for _, headers, _ in strict_requests(stream)]
+
+
+@pytest.mark.parametrize(("upgrade", "connection"), [
+    (b"foo", None), (b"h2c", None), (b"websocket, foo", None),
+    (b"websocket", b"upgrade"), (b"WebSocket", b"upgrade"),
+])
+@pytest_twisted.ensureDeferred
+async def test_only_a_websocket_upgrade_reaches_the_upstream_as_an_upgrade(capture_node, nginx_factory,
+                                                                           upgrade, connection):
+    # nginx straight in front of a recording node: what the proxy would be sent.
+    capture = capture_node()
+    nginx = await nginx_factory(int(capture.url.rsplit(":", 1)[1]))
+    status, _, _ = await nginx.fetch(b"/_devnode/echo", headers=b"Connection: upgrade\r\nUpgrade: " + upgrade + b"\r\n")
+    assert status == 200
+    [head] = _forwarded_heads(capture)
+    assert head.get(b"connection") == connection
+    assert head.get(b"upgrade") == (upgrade if connection else None)
