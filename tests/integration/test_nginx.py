@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import ssl as stdlib_ssl
 import subprocess
@@ -22,6 +23,7 @@ from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.threads import deferToThread
 
+from blyanproxy.config import SETTINGS_BY_FIELD
 from blyanproxy.core.trust import parse_forward_trust
 
 from .capture import strict_requests
@@ -234,3 +236,56 @@ async def test_only_a_websocket_upgrade_reaches_the_upstream_as_an_upgrade(captu
     [head] = _forwarded_heads(capture)
     assert head.get(b"connection") == connection
     assert head.get(b"upgrade") == (upgrade if connection else None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_nginx_does_not_follow_an_x_accel_redirect_from_a_node(stack):
+    node, proxy, nginx = await stack()
+    status, head, body = await nginx.fetch(
+        b"/_devnode/echo", headers=b"X-Devnode-Set-Header: X-Accel-Redirect: /_status\r\n")
+    assert status == 200
+    assert json.loads(body).get("uri") == "/_devnode/echo"  # the node's own answer, not /_status
+    assert b"x-accel" not in head.lower()
+
+
+@pytest.mark.parametrize("target", [b"/_status", b"/metrics", b"/%5Fstatus", b"//metrics", b"/x/../_status"])
+@pytest_twisted.ensureDeferred
+async def test_status_and_metrics_are_refused_by_nginx_for_others(stack, access_lines, target):
+    node, proxy, nginx = await stack()
+    status, head, body = await nginx.fetch(target, source=OUTSIDER)
+    assert status == 403 and b"<center>nginx" in body
+    assert access_lines == []  # the proxy never saw it
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_and_metrics_answer_the_allow_list_and_health_stays_public(stack):
+    node, proxy, nginx = await stack()
+    status, _, body = await nginx.fetch(b"/_status")
+    assert status == 200 and json.loads(body)["total"] == 1
+    status, _, body = await nginx.fetch(b"/metrics")
+    assert status == 200 and b"# TYPE" in body
+    status, _, body = await nginx.fetch(b"/health", source=OUTSIDER)
+    assert status == 200 and json.loads(body)["status"] == "healthy"
+
+
+def _directive(block: str, name: str) -> str:
+    """The value of the one ``name`` directive written directly in ``block`` (comments ignored)."""
+    [value] = re.findall(rf"^\s*{name}\s+([^;]+);", re.sub(r"#.*", "", block), re.M)
+    return value.strip()
+
+
+def _seconds(value: str) -> float:
+    number, unit = re.fullmatch(r"(\d+)(ms|s|m)?", value).groups()
+    return int(number) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[unit]
+
+
+def test_nginx_lets_idle_connections_go_before_the_proxy_closes_them():
+    # The proxy closes a connection with no new request head after HEADER_TIMEOUT_MS: nginx
+    # must not keep an idle connection to it (nor to a client) that long, or it would reuse
+    # a connection the proxy is closing.
+    head_deadline = float(SETTINGS_BY_FIELD["header_timeout"].default) / 1000
+    site = SITE.read_text()
+    upstream = re.search(r"^upstream blyan_proxy \{(.*?)^\}", site, re.M | re.S).group(1)
+    https = re.search(r"^server \{\n\s+listen @HTTPS_LISTEN@.*?^\}", site, re.M | re.S).group(0)
+    assert _seconds(_directive(upstream, "keepalive_timeout")) < head_deadline
+    assert _seconds(_directive(https, "keepalive_timeout")) < head_deadline
