@@ -85,11 +85,13 @@ def test_install_is_idempotent_and_checks_nginx_only_once_certificates_exist(sta
     env_file = root / "etc/blyan-proxy/blyan-proxy.env"
     token = re.search(r"^ADMIN_TOKEN=([0-9a-f]{64})$", env_file.read_text(), re.M).group(1)
     assert out.count(token) == 1  # shown once, on the terminal
-    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    # Read by the service through its group, written only by root (the chown runs as root;
+    # here it is a recording stub, so the mode is what can be checked).
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o640
     assert stat.S_IMODE((root / "var/lib/blyan-proxy").stat().st_mode) == 0o700
     assert "useradd --system --user-group --home-dir /var/lib/blyan-proxy --shell /usr/sbin/nologin blyan-proxy" \
         in calls
-    assert f"chown blyan-proxy:blyan-proxy {env_file}" in calls
+    assert f"chown root:blyan-proxy {env_file}" in calls
     assert "fakepython -m venv " + str(root / "opt/blyan-proxy/venv") in calls
     assert any(c.startswith("venv-pip install --quiet --upgrade ") and c.endswith(str(ROOT)) for c in calls)
     assert "systemctl daemon-reload" in calls and "systemctl enable blyan-proxy" in calls
@@ -133,6 +135,54 @@ def test_install_refuses_bad_arguments(staged_host):
                                 text=True, env=env, timeout=30)
         assert result.returncode == 1 and message in result.stderr
     assert list(root.iterdir()) == []
+
+
+def test_a_rerun_gives_an_older_settings_file_its_owner_and_mode(staged_host):
+    _, root, _ = staged_host
+    run_install(staged_host)
+    env_file = root / "etc/blyan-proxy/blyan-proxy.env"
+    env_file.chmod(0o600)  # as earlier versions left it (owned by the service user)
+    content = env_file.read_bytes()
+    out, calls = run_install(staged_host)
+    assert "kept: " in out and env_file.read_bytes() == content
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o640
+    assert f"chown root:blyan-proxy {env_file}" in calls
+
+
+HOSTILE_VALUES = (
+    "x;touch {marker};:#e;#",  # GNU sed's "e" flag runs the line as a command
+    "/etc/ssl/$(touch {marker}).pem",
+    "/a;b|c&d\\e/`touch {marker}`\nf",
+)
+
+
+@pytest.mark.parametrize("option", ["--cert", "--key", "--install-dir"])
+@pytest.mark.parametrize("template", HOSTILE_VALUES)
+def test_install_refuses_a_path_that_would_be_read_as_syntax(staged_host, tmp_path, option, template):
+    stubs, root, _ = staged_host
+    marker = tmp_path / "ran"
+    value = template.format(marker=marker)
+    env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}")
+    result = subprocess.run(
+        ["bash", str(INSTALL), "--root", str(root), "--domain", "proxy.example.com", "--python", "fakepython",
+         "--no-apt", option, value],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert not marker.exists()  # no command ran
+    assert result.returncode == 1 and f"{option} must be an absolute path" in result.stderr, result.stderr
+    assert list(root.iterdir()) == []  # refused before anything was written
+
+
+def test_install_writes_paths_literally(staged_host):
+    _, root, _ = staged_host
+    cert, key, install_dir = "/srv/tls/proxy_1+a.crt", "/srv/tls/proxy-1.key", "/srv/blyan.d/opt"
+    run_install(staged_host, "--cert", cert, "--key", key, "--install-dir", install_dir)
+    site = (root / "etc/nginx/sites-available/blyan-proxy.conf").read_text()
+    assert f"    ssl_certificate {cert};\n" in site and f"    ssl_certificate_key {key};\n" in site
+    unit = (root / "etc/systemd/system/blyan-proxy.service").read_text()
+    assert f"ExecStart={install_dir}/venv/bin/twistd " in unit and "/opt/blyan-proxy" not in unit
+    assert unit.replace(install_dir, "/opt/blyan-proxy") == UNIT  # nothing else changed
+    assert site.endswith("}\n") and (ETC / "nginx" / "blyan-proxy.conf").read_text().endswith("}\n")
 
 
 def _unit_value(key: str) -> str:
