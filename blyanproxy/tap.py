@@ -285,7 +285,8 @@ def build_directory(settings: Settings, reactor, rules: HealthRules, trust_root,
     )
     return WorkloadDirectory(
         client, reactor, KeyedBalancer(reactor, settings.workloads_policy, rules, settings.affinity_load_factor),
-        limits, NodeAddressing(settings.workloads_node_scheme, settings.workloads_node_port),
+        limits,
+        NodeAddressing(settings.workloads_node_scheme, settings.workloads_node_port, settings.workloads_node_allow),
         settings.workloads_max_keys, settings.workloads_max_calls, metrics, settings.workloads_timeout,
     )
 

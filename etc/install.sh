@@ -13,6 +13,7 @@
 #   --cert FILE         TLS certificate (default /etc/letsencrypt/live/NAME/fullchain.pem)
 #   --key FILE          its private key (default /etc/letsencrypt/live/NAME/privkey.pem)
 #   --install-dir DIR   where the virtual environment goes (default /opt/blyan-proxy)
+#                       (these three: absolute paths of letters, digits and . _ + - / only)
 #   --source DIR        the blyanproxy source tree to install (default: this script's ../)
 #   --port PORT         loopback port the proxy listens on, behind nginx (default 9000)
 #   --python PROGRAM    the Python that builds the virtual environment (default python3)
@@ -64,6 +65,16 @@ done
 CERT="${CERT:-/etc/letsencrypt/live/$DOMAIN/fullchain.pem}"
 KEY="${KEY:-/etc/letsencrypt/live/$DOMAIN/privkey.pem}"
 
+# A path written into the nginx site or the systemd unit: absolute, and only characters
+# that neither reads as syntax (no blanks, newlines, quotes, ; $ % # \ { } or @).
+plain_path() {
+    [[ "$2" =~ ^/[A-Za-z0-9._+/-]*$ ]] ||
+        die "$1 must be an absolute path of letters, digits and . _ + - / only, not $(printf %q "$2")"
+}
+plain_path --cert "$CERT"
+plain_path --key "$KEY"
+plain_path --install-dir "$INSTALL_DIR"
+
 CONFIG_DIR="$ROOT/etc/$SERVICE"
 ENV_FILE="$CONFIG_DIR/$SERVICE.env"
 STATE_DIR="$ROOT/var/lib/$SERVICE"
@@ -74,6 +85,19 @@ SITE_LINK="$ROOT/etc/nginx/sites-enabled/$SERVICE.conf"
 
 step() {
     echo "==> $*"
+}
+
+# Print the file $1 with, for each FROM=TO argument, every FROM replaced by TO. Literal
+# text replacement in the shell (no sed), so a value is never read as a command.
+render() {
+    local text pair
+    text="$(cat "$1" && printf x)"
+    text="${text%x}"  # the file's trailing newlines, which $(...) would drop
+    shift
+    for pair in "$@"; do
+        text="${text//"${pair%%=*}"/"${pair#*=}"}"  # quoted: "&" in TO stays literal (bash 5.2)
+    done
+    printf '%s' "$text"
 }
 
 # Write stdin to $1 (mode $2) only when the content differs; says whether it changed.
@@ -140,10 +164,18 @@ new_token() {
     fi
 }
 
+# The service reads its settings through its group and cannot change them (an older
+# install made the file the service user's own: a rerun corrects that).
+env_file_access() {
+    chown "root:$SERVICE_USER" "$ENV_FILE"
+    chmod 0640 "$ENV_FILE"
+}
+
 env_file() {
     step "settings $ENV_FILE"
     if [ -f "$ENV_FILE" ]; then
         echo "    kept: $ENV_FILE (and its admin token)"
+        env_file_access
         return
     fi
     local token staged
@@ -161,10 +193,10 @@ env_file() {
         echo
         cat "$SOURCE/etc/blyan-proxy.env.example"
     } >"$staged"
-    install -m 0600 "$staged" "$ENV_FILE"
+    install -m 0640 "$staged" "$ENV_FILE"
     rm -f "$staged"
-    chown "$SERVICE_USER:$SERVICE_USER" "$ENV_FILE"
-    # Shown once, on the terminal only: it is in the file (mode 0600) from now on.
+    env_file_access
+    # Shown once, on the terminal only: it is in the file from now on.
     echo "    written: $ENV_FILE"
     echo
     echo "    Admin token (shown once; kept in $ENV_FILE):"
@@ -174,7 +206,7 @@ env_file() {
 
 systemd_unit() {
     step "systemd unit $UNIT"
-    if sed "s#/opt/blyan-proxy#$INSTALL_DIR#g" "$SOURCE/etc/systemd/$SERVICE.service" | install_if_changed "$UNIT" 0644; then
+    if render "$SOURCE/etc/systemd/$SERVICE.service" "/opt/blyan-proxy=$INSTALL_DIR" | install_if_changed "$UNIT" 0644; then
         systemctl daemon-reload
     fi
     systemctl enable "$SERVICE"
@@ -188,9 +220,8 @@ systemd_unit() {
 nginx_site() {
     step "nginx site $SITE"
     local changed=no
-    if sed -e "s#@DOMAIN@#$DOMAIN#g" -e "s#@HTTP_LISTEN@#80#g" -e "s#@HTTPS_LISTEN@#443#g" \
-        -e "s#@UPSTREAM@#127.0.0.1:$PORT#g" -e "s#@CERT@#$CERT#g" -e "s#@KEY@#$KEY#g" \
-        "$SOURCE/etc/nginx/$SERVICE.conf" | install_if_changed "$SITE" 0644; then
+    if render "$SOURCE/etc/nginx/$SERVICE.conf" "@DOMAIN@=$DOMAIN" "@HTTP_LISTEN@=80" "@HTTPS_LISTEN@=443" \
+        "@UPSTREAM@=127.0.0.1:$PORT" "@CERT@=$CERT" "@KEY@=$KEY" | install_if_changed "$SITE" 0644; then
         changed=yes
     fi
     if [ ! -f "$ROOT$CERT" ] || [ ! -f "$ROOT$KEY" ]; then

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import configparser
 import hashlib
 import os
 import re
@@ -20,6 +21,8 @@ ETC = ROOT / "etc"
 INSTALL = ETC / "install.sh"
 UNIT = (ETC / "systemd" / "blyan-proxy.service").read_text()
 DOCKERFILE = (ETC / "docker" / "Dockerfile").read_text()
+REQUIREMENTS = ETC / "docker" / "requirements.txt"
+BUILD_REQUIREMENTS = ETC / "docker" / "build-requirements.txt"
 
 
 def test_install_script_passes_shellcheck():
@@ -85,11 +88,13 @@ def test_install_is_idempotent_and_checks_nginx_only_once_certificates_exist(sta
     env_file = root / "etc/blyan-proxy/blyan-proxy.env"
     token = re.search(r"^ADMIN_TOKEN=([0-9a-f]{64})$", env_file.read_text(), re.M).group(1)
     assert out.count(token) == 1  # shown once, on the terminal
-    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    # Read by the service through its group, written only by root (the chown runs as root;
+    # here it is a recording stub, so the mode is what can be checked).
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o640
     assert stat.S_IMODE((root / "var/lib/blyan-proxy").stat().st_mode) == 0o700
     assert "useradd --system --user-group --home-dir /var/lib/blyan-proxy --shell /usr/sbin/nologin blyan-proxy" \
         in calls
-    assert f"chown blyan-proxy:blyan-proxy {env_file}" in calls
+    assert f"chown root:blyan-proxy {env_file}" in calls
     assert "fakepython -m venv " + str(root / "opt/blyan-proxy/venv") in calls
     assert any(c.startswith("venv-pip install --quiet --upgrade ") and c.endswith(str(ROOT)) for c in calls)
     assert "systemctl daemon-reload" in calls and "systemctl enable blyan-proxy" in calls
@@ -135,6 +140,54 @@ def test_install_refuses_bad_arguments(staged_host):
     assert list(root.iterdir()) == []
 
 
+def test_a_rerun_gives_an_older_settings_file_its_owner_and_mode(staged_host):
+    _, root, _ = staged_host
+    run_install(staged_host)
+    env_file = root / "etc/blyan-proxy/blyan-proxy.env"
+    env_file.chmod(0o600)  # as earlier versions left it (owned by the service user)
+    content = env_file.read_bytes()
+    out, calls = run_install(staged_host)
+    assert "kept: " in out and env_file.read_bytes() == content
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o640
+    assert f"chown root:blyan-proxy {env_file}" in calls
+
+
+HOSTILE_VALUES = (
+    "x;touch {marker};:#e;#",  # GNU sed's "e" flag runs the line as a command
+    "/etc/ssl/$(touch {marker}).pem",
+    "/a;b|c&d\\e/`touch {marker}`\nf",
+)
+
+
+@pytest.mark.parametrize("option", ["--cert", "--key", "--install-dir"])
+@pytest.mark.parametrize("template", HOSTILE_VALUES)
+def test_install_refuses_a_path_that_would_be_read_as_syntax(staged_host, tmp_path, option, template):
+    stubs, root, _ = staged_host
+    marker = tmp_path / "ran"
+    value = template.format(marker=marker)
+    env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}")
+    result = subprocess.run(
+        ["bash", str(INSTALL), "--root", str(root), "--domain", "proxy.example.com", "--python", "fakepython",
+         "--no-apt", option, value],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert not marker.exists()  # no command ran
+    assert result.returncode == 1 and f"{option} must be an absolute path" in result.stderr, result.stderr
+    assert list(root.iterdir()) == []  # refused before anything was written
+
+
+def test_install_writes_paths_literally(staged_host):
+    _, root, _ = staged_host
+    cert, key, install_dir = "/srv/tls/proxy_1+a.crt", "/srv/tls/proxy-1.key", "/srv/blyan.d/opt"
+    run_install(staged_host, "--cert", cert, "--key", key, "--install-dir", install_dir)
+    site = (root / "etc/nginx/sites-available/blyan-proxy.conf").read_text()
+    assert f"    ssl_certificate {cert};\n" in site and f"    ssl_certificate_key {key};\n" in site
+    unit = (root / "etc/systemd/system/blyan-proxy.service").read_text()
+    assert f"ExecStart={install_dir}/venv/bin/twistd " in unit and "/opt/blyan-proxy" not in unit
+    assert unit.replace(install_dir, "/opt/blyan-proxy") == UNIT  # nothing else changed
+    assert site.endswith("}\n") and (ETC / "nginx" / "blyan-proxy.conf").read_text().endswith("}\n")
+
+
 def _unit_value(key: str) -> str:
     return re.search(rf"^{key}=(.*)$", UNIT, re.M).group(1)
 
@@ -151,11 +204,56 @@ def test_the_unit_stops_after_the_drain_grace_and_reloads_with_sighup():
         assert f"\n{setting}\n" in UNIT
 
 
-def test_the_container_recipe_matches_the_tested_install_path():
+def _name(requirement: str) -> str:
+    """A requirement's project name, normalised (PEP 503): ``twisted[tls]>=25.5`` -> ``twisted``."""
+    return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", requirement).group(0)).lower()
+
+
+def _hashed_pins(path: Path) -> dict[str, tuple[str, list[str]]]:
+    """``name -> (version, sha256 hashes)`` of a requirements file; AssertionError on any line that
+    is not ``name==version`` with at least one ``--hash=sha256:``."""
+    pins = {}
+    for line in re.sub(r"\\\n", " ", re.sub(r"#.*", "", path.read_text())).splitlines():
+        if not line.strip():
+            continue
+        match = re.fullmatch(r"\s*([A-Za-z0-9._-]+)==(\S+)((?:\s+--hash=sha256:[0-9a-f]{64})+)\s*", line)
+        assert match, f"not a hashed pin: {line!r}"
+        pins[_name(match.group(1))] = (match.group(2), re.findall(r"sha256:([0-9a-f]{64})", match.group(3)))
+    return pins
+
+
+def _run_lines(dockerfile: str) -> list[str]:
+    """Each instruction of a Dockerfile on one line (continuations joined, comments left out)."""
+    return re.sub(r"\\\n\s*", " ", re.sub(r"^\s*#.*\n", "", dockerfile, flags=re.M)).splitlines()
+
+
+def test_the_container_image_is_pinned_by_digest_and_installs_only_hashed_packages():
     stages = re.findall(r"^FROM (\S+)", DOCKERFILE, re.M)
-    assert stages == ["python:3.11-slim", "python:3.11-slim"]
+    assert len(stages) == 2 and all(re.fullmatch(r"python:3\.11-slim@sha256:[0-9a-f]{64}", s) for s in stages)
+    assert len(set(stages)) == 1  # both stages on the same base
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    install_requires = [r for r in setup["options"]["install_requires"].splitlines() if r.strip()]
+    pins = _hashed_pins(REQUIREMENTS)
+    for requirement in install_requires:
+        assert _name(requirement) in pins, f"{requirement} is not pinned in {REQUIREMENTS.name}"
+    assert {"pyopenssl", "service-identity", "wsproto"} <= set(pins)  # twisted's tls and websocket extras
+    assert "setuptools" in _hashed_pins(BUILD_REQUIREMENTS)
+    # Every pip that fetches or installs packages checks hashes; only the wheel built from this
+    # tree goes in without one, offline and without dependencies (pip check then confirms them).
+    commands = [command for instruction in _run_lines(DOCKERFILE) for command in instruction.split("&&")]
+    pips = [command for command in commands if re.search(r"pip (install|download)", command)]
+    assert pips
+    for pip in pips:
+        assert "--require-hashes" in pip or ("--no-index" in pip and "--no-deps" in pip and "blyanproxy-" in pip), pip
+    assert any("--require-hashes -r /wheels/requirements.txt" in pip and "--no-index" in pip for pip in pips)
+    assert "/opt/blyan-proxy/venv/bin/pip check" in DOCKERFILE
+    assert "docker buildx imagetools inspect python:3.11-slim" in DOCKERFILE  # how to refresh the digest
+
+
+def test_the_container_recipe_matches_the_tested_install_path():
     # The same steps as the installation CI tests: a venv, then pip install of this source tree.
-    assert "python -m pip wheel --no-cache-dir --wheel-dir /wheels ." in DOCKERFILE
+    assert "pip wheel --no-cache-dir --no-deps --no-build-isolation --no-index --wheel-dir /wheels ." in DOCKERFILE
     assert "python -m venv /opt/blyan-proxy/venv" in DOCKERFILE
     ci = (ROOT / ".ci" / "run").read_text()
     assert "python3 -m venv .venv && .venv/bin/pip install" in ci

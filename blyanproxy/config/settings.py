@@ -28,6 +28,7 @@ from blyanproxy.core import (
     parse_forward_trust,
     selection,
 )
+from blyanproxy.discovery import NodeAllowList, parse_node_allow
 from blyanproxy.store import EtcdLocation, parse_state_store
 
 POLICIES = tuple(selection.POLICIES)
@@ -84,6 +85,7 @@ class Settings:
     workloads_timeout: float = 10.0
     workloads_node_scheme: str = "https"
     workloads_node_port: int = 0
+    workloads_node_allow: NodeAllowList = NodeAllowList()
     workloads_policy: str = "least-inflight"
     workloads_refresh: float = 60.0
     workloads_idle: float = 180.0
@@ -196,6 +198,9 @@ SETTINGS = (
             one_of(("https", "http")), "scheme of a discovered node's URL ({scheme}://{node})"),
     Setting("workloads_node_port", "WORKLOADS_NODE_PORT", "workloads-node-port", "0", whole_number(0, 65535),
             "port of a discovered node whose name has none; 0: the scheme's default"),
+    Setting("workloads_node_allow", "WORKLOADS_NODE_ALLOW", "workloads-node-allow",
+            "(any but loopback and link-local)", parse_node_allow,
+            "host suffixes and CIDRs a discovered node must match, comma-separated"),
     Setting("workloads_policy", "WORKLOADS_POLICY", "workloads-policy", "least-inflight", one_of(POLICIES),
             "selection policy among an API key's workloads"),
     Setting("workloads_refresh", "WORKLOADS_REFRESH_MS", "workloads-refresh-ms", "60000", milliseconds(1.0),

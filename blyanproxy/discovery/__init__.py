@@ -5,6 +5,7 @@ from __future__ import annotations
 from blyanproxy.discovery.apikeys import api_key_of, missing_key_error
 from blyanproxy.discovery.directory import WorkloadDirectory
 from blyanproxy.discovery.keycache import CacheLimits
+from blyanproxy.discovery.nodeallow import NodeAllowList, parse_node_allow
 from blyanproxy.discovery.pools import KeyedBalancer
 from blyanproxy.discovery.workloads import NodeAddressing
 from blyanproxy.discovery.workloadsapi import workloads_client
@@ -13,8 +14,10 @@ __all__ = [
     "CacheLimits",
     "KeyedBalancer",
     "NodeAddressing",
+    "NodeAllowList",
     "WorkloadDirectory",
     "api_key_of",
     "missing_key_error",
+    "parse_node_allow",
     "workloads_client",
 ]

@@ -4,7 +4,8 @@ The API answers ``POST {API_URL}/workloads`` with a JSON array of objects
 (``created``, ``expires``, ``node``, ``running``, ``status``, ``type``,
 ``workload``, ``tags``). ``parse_workloads`` turns that into ``Workload``
 values, refusing anything that is not such an array; ``workload_nodes`` makes
-the routable ``Node`` of each usable one, in the API's order.
+the routable ``Node`` of each usable one, in the API's order, leaving out the
+nodes ``NodeAllowList`` does not allow (``WORKLOADS_NODE_ALLOW``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 import attrs
 
 from blyanproxy.core import Node
+from blyanproxy.discovery.nodeallow import NodeAllowList
 from blyanproxy.logs import logger
 
 log = logger("workloads")
@@ -112,13 +114,15 @@ def parse_workloads(body: bytes) -> tuple[Workload, ...]:
 
 @attrs.frozen
 class NodeAddressing:
-    """How a workload's ``node`` becomes a URL: ``{scheme}://{node}[:{port}]``.
+    """How a workload's ``node`` becomes a URL: ``{scheme}://{node}[:{port}]``, and whether it may.
 
-    ``port`` 0 keeps the node's own port, or the scheme's default.
+    ``port`` 0 keeps the node's own port, or the scheme's default; ``allow``
+    decides which nodes are used at all.
     """
 
     scheme: str = "https"
     port: int = 0
+    allow: NodeAllowList = NodeAllowList()
 
     def base_url(self, node_name: str) -> str:
         """The base URL of the node the API calls ``node_name``."""
@@ -141,8 +145,9 @@ def _node_of(item: Workload, addressing: NodeAddressing) -> Node | None:
 def workload_nodes(workloads: Sequence[Workload], addressing: NodeAddressing) -> tuple[Node, ...]:
     """The routable ``Node`` of every usable workload, in the API's order.
 
-    A workload whose ``node`` is not a host name (``host[:port]``) is left out
-    with a warning: the API never chooses an arbitrary URL.
+    A workload whose ``node`` is not a host name (``host[:port]``), or is one
+    ``addressing.allow`` does not allow, is left out with a warning: the API
+    never chooses an arbitrary URL, nor (by default) this host or its link.
     """
     nodes = []
     for item in workloads:
@@ -150,6 +155,9 @@ def workload_nodes(workloads: Sequence[Workload], addressing: NodeAddressing) ->
             node = _node_of(item, addressing)
             if node is None:
                 log.warn("workload {workload} names no usable node; left out", workload=item.workload[:64])
+            elif not addressing.allow.allows(item.node):
+                log.warn("workload {workload} names node {node}, which WORKLOADS_NODE_ALLOW does not allow; "
+                         "left out", workload=item.workload[:64], node=item.node)
             else:
                 nodes.append(node)
     return tuple(nodes)

@@ -5,7 +5,9 @@ import json
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.logger import formatEvent, globalLogPublisher
 
+from blyanproxy.discovery.nodeallow import parse_node_allow
 from blyanproxy.discovery.workloads import (
     NodeAddressing,
     Workload,
@@ -74,3 +76,39 @@ def test_parse_is_total(document):
         return
     for node in workload_nodes(workloads, NodeAddressing()):
         assert node.base_url.startswith("https://")
+
+
+@pytest.fixture
+def workload_warnings():
+    """The text of every blyanproxy.workloads warning logged during the test."""
+    seen = []
+
+    def observe(event):
+        if event.get("log_namespace") == "blyanproxy.workloads":
+            seen.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield seen
+    globalLogPublisher.removeObserver(observe)
+
+
+def _usable(*names: str) -> tuple[Workload, ...]:
+    return tuple(Workload(workload=f"wl-{i}", node=name, running=True, status="running")
+                 for i, name in enumerate(names))
+
+
+@pytest.mark.parametrize("name", ["127.0.0.1:8000", "127.1", "localhost", "[::1]", "169.254.169.254", "0.0.0.0"])
+def test_loopback_link_local_and_unspecified_nodes_are_left_out_by_default(name, workload_warnings):
+    kept = workload_nodes(_usable("gpu-1.example.com", name, "10.0.0.2"), NodeAddressing("http"))
+    assert [node.name for node in kept] == ["gpu-1.example.com", "10.0.0.2"]
+    assert [event["workload"] for event in workload_warnings] == ["wl-1"]
+
+
+def test_a_node_the_allow_list_does_not_allow_is_left_out(workload_warnings):
+    allow = parse_node_allow("example.com,10.0.0.0/8")
+    kept = workload_nodes(_usable("gpu-1.example.com", "192.168.1.5", "10.1.2.3:8000", "gpu.example.org"),
+                          NodeAddressing("http", allow=allow))
+    assert [node.base_url for node in kept] == ["http://gpu-1.example.com", "http://10.1.2.3:8000"]
+    assert [event["workload"] for event in workload_warnings] == ["wl-1", "wl-3"]
+    first = formatEvent(workload_warnings[0])
+    assert "WORKLOADS_NODE_ALLOW" in first and "192.168.1.5" in first

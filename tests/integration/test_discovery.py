@@ -9,6 +9,8 @@ import treq
 from twisted.internet import defer
 from twisted.logger import formatEvent, globalLogPublisher
 
+from blyanproxy.discovery import parse_node_allow
+
 from . import fakeworkloads
 from .fakeworkloads import workload
 from .rawhttp import eventually, sleep
@@ -23,6 +25,7 @@ def hostport(devnode) -> str:
 
 async def discovery_proxy(proxy_factory, api, nodes=(), **settings):
     settings.setdefault("workloads_node_scheme", "http")
+    settings.setdefault("workloads_node_allow", parse_node_allow("127.0.0.1/32"))  # the devnodes' address
     return await proxy_factory(list(nodes), api_url=api.url, **settings)
 
 

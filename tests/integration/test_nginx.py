@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import ssl as stdlib_ssl
 import subprocess
@@ -22,8 +23,10 @@ from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.threads import deferToThread
 
+from blyanproxy.config import SETTINGS_BY_FIELD
 from blyanproxy.core.trust import parse_forward_trust
 
+from .capture import strict_requests
 from .processes import ProcessCapture, free_port
 from .rawhttp import RawClient, sleep
 from .test_forwarding import chat_request, sse_events
@@ -112,24 +115,35 @@ class Nginx:
 
 
 @pytest.fixture
-def stack(reactor, tmp_path, devnode_factory, proxy_factory):
-    """``await stack()``: a node, the proxy (trusting only 127.0.0.1) and nginx in front."""
+def nginx_factory(reactor, tmp_path):
+    """``await nginx_factory(upstream_port)``: the shipped site, checked and running, in front of that port."""
     started = []
+
+    async def start(upstream_port: int) -> Nginx:
+        nginx = Nginx(reactor, tmp_path, upstream_port)
+        checked = nginx.check()
+        assert checked.returncode == 0, checked.stderr
+        started.append(nginx)
+        await nginx.start()
+        return nginx
+
+    yield start
+    for nginx in started:
+        pytest_twisted.blockon(ensureDeferred(nginx.stop()))
+
+
+@pytest.fixture
+def stack(devnode_factory, proxy_factory, nginx_factory):
+    """``await stack()``: a node, the proxy (trusting only 127.0.0.1) and nginx in front."""
 
     async def start(**node_config):
         node = devnode_factory(**node_config)
         proxy = await proxy_factory([node.url], trust_forwarded=parse_forward_trust("127.0.0.1,::1"),
                                     admin_token=TOKEN)
-        nginx = Nginx(reactor, tmp_path, int(proxy.url.rsplit(":", 1)[1]))
-        checked = nginx.check()
-        assert checked.returncode == 0, checked.stderr
-        started.append(nginx)
-        await nginx.start()
+        nginx = await nginx_factory(int(proxy.url.rsplit(":", 1)[1]))
         return node, proxy, nginx
 
-    yield start
-    for nginx in started:
-        pytest_twisted.blockon(ensureDeferred(nginx.stop()))
+    return start
 
 
 @pytest_twisted.ensureDeferred
@@ -200,3 +214,78 @@ async def test_admin_answers_the_allow_list_and_no_prefix_gets_through(stack):
     assert status == 401  # the proxy's own check still applies
     status, _, body = await nginx.fetch(b"/api/_admin/nodes", headers=f"X-Admin-Token: {TOKEN}\r\n".encode())
     assert status == 404 and b"<center>nginx" in body
+
+
+def _forwarded_heads(capture) -> list[dict[bytes, bytes]]:
+    """The headers (lower-case names) of every request nginx sent the capture node, in order."""
+    return [dict(headers) for stream in capture.received for _, headers, _ in strict_requests(stream)]
+
+
+@pytest.mark.parametrize(("upgrade", "connection"), [
+    (b"foo", None), (b"h2c", None), (b"websocket, foo", None),
+    (b"websocket", b"upgrade"), (b"WebSocket", b"upgrade"),
+])
+@pytest_twisted.ensureDeferred
+async def test_only_a_websocket_upgrade_reaches_the_upstream_as_an_upgrade(capture_node, nginx_factory,
+                                                                           upgrade, connection):
+    # nginx straight in front of a recording node: what the proxy would be sent.
+    capture = capture_node()
+    nginx = await nginx_factory(int(capture.url.rsplit(":", 1)[1]))
+    status, _, _ = await nginx.fetch(b"/_devnode/echo", headers=b"Connection: upgrade\r\nUpgrade: " + upgrade + b"\r\n")
+    assert status == 200
+    [head] = _forwarded_heads(capture)
+    assert head.get(b"connection") == connection
+    assert head.get(b"upgrade") == (upgrade if connection else None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_nginx_does_not_follow_an_x_accel_redirect_from_a_node(stack):
+    node, proxy, nginx = await stack()
+    status, head, body = await nginx.fetch(
+        b"/_devnode/echo", headers=b"X-Devnode-Set-Header: X-Accel-Redirect: /_status\r\n")
+    assert status == 200
+    assert json.loads(body).get("uri") == "/_devnode/echo"  # the node's own answer, not /_status
+    assert b"x-accel" not in head.lower()
+
+
+@pytest.mark.parametrize("target", [b"/_status", b"/metrics", b"/%5Fstatus", b"//metrics", b"/x/../_status"])
+@pytest_twisted.ensureDeferred
+async def test_status_and_metrics_are_refused_by_nginx_for_others(stack, access_lines, target):
+    node, proxy, nginx = await stack()
+    status, head, body = await nginx.fetch(target, source=OUTSIDER)
+    assert status == 403 and b"<center>nginx" in body
+    assert access_lines == []  # the proxy never saw it
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_and_metrics_answer_the_allow_list_and_health_stays_public(stack):
+    node, proxy, nginx = await stack()
+    status, _, body = await nginx.fetch(b"/_status")
+    assert status == 200 and json.loads(body)["total"] == 1
+    status, _, body = await nginx.fetch(b"/metrics")
+    assert status == 200 and b"# TYPE" in body
+    status, _, body = await nginx.fetch(b"/health", source=OUTSIDER)
+    assert status == 200 and json.loads(body)["status"] == "healthy"
+
+
+def _directive(block: str, name: str) -> str:
+    """The value of the one ``name`` directive written directly in ``block`` (comments ignored)."""
+    [value] = re.findall(rf"^\s*{name}\s+([^;]+);", re.sub(r"#.*", "", block), re.M)
+    return value.strip()
+
+
+def _seconds(value: str) -> float:
+    number, unit = re.fullmatch(r"(\d+)(ms|s|m)?", value).groups()
+    return int(number) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[unit]
+
+
+def test_nginx_lets_idle_connections_go_before_the_proxy_closes_them():
+    # The proxy closes a connection with no new request head after HEADER_TIMEOUT_MS: nginx
+    # must not keep an idle connection to it (nor to a client) that long, or it would reuse
+    # a connection the proxy is closing.
+    head_deadline = float(SETTINGS_BY_FIELD["header_timeout"].default) / 1000
+    site = SITE.read_text()
+    upstream = re.search(r"^upstream blyan_proxy \{(.*?)^\}", site, re.M | re.S).group(1)
+    https = re.search(r"^server \{\n\s+listen @HTTPS_LISTEN@.*?^\}", site, re.M | re.S).group(0)
+    assert _seconds(_directive(upstream, "keepalive_timeout")) < head_deadline
+    assert _seconds(_directive(https, "keepalive_timeout")) < head_deadline
