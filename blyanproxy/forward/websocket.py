@@ -3,7 +3,7 @@
 The proxy does not speak WebSocket itself. It sends the client's upgrade
 request to a node over a fresh connection and reads the node's answer head.
 On ``101 Switching Protocols`` it takes over the client's raw transport
-(``HTTPChannel._protocolUpgradeForWebsockets``, the hook Twisted's own
+(``twistedinternals.take_over_connection``, the hook Twisted's own
 WebSocket resource uses) and copies bytes both ways, each side registered as
 the other's producer so neither direction buffers without bound. Any other
 answer is relayed as an ordinary HTTP response. A node that cannot be
@@ -17,11 +17,11 @@ import socket
 from twisted.internet import defer
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.protocol import Protocol
-from twisted.web.http import _ChunkedTransferDecoder, _IdentityTransferDecoder
 
 from blyanproxy.core import ProxyError, client_facts, downstream_response_headers, upstream_request_headers, write_error
 from blyanproxy.fleet import Lease
 from blyanproxy.logs import logger
+from blyanproxy.twistedinternals import body_decoder, take_over_connection
 from blyanproxy.upstream import ProtocolError, body_framing, connect_quietly, parse_head, serialize_request_head
 
 log = logger("websocket")
@@ -116,7 +116,7 @@ class _Splice(Protocol):
         request = self._attempt.request
         self._spliced = True
         client = _ClientSide(self)
-        request.channel._protocolUpgradeForWebsockets(client)
+        take_over_connection(request.channel, client)
         node = self._attempt.lease.node.name.encode("utf-8", "replace")
         client.transport.write(head + b"\r\nX-Blyan-Node: " + node + b"\r\n\r\n" + rest)
         request.registerProducer(self.transport, True)
@@ -145,13 +145,10 @@ class _Splice(Protocol):
                 request.responseHeaders.setRawHeaders(b"Content-Length", [b"0"])
             self._refusal_done()
             return
-        if framing == "chunked":
-            self._decoder = _ChunkedTransferDecoder(request.write, self._refusal_done)
-        elif framing == "length":
+        if framing == "length":
             request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % length])
-            self._decoder = _IdentityTransferDecoder(length, request.write, self._refusal_done)
-        else:
-            self._decoder = _IdentityTransferDecoder(None, request.write, self._refusal_done)
+        self._decoder = body_decoder(length if framing == "length" else None, framing == "chunked",
+                                     request.write, self._refusal_done)
         if rest:
             self._decoder.dataReceived(rest)
 

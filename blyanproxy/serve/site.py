@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Callable
 
-from twisted.web import http, server
+from twisted.web import server
 from twisted.web.resource import Resource
 
 from blyanproxy.core import ProxyError, client_facts
 from blyanproxy.forward import CLIENT_CLOSED_STATUS, CLIENT_GONE, COMPLETE, AccessRecord
 from blyanproxy.logs import logger
+from blyanproxy.twistedinternals import ChannelWithBadRequestHook, channel_protocol
 
 log = logger("server")
 
@@ -143,7 +144,7 @@ class RootResource(Resource):
         ))
 
 
-class ProxyChannel(http.HTTPChannel):
+class ProxyChannel(ChannelWithBadRequestHook):
     """twisted.web's HTTP/1.1 channel with a deadline for each request head and JSON refusals.
 
     A request head (request line and headers) must be complete within the
@@ -191,9 +192,10 @@ class ProxyChannel(http.HTTPChannel):
 
     def lineLengthExceeded(self, line) -> None:
         """A head line longer than Twisted reads (16 KiB) is a malformed request, not a silent close."""
-        self._respondToBadRequestAndDisconnect()
+        self.bad_request()
 
-    def _respondToBadRequestAndDisconnect(self) -> None:
+    def bad_request(self) -> None:
+        """A head Twisted cannot parse: the JSON 400, a log line naming the client, and close."""
         self._stop_head_deadline()
         log.info("refused a malformed request from {client}", client=_peer(self.transport))
         self.transport.write(MALFORMED.raw_response())
@@ -221,7 +223,7 @@ class ProxySite(server.Site):
 
     def protocol(self):
         """The connection protocol: twisted.web's wrapper around a ``ProxyChannel``."""
-        return http._GenericHTTPChannelProtocol(ProxyChannel())
+        return channel_protocol(ProxyChannel())
 
     def log(self, request) -> None:
         """Access logging is the proxy's own job, not twisted.web's."""
