@@ -63,6 +63,14 @@ def access_line(record: AccessRecord) -> str:
     )
 
 
+@attrs.define
+class RequestCounters:
+    """Requests the proxy took, and those it answered with its own error or cut short."""
+
+    requests: int = 0
+    failures: int = 0
+
+
 class TrafficRecorder:
     """Writes access log lines (unless turned off) and feeds ``metrics`` (a ``ProxyMetrics`` or None)."""
 
