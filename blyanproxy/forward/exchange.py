@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from twisted.internet import defer, error
+from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from blyanproxy.core import (
+    BAD_RESPONSE,
+    RESPONSE_TIMEOUT,
+    Attempts,
     ProxyError,
     Route,
     client_facts,
@@ -22,9 +25,10 @@ from blyanproxy.core import (
 )
 from blyanproxy.fleet import Lease
 from blyanproxy.forward import traffic
+from blyanproxy.forward.failover import Failover, NodePool, classify_failure
 from blyanproxy.forward.relay import CLIENT_GONE, COMPLETE, IDLE_TIMEOUT, UPSTREAM_BROKE, BodyRelay
 from blyanproxy.logs import logger
-from blyanproxy.upstream import ProtocolError, UpstreamConnection, serialize_request_head
+from blyanproxy.upstream import UpstreamConnection, serialize_request_head
 
 if TYPE_CHECKING:
     from blyanproxy.forward.resource import ProxyResource
@@ -32,30 +36,6 @@ if TYPE_CHECKING:
 log = logger("proxy")
 
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
-
-
-def classify_failure(failure: Failure) -> tuple:
-    """``(reason, error)`` for a failed attempt: a short reason word and the client's error.
-
-    Every such failure happened before any byte reached the client, so each may
-    fail over to another node.
-    """
-    value = failure.value
-    if isinstance(value, error.TimeoutError):
-        return "connect_timeout", ProxyError(504, "upstream_timeout", "connecting to the node timed out")
-    if isinstance(value, error.ConnectionRefusedError):
-        return "refused", ProxyError(502, "upstream_unreachable", "the node refused the connection")
-    if isinstance(value, (error.DNSLookupError, error.ConnectError)):
-        return "connect_failed", ProxyError(502, "upstream_unreachable", "the node could not be reached")
-    if isinstance(value, ProtocolError):
-        return "bad_response", ProxyError(502, "upstream_failed", "the node's answer is not valid HTTP")
-    if "SSL" in type(value).__module__ or "ssl" in type(value).__module__:
-        return "tls_failed", ProxyError(502, "upstream_tls", "the TLS handshake with the node failed")
-    return "no_response", ProxyError(502, "upstream_failed", "the node closed the connection without answering")
-
-
-def _header_timeout_error() -> ProxyError:
-    return ProxyError(504, "upstream_timeout", "the node did not answer in time")
 
 
 #: How a relay ending reads in the access log.
@@ -74,24 +54,22 @@ class Exchange:
     ``response_started``); the body then goes straight to the ``BodyRelay``.
     """
 
-    def __init__(self, forwarder: ProxyResource, request, route: Route, pool) -> None:
+    def __init__(self, forwarder: ProxyResource, request, route: Route, pool: NodePool) -> None:
         self._forwarder = forwarder
         self._settings = forwarder.settings
         self._request = request
         self._route = route
-        self._pool = pool
         self._method = request.method
         request.content.seek(0)
         self._body = request.content.read()
-        self._excluded: set[str] = set()
-        self._attempts = 0
+        self._failover = Failover(Attempts(forwarder.attempt_rules), pool, route, forwarder.clock,
+                                  forwarder.traffic, self._try_node, self._fail)
         self._lease: Lease | None = None
         self._head = b""
         self._pending: defer.Deferred | None = None
         self._conn: UpstreamConnection | None = None
         self._timer = None
         self._relay: BodyRelay | None = None
-        self._fresh_retry_used = False
         self._sent_at = 0.0
         self._started = forwarder.clock.seconds()
         self._ttfb: float | None = None
@@ -102,26 +80,18 @@ class Exchange:
     def start(self) -> None:
         """Send the first attempt."""
         self._forwarder.counters.requests += 1
-        self._attempt(None)
+        self._failover.start()
 
     # -- attempts -------------------------------------------------------------
 
-    def _attempt(self, last_error: ProxyError | None) -> None:
-        self._timer = None
-        lease = None
-        if self._attempts < self._settings.max_attempts:
-            lease = self._pool.acquire(self._route, frozenset(self._excluded))
-        if lease is None:
-            self._fail(last_error or self._forwarder.no_node_error())
-            return
-        self._use(lease)
-
-    def _use(self, lease: Lease) -> None:
-        self._attempts += 1
-        self._excluded.add(lease.node.id)
-        self._lease = lease
-        self._head = self._request_head(lease)
-        self._connect(fresh=False)
+    def _try_node(self, lease: Lease, fresh: bool) -> None:
+        if self._conn is not None:  # a status failover: the previous node's answer is dropped
+            conn, self._conn = self._conn, None
+            conn.abort()
+        if lease is not self._lease:
+            self._lease = lease
+            self._head = self._request_head(lease)
+        self._connect(fresh)
 
     def _request_head(self, lease: Lease) -> bytes:
         url = lease.node.url
@@ -153,25 +123,13 @@ class Exchange:
         if self._client_gone:
             self._lease.release()
             return
-        self._attempt_failed(*classify_failure(failure))
-
-    def _attempt_failed(self, reason: str, err: ProxyError) -> None:
-        log.info(
-            "attempt {attempt} on node {node} failed: {reason}",
-            attempt=self._attempts, node=self._lease.node.name, reason=reason,
-        )
-        self._lease.failed(reason)
-        self._forwarder.traffic.attempt_failed(self._lease.node.name, reason)
-        if self._settings.retry_delay:
-            self._timer = self._forwarder.clock.callLater(self._settings.retry_delay, self._attempt, err)
-        else:
-            self._attempt(err)
+        self._failover.failed(classify_failure(failure))
 
     def _header_timeout(self) -> None:
         self._timer = None
         conn, self._conn = self._conn, None
         conn.abort()
-        self._attempt_failed("response_timeout", _header_timeout_error())
+        self._failover.failed(RESPONSE_TIMEOUT)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -185,27 +143,14 @@ class Exchange:
         conn, self._conn = self._conn, None
         if not isinstance(reason, Failure):
             reason = Failure(reason)
-        if conn.reused and conn.bytes_received == 0 and not self._fresh_retry_used:
-            # A kept-alive connection the node had already closed: not the node's fault.
-            self._fresh_retry_used = True
-            self._connect(fresh=True)
-            return
-        self._attempt_failed(*classify_failure(reason))
+        self._failover.failed(classify_failure(reason), conn.reused, conn.bytes_received)
 
     def response_started(self, status: int, reason: bytes, headers, length: int | None) -> None:
         self._cancel_timer()
         self._ttfb = self._forwarder.clock.seconds() - self._started
+        if not self._failover.answered(status):
+            return  # another node takes the request
         lease = self._lease
-        if status in self._settings.retry_on_status and self._attempts < self._settings.max_attempts:
-            following = self._pool.acquire(self._route, frozenset(self._excluded))
-            if following is not None:
-                log.info("node {node} answered {status}; failing over", node=lease.node.name, status=status)
-                conn, self._conn = self._conn, None
-                conn.abort()
-                lease.failed(f"status_{status}")
-                self._forwarder.traffic.attempt_failed(lease.node.name, f"status_{status}")
-                self._use(following)
-                return
         lease.responded(self._forwarder.clock.seconds() - self._sent_at)
         try:
             self._relay = self._start_relay(status, reason, headers, length)
@@ -213,8 +158,7 @@ class Exchange:
             log.failure("node {node} sent a response head that cannot be relayed", node=lease.node.name)
             conn, self._conn = self._conn, None
             conn.abort()
-            lease.failed("bad_response")
-            self._fail(ProxyError(502, "upstream_failed", "the node's answer is not valid HTTP"))
+            self._failover.unusable(BAD_RESPONSE)
             return
         self._conn.deliver_body(self._relay)
 
@@ -227,7 +171,7 @@ class Exchange:
         for name, values in downstream_response_headers(headers):
             out.setRawHeaders(name, values)
         out.setRawHeaders(b"X-Blyan-Node", [self._lease.node.name_bytes])
-        out.setRawHeaders(b"X-Blyan-Attempts", [b"%d" % self._attempts])
+        out.setRawHeaders(b"X-Blyan-Attempts", [b"%d" % self._failover.count])
         content_type = out.getRawHeaders(b"content-type")
         is_sse = bool(content_type) and content_type[0].lower().startswith(b"text/event-stream")
         if is_sse and not out.hasHeader(b"x-accel-buffering"):
@@ -284,7 +228,7 @@ class Exchange:
             target=self._request.uri,
             status=status,
             node=self._lease.node.name if self._lease is not None else None,
-            attempts=self._attempts,
+            attempts=self._failover.count,
             ttfb=self._ttfb,
             duration=self._forwarder.clock.seconds() - self._started,
             bytes_out=self._relay.bytes_sent if self._relay is not None else 0,
@@ -295,8 +239,8 @@ class Exchange:
 
     def _on_client_gone(self, failure) -> None:
         self._client_gone = True
-        if self._timer is not None and self._conn is None and self._pending is None:
-            self._cancel_timer()  # waiting out RETRY_DELAY_MS: nothing else to stop
+        if self._failover.waiting:
+            self._failover.cancel()  # waiting out RETRY_DELAY_MS: nothing else to stop
         elif self._relay is not None:
             self._relay.client_gone()
         elif self._pending is not None:

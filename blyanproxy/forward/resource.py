@@ -8,6 +8,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from blyanproxy.config import Settings
 from blyanproxy.core import (
+    AttemptRules,
     ProxyError,
     Route,
     affinity_key,
@@ -45,16 +46,9 @@ class ProxyResource(Resource):
         self.clock = clock
         self.settings = settings
         self.counters = RequestCounters()
+        self.attempt_rules = AttemptRules(settings.max_attempts, settings.retry_delay, settings.retry_on_status,
+                                          settings.health_interval)
         self._websockets = WebSocketForwarder(self, endpoints)
-
-    def no_node_error(self) -> ProxyError:
-        """The 503 for a request no node can take."""
-        return ProxyError(
-            503,
-            "no_healthy_nodes",
-            "no healthy node can take the request",
-            retry_after=max(1, int(self.settings.health_interval + 0.999)),
-        )
 
     def render(self, request):
         request.defaultContentType = None

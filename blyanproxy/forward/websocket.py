@@ -18,8 +18,20 @@ from twisted.internet import defer
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.protocol import Protocol
 
-from blyanproxy.core import ProxyError, client_facts, downstream_response_headers, upstream_request_headers, write_error
+from blyanproxy.core import (
+    CONNECT_TIMEOUT,
+    NO_RESPONSE,
+    UPGRADE_TIMEOUT,
+    Attempts,
+    ProxyError,
+    bad_handshake,
+    client_facts,
+    downstream_response_headers,
+    upstream_request_headers,
+    write_error,
+)
 from blyanproxy.fleet import Lease
+from blyanproxy.forward.failover import Failover, NodePool, classify_failure
 from blyanproxy.logs import logger
 from blyanproxy.twistedinternals import body_decoder, take_over_connection
 from blyanproxy.upstream import ProtocolError, body_framing, connect_quietly, parse_head, serialize_request_head
@@ -106,8 +118,10 @@ class _Splice(Protocol):
         except ProtocolError as exc:
             self._give_up(f"the node's handshake answer is malformed: {exc}")
             return
-        self._attempt.answered()
-        if status == 101:
+        if not self._attempt.answered(status):  # another node takes the upgrade
+            self._ended = True
+            self.transport.abortConnection()
+        elif status == 101:
             self._splice(head, rest)
         else:
             self._relay_refusal(status, reason, headers, rest)
@@ -163,8 +177,7 @@ class _Splice(Protocol):
     def _give_up(self, message: str) -> None:
         self._ended = True
         self.transport.abortConnection()
-        self._attempt.lease.failed("bad_handshake")
-        self._attempt.fail(ProxyError(502, "upstream_failed", message))
+        self._attempt.unusable(message)
 
     def client_request_lost(self, reason) -> None:
         """The client's connection is gone: end its upgrade request."""
@@ -203,17 +216,16 @@ class _Splice(Protocol):
 
 
 class _Handshake:
-    """One client's upgrade request: picks nodes and tries them until one answers."""
+    """One client's upgrade request: tries nodes (``Failover``) until one answers."""
 
-    def __init__(self, forwarder: WebSocketForwarder, request, route, pool) -> None:
+    def __init__(self, forwarder: WebSocketForwarder, request, route, pool: NodePool) -> None:
         self.forwarder = forwarder
         self.request = request
         self.route = route
-        self.pool = pool
+        self._failover = Failover(Attempts(forwarder.attempt_rules), pool, route, forwarder.clock,
+                                  forwarder.proxy.traffic, self._try_node, self.fail)
         self.lease: Lease | None = None
         self.head = b""
-        self._excluded: set[str] = set()
-        self._attempts = 0
         self._pending: defer.Deferred | None = None
         self._timeout = None
         self._splice: _Splice | None = None
@@ -222,20 +234,13 @@ class _Handshake:
         self._client_gone = False
         request.notifyFinish().addErrback(self._on_client_gone)
 
-    def retry(self, last_error: ProxyError | None) -> None:
-        """Try the next node, or answer ``last_error`` when none is left."""
-        self._cancel_timeout()
-        if self._client_gone:
-            return
+    def start(self) -> None:
+        """Make the first attempt."""
+        self._failover.start()
+
+    def _try_node(self, lease: Lease, fresh: bool) -> None:
+        """Send the upgrade to ``lease``'s node (always on a connection of its own)."""
         settings = self.forwarder.settings
-        lease = None
-        if self._attempts < settings.max_attempts:
-            lease = self.pool.acquire(self.route, frozenset(self._excluded))
-        if lease is None:
-            self.fail(last_error or self.forwarder.proxy.no_node_error())
-            return
-        self._attempts += 1
-        self._excluded.add(lease.node.id)
         self.lease = lease
         self._splice = None
         self._timed_out_waiting = False
@@ -264,34 +269,35 @@ class _Handshake:
         self._pending = None
         if failure.check(defer.CancelledError, ConnectingCancelledError):
             return  # whoever cancelled does the accounting
-        self.lease.failed("connect_failed")
-        log.info("websocket connect to node {node} failed: {why}", node=self.lease.node.name,
-                 why=failure.getErrorMessage())
-        self.retry(ProxyError(502, "upstream_unreachable", "the node could not be reached"))
-
-    def answered(self) -> None:
-        """The node sent its handshake answer."""
-        self._answered = True
         self._cancel_timeout()
+        self._failover.failed(classify_failure(failure))
+
+    def answered(self, status: int) -> bool:
+        """The node sent its handshake answer: True to go on with it, False when another
+        node takes the upgrade instead (a ``RETRY_ON_STATUS`` status)."""
+        self._cancel_timeout()
+        if status == 101 or self._failover.answered(status):
+            self._answered = True
+            return True
+        return False
+
+    def unusable(self, message: str) -> None:
+        """The node's handshake answer cannot be read: answer 502, no failover."""
+        self._failover.unusable(bad_handshake(message))
 
     def lost_before_answer(self) -> None:
         """The node's connection closed before its handshake answer: try the next node."""
         if self._client_gone:
             self.lease.release()
-        elif self._timed_out_waiting:
-            self.lease.failed("response_timeout")
-            self.retry(ProxyError(504, "upstream_timeout", "the node did not answer the upgrade in time"))
         else:
-            self.lease.failed("no_response")
-            self.retry(ProxyError(502, "upstream_failed", "the node closed the connection without answering"))
+            self._failover.failed(UPGRADE_TIMEOUT if self._timed_out_waiting else NO_RESPONSE)
 
     def _timed_out(self) -> None:
         self._timeout = None
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.cancel()
-            self.lease.failed("connect_timeout")
-            self.retry(ProxyError(504, "upstream_timeout", "connecting to the node timed out"))
+            self._failover.failed(CONNECT_TIMEOUT)
         else:
             self._timed_out_waiting = True
             self._splice.transport.abortConnection()
@@ -310,6 +316,7 @@ class _Handshake:
     def _on_client_gone(self, failure) -> None:
         self._client_gone = True
         self._cancel_timeout()
+        self._failover.cancel()
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.cancel()
@@ -334,13 +341,17 @@ class WebSocketForwarder:
     def clock(self):
         return self.proxy.clock
 
+    @property
+    def attempt_rules(self):
+        return self.proxy.attempt_rules
+
     def endpoint_for(self, node):
         """A client endpoint to the node (TLS for https nodes, same trust as the Agent)."""
         return self.endpoints.endpoint(node.url.scheme, node.url.host, node.url.port)
 
-    def forward(self, request, route, pool) -> None:
+    def forward(self, request, route, pool: NodePool) -> None:
         """Start forwarding one upgrade request to a node of ``pool``."""
-        _Handshake(self, request, route, pool).retry(None)
+        _Handshake(self, request, route, pool).start()
 
     def opened(self, splice: _Splice) -> None:
         """A WebSocket is spliced."""
