@@ -37,7 +37,7 @@ from blyanproxy.core.fleetstate import (
     state_from_json,
     state_to_json,
 )
-from blyanproxy.core.headers import client_facts, downstream_response_headers, upstream_request_headers
+from blyanproxy.core.headers import ClientFacts, client_facts, downstream_response_headers, upstream_request_headers
 from blyanproxy.core.healthstate import (
     DOWN,
     UP,
@@ -64,6 +64,7 @@ __all__ = [
     "CONNECT_TIMEOUT",
     "Candidate",
     "Change",
+    "ClientFacts",
     "DOWN",
     "Decision",
     "FleetState",

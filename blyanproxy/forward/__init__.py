@@ -8,7 +8,10 @@ from blyanproxy.forward.traffic import (
     CLIENT_GONE,
     COMPLETE,
     AccessRecord,
+    RequestCounters,
+    RequestTally,
     TrafficRecorder,
+    write_access_line,
 )
 
 __all__ = [
@@ -17,5 +20,8 @@ __all__ = [
     "CLIENT_GONE",
     "COMPLETE",
     "ProxyResource",
+    "RequestCounters",
+    "RequestTally",
     "TrafficRecorder",
+    "write_access_line",
 ]

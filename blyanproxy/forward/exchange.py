@@ -18,7 +18,6 @@ from blyanproxy.core import (
     Attempts,
     ProxyError,
     Route,
-    client_facts,
     downstream_response_headers,
     upstream_request_headers,
     write_error,
@@ -54,7 +53,8 @@ class Exchange:
     ``response_started``); the body then goes straight to the ``BodyRelay``.
     """
 
-    def __init__(self, forwarder: ProxyResource, request, route: Route, pool: NodePool) -> None:
+    def __init__(self, forwarder: ProxyResource, request, route: Route, pool: NodePool,
+                 tally: traffic.RequestTally) -> None:
         self._forwarder = forwarder
         self._settings = forwarder.settings
         self._request = request
@@ -71,15 +71,12 @@ class Exchange:
         self._timer = None
         self._relay: BodyRelay | None = None
         self._sent_at = 0.0
-        self._started = forwarder.clock.seconds()
-        self._ttfb: float | None = None
-        self._recorded = False
+        self._tally = tally
         self._client_gone = False
         request.notifyFinish().addErrback(self._on_client_gone)
 
     def start(self) -> None:
         """Send the first attempt."""
-        self._forwarder.counters.requests += 1
         self._failover.start()
 
     # -- attempts -------------------------------------------------------------
@@ -90,6 +87,8 @@ class Exchange:
             conn.abort()
         if lease is not self._lease:
             self._lease = lease
+            self._tally.node = lease.node.name
+            self._tally.attempts = self._failover.count
             self._head = self._request_head(lease)
         self._connect(fresh)
 
@@ -98,7 +97,7 @@ class Exchange:
         headers = upstream_request_headers(
             self._request.requestHeaders.getAllRawHeaders(),
             url.netloc.encode("ascii"),
-            client_facts(self._request),
+            self._tally.client,
             trust_forwarded=self._settings.trust_forwarded,
             strip_origin=self._settings.strip_origin,
         )
@@ -147,7 +146,7 @@ class Exchange:
 
     def response_started(self, status: int, reason: bytes, headers, length: int | None) -> None:
         self._cancel_timer()
-        self._ttfb = self._forwarder.clock.seconds() - self._started
+        self._tally.ttfb = self._forwarder.clock.seconds() - self._tally.started
         if not self._failover.answered(status):
             return  # another node takes the request
         lease = self._lease
@@ -208,34 +207,14 @@ class Exchange:
         if self._relay.is_sse:
             self._forwarder.traffic.stream("sse", -1)
         if how not in (COMPLETE, CLIENT_GONE):
-            self._forwarder.counters.failures += 1
             log.warn("stream from node {node} ended: {how}", node=self._lease.node.name, how=how)
-        self._record(_ENDINGS[how], self._request.code)
+        self._tally.bytes_out = self._relay.bytes_sent
+        self._tally.end(self._request.code, _ENDINGS[how])
 
     def _fail(self, err: ProxyError) -> None:
-        self._forwarder.counters.failures += 1
         if not self._client_gone:
             write_error(self._request, err)
-        self._record(traffic.TIMEOUT if err.status == 504 else traffic.ERROR, err.status)
-
-    def _record(self, ended: str, status: int) -> None:
-        """Report the end of this request, once."""
-        if self._recorded:
-            return
-        self._recorded = True
-        self._forwarder.traffic.finished(traffic.AccessRecord(
-            method=self._method.decode("latin-1"),
-            target=self._request.uri,
-            status=status,
-            node=self._lease.node.name if self._lease is not None else None,
-            attempts=self._failover.count,
-            ttfb=self._ttfb,
-            duration=self._forwarder.clock.seconds() - self._started,
-            bytes_out=self._relay.bytes_sent if self._relay is not None else 0,
-            ended=ended,
-            client=client_facts(self._request, self._settings.trust_forwarded).origin
-            if not self._client_gone else "-",
-        ))
+        self._tally.end(err.status, traffic.ended_by(err))
 
     def _on_client_gone(self, failure) -> None:
         self._client_gone = True
@@ -251,4 +230,4 @@ class Exchange:
             conn.abort()
             self._lease.release()
         if self._relay is None:
-            self._record(traffic.CLIENT_GONE, traffic.CLIENT_CLOSED_STATUS)
+            self._tally.end(traffic.CLIENT_CLOSED_STATUS, traffic.CLIENT_GONE)

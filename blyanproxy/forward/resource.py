@@ -12,7 +12,6 @@ from blyanproxy.core import (
     ProxyError,
     Route,
     affinity_key,
-    client_facts,
     parse_route,
     write_error,
 )
@@ -20,7 +19,7 @@ from blyanproxy.discovery import WorkloadDirectory, api_key_of, missing_key_erro
 from blyanproxy.fleet import Balancer
 from blyanproxy.forward import traffic
 from blyanproxy.forward.exchange import Exchange
-from blyanproxy.forward.traffic import RequestCounters
+from blyanproxy.forward.failover import NodePool
 from blyanproxy.forward.websocket import WebSocketForwarder, is_websocket_upgrade
 from blyanproxy.upstream import UpstreamPool
 
@@ -36,22 +35,21 @@ class ProxyResource(Resource):
     isLeaf = True
 
     def __init__(self, balancer: Balancer, upstream: UpstreamPool, endpoints, clock, settings: Settings,
-                 recorder: traffic.TrafficRecorder | None = None,
-                 directory: WorkloadDirectory | None = None) -> None:
+                 recorder: traffic.TrafficRecorder, directory: WorkloadDirectory | None = None) -> None:
         super().__init__()
         self.directory = directory
-        self.traffic = recorder or traffic.TrafficRecorder()
+        self.traffic = recorder
         self.balancer = balancer
         self.upstream = upstream
         self.clock = clock
         self.settings = settings
-        self.counters = RequestCounters()
         self.attempt_rules = AttemptRules(settings.max_attempts, settings.retry_delay, settings.retry_on_status,
                                           settings.health_interval)
         self._websockets = WebSocketForwarder(self, endpoints)
 
     def render(self, request):
         request.defaultContentType = None
+        tally = self.traffic.begin(request)
         directory = self.directory
         try:
             route = parse_route(request.uri)
@@ -61,67 +59,48 @@ class ProxyResource(Resource):
             if key is None and not self.balancer.serves(route):
                 raise ProxyError(404, "node_not_found", "no registered node has the id or name api= gives")
         except ProxyError as err:
-            self.refuse(request, err)
+            self._refuse(request, tally, err)
             return NOT_DONE_YET
         affinity = affinity_key(self.settings.affinity_key, request)
         if affinity is not None:
             route = attrs.evolve(route, affinity_key=affinity)
         if key is None:
-            self._forward(request, route, self.balancer)
+            self._forward(request, tally, route, self.balancer)
         else:
-            self._forward_keyed(request, route, key)
+            self._forward_keyed(request, tally, route, key)
         return NOT_DONE_YET
 
-    def _forward(self, request, route: Route, pool) -> None:
+    def _forward(self, request, tally: traffic.RequestTally, route: Route, pool: NodePool) -> None:
         """Send the request to a node of ``pool`` (the registry's ``Balancer`` or a ``KeyPool``)."""
         try:
             pool.check(route)
         except ProxyError as err:
-            self.refuse(request, err)
+            self._refuse(request, tally, err)
             return
         if is_websocket_upgrade(request):
-            self._websockets.forward(request, route, pool)
+            self._websockets.forward(request, tally, route, pool)
         else:
-            Exchange(self, request, route, pool).start()
+            Exchange(self, request, route, pool, tally).start()
 
-    def _forward_keyed(self, request, route: Route, key: bytes) -> None:
+    def _forward_keyed(self, request, tally: traffic.RequestTally, route: Route, key: bytes) -> None:
         """Find the key's workloads (perhaps asking the API), then forward among them."""
-        started = self.clock.seconds()
 
         def found(record) -> None:
             try:
                 pool = self.directory.pool(record)
             except ProxyError as err:
-                self.refuse(request, err, started)
+                self._refuse(request, tally, err)
                 return
             self.directory.started(record)
             request.notifyFinish().addBoth(record.finished)
-            self._forward(request, route, pool)
+            self._forward(request, tally, route, pool)
 
         def gone() -> None:
-            self.counters.requests += 1
-            self._record_unforwarded(request, traffic.CLIENT_CLOSED_STATUS, traffic.CLIENT_GONE, started)
+            tally.end(traffic.CLIENT_CLOSED_STATUS, traffic.CLIENT_GONE)
 
-        self.directory.lookup_for(request, key, found, lambda err: self.refuse(request, err, started), gone)
+        self.directory.lookup_for(request, key, found, lambda err: self._refuse(request, tally, err), gone)
 
-    def refuse(self, request, err: ProxyError, started: float | None = None) -> None:
-        """Answer ``err`` for a request no node was chosen for, and account for it."""
-        self.counters.requests += 1
-        self.counters.failures += 1
+    def _refuse(self, request, tally: traffic.RequestTally, err: ProxyError) -> None:
+        """Answer ``err`` for a request no node was chosen for."""
         write_error(request, err)
-        self._record_unforwarded(request, err.status, traffic.ERROR, started)
-
-    def _record_unforwarded(self, request, status: int, ended: str, started: float | None) -> None:
-        now = self.clock.seconds()
-        self.traffic.finished(traffic.AccessRecord(
-            method=request.method.decode("latin-1"),
-            target=request.uri,
-            status=status,
-            node=None,
-            attempts=0,
-            ttfb=None,
-            duration=now - started if started is not None else 0.0,
-            bytes_out=0,
-            ended=ended,
-            client=client_facts(request, self.settings.trust_forwarded).origin,
-        ))
+        tally.end(err.status, traffic.ERROR)

@@ -25,12 +25,12 @@ from blyanproxy.core import (
     Attempts,
     ProxyError,
     bad_handshake,
-    client_facts,
     downstream_response_headers,
     upstream_request_headers,
     write_error,
 )
 from blyanproxy.fleet import Lease
+from blyanproxy.forward import traffic
 from blyanproxy.forward.failover import Failover, NodePool, classify_failure
 from blyanproxy.logs import logger
 from blyanproxy.twistedinternals import body_decoder, take_over_connection
@@ -73,6 +73,7 @@ class _ClientSide(Protocol):
         self._splice = splice
 
     def dataReceived(self, data: bytes) -> None:
+        self._splice.tally.bytes_in += len(data)
         self._splice.transport.write(data)
 
     def connectionLost(self, reason) -> None:
@@ -93,12 +94,14 @@ class _Splice(Protocol):
         self._decoder = None
         self._ended = False
         self._client: _ClientSide | None = None
+        self.tally = attempt.tally
 
     def connectionMade(self) -> None:
         self.transport.write(self._attempt.head)
 
     def dataReceived(self, data: bytes) -> None:
         if self._spliced:
+            self.tally.bytes_out += len(data)
             self._attempt.request.transport.write(data)
         elif self._decoder is not None:
             self._decoder.dataReceived(data)
@@ -133,6 +136,7 @@ class _Splice(Protocol):
         take_over_connection(request.channel, client)
         node = self._attempt.lease.node.name.encode("utf-8", "replace")
         client.transport.write(head + b"\r\nX-Blyan-Node: " + node + b"\r\n\r\n" + rest)
+        self.tally.bytes_out += len(rest)
         request.registerProducer(self.transport, True)
         self.transport.registerProducer(client.transport, True)
         self._client = client
@@ -162,9 +166,13 @@ class _Splice(Protocol):
         if framing == "length":
             request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % length])
         self._decoder = body_decoder(length if framing == "length" else None, framing == "chunked",
-                                     request.write, self._refusal_done)
+                                     self._write_refusal, self._refusal_done)
         if rest:
             self._decoder.dataReceived(rest)
+
+    def _write_refusal(self, data: bytes) -> None:
+        self.tally.bytes_out += len(data)
+        self._attempt.request.write(data)
 
     def _refusal_done(self, extra: bytes = b"") -> None:
         if not self._ended:
@@ -173,6 +181,7 @@ class _Splice(Protocol):
                 self._attempt.request.finish()
             self.transport.loseConnection()
             self._attempt.lease.release()
+            self.tally.end(self._attempt.request.code, traffic.COMPLETE)
 
     def _give_up(self, message: str) -> None:
         self._ended = True
@@ -192,6 +201,7 @@ class _Splice(Protocol):
         self._ended = True
         self._attempt.lease.release()
         self._forwarder.closed(self)
+        self.tally.end(101, traffic.CLIENT_CLOSED if side == "client" else traffic.NODE_CLOSED)
         if side == "client":
             self.transport.loseConnection()
         else:
@@ -208,6 +218,7 @@ class _Splice(Protocol):
                     self._attempt.request.transport.loseConnection()
                 self._ended = True
                 self._attempt.lease.release()
+                self.tally.end(self._attempt.request.code, traffic.UPSTREAM_BROKE)
             else:
                 self._refusal_done()
         elif not self._ended:
@@ -218,9 +229,11 @@ class _Splice(Protocol):
 class _Handshake:
     """One client's upgrade request: tries nodes (``Failover``) until one answers."""
 
-    def __init__(self, forwarder: WebSocketForwarder, request, route, pool: NodePool) -> None:
+    def __init__(self, forwarder: WebSocketForwarder, request, tally: traffic.RequestTally, route,
+                 pool: NodePool) -> None:
         self.forwarder = forwarder
         self.request = request
+        self.tally = tally
         self.route = route
         self._failover = Failover(Attempts(forwarder.attempt_rules), pool, route, forwarder.clock,
                                   forwarder.proxy.traffic, self._try_node, self.fail)
@@ -242,13 +255,15 @@ class _Handshake:
         """Send the upgrade to ``lease``'s node (always on a connection of its own)."""
         settings = self.forwarder.settings
         self.lease = lease
+        self.tally.node = lease.node.name
+        self.tally.attempts = self._failover.count
         self._splice = None
         self._timed_out_waiting = False
         node = lease.node
         headers = upstream_request_headers(
             self.request.requestHeaders.getAllRawHeaders(),
             node.url.netloc.encode("ascii"),
-            client_facts(self.request),
+            self.tally.client,
             trust_forwarded=settings.trust_forwarded,
             strip_origin=settings.strip_origin,
             websocket=True,
@@ -278,6 +293,7 @@ class _Handshake:
         self._cancel_timeout()
         if status == 101 or self._failover.answered(status):
             self._answered = True
+            self.tally.ttfb = self.forwarder.clock.seconds() - self.tally.started
             return True
         return False
 
@@ -312,11 +328,13 @@ class _Handshake:
         self._cancel_timeout()
         if not self._client_gone and self.request.channel is not None:
             write_error(self.request, err)
+        self.tally.end(err.status, traffic.ended_by(err))
 
     def _on_client_gone(self, failure) -> None:
         self._client_gone = True
         self._cancel_timeout()
         self._failover.cancel()
+        self.tally.end(self.request.code if self._answered else traffic.CLIENT_CLOSED_STATUS, traffic.CLIENT_GONE)
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.cancel()
@@ -349,9 +367,9 @@ class WebSocketForwarder:
         """A client endpoint to the node (TLS for https nodes, same trust as the Agent)."""
         return self.endpoints.endpoint(node.url.scheme, node.url.host, node.url.port)
 
-    def forward(self, request, route, pool: NodePool) -> None:
+    def forward(self, request, tally: traffic.RequestTally, route, pool: NodePool) -> None:
         """Start forwarding one upgrade request to a node of ``pool``."""
-        _Handshake(self, request, route, pool).start()
+        _Handshake(self, request, tally, route, pool).start()
 
     def opened(self, splice: _Splice) -> None:
         """A WebSocket is spliced."""

@@ -7,8 +7,8 @@ from typing import Callable
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from blyanproxy.core import ProxyError, client_facts
-from blyanproxy.forward import CLIENT_CLOSED_STATUS, CLIENT_GONE, COMPLETE, AccessRecord
+from blyanproxy.core import ProxyError
+from blyanproxy.forward import CLIENT_CLOSED_STATUS, CLIENT_GONE, COMPLETE, RequestTally, TrafficRecorder
 from blyanproxy.logs import logger
 from blyanproxy.twistedinternals import ChannelWithBadRequestHook, channel_protocol
 
@@ -100,19 +100,18 @@ class RootResource(Resource):
 
     ``prefixes`` own a whole subtree (``/_admin/...``); ``exact`` answer only their
     own path (``/health``), so ``/health/x`` still goes to a node, and only the
-    methods in their ``only_methods`` when they have one. ``trust``
-    (``TRUST_FORWARDED``) decides which client address their access lines show.
+    methods in their ``only_methods`` when they have one. With a ``recorder``
+    (the end-of-request hook) each request the proxy answers itself is reported
+    when it ends.
     """
 
     def __init__(self, forwarder: Resource, prefixes: dict[bytes, Resource], exact: dict[bytes, Resource],
-                 recorder=None, clock=None, trust=False):
+                 recorder: TrafficRecorder | None = None) -> None:
         super().__init__()
-        self._trust = trust
         self._forwarder = forwarder
         self._prefixes = prefixes
         self._exact = exact
         self._recorder = recorder
-        self._clock = clock
 
     def getChildWithDefault(self, name: bytes, request):
         # twisted.web announces its name and version; the proxy does not.
@@ -125,23 +124,18 @@ class RootResource(Resource):
         if own is None:
             return self._forwarder
         if self._recorder is not None:
-            request.notifyFinish().addBoth(self._record, request, self._clock.seconds())
+            tally = self._recorder.begin(request, own_endpoint=True)
+            request.notifyFinish().addBoth(self._ended, request, tally)
         return own
 
-    def _record(self, result, request, started: float) -> None:
-        """The access line of a request the proxy answered itself."""
-        self._recorder.finished(AccessRecord(
-            method=request.method.decode("latin-1"),
-            target=request.uri,
-            status=request.code if result is None else CLIENT_CLOSED_STATUS,
-            node=None,
-            attempts=0,
-            ttfb=None,
-            duration=self._clock.seconds() - started,
-            bytes_out=request.sentLength,
-            ended=COMPLETE if result is None else CLIENT_GONE,
-            client=client_facts(request, self._trust).origin,
-        ))
+    @staticmethod
+    def _ended(result, request, tally: RequestTally) -> None:
+        """A request the proxy answered itself ended (``result`` is a Failure if the client left)."""
+        tally.bytes_out = request.sentLength
+        if result is None:
+            tally.end(request.code, COMPLETE)
+        else:
+            tally.end(CLIENT_CLOSED_STATUS, CLIENT_GONE)
 
 
 class ProxyChannel(ChannelWithBadRequestHook):
