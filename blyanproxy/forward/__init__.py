@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from blyanproxy.forward.context import ForwardContext, ForwardRules
 from blyanproxy.forward.resource import ProxyResource
 from blyanproxy.forward.traffic import (
     CLIENT_CLOSED_STATUS,
@@ -19,6 +20,8 @@ __all__ = [
     "CLIENT_CLOSED_STATUS",
     "CLIENT_GONE",
     "COMPLETE",
+    "ForwardContext",
+    "ForwardRules",
     "ProxyResource",
     "RequestCounters",
     "RequestTally",

@@ -7,8 +7,6 @@ yet, and then hands the body to a ``BodyRelay``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
@@ -24,13 +22,11 @@ from blyanproxy.core import (
 )
 from blyanproxy.fleet import Lease
 from blyanproxy.forward import traffic
+from blyanproxy.forward.context import ForwardContext
 from blyanproxy.forward.failover import Failover, NodePool, classify_failure
 from blyanproxy.forward.relay import CLIENT_GONE, COMPLETE, IDLE_TIMEOUT, UPSTREAM_BROKE, BodyRelay
 from blyanproxy.logs import logger
 from blyanproxy.upstream import UpstreamConnection, serialize_request_head
-
-if TYPE_CHECKING:
-    from blyanproxy.forward.resource import ProxyResource
 
 log = logger("proxy")
 
@@ -53,17 +49,17 @@ class Exchange:
     ``response_started``); the body then goes straight to the ``BodyRelay``.
     """
 
-    def __init__(self, forwarder: ProxyResource, request, route: Route, pool: NodePool,
-                 tally: traffic.RequestTally) -> None:
-        self._forwarder = forwarder
-        self._settings = forwarder.settings
+    def __init__(self, context: ForwardContext, request, tally: traffic.RequestTally, route: Route,
+                 pool: NodePool) -> None:
+        self._context = context
+        self._rules = context.rules
         self._request = request
         self._route = route
         self._method = request.method
         request.content.seek(0)
         self._body = request.content.read()
-        self._failover = Failover(Attempts(forwarder.attempt_rules), pool, route, forwarder.clock,
-                                  forwarder.traffic, self._try_node, self._fail)
+        self._failover = Failover(Attempts(context.rules.attempts), pool, route, context.clock,
+                                  context.traffic, self._try_node, self._fail)
         self._lease: Lease | None = None
         self._head = b""
         self._pending: defer.Deferred | None = None
@@ -98,8 +94,8 @@ class Exchange:
             self._request.requestHeaders.getAllRawHeaders(),
             url.netloc.encode("ascii"),
             self._tally.client,
-            trust_forwarded=self._settings.trust_forwarded,
-            strip_origin=self._settings.strip_origin,
+            trust_forwarded=self._rules.trust_forwarded,
+            strip_origin=self._rules.strip_origin,
         )
         if self._body or self._method in _BODY_METHODS:
             headers.append((b"Content-Length", [b"%d" % len(self._body)]))
@@ -107,14 +103,14 @@ class Exchange:
 
     def _connect(self, fresh: bool) -> None:
         url = self._lease.node.url
-        self._pending = self._forwarder.upstream.connection(url.scheme, url.host, url.port, fresh=fresh)
+        self._pending = self._context.upstream.connection(url.scheme, url.host, url.port, fresh=fresh)
         self._pending.addCallbacks(self._connected, self._connect_failed)
 
     def _connected(self, conn: UpstreamConnection) -> None:
         self._pending = None
         self._conn = conn
-        self._sent_at = self._forwarder.clock.seconds()
-        self._timer = self._forwarder.clock.callLater(self._settings.proxy_timeout, self._header_timeout)
+        self._sent_at = self._context.clock.seconds()
+        self._timer = self._context.clock.callLater(self._rules.proxy_timeout, self._header_timeout)
         conn.request(self._method, self._head, self._body, self)
 
     def _connect_failed(self, failure: Failure) -> None:
@@ -146,11 +142,11 @@ class Exchange:
 
     def response_started(self, status: int, reason: bytes, headers, length: int | None) -> None:
         self._cancel_timer()
-        self._tally.ttfb = self._forwarder.clock.seconds() - self._tally.started
+        self._tally.ttfb = self._context.clock.seconds() - self._tally.started
         if not self._failover.answered(status):
             return  # another node takes the request
         lease = self._lease
-        lease.responded(self._forwarder.clock.seconds() - self._sent_at)
+        lease.responded(self._context.clock.seconds() - self._sent_at)
         try:
             self._relay = self._start_relay(status, reason, headers, length)
         except Exception:  # a head Twisted refuses to write: the node's fault, answered as 502
@@ -186,9 +182,9 @@ class Exchange:
         raw_chunks = conn.chunked and request.clientproto == b"HTTP/1.1"
         relay = BodyRelay(
             request,
-            self._forwarder.clock,
-            idle_timeout=self._settings.idle_timeout,
-            sse_keepalive=self._settings.sse_keepalive,
+            self._context.clock,
+            idle_timeout=self._rules.idle_timeout,
+            sse_keepalive=self._rules.sse_keepalive,
             # Comments and error events would break a body of announced length.
             is_sse=is_sse and length is None,
             on_end=self._on_relay_end,
@@ -198,14 +194,14 @@ class Exchange:
         if raw_chunks:
             conn.pass_chunks_raw()
         if relay.is_sse:
-            self._forwarder.traffic.stream("sse", +1)
+            self._context.traffic.stream("sse", +1)
         return relay
 
     def _on_relay_end(self, how: str) -> None:
         self._conn = None
         self._lease.release()
         if self._relay.is_sse:
-            self._forwarder.traffic.stream("sse", -1)
+            self._context.traffic.stream("sse", -1)
         if how not in (COMPLETE, CLIENT_GONE):
             log.warn("stream from node {node} ended: {how}", node=self._lease.node.name, how=how)
         self._tally.bytes_out = self._relay.bytes_sent

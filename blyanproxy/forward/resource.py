@@ -6,9 +6,7 @@ import attrs
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from blyanproxy.config import Settings
 from blyanproxy.core import (
-    AttemptRules,
     ProxyError,
     Route,
     affinity_key,
@@ -18,10 +16,10 @@ from blyanproxy.core import (
 from blyanproxy.discovery import WorkloadDirectory, api_key_of, missing_key_error
 from blyanproxy.fleet import Balancer
 from blyanproxy.forward import traffic
+from blyanproxy.forward.context import ForwardContext
 from blyanproxy.forward.exchange import Exchange
 from blyanproxy.forward.failover import NodePool
-from blyanproxy.forward.websocket import WebSocketForwarder, is_websocket_upgrade
-from blyanproxy.upstream import UpstreamPool
+from blyanproxy.forward.websocket import forward_websocket, is_websocket_upgrade
 
 
 class ProxyResource(Resource):
@@ -34,38 +32,32 @@ class ProxyResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, balancer: Balancer, upstream: UpstreamPool, endpoints, clock, settings: Settings,
-                 recorder: traffic.TrafficRecorder, directory: WorkloadDirectory | None = None) -> None:
+    def __init__(self, context: ForwardContext, balancer: Balancer,
+                 directory: WorkloadDirectory | None = None) -> None:
         super().__init__()
-        self.directory = directory
-        self.traffic = recorder
-        self.balancer = balancer
-        self.upstream = upstream
-        self.clock = clock
-        self.settings = settings
-        self.attempt_rules = AttemptRules(settings.max_attempts, settings.retry_delay, settings.retry_on_status,
-                                          settings.health_interval)
-        self._websockets = WebSocketForwarder(self, endpoints)
+        self._context = context
+        self._balancer = balancer
+        self._directory = directory
 
     def render(self, request):
         request.defaultContentType = None
-        tally = self.traffic.begin(request)
-        directory = self.directory
+        tally = self._context.traffic.begin(request)
+        directory = self._directory
         try:
             route = parse_route(request.uri)
             key = api_key_of(request.requestHeaders) if directory is not None else None
-            if key is None and directory is not None and self.balancer.is_empty():
+            if key is None and directory is not None and self._balancer.is_empty():
                 raise missing_key_error()
-            if key is None and not self.balancer.serves(route):
+            if key is None and not self._balancer.serves(route):
                 raise ProxyError(404, "node_not_found", "no registered node has the id or name api= gives")
         except ProxyError as err:
             self._refuse(request, tally, err)
             return NOT_DONE_YET
-        affinity = affinity_key(self.settings.affinity_key, request)
+        affinity = affinity_key(self._context.rules.affinity_key, request)
         if affinity is not None:
             route = attrs.evolve(route, affinity_key=affinity)
         if key is None:
-            self._forward(request, tally, route, self.balancer)
+            self._forward(request, tally, route, self._balancer)
         else:
             self._forward_keyed(request, tally, route, key)
         return NOT_DONE_YET
@@ -78,27 +70,27 @@ class ProxyResource(Resource):
             self._refuse(request, tally, err)
             return
         if is_websocket_upgrade(request):
-            self._websockets.forward(request, tally, route, pool)
+            forward_websocket(self._context, request, tally, route, pool)
         else:
-            Exchange(self, request, route, pool, tally).start()
+            Exchange(self._context, request, tally, route, pool).start()
 
     def _forward_keyed(self, request, tally: traffic.RequestTally, route: Route, key: bytes) -> None:
         """Find the key's workloads (perhaps asking the API), then forward among them."""
 
         def found(record) -> None:
             try:
-                pool = self.directory.pool(record)
+                pool = self._directory.pool(record)
             except ProxyError as err:
                 self._refuse(request, tally, err)
                 return
-            self.directory.started(record)
+            self._directory.started(record)
             request.notifyFinish().addBoth(record.finished)
             self._forward(request, tally, route, pool)
 
         def gone() -> None:
             tally.end(traffic.CLIENT_CLOSED_STATUS, traffic.CLIENT_GONE)
 
-        self.directory.lookup_for(request, key, found, lambda err: self._refuse(request, tally, err), gone)
+        self._directory.lookup_for(request, key, found, lambda err: self._refuse(request, tally, err), gone)
 
     def _refuse(self, request, tally: traffic.RequestTally, err: ProxyError) -> None:
         """Answer ``err`` for a request no node was chosen for."""

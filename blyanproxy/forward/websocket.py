@@ -6,8 +6,11 @@ On ``101 Switching Protocols`` it takes over the client's raw transport
 (``twistedinternals.take_over_connection``, the hook Twisted's own
 WebSocket resource uses) and copies bytes both ways, each side registered as
 the other's producer so neither direction buffers without bound. Any other
-answer is relayed as an ordinary HTTP response. A node that cannot be
-reached is failed over like any request.
+answer is relayed as an ordinary HTTP response. The node is chosen and
+failed over like any request's (``failover.Failover``: a node that cannot be
+reached, stays silent past ``PROXY_TIMEOUT`` or answers a ``RETRY_ON_STATUS``
+status). The request's tally gets the bytes each way after the upgrade and
+how the WebSocket ended (``client_closed``, ``node_closed``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from blyanproxy.core import (
     UPGRADE_TIMEOUT,
     Attempts,
     ProxyError,
+    Route,
     bad_handshake,
     downstream_response_headers,
     upstream_request_headers,
@@ -31,12 +35,10 @@ from blyanproxy.core import (
 )
 from blyanproxy.fleet import Lease
 from blyanproxy.forward import traffic
+from blyanproxy.forward.context import ForwardContext
 from blyanproxy.forward.failover import Failover, NodePool, classify_failure
-from blyanproxy.logs import logger
-from blyanproxy.twistedinternals import body_decoder, take_over_connection
+from blyanproxy.twistedinternals import BodyDecoder, body_decoder, take_over_connection
 from blyanproxy.upstream import ProtocolError, body_framing, connect_quietly, parse_head, serialize_request_head
-
-log = logger("websocket")
 
 _MAX_HEAD = 64 * 1024
 
@@ -66,6 +68,12 @@ def enable_keepalive_probes(transport, idle: float) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), max(int(value), 1))
 
 
+def forward_websocket(context: ForwardContext, request, tally: traffic.RequestTally, route: Route,
+                      pool: NodePool) -> None:
+    """Forward one upgrade request to a node of ``pool``; ``tally`` hears how it ends."""
+    _Handshake(context, request, tally, route, pool).start()
+
+
 class _ClientSide(Protocol):
     """The client's raw connection after the upgrade: bytes go to the node."""
 
@@ -86,23 +94,23 @@ class _ClientSide(Protocol):
 class _Splice(Protocol):
     """The node's connection: handshake answer first, then raw bytes to the client."""
 
-    def __init__(self, forwarder: WebSocketForwarder, attempt: _Handshake) -> None:
-        self._forwarder = forwarder
-        self._attempt = attempt
+    def __init__(self, handshake: _Handshake) -> None:
+        self._handshake = handshake
+        self._request = handshake.request
+        self.tally = handshake.tally
         self._head = b""
         self._spliced = False
-        self._decoder = None
+        self._decoder: BodyDecoder | None = None
         self._ended = False
         self._client: _ClientSide | None = None
-        self.tally = attempt.tally
 
     def connectionMade(self) -> None:
-        self.transport.write(self._attempt.head)
+        self.transport.write(self._handshake.head)
 
     def dataReceived(self, data: bytes) -> None:
         if self._spliced:
             self.tally.bytes_out += len(data)
-            self._attempt.request.transport.write(data)
+            self._request.transport.write(data)
         elif self._decoder is not None:
             self._decoder.dataReceived(data)
         else:
@@ -121,7 +129,7 @@ class _Splice(Protocol):
         except ProtocolError as exc:
             self._give_up(f"the node's handshake answer is malformed: {exc}")
             return
-        if not self._attempt.answered(status):  # another node takes the upgrade
+        if not self._handshake.answered(status):  # another node takes the upgrade
             self._ended = True
             self.transport.abortConnection()
         elif status == 101:
@@ -130,30 +138,31 @@ class _Splice(Protocol):
             self._relay_refusal(status, reason, headers, rest)
 
     def _splice(self, head: bytes, rest: bytes) -> None:
-        request = self._attempt.request
+        request = self._request
         self._spliced = True
         client = _ClientSide(self)
         take_over_connection(request.channel, client)
-        node = self._attempt.lease.node.name.encode("utf-8", "replace")
-        client.transport.write(head + b"\r\nX-Blyan-Node: " + node + b"\r\n\r\n" + rest)
+        client.transport.write(head + b"\r\nX-Blyan-Node: " + self._node_name() + b"\r\n\r\n" + rest)
         self.tally.bytes_out += len(rest)
         request.registerProducer(self.transport, True)
         self.transport.registerProducer(client.transport, True)
         self._client = client
-        heartbeat = self._forwarder.settings.ws_heartbeat
+        context = self._handshake.context
+        heartbeat = context.rules.ws_heartbeat
         if heartbeat:
             for transport in (client.transport, self.transport):
                 enable_keepalive_probes(transport, heartbeat)
-        self._forwarder.opened(self)
+        context.traffic.stream("websocket", +1)
+
+    def _node_name(self) -> bytes:
+        return self._handshake.lease.node.name.encode("utf-8", "replace")
 
     def _relay_refusal(self, status: int, reason: bytes, headers, rest: bytes) -> None:
-        request = self._attempt.request
+        request = self._request
         request.setResponseCode(status, reason or None)
         for name, values in downstream_response_headers(headers):
             request.responseHeaders.setRawHeaders(name, values)
-        request.responseHeaders.setRawHeaders(
-            b"X-Blyan-Node", [self._attempt.lease.node.name.encode("utf-8", "replace")]
-        )
+        request.responseHeaders.setRawHeaders(b"X-Blyan-Node", [self._node_name()])
         try:
             framing, length = body_framing(b"GET", status, b"HTTP/1.1", headers)
         except ProtocolError:
@@ -172,35 +181,34 @@ class _Splice(Protocol):
 
     def _write_refusal(self, data: bytes) -> None:
         self.tally.bytes_out += len(data)
-        self._attempt.request.write(data)
+        self._request.write(data)
 
     def _refusal_done(self, extra: bytes = b"") -> None:
         if not self._ended:
             self._ended = True
-            if self._attempt.request.channel is not None:
-                self._attempt.request.finish()
+            if self._request.channel is not None:
+                self._request.finish()
             self.transport.loseConnection()
-            self._attempt.lease.release()
-            self.tally.end(self._attempt.request.code, traffic.COMPLETE)
+            self._handshake.lease.release()
+            self.tally.end(self._request.code, traffic.COMPLETE)
 
     def _give_up(self, message: str) -> None:
         self._ended = True
         self.transport.abortConnection()
-        self._attempt.unusable(message)
+        self._handshake.unusable(message)
 
     def client_request_lost(self, reason) -> None:
         """The client's connection is gone: end its upgrade request."""
-        request = self._attempt.request
-        if request.channel is not None:
-            request.connectionLost(reason)
+        if self._request.channel is not None:
+            self._request.connectionLost(reason)
 
     def closed(self, side: str) -> None:
-        """One side closed: close the other, once."""
+        """One side (``"client"`` or ``"node"``) of the spliced WebSocket closed: close the other, once."""
         if self._ended:
             return
         self._ended = True
-        self._attempt.lease.release()
-        self._forwarder.closed(self)
+        self._handshake.lease.release()
+        self._handshake.context.traffic.stream("websocket", -1)
         self.tally.end(101, traffic.CLIENT_CLOSED if side == "client" else traffic.NODE_CLOSED)
         if side == "client":
             self.transport.loseConnection()
@@ -214,29 +222,29 @@ class _Splice(Protocol):
             try:
                 self._decoder.noMoreData()
             except Exception:  # the body was cut short: the client sees a broken response
-                if self._attempt.request.channel is not None:
-                    self._attempt.request.transport.loseConnection()
+                if self._request.channel is not None:
+                    self._request.transport.loseConnection()
                 self._ended = True
-                self._attempt.lease.release()
-                self.tally.end(self._attempt.request.code, traffic.UPSTREAM_BROKE)
+                self._handshake.lease.release()
+                self.tally.end(self._request.code, traffic.UPSTREAM_BROKE)
             else:
                 self._refusal_done()
         elif not self._ended:
             self._ended = True
-            self._attempt.lost_before_answer()
+            self._handshake.lost_before_answer()
 
 
 class _Handshake:
     """One client's upgrade request: tries nodes (``Failover``) until one answers."""
 
-    def __init__(self, forwarder: WebSocketForwarder, request, tally: traffic.RequestTally, route,
+    def __init__(self, context: ForwardContext, request, tally: traffic.RequestTally, route: Route,
                  pool: NodePool) -> None:
-        self.forwarder = forwarder
+        self.context = context
         self.request = request
         self.tally = tally
-        self.route = route
-        self._failover = Failover(Attempts(forwarder.attempt_rules), pool, route, forwarder.clock,
-                                  forwarder.proxy.traffic, self._try_node, self.fail)
+        self._route = route
+        self._failover = Failover(Attempts(context.rules.attempts), pool, route, context.clock,
+                                  context.traffic, self._try_node, self.fail)
         self.lease: Lease | None = None
         self.head = b""
         self._pending: defer.Deferred | None = None
@@ -253,26 +261,26 @@ class _Handshake:
 
     def _try_node(self, lease: Lease, fresh: bool) -> None:
         """Send the upgrade to ``lease``'s node (always on a connection of its own)."""
-        settings = self.forwarder.settings
+        rules = self.context.rules
         self.lease = lease
         self.tally.node = lease.node.name
         self.tally.attempts = self._failover.count
         self._splice = None
         self._timed_out_waiting = False
-        node = lease.node
+        url = lease.node.url
         headers = upstream_request_headers(
             self.request.requestHeaders.getAllRawHeaders(),
-            node.url.netloc.encode("ascii"),
+            url.netloc.encode("ascii"),
             self.tally.client,
-            trust_forwarded=settings.trust_forwarded,
-            strip_origin=settings.strip_origin,
+            trust_forwarded=rules.trust_forwarded,
+            strip_origin=rules.strip_origin,
             websocket=True,
         )
-        self.head = serialize_request_head(b"GET", node.url.path_bytes + self.route.upstream_target, headers)
-        endpoint = self.forwarder.endpoint_for(node)
-        self._pending = connect_quietly(endpoint, _Splice(self.forwarder, self))
+        self.head = serialize_request_head(b"GET", url.path_bytes + self._route.upstream_target, headers)
+        endpoint = self.context.endpoints.endpoint(url.scheme, url.host, url.port)
+        self._pending = connect_quietly(endpoint, _Splice(self))
         self._pending.addCallbacks(self._connected, self._connect_failed)
-        self._timeout = self.forwarder.clock.callLater(settings.proxy_timeout, self._timed_out)
+        self._timeout = self.context.clock.callLater(rules.proxy_timeout, self._timed_out)
 
     def _connected(self, splice: _Splice) -> None:
         self._pending = None
@@ -293,7 +301,7 @@ class _Handshake:
         self._cancel_timeout()
         if status == 101 or self._failover.answered(status):
             self._answered = True
-            self.tally.ttfb = self.forwarder.clock.seconds() - self.tally.started
+            self.tally.ttfb = self.context.clock.seconds() - self.tally.started
             return True
         return False
 
@@ -341,43 +349,3 @@ class _Handshake:
             self.lease.release()
         elif self._splice is not None and not self._answered:
             self._splice.transport.abortConnection()
-
-
-class WebSocketForwarder:
-    """Forwards WebSocket upgrades and counts the open WebSockets."""
-
-    def __init__(self, proxy, endpoints) -> None:
-        self.proxy = proxy
-        self.endpoints = endpoints
-        self.open: set[_Splice] = set()
-
-    @property
-    def settings(self):
-        return self.proxy.settings
-
-    @property
-    def clock(self):
-        return self.proxy.clock
-
-    @property
-    def attempt_rules(self):
-        return self.proxy.attempt_rules
-
-    def endpoint_for(self, node):
-        """A client endpoint to the node (TLS for https nodes, same trust as the Agent)."""
-        return self.endpoints.endpoint(node.url.scheme, node.url.host, node.url.port)
-
-    def forward(self, request, tally: traffic.RequestTally, route, pool: NodePool) -> None:
-        """Start forwarding one upgrade request to a node of ``pool``."""
-        _Handshake(self, request, tally, route, pool).start()
-
-    def opened(self, splice: _Splice) -> None:
-        """A WebSocket is spliced."""
-        self.open.add(splice)
-        self.proxy.traffic.stream("websocket", +1)
-
-    def closed(self, splice: _Splice) -> None:
-        """A spliced WebSocket closed."""
-        if splice in self.open:
-            self.open.discard(splice)
-            self.proxy.traffic.stream("websocket", -1)
