@@ -90,7 +90,8 @@ class ProxyResource(Resource):
         def gone() -> None:
             tally.end(traffic.CLIENT_CLOSED_STATUS, traffic.CLIENT_GONE)
 
-        self._directory.lookup_for(request, key, found, lambda err: self._refuse(request, tally, err), gone)
+        leave = self._directory.lookup_for(key, found, lambda err: self._refuse(request, tally, err), gone)
+        request.notifyFinish().addErrback(lambda _: leave())
 
     def _refuse(self, request, tally: traffic.RequestTally, err: ProxyError) -> None:
         """Answer ``err`` for a request no node was chosen for."""
