@@ -124,8 +124,9 @@ class WorkloadsView(Resource):
             request.write(json.dumps([item.as_json() for item in record.state.workloads]).encode("utf-8"))
             request.finish()
 
+        ended = request.notifyFinish()  # asked first: a cached list is answered at once
         leave = self._directory.lookup_for(key, answer, lambda err: write_error(request, err), lambda: None)
-        request.notifyFinish().addErrback(lambda _: leave())
+        ended.addErrback(lambda _: leave())
         return NOT_DONE_YET
 
     render_HEAD = render_GET

@@ -143,7 +143,7 @@ class WorkloadDirectory(Service):
         (every failure as a ``ProxyError``). Returns ``leave``, to call when the client goes
         away: ``gone()`` follows unless an answer came first, and no answer comes after it.
         A bug in the callbacks is logged, never left unhandled."""
-        settled = []
+        settled: list[bool] = []
 
         def leave() -> None:
             if not settled:

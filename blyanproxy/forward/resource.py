@@ -56,10 +56,10 @@ class ProxyResource(Resource):
         affinity = affinity_key(self._context.rules.affinity_key, request)
         if affinity is not None:
             route = attrs.evolve(route, affinity_key=affinity)
-        if key is None:
+        if directory is None or key is None:
             self._forward(request, tally, route, self._balancer)
         else:
-            self._forward_keyed(request, tally, route, key)
+            self._forward_keyed(directory, request, tally, route, key)
         return NOT_DONE_YET
 
     def _forward(self, request, tally: traffic.RequestTally, route: Route, pool: NodePool) -> None:
@@ -74,24 +74,26 @@ class ProxyResource(Resource):
         else:
             Exchange(self._context, request, tally, route, pool).start()
 
-    def _forward_keyed(self, request, tally: traffic.RequestTally, route: Route, key: bytes) -> None:
+    def _forward_keyed(self, directory: WorkloadDirectory, request, tally: traffic.RequestTally, route: Route,
+                       key: bytes) -> None:
         """Find the key's workloads (perhaps asking the API), then forward among them."""
 
         def found(record) -> None:
             try:
-                pool = self._directory.pool(record)
+                pool = directory.pool(record)
             except ProxyError as err:
                 self._refuse(request, tally, err)
                 return
-            self._directory.started(record)
+            directory.started(record)
             request.notifyFinish().addBoth(record.finished)
             self._forward(request, tally, route, pool)
 
         def gone() -> None:
             tally.end(traffic.CLIENT_CLOSED_STATUS, traffic.CLIENT_GONE)
 
-        leave = self._directory.lookup_for(key, found, lambda err: self._refuse(request, tally, err), gone)
-        request.notifyFinish().addErrback(lambda _: leave())
+        ended = request.notifyFinish()  # asked first: the lookup may answer, and end the request, at once
+        leave = directory.lookup_for(key, found, lambda err: self._refuse(request, tally, err), gone)
+        ended.addErrback(lambda _: leave())
 
     def _refuse(self, request, tally: traffic.RequestTally, err: ProxyError) -> None:
         """Answer ``err`` for a request no node was chosen for."""

@@ -94,8 +94,9 @@ class _ClientSide(Protocol):
 class _Splice(Protocol):
     """The node's connection: handshake answer first, then raw bytes to the client."""
 
-    def __init__(self, handshake: _Handshake) -> None:
+    def __init__(self, handshake: _Handshake, lease: Lease) -> None:
         self._handshake = handshake
+        self._lease = lease
         self._request = handshake.request
         self.tally = handshake.tally
         self._head = b""
@@ -155,7 +156,7 @@ class _Splice(Protocol):
         context.traffic.stream("websocket", +1)
 
     def _node_name(self) -> bytes:
-        return self._handshake.lease.node.name.encode("utf-8", "replace")
+        return self._lease.node.name.encode("utf-8", "replace")
 
     def _relay_refusal(self, status: int, reason: bytes, headers, rest: bytes) -> None:
         request = self._request
@@ -189,7 +190,7 @@ class _Splice(Protocol):
             if self._request.channel is not None:
                 self._request.finish()
             self.transport.loseConnection()
-            self._handshake.lease.release()
+            self._lease.release()
             self.tally.end(self._request.code, traffic.COMPLETE)
 
     def _give_up(self, message: str) -> None:
@@ -207,7 +208,7 @@ class _Splice(Protocol):
         if self._ended:
             return
         self._ended = True
-        self._handshake.lease.release()
+        self._lease.release()
         self._handshake.context.traffic.stream("websocket", -1)
         self.tally.end(101, traffic.CLIENT_CLOSED if side == "client" else traffic.NODE_CLOSED)
         if side == "client":
@@ -225,7 +226,7 @@ class _Splice(Protocol):
                 if self._request.channel is not None:
                     self._request.transport.loseConnection()
                 self._ended = True
-                self._handshake.lease.release()
+                self._lease.release()
                 self.tally.end(self._request.code, traffic.UPSTREAM_BROKE)
             else:
                 self._refusal_done()
@@ -278,7 +279,7 @@ class _Handshake:
         )
         self.head = serialize_request_head(b"GET", url.path_bytes + self._route.upstream_target, headers)
         endpoint = self.context.endpoints.endpoint(url.scheme, url.host, url.port)
-        self._pending = connect_quietly(endpoint, _Splice(self))
+        self._pending = connect_quietly(endpoint, _Splice(self, lease))
         self._pending.addCallbacks(self._connected, self._connect_failed)
         self._timeout = self.context.clock.callLater(rules.proxy_timeout, self._timed_out)
 
