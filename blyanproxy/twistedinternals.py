@@ -53,7 +53,26 @@ def body_decoder(length: int | None, chunked: bool, write: Callable[[bytes], Non
     """
     if chunked:
         return http._ChunkedTransferDecoder(write, done)
+    if length is None:
+        return _UntilClose(write, done)
     return http._IdentityTransferDecoder(length, write, done)
+
+
+class _UntilClose:
+    """A body ended by the connection's close: complete when the connection ends, never cut short.
+
+    (Twisted's ``_IdentityTransferDecoder(None, …)`` raises ``PotentialDataLoss`` there.)
+    """
+
+    def __init__(self, write: Callable[[bytes], None], done: Callable[[bytes], None]) -> None:
+        self._write = write
+        self._done = done
+
+    def dataReceived(self, data: bytes) -> None:
+        self._write(data)
+
+    def noMoreData(self) -> None:
+        self._done(b"")
 
 
 class ChannelWithBadRequestHook(http.HTTPChannel):

@@ -207,3 +207,17 @@ def test_a_client_leaving_before_the_answer_is_499_and_frees_the_node(access_lin
     lost(node, error.ConnectionAborted)
     assert proxy.stats(0).in_flight == 0 and proxy.stats(0).failures == 0
     assert " status=499 " in access_lines[-1] and access_lines[-1].endswith(" ended=client_gone")
+
+
+def test_a_refusal_ended_by_the_close_is_relayed_whole(access_lines):
+    proxy = proxy_on("http://10.1.1.1:8000")
+    _, client_transport = proxy.client()
+    node, _ = proxy.node(0)
+    node.dataReceived(b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\n\r\nnot ")
+    node.dataReceived(b"here")
+    lost(node)
+    response = client_transport.value()
+    assert response.startswith(b"HTTP/1.1 404 Not Found\r\n")
+    assert response.endswith(b"\r\n0\r\n\r\n")  # chunked to the client, and complete
+    assert access_lines[-1].endswith(" bytes_out=8 ended=complete")
+    assert proxy.stats(0).in_flight == 0
