@@ -8,8 +8,8 @@ WebSocket resource uses) and copies bytes both ways, each side registered as
 the other's producer so neither direction buffers without bound. Any other
 answer is relayed as an ordinary HTTP response. The node is chosen and
 failed over like any request's (``failover.Failover``: a node that cannot be
-reached, stays silent past ``PROXY_TIMEOUT`` or answers a ``RETRY_ON_STATUS``
-status). The request's tally gets the bytes each way after the upgrade and
+reached or stays silent past ``PROXY_TIMEOUT``); its answer, whatever the
+status, goes to the client. The request's tally gets the bytes each way after the upgrade and
 how the WebSocket ended (``client_closed``, ``node_closed``).
 """
 
@@ -130,10 +130,8 @@ class _Splice(Protocol):
         except ProtocolError as exc:
             self._give_up(f"the node's handshake answer is malformed: {exc}")
             return
-        if not self._handshake.answered(status):  # another node takes the upgrade
-            self._ended = True
-            self.transport.abortConnection()
-        elif status == 101:
+        self._handshake.answered()
+        if status == 101:
             self._splice(head, rest)
         else:
             self._relay_refusal(status, reason, headers, rest)
@@ -296,15 +294,11 @@ class _Handshake:
         self._cancel_timeout()
         self._failover.failed(classify_failure(failure))
 
-    def answered(self, status: int) -> bool:
-        """The node sent its handshake answer: True to go on with it, False when another
-        node takes the upgrade instead (a ``RETRY_ON_STATUS`` status)."""
+    def answered(self) -> None:
+        """The node sent its handshake answer; whatever it is, it goes to the client."""
         self._cancel_timeout()
-        if status == 101 or self._failover.answered(status):
-            self._answered = True
-            self.tally.ttfb = self.context.clock.seconds() - self.tally.started
-            return True
-        return False
+        self._answered = True
+        self.tally.ttfb = self.context.clock.seconds() - self.tally.started
 
     def unusable(self, message: str) -> None:
         """The node's handshake answer cannot be read: answer 502, no failover."""

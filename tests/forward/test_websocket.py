@@ -169,17 +169,26 @@ def test_a_malformed_handshake_answer_is_502_without_failover(access_lines):
     assert " status=502 " in access_lines[-1] and access_lines[-1].endswith(" ended=error")
 
 
-def test_a_retry_status_fails_over_to_the_next_node():
+def test_any_answer_goes_to_the_client_even_a_retry_status():
     proxy = proxy_on("http://10.1.1.1:8000", "http://10.1.1.2:8001")
     _, client_transport = proxy.client()
-    first, first_transport = proxy.node(0)
-    first.dataReceived(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
-    assert first_transport.disconnected
+    node, node_transport = proxy.node(0)
+    node.dataReceived(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+    assert client_transport.value().startswith(b"HTTP/1.1 503 ")
+    assert len(proxy.reactor.tcpClients) == 1
+    assert proxy.stats(0).failures == 0 and proxy.stats(0).in_flight == 0
+
+
+def test_a_node_that_cannot_be_reached_is_failed_over():
+    proxy = proxy_on("http://10.1.1.1:8000", "http://10.1.1.2:8001")
+    _, client_transport = proxy.client()
+    factory = proxy.reactor.tcpClients[0][2]
+    factory.clientConnectionFailed(proxy.reactor.connectors[0], Failure(error.ConnectionRefusedError()))
     assert [c[1] for c in proxy.reactor.tcpClients] == [8000, 8001]
-    second, _ = proxy.node(1)
-    second.dataReceived(SWITCHING)
+    node, _ = proxy.node(1)
+    node.dataReceived(SWITCHING)
     assert client_transport.value().startswith(b"HTTP/1.1 101 ")
-    assert proxy.stats(0).last_failure == "status_503" and proxy.stats(0).in_flight == 0
+    assert proxy.stats(0).last_failure == "refused" and proxy.stats(0).in_flight == 0
     assert proxy.stats(1).in_flight == 1
 
 
