@@ -129,6 +129,7 @@ class Failover:
             self._delay = None
 
     def _carry_out(self, decision: Decision, picked: Lease | None = None) -> bool:
+        """Do what ``decision`` says (``picked``: the lease a ``Pick`` got); True for ``Relay``."""
         if isinstance(decision, Relay):
             return True
         if decision.failed is not None:

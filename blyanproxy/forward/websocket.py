@@ -9,8 +9,9 @@ the other's producer so neither direction buffers without bound. Any other
 answer is relayed as an ordinary HTTP response. The node is chosen and
 failed over like any request's (``failover.Failover``: a node that cannot be
 reached or stays silent past ``PROXY_TIMEOUT``); its answer, whatever the
-status, goes to the client. The request's tally gets the bytes each way after the upgrade and
-how the WebSocket ended (``client_closed``, ``node_closed``).
+status, goes to the client. The request's tally gets the bytes each way
+after the upgrade and how the WebSocket ended (``client_closed``,
+``node_closed``).
 """
 
 from __future__ import annotations
@@ -94,19 +95,20 @@ class _ClientSide(Protocol):
 class _Splice(Protocol):
     """The node's connection: handshake answer first, then raw bytes to the client."""
 
-    def __init__(self, handshake: _Handshake, lease: Lease) -> None:
+    def __init__(self, handshake: _Handshake, lease: Lease, head: bytes) -> None:
         self._handshake = handshake
         self._lease = lease
+        self._request_head = head
         self._request = handshake.request
         self.tally = handshake.tally
-        self._head = b""
+        self._answer = b""
         self._spliced = False
         self._decoder: BodyDecoder | None = None
         self._ended = False
         self._client: _ClientSide | None = None
 
     def connectionMade(self) -> None:
-        self.transport.write(self._handshake.head)
+        self.transport.write(self._request_head)
 
     def dataReceived(self, data: bytes) -> None:
         if self._spliced:
@@ -118,13 +120,13 @@ class _Splice(Protocol):
             self._read_head(data)
 
     def _read_head(self, data: bytes) -> None:
-        self._head += data
-        end = self._head.find(b"\r\n\r\n")
+        self._answer += data
+        end = self._answer.find(b"\r\n\r\n")
         if end == -1:
-            if len(self._head) > _MAX_HEAD:
+            if len(self._answer) > _MAX_HEAD:
                 self._give_up("the node's handshake answer is too large")
             return
-        head, rest = self._head[:end], self._head[end + 4 :]
+        head, rest = self._answer[:end], self._answer[end + 4 :]
         try:
             status, reason, headers = parse_head(head)
         except ProtocolError as exc:
@@ -244,8 +246,7 @@ class _Handshake:
         self._route = route
         self._failover = Failover(Attempts(context.rules.attempts), pool, route, context.clock,
                                   context.traffic, self._try_node, self.fail)
-        self.lease: Lease | None = None
-        self.head = b""
+        self._lease: Lease | None = None
         self._pending: defer.Deferred | None = None
         self._timeout = None
         self._splice: _Splice | None = None
@@ -261,7 +262,7 @@ class _Handshake:
     def _try_node(self, lease: Lease, fresh: bool) -> None:
         """Send the upgrade to ``lease``'s node (always on a connection of its own)."""
         rules = self.context.rules
-        self.lease = lease
+        self._lease = lease
         self.tally.node = lease.node.name
         self.tally.attempts = self._failover.count
         self._splice = None
@@ -275,9 +276,9 @@ class _Handshake:
             strip_origin=rules.strip_origin,
             websocket=True,
         )
-        self.head = serialize_request_head(b"GET", url.path_bytes + self._route.upstream_target, headers)
+        head = serialize_request_head(b"GET", url.path_bytes + self._route.upstream_target, headers)
         endpoint = self.context.endpoints.endpoint(url.scheme, url.host, url.port)
-        self._pending = connect_quietly(endpoint, _Splice(self, lease))
+        self._pending = connect_quietly(endpoint, _Splice(self, lease, head))
         self._pending.addCallbacks(self._connected, self._connect_failed)
         self._timeout = self.context.clock.callLater(rules.proxy_timeout, self._timed_out)
 
@@ -307,7 +308,7 @@ class _Handshake:
     def lost_before_answer(self) -> None:
         """The node's connection closed before its handshake answer: try the next node."""
         if self._client_gone:
-            self.lease.release()
+            self._lease.release()
         else:
             self._failover.failed(UPGRADE_TIMEOUT if self._timed_out_waiting else NO_RESPONSE)
 
@@ -341,6 +342,6 @@ class _Handshake:
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.cancel()
-            self.lease.release()
+            self._lease.release()
         elif self._splice is not None and not self._answered:
             self._splice.transport.abortConnection()
