@@ -35,10 +35,17 @@ from blyanproxy.config import (
     NodeSpec,
     Settings,
 )
-from blyanproxy.core import HealthRules, Node, NodeRegistry, StateError, StateStore, new_node_id
+from blyanproxy.core import AttemptRules, HealthRules, Node, NodeRegistry, StateError, StateStore, new_node_id
 from blyanproxy.discovery import CacheLimits, KeyedBalancer, NodeAddressing, WorkloadDirectory, workloads_client
 from blyanproxy.fleet import Balancer, FleetKeeper, HealthMonitor, probe_client
-from blyanproxy.forward import ProxyResource, TrafficRecorder
+from blyanproxy.forward import (
+    ForwardContext,
+    ForwardRules,
+    ProxyResource,
+    RequestCounters,
+    TrafficRecorder,
+    write_access_line,
+)
 from blyanproxy.logs import logger, set_log_format, set_log_level
 from blyanproxy.metrics import MetricsResource, ProxyMetrics
 from blyanproxy.serve import (
@@ -243,33 +250,56 @@ def build_proxy(settings: Settings, reactor, persist: bool = True, worker: int |
     )
     metrics = ProxyMetrics(registry, reactor, worker, os.getpid())
     health.on_probe = metrics.probe
-    recorder = TrafficRecorder(metrics, settings.access_log)
+    counters = RequestCounters()
+    recorder = TrafficRecorder(reactor, settings.trust_forwarded, metrics)
+    if settings.access_log:
+        recorder.subscribe(write_access_line)
+    recorder.subscribe(metrics.request_finished)
+    recorder.subscribe(counters.count)
     directory = build_directory(settings, reactor, rules, trust_root, metrics) if settings.api_url else None
-    forwarder = ProxyResource(balancer, pool, endpoints, reactor, settings, recorder, directory)
+    context = ForwardContext(reactor, pool, endpoints, recorder, forward_rules(settings))
+    forwarder = ProxyResource(context, balancer, directory)
     if persist:
         token = load_or_create_token(settings.admin_token, settings.admin_token_file, settings.state_file)
     else:
         token = settings.admin_token or secrets.token_urlsafe(32)
-    admin = AdminAPI(registry, balancer, keeper, health, forwarder.counters, token, reactor,
+    admin = AdminAPI(registry, balancer, keeper, health, counters, token, reactor,
                      FailureThrottle(reactor))
     root = RootResource(
         forwarder,
         prefixes={b"_admin": admin.resource()},
         exact={
             b"health": HealthView(registry, reactor),
-            b"_status": StatusView(registry, balancer, forwarder.counters, reactor),
+            b"_status": StatusView(registry, balancer, counters, reactor),
             **({b"metrics": MetricsResource(metrics, settings.metrics_token)} if settings.enable_metrics else {}),
             **({b"": LivenessView(reactor), b"workloads": WorkloadsView(directory)}
                if directory is not None else {}),
         },
         recorder=recorder,
-        clock=reactor,
-        trust=settings.trust_forwarded,
     )
     site = ProxySite(root, settings.max_body_bytes, reactor=reactor, header_timeout=settings.header_timeout)
     return ProxyParts(
         site=site, registry=registry, balancer=balancer, pool=pool, health=health, keeper=keeper,
         metrics=metrics, store=store, directory=directory, store_service=store_service,
+    )
+
+
+def forward_rules(settings: Settings) -> ForwardRules:
+    """The few settings the data path reads."""
+    return ForwardRules(
+        attempts=AttemptRules(
+            max_attempts=settings.max_attempts,
+            retry_delay=settings.retry_delay,
+            retry_on_status=settings.retry_on_status,
+            health_interval=settings.health_interval,
+        ),
+        proxy_timeout=settings.proxy_timeout,
+        idle_timeout=settings.idle_timeout,
+        sse_keepalive=settings.sse_keepalive,
+        trust_forwarded=settings.trust_forwarded,
+        strip_origin=settings.strip_origin,
+        affinity_key=settings.affinity_key,
+        ws_heartbeat=settings.ws_heartbeat,
     )
 
 

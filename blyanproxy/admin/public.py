@@ -142,7 +142,9 @@ class WorkloadsView(Resource):
             request.write(json.dumps([item.as_json() for item in record.state.workloads]).encode("utf-8"))
             request.finish()
 
-        self._directory.lookup_for(request, key, answer, lambda err: write_error(request, err), lambda: None)
+        ended = request.notifyFinish()  # asked first: a cached list is answered at once
+        leave = self._directory.lookup_for(key, answer, lambda err: write_error(request, err), lambda: None)
+        ended.addErrback(lambda _: leave())
         return NOT_DONE_YET
 
     render_HEAD = render_GET

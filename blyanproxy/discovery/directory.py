@@ -132,14 +132,15 @@ class WorkloadDirectory(Service):
             self._waited_too_long)
         return waiter
 
-    def lookup_for(self, request, key: bytes, found: Callable[[KeyRecord], None],
-                   refused: Callable[[ProxyError], None], gone: Callable[[], None]) -> None:
-        """``lookup(key)`` on behalf of a twisted.web request: then ``found(record)``,
-        ``refused(error)`` (every failure as a ``ProxyError``), or ``gone()`` when the
-        client left first. A bug in the callbacks is logged, never left unhandled."""
-        settled = []
+    def lookup_for(self, key: bytes, found: Callable[[KeyRecord], None],
+                   refused: Callable[[ProxyError], None], gone: Callable[[], None]) -> Callable[[], None]:
+        """``lookup(key)`` on behalf of a client: then ``found(record)`` or ``refused(error)``
+        (every failure as a ``ProxyError``). Returns ``leave``, to call when the client goes
+        away: ``gone()`` follows unless an answer came first, and no answer comes after it.
+        A bug in the callbacks is logged, never left unhandled."""
+        settled: list[bool] = []
 
-        def client_left(_) -> None:
+        def leave() -> None:
             if not settled:
                 settled.append(True)
                 gone()
@@ -157,9 +158,9 @@ class WorkloadDirectory(Service):
                     failure = Failure(ProxyError(502, "workloads_unavailable", "the workloads API is unavailable"))
                 refused(failure.value)
 
-        request.notifyFinish().addErrback(client_left)
         self.lookup(key).addCallbacks(answer, refuse).addErrback(
             lambda failure: log.failure("answering a request for {key} failed", failure, key=key_id(key)))
+        return leave
 
     def pool(self, record: KeyRecord) -> KeyPool:
         """The pool of the key's usable nodes (404 ``ProxyError`` when there are none)."""

@@ -17,10 +17,11 @@ from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import Agent
 
 from blyanproxy.core import DOWN, UP, HealthRules, Node, NodeRegistry, after_probe
 from blyanproxy.logs import logger
+from blyanproxy.twistedinternals import quiet_connection_pool
 from blyanproxy.upstream import read_capped
 
 log = logger("health")
@@ -29,17 +30,10 @@ log = logger("health")
 MAX_PROBE_BODY = 64 * 1024
 
 
-class _QuietProbeFactory(_HTTP11ClientFactory):
-    """The probe pool's protocol factory, without two log lines per probe."""
-
-    noisy = False
-
-
 def probe_client(reactor, endpoints) -> HTTPClient:
     """A treq client for probes: a fresh connection each time (a probe must not ride a
     connection the node may have dropped), reaching nodes as the proxy does."""
-    pool = HTTPConnectionPool(reactor, persistent=False)
-    pool._factory = _QuietProbeFactory
+    pool = quiet_connection_pool(reactor, persistent=False)
     return HTTPClient(Agent.usingEndpointFactory(reactor, endpoints, pool))
 
 

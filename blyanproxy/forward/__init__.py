@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from blyanproxy.forward.context import ForwardContext, ForwardRules
 from blyanproxy.forward.resource import ProxyResource
 from blyanproxy.forward.traffic import (
     CLIENT_CLOSED_STATUS,
     CLIENT_GONE,
     COMPLETE,
     AccessRecord,
+    RequestCounters,
+    RequestTally,
     TrafficRecorder,
+    write_access_line,
 )
 
 __all__ = [
@@ -16,6 +20,11 @@ __all__ = [
     "CLIENT_CLOSED_STATUS",
     "CLIENT_GONE",
     "COMPLETE",
+    "ForwardContext",
+    "ForwardRules",
     "ProxyResource",
+    "RequestCounters",
+    "RequestTally",
     "TrafficRecorder",
+    "write_access_line",
 ]

@@ -122,8 +122,6 @@ class BodyRelay:
         else:
             self._end(UPSTREAM_BROKE, f"the node's response broke off ({error})")
 
-    finished = response_ended
-
     # -- IPushProducer: the client's side -------------------------------------
 
     def pauseProducing(self) -> None:

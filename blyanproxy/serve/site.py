@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Callable
 
-from twisted.web import http, server
+from twisted.web import server
 from twisted.web.resource import Resource
 
-from blyanproxy.core import ProxyError, client_facts
-from blyanproxy.forward import CLIENT_CLOSED_STATUS, CLIENT_GONE, COMPLETE, AccessRecord
+from blyanproxy.core import ProxyError
+from blyanproxy.forward import CLIENT_CLOSED_STATUS, CLIENT_GONE, COMPLETE, RequestTally, TrafficRecorder
 from blyanproxy.logs import logger
+from blyanproxy.twistedinternals import ChannelWithBadRequestHook, channel_protocol
 
 log = logger("server")
 
@@ -99,19 +100,18 @@ class RootResource(Resource):
 
     ``prefixes`` own a whole subtree (``/_admin/...``); ``exact`` answer only their
     own path (``/health``), so ``/health/x`` still goes to a node, and only the
-    methods in their ``only_methods`` when they have one. ``trust``
-    (``TRUST_FORWARDED``) decides which client address their access lines show.
+    methods in their ``only_methods`` when they have one. With a ``recorder``
+    (the end-of-request hook) each request the proxy answers itself is reported
+    when it ends.
     """
 
     def __init__(self, forwarder: Resource, prefixes: dict[bytes, Resource], exact: dict[bytes, Resource],
-                 recorder=None, clock=None, trust=False):
+                 recorder: TrafficRecorder | None = None) -> None:
         super().__init__()
-        self._trust = trust
         self._forwarder = forwarder
         self._prefixes = prefixes
         self._exact = exact
         self._recorder = recorder
-        self._clock = clock
 
     def getChildWithDefault(self, name: bytes, request):
         # twisted.web announces its name and version; the proxy does not.
@@ -124,26 +124,21 @@ class RootResource(Resource):
         if own is None:
             return self._forwarder
         if self._recorder is not None:
-            request.notifyFinish().addBoth(self._record, request, self._clock.seconds())
+            tally = self._recorder.begin(request, own_endpoint=True)
+            request.notifyFinish().addBoth(self._ended, request, tally)
         return own
 
-    def _record(self, result, request, started: float) -> None:
-        """The access line of a request the proxy answered itself."""
-        self._recorder.finished(AccessRecord(
-            method=request.method.decode("latin-1"),
-            target=request.uri,
-            status=request.code if result is None else CLIENT_CLOSED_STATUS,
-            node=None,
-            attempts=0,
-            ttfb=None,
-            duration=self._clock.seconds() - started,
-            bytes_out=request.sentLength,
-            ended=COMPLETE if result is None else CLIENT_GONE,
-            client=client_facts(request, self._trust).origin,
-        ))
+    @staticmethod
+    def _ended(result, request, tally: RequestTally) -> None:
+        """A request the proxy answered itself ended (``result`` is a Failure if the client left)."""
+        tally.bytes_out = request.sentLength
+        if result is None:
+            tally.end(request.code, COMPLETE)
+        else:
+            tally.end(CLIENT_CLOSED_STATUS, CLIENT_GONE)
 
 
-class ProxyChannel(http.HTTPChannel):
+class ProxyChannel(ChannelWithBadRequestHook):
     """twisted.web's HTTP/1.1 channel with a deadline for each request head and JSON refusals.
 
     A request head (request line and headers) must be complete within the
@@ -191,9 +186,10 @@ class ProxyChannel(http.HTTPChannel):
 
     def lineLengthExceeded(self, line) -> None:
         """A head line longer than Twisted reads (16 KiB) is a malformed request, not a silent close."""
-        self._respondToBadRequestAndDisconnect()
+        self.bad_request()
 
-    def _respondToBadRequestAndDisconnect(self) -> None:
+    def bad_request(self) -> None:
+        """A head Twisted cannot parse: the JSON 400, a log line naming the client, and close."""
         self._stop_head_deadline()
         log.info("refused a malformed request from {client}", client=_peer(self.transport))
         self.transport.write(MALFORMED.raw_response())
@@ -221,7 +217,7 @@ class ProxySite(server.Site):
 
     def protocol(self):
         """The connection protocol: twisted.web's wrapper around a ``ProxyChannel``."""
-        return http._GenericHTTPChannelProtocol(ProxyChannel())
+        return channel_protocol(ProxyChannel())
 
     def log(self, request) -> None:
         """Access logging is the proxy's own job, not twisted.web's."""

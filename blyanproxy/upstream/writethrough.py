@@ -15,6 +15,8 @@ from typing import Callable
 
 from twisted.internet import tcp
 
+from blyanproxy.twistedinternals import nothing_queued
+
 
 def write_through(transport) -> Callable[[bytes], None]:
     """A ``write(data)`` for ``transport`` that sends immediately when it can.
@@ -28,13 +30,7 @@ def write_through(transport) -> Callable[[bytes], None]:
     queued_write = transport.write
 
     def write(data: bytes) -> None:
-        if (
-            transport.dataBuffer
-            or transport._tempDataLen
-            or transport.disconnecting
-            or transport._writeDisconnected
-            or not transport.connected
-        ):
+        if not nothing_queued(transport):
             queued_write(data)
             return
         try:

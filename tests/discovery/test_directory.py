@@ -241,3 +241,61 @@ def test_least_in_flight_counts_every_keys_requests():
     chosen = [KeyPool(nodes, balancer).acquire(Route(b"/"), frozenset()) for _ in range(1)]
     assert [lease.node.name for lease in chosen] == ["10.0.0.2"]
     held.release()
+
+
+class Asker:
+    """The three callbacks of ``lookup_for``, recording what they were told."""
+
+    def __init__(self):
+        self.heard = []
+
+    def found(self, record):
+        self.heard.append(("found", record.name))
+
+    def refused(self, error):
+        self.heard.append(("refused", error.status, error.code))
+
+    def gone(self):
+        self.heard.append(("gone",))
+
+
+def test_lookup_for_answers_found_once_the_list_comes(directory, client):
+    asker = Asker()
+    leave = directory.lookup_for(b"k", asker.found, asker.refused, asker.gone)
+    assert asker.heard == []
+    client.answer([running("a")])
+    leave()  # the client leaving after its answer changes nothing
+    assert [what for what, *_ in asker.heard] == ["found"]
+
+
+def test_lookup_for_a_client_that_leaves_first_is_gone_and_hears_no_answer(directory, client):
+    asker = Asker()
+    leave = directory.lookup_for(b"k", asker.found, asker.refused, asker.gone)
+    leave()
+    client.answer([running("a")])
+    leave()
+    assert asker.heard == [("gone",)]
+
+
+def test_lookup_for_turns_every_failure_into_a_proxy_error(directory, client):
+    refused, failed = Asker(), Asker()
+    directory.lookup_for(b"refused-key", refused.found, refused.refused, refused.gone)
+    client.answer(KeyRefused("no such key"))
+    directory.lookup_for(b"other-key", failed.found, failed.refused, failed.gone)
+    client.answer(WorkloadsUnavailable("down"))
+    assert refused.heard == [("refused", 401, "api_key_rejected")]
+    assert failed.heard == [("refused", 502, "workloads_unavailable")]
+
+
+def test_lookup_for_logs_a_bug_in_a_callback_instead_of_leaving_it_unhandled(directory, client):
+    from twisted.logger import globalLogPublisher
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        directory.lookup_for(b"k", lambda record: 1 / 0, Asker().refused, Asker().gone)
+        client.answer([running("a")])
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert any(event.get("log_failure") is not None and event["log_failure"].check(ZeroDivisionError)
+               for event in events)

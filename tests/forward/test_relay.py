@@ -81,7 +81,7 @@ def test_streams_each_chunk_and_finishes():
     relay.dataReceived(b"data: 1\n\n")
     assert request.written == [b"data: 1\n\n"]
     relay.dataReceived(b"data: 2\n\n")
-    relay.finished(None)
+    relay.response_ended(None)
     assert request.body == b"data: 1\n\ndata: 2\n\n<end-chunk>"
     assert request.finished and request.producer is None
     assert ends == [COMPLETE]
@@ -102,7 +102,7 @@ def test_client_gone_closes_the_node_connection():
     assert upstream.producerState == "stopped"
     assert ends == [CLIENT_GONE]
     assert not request.finished
-    relay.finished("connection lost")
+    relay.response_ended("connection lost")
     assert ends == [CLIENT_GONE]
     assert not clock.getDelayedCalls()
 
@@ -110,7 +110,7 @@ def test_client_gone_closes_the_node_connection():
 def test_upstream_break_fails_the_client_response():
     _, request, relay, _, ends = make()
     relay.dataReceived(b"partial")
-    relay.finished("connection lost")
+    relay.response_ended("connection lost")
     assert not request.finished
     assert request.transport.disconnecting
     assert ends == [UPSTREAM_BROKE]
@@ -119,7 +119,7 @@ def test_upstream_break_fails_the_client_response():
 def test_upstream_break_on_sse_sends_an_error_event_first():
     _, request, relay, _, ends = make(is_sse=True)
     relay.dataReceived(b'data: {"a"')
-    relay.finished("connection lost")
+    relay.response_ended("connection lost")
     events = request.body.split(b"\n\n")
     error_event = [e for e in events if e.startswith(b"event: error")]
     assert error_event, request.body
@@ -176,7 +176,7 @@ def test_raw_chunks_pass_as_they_are_and_are_not_terminated_twice():
     assert request.chunked == 1  # the head went out announcing chunked framing
     relay.dataReceived(b"9\r\ndata: 1\n\n\r\n")
     relay.dataReceived(b"0\r\n\r\n")
-    relay.finished(None)
+    relay.response_ended(None)
     assert request.body == b"9\r\ndata: 1\n\n\r\n0\r\n\r\n"
     assert request.finished and ends == [COMPLETE]
 
@@ -186,7 +186,7 @@ def test_raw_keepalive_and_error_event_are_whole_chunks():
     relay.dataReceived(b"9\r\ndata: 1\n\n\r\n")
     clock.advance(15)
     assert request.written[-1] == b"e\r\n: keep-alive\n\n\r\n"
-    relay.finished("connection lost")
+    relay.response_ended("connection lost")
     last = request.written[-1]
     size, _, rest = last.partition(b"\r\n")
     assert int(size, 16) == len(rest) - 2 and rest.startswith(b"event: error")
@@ -197,6 +197,6 @@ def test_raw_mid_chunk_break_writes_nothing_more():
     _, request, relay, upstream, ends = make(is_sse=True, raw=True)
     relay.dataReceived(b"20\r\ndata: half")
     upstream.at_chunk_boundary = False
-    relay.finished("connection lost")
+    relay.response_ended("connection lost")
     assert request.body == b"20\r\ndata: half"
     assert request.transport.disconnecting and ends == [UPSTREAM_BROKE]

@@ -1,11 +1,15 @@
 """Metrics and the access log over real sockets: families present, values move, lines per ending, no secrets."""
 
+import json
+import re
+
 import pytest_twisted
 import treq
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.logger import globalLogPublisher
 
 from .rawhttp import connect, eventually
+from .test_drain import WEBSOCKET_UPGRADE
 from .test_forwarding import chat_request, closed_port_url
 
 FAMILIES = {
@@ -141,3 +145,47 @@ async def test_the_access_log_can_be_turned_off(proxy_factory, access_lines):
     assert access_lines == []
     _, _, families = await scrape(proxy)
     assert sample(families, "blyan_requests", "blyan_requests_total", node="-", status_class="5xx") == 1
+
+
+def masked_text_frame(text: bytes, mask: bytes = b"\x0f\x1e\x2d\x3c") -> bytes:
+    """A WebSocket text frame as a client sends it (masked), for a payload under 126 bytes."""
+    return bytes([0x81, 0x80 | len(text)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(text))
+
+
+async def status_counters(proxy):
+    response = await treq.get(proxy.url + "/_status", timeout=5)
+    return json.loads(await response.content())["metrics"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_websocket_writes_an_access_line_when_it_ends_and_is_counted(
+        reactor, devnode_factory, proxy_factory, access_lines):
+    node = devnode_factory()
+    proxy = await proxy_factory([node.url])
+    client = await connect(reactor, proxy.url)
+    client.transport.write(WEBSOCKET_UPGRADE)
+    await client.wait_for(b"\r\n\r\n")
+    assert client.received.startswith(b"HTTP/1.1 101")
+    frame = masked_text_frame(b"hello")
+    client.transport.write(frame)
+    await client.wait_for(b"\x81\x05hello")  # the echo, unmasked: 7 bytes
+    assert not any(" /ws/echo " in line for line in access_lines)  # an open WebSocket has no line yet
+    client.transport.loseConnection()
+    await eventually(reactor, lambda: any(" /ws/echo " in line for line in access_lines))
+    line = next(line for line in access_lines if " /ws/echo " in line)
+    assert line.startswith("127.0.0.1 GET /ws/echo status=101 node=node0 attempts=1 ttfb_ms=")
+    assert re.search(r" duration_ms=\d+\.\d ", line)
+    assert line.endswith(f" bytes_in={len(frame)} bytes_out=7 ended=client_closed")
+    assert await status_counters(proxy) == {"requests": 1, "failures": 0}  # /_status itself is not counted
+
+    second = await connect(reactor, proxy.url)
+    second.transport.write(WEBSOCKET_UPGRADE)
+    await second.wait_for(b"\r\n\r\n")
+    await node.stop()  # the node goes away mid-WebSocket
+    await second.wait_closed()
+    await eventually(reactor, lambda: access_lines[-1].endswith("bytes_in=0 bytes_out=0 ended=node_closed"))
+    assert await status_counters(proxy) == {"requests": 2, "failures": 0}
+    _, _, families = await scrape(proxy)
+    for ended in ("client_closed", "node_closed"):
+        assert sample(families, "blyan_requests", "blyan_requests_total", node="node0", status_class="1xx",
+                      ended=ended) == 1

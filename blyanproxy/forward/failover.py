@@ -1,0 +1,163 @@
+"""The Twisted side of the attempt machine: leases from a pool, the retry delay, failures reported.
+
+``core.attempts.Attempts`` decides; a ``Failover`` carries its decisions out
+for one request (HTTP or a WebSocket handshake): it takes a ``Lease`` from the
+pool for each ``Pick``, waits out ``RETRY_DELAY_MS`` on the clock, holds a
+failed attempt against its node (node health, the failed-attempts metric, a
+log line), and calls its owner back to ``try_node`` or ``give_up``.
+``classify_failure`` turns a connection's failure into the machine's word.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+from twisted.internet import error
+from twisted.internet.base import DelayedCall
+from twisted.python.failure import Failure
+
+from blyanproxy.core import (
+    BAD_RESPONSE,
+    CONNECT_FAILED,
+    CONNECT_TIMEOUT,
+    NO_RESPONSE,
+    REFUSED,
+    TLS_FAILED,
+    AttemptFailure,
+    Attempts,
+    Decision,
+    GiveUp,
+    Pick,
+    ProxyError,
+    Relay,
+    Route,
+    Try,
+)
+from blyanproxy.fleet import Lease
+from blyanproxy.logs import logger
+from blyanproxy.upstream import ProtocolError
+
+log = logger("proxy")
+
+
+class NodePool(Protocol):
+    """Where a request's nodes come from: the registry's ``Balancer`` or a key's ``KeyPool``."""
+
+    def check(self, route: Route) -> None:
+        """Raise ``ProxyError`` when ``route`` names no node of this pool."""
+
+    def acquire(self, route: Route, excluded: frozenset[str]) -> Lease | None:
+        """A lease on a usable node of ``route`` whose id is not in ``excluded``, or None."""
+
+
+class AttemptReporter(Protocol):
+    """Where failed attempts are counted (the ``TrafficRecorder``)."""
+
+    def attempt_failed(self, node: str, reason: str) -> None:
+        """One attempt on ``node`` failed for ``reason`` before any byte reached the client."""
+
+
+def classify_failure(failure: Failure) -> AttemptFailure:
+    """The ``AttemptFailure`` for a connection that failed before the node's answer began."""
+    value = failure.value
+    if isinstance(value, error.TimeoutError):
+        return CONNECT_TIMEOUT
+    if isinstance(value, error.ConnectionRefusedError):
+        return REFUSED
+    if isinstance(value, (error.DNSLookupError, error.ConnectError)):
+        return CONNECT_FAILED
+    if isinstance(value, ProtocolError):
+        return BAD_RESPONSE
+    if "SSL" in type(value).__module__ or "ssl" in type(value).__module__:
+        return TLS_FAILED
+    return NO_RESPONSE
+
+
+class Failover:
+    """Carries out one request's ``Attempts`` decisions (see the module docstring).
+
+    ``try_node(lease, fresh)`` sends the next attempt (``fresh``: on a new
+    connection); ``give_up(error)`` answers the client. ``lease`` is the
+    current attempt's (None before the first).
+    """
+
+    def __init__(self, attempts: Attempts, pool: NodePool, route: Route, clock,
+                 reporter: AttemptReporter, try_node: Callable[[Lease, bool], None],
+                 give_up: Callable[[ProxyError], None]) -> None:
+        self._attempts = attempts
+        self._pool = pool
+        self._route = route
+        self._clock = clock
+        self._reporter = reporter
+        self._try_node = try_node
+        self._give_up = give_up
+        self.lease: Lease | None = None
+        self._number = 0  # the current attempt's
+        self._delay: DelayedCall | None = None
+
+    @property
+    def count(self) -> int:
+        """How many nodes have been tried."""
+        return self._attempts.count
+
+    @property
+    def waiting(self) -> bool:
+        """True while the retry delay runs (no attempt is under way)."""
+        return self._delay is not None
+
+    def start(self) -> None:
+        """Make the first attempt."""
+        self._carry_out(self._attempts.start())
+
+    def failed(self, failure: AttemptFailure, reused: bool = False, bytes_received: int = 0) -> None:
+        """The current attempt failed before its answer began (see ``Attempts.failed``)."""
+        self._carry_out(self._attempts.failed(failure, reused, bytes_received))
+
+    def answered(self, status: int) -> bool:
+        """The current attempt's node answered ``status``: True to relay it, False when another
+        node takes the request instead (``try_node`` has been called)."""
+        return self._carry_out(self._attempts.answered(status))
+
+    def unusable(self, failure: AttemptFailure) -> None:
+        """The node's answer cannot be passed on: hold it against the node and give up."""
+        self._carry_out(self._attempts.unusable(failure))
+
+    def cancel(self) -> None:
+        """The client left: stop waiting out the retry delay."""
+        if self._delay is not None:
+            self._delay.cancel()
+            self._delay = None
+
+    def _carry_out(self, decision: Decision, picked: Lease | None = None) -> bool:
+        """Do what ``decision`` says (``picked``: the lease a ``Pick`` got); True for ``Relay``."""
+        if isinstance(decision, Relay):
+            return True
+        if decision.failed is not None:
+            self._hold_against_node(decision.failed)
+        if isinstance(decision, Pick):
+            if decision.delay:
+                self._delay = self._clock.callLater(decision.delay, self._pick, decision)
+            else:
+                return self._pick(decision)
+        elif isinstance(decision, Try):
+            if picked is not None:
+                self.lease = picked
+            assert self.lease is not None
+            self._number = decision.attempt
+            self._try_node(self.lease, decision.fresh)
+        elif isinstance(decision, GiveUp):
+            self._give_up(decision.error)
+        return False
+
+    def _pick(self, pick: Pick) -> bool:
+        self._delay = None
+        lease = self._pool.acquire(self._route, pick.excluded)
+        return self._carry_out(self._attempts.picked(lease.node.id if lease is not None else None), lease)
+
+    def _hold_against_node(self, reason: str) -> None:
+        lease = self.lease
+        assert lease is not None
+        log.info("attempt {attempt} on node {node} failed: {reason}",
+                 attempt=self._number, node=lease.node.name, reason=reason)
+        lease.failed(reason)
+        self._reporter.attempt_failed(lease.node.name, reason)

@@ -1,0 +1,143 @@
+"""Failover: the attempt machine's decisions carried out against a real Balancer, on a Clock."""
+
+import pytest
+from twisted.internet import error
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from blyanproxy.core import (
+    BAD_RESPONSE,
+    CONNECT_FAILED,
+    CONNECT_TIMEOUT,
+    NO_RESPONSE,
+    REFUSED,
+    AttemptRules,
+    Attempts,
+    Node,
+    NodeRegistry,
+    parse_route,
+)
+from blyanproxy.fleet import Balancer
+from blyanproxy.forward.failover import Failover, classify_failure
+from blyanproxy.upstream import ProtocolError
+
+
+class Owner:
+    """The request a Failover works for: records what it is told to do."""
+
+    def __init__(self):
+        self.tries = []
+        self.errors = []
+        self.failed_attempts = []
+
+    def try_node(self, lease, fresh):
+        self.tries.append((lease.node.name, fresh))
+
+    def give_up(self, err):
+        self.errors.append((err.status, err.code))
+
+    def attempt_failed(self, node, reason):
+        self.failed_attempts.append((node, reason))
+
+
+def fleet(count, clock):
+    registry = NodeRegistry()
+    for index in range(count):
+        registry.add(Node(id=f"id{index}", name=f"n{index}", base_url=f"http://10.0.0.{index + 1}:8000"))
+    return registry, Balancer(registry, clock, "round-robin")
+
+
+def failover(count=2, **rules):
+    clock = Clock()
+    registry, balancer = fleet(count, clock)
+    owner = Owner()
+    rules = AttemptRules(**{"max_attempts": 3, "retry_delay": 0.0, "retry_on_status": frozenset({503}),
+                            "health_interval": 5.0, **rules})
+    machine = Failover(Attempts(rules), balancer, parse_route(b"/v1/models"), clock, owner,
+                       owner.try_node, owner.give_up)
+    return machine, owner, registry, clock
+
+
+def in_flight(registry):
+    return [registry.stats(node.id).in_flight for node in registry.nodes()]
+
+
+@pytest.mark.parametrize(("exception", "expected"), [
+    (error.TimeoutError(), CONNECT_TIMEOUT),
+    (error.ConnectionRefusedError(), REFUSED),
+    (error.DNSLookupError(), CONNECT_FAILED),
+    (error.ConnectError(), CONNECT_FAILED),
+    (ProtocolError("bad status line"), BAD_RESPONSE),
+    (error.ConnectionDone(), NO_RESPONSE),
+    (error.ConnectionLost(), NO_RESPONSE),
+])
+def test_connection_failures_are_classified(exception, expected):
+    assert classify_failure(Failure(exception)) is expected
+
+
+def test_a_failed_attempt_is_held_against_its_node_and_the_next_node_is_tried():
+    machine, owner, registry, _ = failover()
+    machine.start()
+    assert owner.tries == [("n0", False)] and in_flight(registry) == [1, 0]
+    machine.failed(REFUSED)
+    assert owner.tries == [("n0", False), ("n1", False)]
+    assert owner.failed_attempts == [("n0", "refused")]
+    assert registry.stats("id0").last_failure == "refused" and in_flight(registry) == [0, 1]
+    assert machine.count == 2 and machine.lease.node.name == "n1"
+
+
+def test_the_retry_delay_runs_on_the_clock_and_the_client_leaving_cancels_it():
+    machine, owner, registry, clock = failover(retry_delay=0.5)
+    machine.start()
+    machine.failed(CONNECT_TIMEOUT)
+    assert machine.waiting and owner.tries == [("n0", False)] and in_flight(registry) == [0, 0]
+    clock.advance(0.5)
+    assert not machine.waiting and owner.tries == [("n0", False), ("n1", False)]
+
+    machine, owner, _, clock = failover(retry_delay=0.5)
+    machine.start()
+    machine.failed(CONNECT_TIMEOUT)
+    machine.cancel()
+    clock.advance(1)
+    assert not machine.waiting and owner.tries == [("n0", False)] and owner.errors == []
+
+
+def test_with_every_node_tried_the_last_failure_is_the_answer():
+    machine, owner, registry, _ = failover(count=2)
+    machine.start()
+    machine.failed(REFUSED)
+    machine.failed(CONNECT_TIMEOUT)
+    assert owner.errors == [(504, "upstream_timeout")]
+    assert in_flight(registry) == [0, 0]
+
+
+def test_no_usable_node_is_503():
+    machine, owner, _, _ = failover(count=0)
+    machine.start()
+    assert owner.errors == [(503, "no_healthy_nodes")] and owner.tries == []
+
+
+def test_a_stale_connection_is_retried_fresh_on_the_same_lease():
+    machine, owner, registry, _ = failover()
+    machine.start()
+    machine.failed(NO_RESPONSE, reused=True, bytes_received=0)
+    assert owner.tries == [("n0", False), ("n0", True)]
+    assert owner.failed_attempts == [] and registry.stats("id0").failures == 0 and in_flight(registry) == [1, 0]
+
+
+def test_a_retry_status_moves_to_another_node_or_is_relayed():
+    machine, owner, registry, _ = failover()
+    machine.start()
+    assert machine.answered(503) is False
+    assert owner.tries == [("n0", False), ("n1", False)]
+    assert owner.failed_attempts == [("n0", "status_503")] and in_flight(registry) == [0, 1]
+    assert machine.answered(503) is True  # no untried node is left: the answer goes to the client
+    assert machine.answered(200) is True
+
+
+def test_an_unusable_answer_gives_up_at_once():
+    machine, owner, registry, _ = failover()
+    machine.start()
+    machine.unusable(BAD_RESPONSE)
+    assert owner.errors == [(502, "upstream_failed")] and owner.tries == [("n0", False)]
+    assert registry.stats("id0").last_failure == "bad_response" and in_flight(registry) == [0, 0]

@@ -1,0 +1,232 @@
+"""WebSocket forwarding without sockets: the proxy's real site on StringTransports and a MemoryReactorClock.
+
+The client speaks to the site's protocol; each node connection the proxy opens
+shows up in ``reactor.tcpClients`` and is completed by hand.
+"""
+
+import attrs
+import pytest
+from twisted.internet import error
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.web.test.requesthelper import DummyRequest
+
+from blyanproxy.config import NodeSpec, Settings
+from blyanproxy.forward.websocket import is_websocket_upgrade
+from blyanproxy.tap import build_proxy
+
+UPGRADE = (b"GET /ws/echo HTTP/1.1\r\nHost: proxy\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+
+
+@pytest.fixture
+def access_lines():
+    lines = []
+
+    def observe(event):
+        if event.get("log_namespace") == "blyanproxy.access":
+            lines.append(event["line"])
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+
+
+@attrs.define
+class Proxy:
+    reactor: MemoryReactorClock
+    parts: object
+
+    @property
+    def nodes(self):
+        return self.parts.registry.nodes()
+
+    def stats(self, index):
+        return self.parts.registry.stats(self.nodes[index].id)
+
+    def client(self, data=UPGRADE):
+        """A client connection to the proxy that has sent ``data``."""
+        protocol = self.parts.site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 50000))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 50000))
+        protocol.makeConnection(transport)
+        protocol.dataReceived(data)
+        return protocol, transport
+
+    def node(self, index):
+        """Complete the proxy's index-th connection to a node: its protocol and transport."""
+        protocol = self.reactor.tcpClients[index][2].buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+
+def proxy_on(*urls, **overrides):
+    reactor = MemoryReactorClock()
+    nodes = tuple(NodeSpec(name=f"n{i}", base_url=u, source="t") for i, u in enumerate(urls))
+    settings = attrs.evolve(Settings(), nodes=nodes, **overrides)
+    return Proxy(reactor, build_proxy(settings, reactor, persist=False))
+
+
+def lost(protocol, reason=error.ConnectionDone):
+    protocol.connectionLost(Failure(reason()))
+
+
+def test_is_websocket_upgrade():
+    def request(method=b"GET", proto=b"HTTP/1.1", upgrade=b"websocket"):
+        r = DummyRequest([b"ws"])
+        r.method, r.clientproto = method, proto
+        if upgrade is not None:
+            r.requestHeaders.setRawHeaders(b"upgrade", [upgrade])
+        return r
+
+    assert is_websocket_upgrade(request())
+    assert is_websocket_upgrade(request(upgrade=b"WebSocket"))
+    assert not is_websocket_upgrade(request(method=b"POST"))
+    assert not is_websocket_upgrade(request(proto=b"HTTP/1.0"))
+    assert not is_websocket_upgrade(request(upgrade=None))
+    assert not is_websocket_upgrade(request(upgrade=b"h2c"))
+
+
+def test_the_handshake_goes_to_the_node_and_the_sockets_are_spliced(access_lines):
+    proxy = proxy_on("http://10.1.1.1:8000")
+    client, client_transport = proxy.client()
+    node, node_transport = proxy.node(0)
+    head = node_transport.value()
+    assert head.startswith(b"GET /ws/echo HTTP/1.1\r\n")
+    assert b"Upgrade: websocket" in head and b"Connection: Upgrade" in head and b"Host: 10.1.1.1:8000" in head
+    node.dataReceived(SWITCHING + b"early")
+    answer = client_transport.value()
+    assert answer.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+    assert b"\r\nX-Blyan-Node: n0\r\n\r\nearly" in answer
+    client_transport.clear()
+    node_transport.clear()
+
+    client.dataReceived(b"frame from the client")
+    node.dataReceived(b"frame from the node")
+    assert node_transport.value() == b"frame from the client"
+    assert client_transport.value() == b"frame from the node"
+    assert proxy.stats(0).in_flight == 1
+    assert access_lines == []  # an open WebSocket has no line yet
+
+    lost(client)
+    assert node_transport.disconnecting
+    assert proxy.stats(0).in_flight == 0
+    assert access_lines == [access_lines[0]]
+    assert access_lines[0].startswith("192.0.2.7 GET /ws/echo status=101 node=n0 attempts=1 ttfb_ms=")
+    assert access_lines[0].endswith(" bytes_in=21 bytes_out=24 ended=client_closed")
+
+
+def test_the_node_closing_closes_the_client(access_lines):
+    proxy = proxy_on("http://10.1.1.1:8000")
+    client, client_transport = proxy.client()
+    node, _ = proxy.node(0)
+    node.dataReceived(SWITCHING)
+    lost(node)
+    assert client_transport.disconnecting
+    lost(client)  # the client's side then goes too: still one line
+    assert len(access_lines) == 1 and access_lines[0].endswith(" ended=node_closed")
+    assert proxy.stats(0).in_flight == 0
+
+
+def test_a_refusal_is_relayed_as_a_response(access_lines):
+    proxy = proxy_on("http://10.1.1.1:8000")
+    _, client_transport = proxy.client()
+    node, node_transport = proxy.node(0)
+    node.dataReceived(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 6\r\nContent-Type: text/plain\r\n\r\nno ")
+    node.dataReceived(b"way")
+    response = client_transport.value()
+    assert response.startswith(b"HTTP/1.1 401 Unauthorized\r\n")
+    assert b"X-Blyan-Node: n0" in response and response.endswith(b"\r\n\r\nno way")
+    assert node_transport.disconnecting
+    assert proxy.stats(0).in_flight == 0 and proxy.stats(0).failures == 0
+    assert access_lines[-1].endswith(" bytes_out=6 ended=complete") and " status=401 " in access_lines[-1]
+
+
+def test_a_refusal_cut_short_reads_as_broken(access_lines):
+    proxy = proxy_on("http://10.1.1.1:8000")
+    _, client_transport = proxy.client()
+    node, _ = proxy.node(0)
+    node.dataReceived(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 100\r\n\r\npartial")
+    lost(node, error.ConnectionLost)
+    assert client_transport.disconnecting
+    assert access_lines[-1].endswith(" ended=upstream_broke") and " status=403 " in access_lines[-1]
+    assert proxy.stats(0).in_flight == 0
+
+
+def test_a_malformed_handshake_answer_is_502_without_failover(access_lines):
+    proxy = proxy_on("http://10.1.1.1:8000", "http://10.1.1.2:8000")
+    _, client_transport = proxy.client()
+    node, node_transport = proxy.node(0)
+    node.dataReceived(b"SPLAT\r\n\r\n")
+    assert node_transport.disconnected
+    assert len(proxy.reactor.tcpClients) == 1
+    assert client_transport.value().startswith(b"HTTP/1.1 502 ")
+    assert b'"code": "upstream_failed"' in client_transport.value()
+    assert proxy.stats(0).last_failure == "bad_handshake" and proxy.stats(0).in_flight == 0
+    assert " status=502 " in access_lines[-1] and access_lines[-1].endswith(" ended=error")
+
+
+def test_any_answer_goes_to_the_client_even_a_retry_status():
+    proxy = proxy_on("http://10.1.1.1:8000", "http://10.1.1.2:8001")
+    _, client_transport = proxy.client()
+    node, node_transport = proxy.node(0)
+    node.dataReceived(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+    assert client_transport.value().startswith(b"HTTP/1.1 503 ")
+    assert len(proxy.reactor.tcpClients) == 1
+    assert proxy.stats(0).failures == 0 and proxy.stats(0).in_flight == 0
+
+
+def test_a_node_that_cannot_be_reached_is_failed_over():
+    proxy = proxy_on("http://10.1.1.1:8000", "http://10.1.1.2:8001")
+    _, client_transport = proxy.client()
+    factory = proxy.reactor.tcpClients[0][2]
+    factory.clientConnectionFailed(proxy.reactor.connectors[0], Failure(error.ConnectionRefusedError()))
+    assert [c[1] for c in proxy.reactor.tcpClients] == [8000, 8001]
+    node, _ = proxy.node(1)
+    node.dataReceived(SWITCHING)
+    assert client_transport.value().startswith(b"HTTP/1.1 101 ")
+    assert proxy.stats(0).last_failure == "refused" and proxy.stats(0).in_flight == 0
+    assert proxy.stats(1).in_flight == 1
+
+
+def test_a_node_silent_past_the_timeout_is_504_naming_the_upgrade(access_lines):
+    proxy = proxy_on("http://10.1.1.1:8000", proxy_timeout=2.0)
+    _, client_transport = proxy.client()
+    node, node_transport = proxy.node(0)
+    proxy.reactor.advance(1.9)
+    assert not node_transport.disconnected
+    proxy.reactor.advance(0.2)
+    assert node_transport.disconnected
+    lost(node, error.ConnectionAborted)  # what the reactor reports after the abort
+    assert client_transport.value().startswith(b"HTTP/1.1 504 ")
+    assert b"the node did not answer the upgrade in time" in client_transport.value()
+    assert proxy.stats(0).last_failure == "response_timeout"
+    assert access_lines[-1].endswith(" ended=timeout")
+
+
+def test_a_client_leaving_before_the_answer_is_499_and_frees_the_node(access_lines):
+    proxy = proxy_on("http://10.1.1.1:8000")
+    client, _ = proxy.client()
+    node, node_transport = proxy.node(0)
+    lost(client)
+    assert node_transport.disconnected
+    lost(node, error.ConnectionAborted)
+    assert proxy.stats(0).in_flight == 0 and proxy.stats(0).failures == 0
+    assert " status=499 " in access_lines[-1] and access_lines[-1].endswith(" ended=client_gone")
+
+
+def test_a_refusal_ended_by_the_close_is_relayed_whole(access_lines):
+    proxy = proxy_on("http://10.1.1.1:8000")
+    _, client_transport = proxy.client()
+    node, _ = proxy.node(0)
+    node.dataReceived(b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\n\r\nnot ")
+    node.dataReceived(b"here")
+    lost(node)
+    response = client_transport.value()
+    assert response.startswith(b"HTTP/1.1 404 Not Found\r\n")
+    assert response.endswith(b"\r\n0\r\n\r\n")  # chunked to the client, and complete
+    assert access_lines[-1].endswith(" bytes_out=8 ended=complete")
+    assert proxy.stats(0).in_flight == 0
