@@ -20,10 +20,10 @@ from blyanproxy.core import (
     upstream_request_headers,
     write_error,
 )
-from blyanproxy.fleet import Lease
+from blyanproxy.fleet import Lease, LeasePool
 from blyanproxy.forward import traffic
 from blyanproxy.forward.context import ForwardContext
-from blyanproxy.forward.failover import Failover, NodePool, classify_failure
+from blyanproxy.forward.failover import Failover, classify_failure
 from blyanproxy.forward.relay import CLIENT_GONE, COMPLETE, IDLE_TIMEOUT, UPSTREAM_BROKE, BodyRelay
 from blyanproxy.logs import logger
 from blyanproxy.upstream import UpstreamConnection, serialize_request_head
@@ -50,7 +50,7 @@ class Exchange:
     """
 
     def __init__(self, context: ForwardContext, request, tally: traffic.RequestTally, route: Route,
-                 pool: NodePool) -> None:
+                 pool: LeasePool) -> None:
         self._context = context
         self._rules = context.rules
         self._request = request

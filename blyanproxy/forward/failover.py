@@ -33,21 +33,11 @@ from blyanproxy.core import (
     Route,
     Try,
 )
-from blyanproxy.fleet import Lease
+from blyanproxy.fleet import Lease, LeasePool
 from blyanproxy.logs import logger
 from blyanproxy.upstream import ProtocolError
 
 log = logger("proxy")
-
-
-class NodePool(Protocol):
-    """Where a request's nodes come from: the registry's ``Balancer`` or a key's ``KeyPool``."""
-
-    def check(self, route: Route) -> None:
-        """Raise ``ProxyError`` when ``route`` names no node of this pool."""
-
-    def acquire(self, route: Route, excluded: frozenset[str]) -> Lease | None:
-        """A lease on a usable node of ``route`` whose id is not in ``excluded``, or None."""
 
 
 class AttemptReporter(Protocol):
@@ -81,7 +71,7 @@ class Failover:
     current attempt's (None before the first).
     """
 
-    def __init__(self, attempts: Attempts, pool: NodePool, route: Route, clock,
+    def __init__(self, attempts: Attempts, pool: LeasePool, route: Route, clock,
                  reporter: AttemptReporter, try_node: Callable[[Lease, bool], None],
                  give_up: Callable[[ProxyError], None]) -> None:
         self._attempts = attempts

@@ -14,11 +14,10 @@ from blyanproxy.core import (
     write_error,
 )
 from blyanproxy.discovery import WorkloadDirectory, api_key_of, missing_key_error
-from blyanproxy.fleet import Balancer
+from blyanproxy.fleet import Balancer, LeasePool
 from blyanproxy.forward import traffic
 from blyanproxy.forward.context import ForwardContext
 from blyanproxy.forward.exchange import Exchange
-from blyanproxy.forward.failover import NodePool
 from blyanproxy.forward.websocket import forward_websocket, is_websocket_upgrade
 
 
@@ -62,7 +61,7 @@ class ProxyResource(Resource):
             self._forward_keyed(directory, request, tally, route, key)
         return NOT_DONE_YET
 
-    def _forward(self, request, tally: traffic.RequestTally, route: Route, pool: NodePool) -> None:
+    def _forward(self, request, tally: traffic.RequestTally, route: Route, pool: LeasePool) -> None:
         """Send the request to a node of ``pool`` (the registry's ``Balancer`` or a ``KeyPool``)."""
         try:
             pool.check(route)

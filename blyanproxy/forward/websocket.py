@@ -34,10 +34,10 @@ from blyanproxy.core import (
     upstream_request_headers,
     write_error,
 )
-from blyanproxy.fleet import Lease
+from blyanproxy.fleet import Lease, LeasePool
 from blyanproxy.forward import traffic
 from blyanproxy.forward.context import ForwardContext
-from blyanproxy.forward.failover import Failover, NodePool, classify_failure
+from blyanproxy.forward.failover import Failover, classify_failure
 from blyanproxy.twistedinternals import BodyDecoder, body_decoder, take_over_connection
 from blyanproxy.upstream import ProtocolError, body_framing, connect_quietly, parse_head, serialize_request_head
 
@@ -70,7 +70,7 @@ def enable_keepalive_probes(transport, idle: float) -> None:
 
 
 def forward_websocket(context: ForwardContext, request, tally: traffic.RequestTally, route: Route,
-                      pool: NodePool) -> None:
+                      pool: LeasePool) -> None:
     """Forward one upgrade request to a node of ``pool``; ``tally`` hears how it ends."""
     _Handshake(context, request, tally, route, pool).start()
 
@@ -239,7 +239,7 @@ class _Handshake:
     """One client's upgrade request: tries nodes (``Failover``) until one answers."""
 
     def __init__(self, context: ForwardContext, request, tally: traffic.RequestTally, route: Route,
-                 pool: NodePool) -> None:
+                 pool: LeasePool) -> None:
         self.context = context
         self.request = request
         self.tally = tally
