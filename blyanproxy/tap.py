@@ -10,11 +10,13 @@ import os
 import secrets
 import socket
 import sys
+from typing import cast
 
 import attrs
 from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import LoopingCall
 from twisted.python import usage
@@ -99,10 +101,8 @@ class Options(usage.Options):
 
     def worker_arguments(self) -> list:
         """The ``blyan-proxy`` arguments a worker process gets: these options but ``--workers``."""
-        given = [
-            f"--{name}={self[name]}" for name, *_ in self.optParameters
-            if name != "workers" and self[name] is not None
-        ]
+        names = [str(name) for name, *_ in self.optParameters]
+        given = [f"--{name}={self[name]}" for name in names if name != "workers" and self[name] is not None]
         return given + [f"--node={value}" for value in self.node_options]
 
     def postOptions(self) -> None:
@@ -172,7 +172,7 @@ class DemoNodesService(Service):
             config = DevNodeConfig(name=f"demo-{index}")
             _, port = listen_devnode(self._reactor, config)
             self._ports.append(port)
-            url = f"http://127.0.0.1:{port.getHost().port}"
+            url = f"http://127.0.0.1:{cast(IPv4Address, port.getHost()).port}"
             self._registry.add(
                 Node(id=new_node_id(), name=config.name, base_url=url, added_at=self._reactor.seconds())
             )
@@ -305,6 +305,7 @@ def forward_rules(settings: Settings) -> ForwardRules:
 
 def build_directory(settings: Settings, reactor, rules: HealthRules, trust_root, metrics) -> WorkloadDirectory:
     """The per-API-key workloads cache for ``API_URL``, with its API client and keyed balancer."""
+    assert settings.api_url is not None  # called only with discovery on
     client = workloads_client(reactor, settings.api_url, settings.workloads_timeout, trust_root)
     limits = CacheLimits(
         refresh=settings.workloads_refresh,

@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl
 
 import attrs
 
+from blyanproxy.core.requestview import RequestView
 from blyanproxy.core.selection import Candidate
 
 _KINDS = ("header", "cookie", "query")
@@ -41,7 +42,7 @@ def parse_affinity_source(text: str) -> AffinitySource:
     return AffinitySource(kind, name)
 
 
-def affinity_key(source: AffinitySource | None, request) -> bytes | None:
+def affinity_key(source: AffinitySource | None, request: RequestView) -> bytes | None:
     """The request's affinity key, or None when it carries none (or affinity is off)."""
     if source is None:
         return None

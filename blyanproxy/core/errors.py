@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Protocol
 
 import attrs
 
@@ -39,7 +40,7 @@ class ProxyError(Exception):
         """The JSON body: ``{"error": message, "code": code}``."""
         return json.dumps({"error": self.message, "code": self.code}).encode("utf-8")
 
-    def headers(self) -> list:
+    def headers(self) -> list[tuple[bytes, bytes]]:
         """Response headers as ``(name, value)`` byte pairs, without framing."""
         pairs = [(b"Content-Type", b"application/json")]
         if self.retry_after is not None:
@@ -55,7 +56,31 @@ class ProxyError(Exception):
         return b"\r\n".join(lines)
 
 
-def write_error(request, error: ProxyError) -> None:
+class HeaderTable(Protocol):
+    """The header operations the proxy uses on twisted.web's ``Headers``."""
+
+    def setRawHeaders(self, name: bytes, values: list[bytes]) -> None:
+        """Replace every value of ``name``."""
+
+
+class Answerable(Protocol):
+    """What ``write_error`` needs of a twisted.web request."""
+
+    @property
+    def responseHeaders(self) -> HeaderTable:
+        """The headers of the answer."""
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None:
+        """Set the status."""
+
+    def write(self, data: bytes) -> None:
+        """Send body bytes."""
+
+    def finish(self) -> object:
+        """End the answer."""
+
+
+def write_error(request: Answerable, error: ProxyError) -> None:
     """Answer a twisted.web request with ``error`` and finish it (headers replace any set)."""
     request.setResponseCode(error.status, _REASONS.get(error.status))
     for name, value in error.headers():

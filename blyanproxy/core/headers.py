@@ -10,6 +10,7 @@ from collections.abc import Iterable
 
 import attrs
 
+from blyanproxy.core.requestview import RequestView
 from blyanproxy.core.trust import ForwardTrust, origin_address
 
 RawHeaders = list[tuple[bytes, list[bytes]]]
@@ -53,7 +54,7 @@ class ClientFacts:
         return self.address
 
 
-def client_facts(request, trust: bool | ForwardTrust = False) -> ClientFacts:
+def client_facts(request: RequestView, trust: bool | ForwardTrust = False) -> ClientFacts:
     """The ``ClientFacts`` of a twisted.web request, its origin as far as ``trust`` allows."""
     peer = getattr(request.getClientAddress(), "host", None) or "unknown"
     return ClientFacts(
@@ -64,9 +65,9 @@ def client_facts(request, trust: bool | ForwardTrust = False) -> ClientFacts:
     )
 
 
-def _connection_tokens(headers: RawHeaders) -> frozenset:
+def _connection_tokens(headers: RawHeaders) -> frozenset[bytes]:
     """Lower-cased header names listed in ``Connection`` (they are hop-by-hop too)."""
-    tokens = set()
+    tokens: set[bytes] = set()
     for name, values in headers:
         if name.lower() == b"connection":
             for value in values:

@@ -13,11 +13,15 @@ Any other path goes to the pool's policy, with a leading ``/api`` segment remove
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from urllib.parse import unquote_to_bytes
 
 import attrs
 
 from blyanproxy.core.errors import ProxyError
+
+if TYPE_CHECKING:
+    from blyanproxy.core.nodes import Node
 
 
 @attrs.frozen
@@ -78,7 +82,7 @@ def strip_api_prefix(target: bytes) -> bytes:
     return target
 
 
-def _split_first_segment(target: bytes) -> tuple:
+def _split_first_segment(target: bytes) -> tuple[bytes, bytes]:
     """``(first segment, rest)`` of an origin-form target: ``/a/b?q`` → ``(b"a", b"/b?q")``.
 
     The rest always starts with ``/`` (``/a?q`` → ``(b"a", b"/?q")``).
@@ -161,6 +165,6 @@ def parse_route(target: bytes) -> Route:
     return Route(upstream_target=upstream, node=node)
 
 
-def route_allows(route: Route, node) -> bool:
+def route_allows(route: Route, node: Node) -> bool:
     """Whether ``node`` may take the request: any node, or the one ``?api=`` names (id or name)."""
     return route.node is None or route.node in (node.id, node.name)

@@ -86,12 +86,12 @@ def round_robin(candidates: Sequence[Candidate], turn: Turn, active_id: str | No
     for node_id in [n for n in weights if n not in present]:
         del weights[node_id]
     total = 0
-    best = None
+    best = candidates[0]
     for candidate in candidates:
         node = candidate.node
         weights[node.id] = weights.get(node.id, 0) + node.weight
         total += node.weight
-        if best is None or weights[node.id] > weights[best.node.id]:
+        if weights[node.id] > weights[best.node.id]:
             best = candidate
     weights[best.node.id] -= total
     return best
@@ -99,10 +99,10 @@ def round_robin(candidates: Sequence[Candidate], turn: Turn, active_id: str | No
 
 def least_latency(candidates: Sequence[Candidate], turn: Turn, active_id: str | None) -> Candidate:
     """The lowest latency; unmeasured nodes first; ties rotate."""
-    unmeasured = [c for c in candidates if c.latency_ms is None]
-    if unmeasured:
-        return _rotate_among(unmeasured, turn)
-    lowest = min(c.latency_ms for c in candidates)
+    measured = {id(c): c.latency_ms for c in candidates if c.latency_ms is not None}
+    if len(measured) < len(candidates):
+        return _rotate_among([c for c in candidates if c.latency_ms is None], turn)
+    lowest = min(measured.values())
     return _rotate_among([c for c in candidates if c.latency_ms == lowest], turn)
 
 

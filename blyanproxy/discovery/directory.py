@@ -228,7 +228,7 @@ class WorkloadDirectory(Service):
             return
         record.fetching = True
         call = self._calls.run(self._call, record, background)
-        call.addCallbacks(self._fetched, self._fetch_failed, (record,), None, (record,), None)
+        call.addCallbacks(self._fetched, self._fetch_failed, callbackArgs=(record,), errbackArgs=(record,))
         call.addErrback(lambda failure: log.failure("workloads refresh of {key} crashed", failure,
                                                     key=record.name))
         call.addBoth(self._fetch_done, record)

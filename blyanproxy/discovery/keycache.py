@@ -96,6 +96,7 @@ def refresh_due(state: KeyState, now: float, limits: CacheLimits) -> bool:
     """
     return (
         state.fetched_at is not None
+        and state.checked_at is not None
         and state.last_outcome != KEY_REFUSED
         and now - state.checked_at >= limits.refresh
     )

@@ -59,16 +59,12 @@ class WorkloadsClient:
     def fetch(self, key: bytes) -> defer.Deferred:
         """The key's workloads (a tuple of ``Workload``), or a failure with ``KeyRefused`` or
         ``WorkloadsUnavailable`` (its message says why, without the key)."""
-        answer = self._http.post(
-            self._url,
-            data=_REQUEST_BODY,
-            headers={
-                b"X-C3-API-KEY": [key],
-                b"Content-Type": [b"application/json"],
-                b"Accept": [b"application/json"],
-            },
-            allow_redirects=False,
-        )
+        headers: dict[bytes | str, list[bytes | str]] = {
+            b"X-C3-API-KEY": [key],
+            b"Content-Type": [b"application/json"],
+            b"Accept": [b"application/json"],
+        }
+        answer = self._http.post(self._url, data=_REQUEST_BODY, headers=headers, allow_redirects=False)
         answer.addCallback(self._read)
         answer.addTimeout(self._timeout, self._clock)
         answer.addErrback(self._explain)

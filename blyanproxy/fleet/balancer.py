@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Callable, Protocol, runtime_checkable
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
 
 from blyanproxy.core import (
     POLICIES,
@@ -47,7 +48,7 @@ class Lease:
 
     node: Node
     stats: NodeStats
-    clock: object
+    clock: IReactorTime
     rules: HealthRules
     released: bool = False
 
@@ -59,7 +60,7 @@ class Lease:
         stats.last_failure = reason
         before = stats.health
         stats.health = after_traffic_failure(before, reason, self.clock.seconds(), self.rules)
-        if stats.health.ejected_until != before.ejected_until:
+        if stats.health.ejected_until is not None and stats.health.ejected_until != before.ejected_until:
             log.warn(
                 "node {node} ejected for {seconds:g} s after {reason}",
                 node=self.node.name, seconds=stats.health.ejected_until - self.clock.seconds(), reason=reason,

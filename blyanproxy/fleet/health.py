@@ -11,7 +11,7 @@ at once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from treq.client import HTTPClient
 from twisted.application.service import Service
@@ -67,7 +67,8 @@ class HealthMonitor(Service):
         self._run: defer.Deferred | None = None
         self._joiners: list[defer.Deferred] = []
         self._extra: set = set()  # probes of nodes added or moved between runs
-        self.on_probe = None  # called with (node name, passed, seconds) after each probe
+        #: Called with (node name, passed, seconds) after each probe.
+        self.on_probe: Callable[[str, bool, float], None] | None = None
         registry.listen(self._on_change)
 
     def startService(self) -> None:

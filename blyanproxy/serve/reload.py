@@ -71,7 +71,7 @@ def restart_needed(old: Settings, new: Settings) -> list[str]:
         if field.name in LIVE or getattr(old, field.name) == getattr(new, field.name):
             continue
         setting = LISTEN_OPTION if field.name == "listen" else SETTINGS_BY_FIELD.get(field.name)
-        names.append((setting.env or "--" + setting.option) if setting else field.name)
+        names.append((setting.env or f"--{setting.option}") if setting else field.name)
     return names
 
 

@@ -202,7 +202,8 @@ class EtcdStore(Service):
             self._reachable = True
         if result.get("canceled"):
             self._compacted = bool(result.get("compact_revision"))
-            self._stream.stop()
+            if self._stream is not None:
+                self._stream.stop()
             return
         events = result.get("events") or []
         if events and apply_events(self._kvs, events, self._revision):
