@@ -19,11 +19,11 @@ from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
 if TYPE_CHECKING:
-    # For its type only: Twisted (checked with 26.10) exports this interface from no public module.
-    from twisted.internet._sslverify import IOpenSSLTrustRoot
     from twisted.internet.interfaces import IReactorTCP, IStreamClientEndpoint
     from twisted.protocols.tls import TLSMemoryBIOProtocol
     from twisted.web.client import URI
+
+    from blyanproxy.twistedinternals import IOpenSSLTrustRoot
 
 
 def load_trust_root(path: str) -> IOpenSSLTrustRoot:
