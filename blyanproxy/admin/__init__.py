@@ -1,4 +1,4 @@
-"""admin."""
+"""The admin API under ``/_admin`` (Klein, behind the token) and the public read-only endpoints."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""core."""
+"""The pure core: node values, rules and decisions (selection, routing, health, attempts, fleet state),
+with no I/O and no Twisted. See docs/architecture.rst."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""discovery."""
+"""Per-API-key workload discovery (c3 style): API keys, the workloads API, the per-key cache and keyed pools."""
 
 from __future__ import annotations
 

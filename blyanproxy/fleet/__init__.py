@@ -1,4 +1,5 @@
-"""fleet."""
+"""The live fleet of one process: leases on nodes (``Balancer``), admin edits kept in step with the
+store (``FleetKeeper``) and active health checks (``HealthMonitor``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""forward."""
+"""The data path: the forwarding resource, one exchange per request, failover, streaming relay,
+WebSocket splice, and the end-of-request hook."""
 
 from __future__ import annotations
 

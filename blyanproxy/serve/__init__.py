@@ -1,4 +1,5 @@
-"""serve."""
+"""The listening side and the process: the site and its request limits, dispatch, drain, workers,
+signals and reload."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""store."""
+"""Where the fleet is kept: the JSON state file, etcd, or memory (each a ``core.StateStore``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""upstream."""
+"""The proxy's HTTP/1.1 client to nodes: head parsing, pooled connections, endpoints and TLS trust."""
 
 from __future__ import annotations
 
