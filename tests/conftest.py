@@ -5,6 +5,7 @@ import pytest
 import pytest_twisted
 from hypothesis import settings as hypothesis_settings
 from twisted.internet.defer import ensureDeferred
+from twisted.logger import globalLogPublisher
 from twisted.protocols.policies import WrappingFactory
 
 from blyanproxy.config import NodeSpec, Settings
@@ -14,6 +15,20 @@ from blyanproxy.tap import build_proxy
 # would otherwise fail them as "flaky").
 hypothesis_settings.register_profile("blyanproxy", deadline=None)
 hypothesis_settings.load_profile("blyanproxy")
+
+
+@pytest.fixture
+def access_lines():
+    """The proxy's access log lines written during the test."""
+    lines = []
+
+    def observe(event):
+        if event.get("log_namespace") == "blyanproxy.access":
+            lines.append(event["line"])
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
 
 
 @pytest.fixture

@@ -5,11 +5,9 @@ shows up in ``reactor.tcpClients`` and is completed by hand.
 """
 
 import attrs
-import pytest
 from twisted.internet import error
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
@@ -20,19 +18,6 @@ from blyanproxy.tap import build_proxy
 UPGRADE = (b"GET /ws/echo HTTP/1.1\r\nHost: proxy\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
 SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
-
-
-@pytest.fixture
-def access_lines():
-    lines = []
-
-    def observe(event):
-        if event.get("log_namespace") == "blyanproxy.access":
-            lines.append(event["line"])
-
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
 
 
 @attrs.define

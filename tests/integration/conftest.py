@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import attrs
-import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.interfaces import IListeningPort, IReactorTime
-from twisted.logger import globalLogPublisher
 
 from blyanproxy.devnode import DevNode, DevNodeConfig, listen_devnode
 
@@ -50,20 +48,6 @@ def devnode_timers(reactor: IReactorTime) -> list:
         for call in reactor.getDelayedCalls()
         if getattr(call.func, "__module__", "").startswith("blyanproxy.devnode")
     ]
-
-
-@pytest.fixture
-def access_lines():
-    """The proxy's access log lines written during the test."""
-    lines = []
-
-    def observe(event):
-        if event.get("log_namespace") == "blyanproxy.access":
-            lines.append(event["line"])
-
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
 
 
 @pytest_twisted.async_yield_fixture()
