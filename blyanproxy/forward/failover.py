@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Callable, Protocol
 
 from twisted.internet import error
-from twisted.internet.base import DelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from blyanproxy.core import (
@@ -71,7 +71,7 @@ class Failover:
     current attempt's (None before the first).
     """
 
-    def __init__(self, attempts: Attempts, pool: LeasePool, route: Route, clock,
+    def __init__(self, attempts: Attempts, pool: LeasePool, route: Route, clock: IReactorTime,
                  reporter: AttemptReporter, try_node: Callable[[Lease, bool], None],
                  give_up: Callable[[ProxyError], None]) -> None:
         self._attempts = attempts
@@ -83,7 +83,7 @@ class Failover:
         self._give_up = give_up
         self.lease: Lease | None = None
         self._number = 0  # the current attempt's
-        self._delay: DelayedCall | None = None
+        self._delay: IDelayedCall | None = None
 
     @property
     def count(self) -> int:
