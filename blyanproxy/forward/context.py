@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
+from twisted.internet.interfaces import IReactorTime
 
 from blyanproxy.core import AffinitySource, AttemptRules, ForwardTrust
 from blyanproxy.forward.traffic import TrafficRecorder
@@ -43,7 +42,7 @@ class ForwardContext:
     streams) and ``rules``.
     """
 
-    clock: Any
+    clock: IReactorTime
     upstream: UpstreamPool
     endpoints: NodeEndpoints
     traffic: TrafficRecorder
