@@ -13,10 +13,12 @@ header (so no token or API key) is ever logged.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable, Protocol
 from urllib.parse import parse_qsl
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.server import Request
 
 from blyanproxy.core import ClientFacts, ForwardTrust, ProxyError, client_facts
 from blyanproxy.logs import logger
@@ -115,7 +117,7 @@ class RequestCounters:
             self.failures += 1
 
 
-def _body_size(request) -> int:
+def _body_size(request: Request) -> int:
     """The size of the request body twisted.web has read (it is read whole before the resource runs)."""
     content = getattr(request, "content", None)
     if content is None:
@@ -134,7 +136,7 @@ class RequestTally:
     reports it; only the first call counts.
     """
 
-    _clock: Any = attrs.field(repr=False)
+    _clock: IReactorTime = attrs.field(repr=False)
     _report: Callable[[AccessRecord], None] = attrs.field(repr=False)
     method: str
     target: bytes
@@ -169,6 +171,16 @@ class RequestTally:
         ))
 
 
+class TrafficMetrics(Protocol):
+    """What the recorder tells the metrics (a ``ProxyMetrics``)."""
+
+    def attempt_failed(self, node: str, reason: str) -> None:
+        """Count a failed attempt."""
+
+    def stream(self, kind: str, delta: int) -> None:
+        """An SSE stream or WebSocket (``kind``) opened (+1) or closed (-1)."""
+
+
 class TrafficRecorder:
     """The data path's reporting point: the end-of-request hook, failed attempts and open streams.
 
@@ -177,7 +189,8 @@ class TrafficRecorder:
     attempts and of SSE streams and WebSockets opening and closing.
     """
 
-    def __init__(self, clock, trust: bool | ForwardTrust = False, metrics=None) -> None:
+    def __init__(self, clock: IReactorTime, trust: bool | ForwardTrust = False,
+                 metrics: TrafficMetrics | None = None) -> None:
         self._clock = clock
         self._trust = trust
         self._metrics = metrics
@@ -187,7 +200,7 @@ class TrafficRecorder:
         """Call ``listener(record)`` for every request that ends from now on."""
         self._listeners.append(listener)
 
-    def begin(self, request, own_endpoint: bool = False) -> RequestTally:
+    def begin(self, request: Request, own_endpoint: bool = False) -> RequestTally:
         """Open the tally of a twisted.web request that just arrived."""
         return RequestTally(
             self._clock,
