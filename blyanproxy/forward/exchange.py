@@ -7,14 +7,21 @@ yet, and then hands the body to a ``BodyRelay``.
 
 from __future__ import annotations
 
+import functools
+from typing import cast
+
 from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
+from twisted.web.server import Request
 
 from blyanproxy.core import (
     BAD_RESPONSE,
     RESPONSE_TIMEOUT,
+    AttemptFailure,
     Attempts,
     ProxyError,
+    RawHeaders,
     Route,
     downstream_response_headers,
     upstream_request_headers,
@@ -26,7 +33,7 @@ from blyanproxy.forward.context import ForwardContext
 from blyanproxy.forward.failover import Failover, classify_failure
 from blyanproxy.forward.relay import CLIENT_GONE, COMPLETE, IDLE_TIMEOUT, UPSTREAM_BROKE, BodyRelay
 from blyanproxy.logs import logger
-from blyanproxy.upstream import UpstreamConnection, serialize_request_head
+from blyanproxy.upstream import BodyReceiver, ProtocolError, UpstreamConnection, serialize_request_head
 
 log = logger("proxy")
 
@@ -45,28 +52,29 @@ _ENDINGS = {
 class Exchange:
     """One client request on its way through the proxy: attempts, failover and relay.
 
-    It receives the upstream connection's head (``request_failed`` or
-    ``response_started``); the body then goes straight to the ``BodyRelay``.
+    Each attempt's connection reports its response head to an ``_Attempt``,
+    which tells the exchange; the body of the answer relayed then goes from the
+    connection straight to the ``BodyRelay``.
     """
 
-    def __init__(self, context: ForwardContext, request, tally: traffic.RequestTally, route: Route,
+    def __init__(self, context: ForwardContext, request: Request, tally: traffic.RequestTally, route: Route,
                  pool: LeasePool) -> None:
         self._context = context
         self._rules = context.rules
         self._request = request
         self._route = route
         self._method = request.method
-        request.content.seek(0)
-        self._body = request.content.read()
+        content = request.content
+        assert content is not None  # twisted.web has read the whole body into it before the resource renders
+        content.seek(0)
+        self._body = content.read()
         self._failover = Failover(Attempts(context.rules.attempts), pool, route, context.clock,
                                   context.traffic, self._try_node, self._fail)
-        self._lease: Lease | None = None
+        self._lease: Lease | None = None  # the latest attempt's; ``_head`` is its request head
         self._head = b""
-        self._pending: defer.Deferred | None = None
-        self._conn: UpstreamConnection | None = None
-        self._timer = None
+        self._pending: defer.Deferred[UpstreamConnection] | None = None
+        self._attempt: _Attempt | None = None
         self._relay: BodyRelay | None = None
-        self._sent_at = 0.0
         self._tally = tally
         self._client_gone = False
         request.notifyFinish().addErrback(self._on_client_gone)
@@ -78,15 +86,18 @@ class Exchange:
     # -- attempts -------------------------------------------------------------
 
     def _try_node(self, lease: Lease, fresh: bool) -> None:
-        if self._conn is not None:  # a status failover: the previous node's answer is dropped
-            conn, self._conn = self._conn, None
-            conn.abort()
+        if self._attempt is not None:  # a status failover: the previous node's answer is dropped
+            attempt, self._attempt = self._attempt, None
+            attempt.abort()
         if lease is not self._lease:
             self._lease = lease
             self._tally.node = lease.node.name
             self._tally.attempts = self._failover.count
             self._head = self._request_head(lease)
-        self._connect(fresh)
+        url = lease.node.url
+        pending = self._context.upstream.connection(url.scheme, url.host, url.port, fresh=fresh)
+        self._pending = pending
+        pending.addCallbacks(self._connected, self._connect_failed, callbackArgs=(lease,), errbackArgs=(lease,))
 
     def _request_head(self, lease: Lease) -> bytes:
         url = lease.node.url
@@ -101,73 +112,56 @@ class Exchange:
             headers.append((b"Content-Length", [b"%d" % len(self._body)]))
         return serialize_request_head(self._method, url.path_bytes + self._route.upstream_target, headers)
 
-    def _connect(self, fresh: bool) -> None:
-        url = self._lease.node.url
-        self._pending = self._context.upstream.connection(url.scheme, url.host, url.port, fresh=fresh)
-        self._pending.addCallbacks(self._connected, self._connect_failed)
-
-    def _connected(self, conn: UpstreamConnection) -> None:
+    def _connected(self, conn: UpstreamConnection, lease: Lease) -> None:
         self._pending = None
-        self._conn = conn
-        self._sent_at = self._context.clock.seconds()
-        self._timer = self._context.clock.callLater(self._rules.proxy_timeout, self._header_timeout)
-        conn.request(self._method, self._head, self._body, self)
+        attempt = _Attempt(self, lease, conn, self._context.clock, self._rules.proxy_timeout)
+        self._attempt = attempt
+        attempt.send(self._method, self._head, self._body)
 
-    def _connect_failed(self, failure: Failure) -> None:
+    def _connect_failed(self, failure: Failure, lease: Lease) -> None:
         self._pending = None
         if self._client_gone:
-            self._lease.release()
+            lease.release()
             return
         self._failover.failed(classify_failure(failure))
 
-    def _header_timeout(self) -> None:
-        self._timer = None
-        conn, self._conn = self._conn, None
-        conn.abort()
-        self._failover.failed(RESPONSE_TIMEOUT)
+    def attempt_failed(self, failure: AttemptFailure, reused: bool = False, bytes_received: int = 0) -> None:
+        """The current attempt failed before its answer began (its ``_Attempt`` tells): fail over."""
+        self._attempt = None
+        self._failover.failed(failure, reused, bytes_received)
 
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    # -- BodyReceiver ---------------------------------------------------------
-
-    def request_failed(self, reason) -> None:
-        self._cancel_timer()
-        conn, self._conn = self._conn, None
-        if not isinstance(reason, Failure):
-            reason = Failure(reason)
-        self._failover.failed(classify_failure(reason), conn.reused, conn.bytes_received)
-
-    def response_started(self, status: int, reason: bytes, headers, length: int | None) -> None:
-        self._cancel_timer()
+    def answer_started(self, attempt: _Attempt, status: int, reason: bytes, headers: RawHeaders,
+                       length: int | None) -> None:
+        """The current attempt's response head arrived (its ``_Attempt`` tells): relay it, or fail over."""
         self._tally.ttfb = self._context.clock.seconds() - self._tally.started
         if not self._failover.answered(status):
-            return  # another node takes the request
-        lease = self._lease
-        lease.responded(self._context.clock.seconds() - self._sent_at)
+            return  # another node takes the request (``_try_node`` dropped this answer)
+        lease = attempt.lease
+        lease.responded(self._context.clock.seconds() - attempt.sent_at)
         try:
-            self._relay = self._start_relay(status, reason, headers, length)
+            relay = self._start_relay(attempt, status, reason, headers, length)
         except Exception:  # a head Twisted refuses to write: the node's fault, answered as 502
             log.failure("node {node} sent a response head that cannot be relayed", node=lease.node.name)
-            conn, self._conn = self._conn, None
-            conn.abort()
+            self._attempt = None
+            attempt.abort()
             self._failover.unusable(BAD_RESPONSE)
             return
-        self._conn.deliver_body(self._relay)
+        self._attempt = None  # the attempt is over: its connection carries the body to the relay
+        self._relay = relay
+        attempt.conn.deliver_body(relay)
 
     # -- the response ---------------------------------------------------------
 
-    def _start_relay(self, status: int, reason: bytes, headers, length: int | None) -> BodyRelay:
+    def _start_relay(self, attempt: _Attempt, status: int, reason: bytes, headers: RawHeaders,
+                     length: int | None) -> BodyRelay:
         request = self._request
         request.setResponseCode(status, reason)
         out = request.responseHeaders
         for name, values in downstream_response_headers(headers):
             out.setRawHeaders(name, values)
-        out.setRawHeaders(b"X-Blyan-Node", [self._lease.node.name_bytes])
+        out.setRawHeaders(b"X-Blyan-Node", [attempt.lease.node.name_bytes])
         out.setRawHeaders(b"X-Blyan-Attempts", [b"%d" % self._failover.count])
-        content_type = out.getRawHeaders(b"content-type")
+        content_type = out.getRawHeaders(b"content-type", [])
         is_sse = bool(content_type) and content_type[0].lower().startswith(b"text/event-stream")
         if is_sse and not out.hasHeader(b"x-accel-buffering"):
             out.setRawHeaders(b"X-Accel-Buffering", [b"no"])
@@ -178,33 +172,33 @@ class Exchange:
                 out.setRawHeaders(b"Content-Length", declared[:1])
         elif length is not None and status != 204:
             out.setRawHeaders(b"Content-Length", [b"%d" % length])
-        conn = self._conn
+        conn = attempt.conn
         raw_chunks = conn.chunked and request.clientproto == b"HTTP/1.1"
+        sse = is_sse and length is None  # comments and error events would break a body of announced length
         relay = BodyRelay(
             request,
             self._context.clock,
+            conn,
             idle_timeout=self._rules.idle_timeout,
             sse_keepalive=self._rules.sse_keepalive,
-            # Comments and error events would break a body of announced length.
-            is_sse=is_sse and length is None,
-            on_end=self._on_relay_end,
+            is_sse=sse,
+            on_end=functools.partial(self._relay_ended, attempt.lease, sse),
             raw_chunks=conn if raw_chunks else None,
         )
-        relay.start(conn)
+        relay.start()
         if raw_chunks:
             conn.pass_chunks_raw()
-        if relay.is_sse:
+        if sse:
             self._context.traffic.stream("sse", +1)
         return relay
 
-    def _on_relay_end(self, how: str) -> None:
-        self._conn = None
-        self._lease.release()
-        if self._relay.is_sse:
+    def _relay_ended(self, lease: Lease, sse: bool, how: str, bytes_sent: int) -> None:
+        lease.release()
+        if sse:
             self._context.traffic.stream("sse", -1)
         if how not in (COMPLETE, CLIENT_GONE):
-            log.warn("stream from node {node} ended: {how}", node=self._lease.node.name, how=how)
-        self._tally.bytes_out = self._relay.bytes_sent
+            log.warn("stream from node {node} ended: {how}", node=lease.node.name, how=how)
+        self._tally.bytes_out = bytes_sent
         self._tally.end(self._request.code, _ENDINGS[how])
 
     def _fail(self, err: ProxyError) -> None:
@@ -212,18 +206,64 @@ class Exchange:
             write_error(self._request, err)
         self._tally.end(err.status, traffic.ended_by(err))
 
-    def _on_client_gone(self, failure) -> None:
+    def _on_client_gone(self, failure: Failure) -> None:
         self._client_gone = True
         if self._failover.waiting:
             self._failover.cancel()  # waiting out RETRY_DELAY_MS: nothing else to stop
         elif self._relay is not None:
             self._relay.client_gone()
         elif self._pending is not None:
-            self._pending.cancel()
-        elif self._conn is not None:
-            self._cancel_timer()
-            conn, self._conn = self._conn, None
-            conn.abort()
-            self._lease.release()
+            self._pending.cancel()  # ``_connect_failed`` releases the lease
+        elif self._attempt is not None:
+            attempt, self._attempt = self._attempt, None
+            attempt.abort()
+            attempt.lease.release()
         if self._relay is None:
             self._tally.end(traffic.CLIENT_CLOSED_STATUS, traffic.CLIENT_GONE)
+
+
+class _Attempt:
+    """One attempt's request on its connection, until the response head arrives or ``PROXY_TIMEOUT`` passes.
+
+    It is what the connection reports the head to, and it tells its exchange.
+    The exchange then relays the answer, handing the body to a ``BodyRelay``
+    (``deliver_body``), or drops the connection: no body ever comes here.
+    """
+
+    def __init__(self, exchange: Exchange, lease: Lease, conn: UpstreamConnection, clock: IReactorTime,
+                 timeout: float) -> None:
+        self.lease = lease
+        self.conn = conn
+        self._exchange = exchange
+        self.sent_at = clock.seconds()
+        self._deadline: IDelayedCall | None = clock.callLater(timeout, self._timed_out)
+
+    def send(self, method: bytes, head: bytes, body: bytes) -> None:
+        """Send the request (``head`` serialised); the head of its answer comes here."""
+        self.conn.request(method, head, body, cast(BodyReceiver, self))  # the head part only: see the class
+
+    def abort(self) -> None:
+        """Drop the connection: its answer is not wanted."""
+        self._stop_waiting()
+        self.conn.abort()
+
+    def request_failed(self, reason: Failure | ProtocolError) -> None:
+        """No response head came (``BodyReceiver``): the exchange fails over."""
+        self._stop_waiting()
+        failure = reason if isinstance(reason, Failure) else Failure(reason)
+        self._exchange.attempt_failed(classify_failure(failure), self.conn.reused, self.conn.bytes_received)
+
+    def response_started(self, status: int, reason: bytes, headers: RawHeaders, length: int | None) -> None:
+        """The response head arrived (``BodyReceiver``): the exchange decides what becomes of it."""
+        self._stop_waiting()
+        self._exchange.answer_started(self, status, reason, headers, length)
+
+    def _stop_waiting(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        self.conn.abort()
+        self._exchange.attempt_failed(RESPONSE_TIMEOUT)

@@ -15,9 +15,10 @@ event boundary only.
 from __future__ import annotations
 
 import json
-from typing import Callable
+from typing import Callable, Protocol
 
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.web.server import Request
 from zope.interface import implementer
 
 from blyanproxy.upstream import write_through
@@ -37,21 +38,45 @@ def sse_error_event(code: str, message: str) -> bytes:
     return b"event: error\ndata: " + data.encode("utf-8") + b"\n\n"
 
 
+def cut_short(request: Request) -> None:
+    """Close the client's connection under ``request``, so its response reads as broken, never complete."""
+    transport = request.transport
+    assert transport is not None  # a request keeps the transport of the connection it came on
+    transport.loseConnection()
+
+
+class ChunkPosition(Protocol):
+    """Where a chunked body being passed on raw stands (the upstream connection tells)."""
+
+    @property
+    def at_chunk_boundary(self) -> bool:
+        """True between two chunks, where the proxy may put a chunk of its own."""
+
+
 @implementer(IPushProducer)
 class BodyRelay:
-    """Copies one response body to one client request; calls ``on_end(how)`` once."""
+    """Copies one response body to one client request; calls ``on_end(how, bytes_sent)`` once.
+
+    ``upstream`` (the node's connection) is paused, resumed and stopped by the
+    client's pace. With ``raw_chunks`` (what tells where the node's chunked body
+    stands), the node's chunk framing is passed to the client as it is, saving a
+    decode and re-encode per event; the client's response must then be chunked
+    too (HTTP/1.1, no length).
+    """
 
     def __init__(
         self,
-        request,
-        clock,
+        request: Request,
+        clock: IReactorTime,
+        upstream: IPushProducer,
         idle_timeout: float,
         sse_keepalive: float,
         is_sse: bool,
-        on_end: Callable[[str], None],
-        raw_chunks=None,
+        on_end: Callable[[str, int], None],
+        raw_chunks: ChunkPosition | None = None,
     ) -> None:
         self._request = request
+        self._upstream = upstream
         self._raw_chunks = raw_chunks
         self._clock = clock
         self._idle_timeout = idle_timeout
@@ -61,34 +86,26 @@ class BodyRelay:
         self._paused = False
         self._ended = False
         self._at_event_boundary = True
-        self._timer = None
-        self.transport = None
+        self._timer: IDelayedCall | None = None
+        self._forward: Callable[[bytes], None] = request.write
         now = clock.seconds()
         self._last_data = now
         self._last_write = now
-        self.bytes_sent = 0
+        self._bytes_sent = 0
 
     # -- the node's side -----------------------------------------------------
 
-    def start(self, upstream: IPushProducer) -> None:
-        """Begin relaying; ``upstream`` is paused, resumed and stopped by the client's pace.
-
-        With ``raw_chunks`` (an object whose ``at_chunk_boundary`` tells where
-        the node's chunked body stands), the node's chunk framing is passed
-        to the client as it is, saving a decode and re-encode per event; the
-        client's response must then be chunked too (HTTP/1.1, no length).
-        """
-        self.transport = upstream
+    def start(self) -> None:
+        """Begin relaying: become the client request's producer and start the idle timer."""
         request = self._request
         request.registerProducer(self, True)
         if self._raw_chunks is not None:
             request.write(b"")  # the head, announcing chunked framing
             self._forward = write_through(request.channel.transport)
-        else:
-            self._forward = request.write
         self._schedule()
 
     def dataReceived(self, data: bytes) -> None:
+        """A piece of the node's body: on to the client."""
         if self._ended:
             return
         now = self._clock.seconds()
@@ -98,7 +115,7 @@ class BodyRelay:
                 self._at_event_boundary = data.endswith(b"\n\n\r\n")
             else:
                 self._at_event_boundary = data.endswith(b"\n\n") or data.endswith(b"\r\n\r\n")
-        self.bytes_sent += len(data)
+        self._bytes_sent += len(data)
         self._forward(data)
 
     body_data = dataReceived
@@ -125,15 +142,18 @@ class BodyRelay:
     # -- IPushProducer: the client's side -------------------------------------
 
     def pauseProducing(self) -> None:
+        """The client cannot take more now: stop reading from the node."""
         self._paused = True
-        self.transport.pauseProducing()
+        self._upstream.pauseProducing()
 
     def resumeProducing(self) -> None:
+        """The client reads again: so does the relay."""
         self._paused = False
         self._last_data = self._clock.seconds()
-        self.transport.resumeProducing()
+        self._upstream.resumeProducing()
 
     def stopProducing(self) -> None:
+        """The client's connection is going away (``client_gone``)."""
         self.client_gone()
 
     # -- endings --------------------------------------------------------------
@@ -144,8 +164,8 @@ class BodyRelay:
             return
         self._ended = True
         self._cancel_timer()
-        self.transport.stopProducing()
-        self._on_end(CLIENT_GONE)
+        self._upstream.stopProducing()
+        self._on_end(CLIENT_GONE, self._bytes_sent)
 
     def _end(self, how: str, message: str | None = None) -> None:
         self._ended = True
@@ -159,14 +179,14 @@ class BodyRelay:
                 request.finish()
             else:
                 self._fail_client(how, message)
-        self._on_end(how)
+        self._on_end(how, self._bytes_sent)
 
     def _fail_client(self, how: str, message: str | None) -> None:
         """End the client's response so that it reads as failed, never as complete."""
         if self.is_sse:
             event = sse_error_event(how, message or how)
             self._emit(event if self._at_event_boundary else b"\n\n" + event)
-        self._request.transport.loseConnection()
+        cut_short(self._request)
 
     # -- the idle / keep-alive timer ------------------------------------------
 
@@ -190,7 +210,7 @@ class BodyRelay:
         if self._paused:
             self._last_data = now
         elif now - self._last_data >= self._idle_timeout:
-            self.transport.stopProducing()
+            self._upstream.stopProducing()
             self._end(IDLE_TIMEOUT, f"the node sent nothing for {self._idle_timeout:g} s")
             return
         if self._keepalive and now - self._last_write >= self._keepalive:

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
@@ -69,9 +70,9 @@ class RawUpstream(StringTransport):
 def make(is_sse=False, idle=30.0, keepalive=15.0, raw=False):
     clock, request, ends = Clock(), FakeRequest(), []
     upstream = RawUpstream() if raw else StringTransport()
-    relay = BodyRelay(request, clock, idle_timeout=idle, sse_keepalive=keepalive, is_sse=is_sse,
-                      on_end=ends.append, raw_chunks=upstream if raw else None)
-    relay.start(upstream)
+    relay = BodyRelay(request, clock, upstream, idle_timeout=idle, sse_keepalive=keepalive, is_sse=is_sse,
+                      on_end=lambda how, sent: ends.append(how), raw_chunks=upstream if raw else None)
+    relay.start()
     return clock, request, relay, upstream, ends
 
 
@@ -86,6 +87,19 @@ def test_streams_each_chunk_and_finishes():
     assert request.finished and request.producer is None
     assert ends == [COMPLETE]
     assert not clock.getDelayedCalls()
+
+
+@pytest.mark.parametrize(("end", "how"), [(lambda relay: relay.response_ended(None), COMPLETE),
+                                          (lambda relay: relay.stopProducing(), CLIENT_GONE)])
+def test_the_ending_reports_the_bytes_relayed(end, how):
+    reports = []
+    relay = BodyRelay(FakeRequest(), Clock(), StringTransport(), idle_timeout=30.0, sse_keepalive=0.0,
+                      is_sse=False, on_end=lambda how, sent: reports.append((how, sent)))
+    relay.start()
+    relay.dataReceived(b"12345")
+    relay.dataReceived(b"678")
+    end(relay)
+    assert reports == [(how, 8)]
 
 
 def test_client_backpressure_pauses_the_node():
