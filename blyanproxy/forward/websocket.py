@@ -17,10 +17,15 @@ after the upgrade and how the WebSocket ended (``client_closed``,
 from __future__ import annotations
 
 import socket
+import typing
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectingCancelledError
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.web.server import Request
 
 from blyanproxy.core import (
     CONNECT_TIMEOUT,
@@ -28,6 +33,7 @@ from blyanproxy.core import (
     UPGRADE_TIMEOUT,
     Attempts,
     ProxyError,
+    RawHeaders,
     Route,
     bad_handshake,
     downstream_response_headers,
@@ -38,13 +44,14 @@ from blyanproxy.fleet import Lease, LeasePool
 from blyanproxy.forward import traffic
 from blyanproxy.forward.context import ForwardContext
 from blyanproxy.forward.failover import Failover, classify_failure
+from blyanproxy.forward.relay import cut_short
 from blyanproxy.twistedinternals import BodyDecoder, body_decoder, take_over_connection
 from blyanproxy.upstream import ProtocolError, body_framing, connect_quietly, parse_head, serialize_request_head
 
 _MAX_HEAD = 64 * 1024
 
 
-def is_websocket_upgrade(request) -> bool:
+def is_websocket_upgrade(request: Request) -> bool:
     """True for an HTTP/1.1 ``GET`` asking to upgrade to ``websocket``."""
     if request.method != b"GET" or request.clientproto != b"HTTP/1.1":
         return False
@@ -52,44 +59,68 @@ def is_websocket_upgrade(request) -> bool:
     return any(b"websocket" in value.lower() for value in upgrade)
 
 
-def enable_keepalive_probes(transport, idle: float) -> None:
+def enable_keepalive_probes(transport: object, idle: float) -> None:
     """Turn on TCP keep-alive probes after ``idle`` quiet seconds, so a vanished peer is noticed.
 
     The probes work below WebSocket framing, which the proxy passes through
     untouched. ``transport`` may be TLS over TCP; the TCP one is found below it.
     """
-    while transport is not None and not hasattr(transport, "setTcpKeepAlive"):
-        transport = getattr(transport, "transport", None)
-    if transport is None:
+    tcp: Any = transport  # found by what it can do: TLS keeps the transport it wraps as ``.transport``
+    while tcp is not None and not hasattr(tcp, "setTcpKeepAlive"):
+        tcp = getattr(tcp, "transport", None)
+    if tcp is None:
         return
-    transport.setTcpKeepAlive(True)
-    sock = transport.getHandle()
+    tcp.setTcpKeepAlive(True)
+    sock = tcp.getHandle()
     for option, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", max(idle / 3, 1)), ("TCP_KEEPCNT", 3)):
         if hasattr(socket, option):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), max(int(value), 1))
 
 
-def forward_websocket(context: ForwardContext, request, tally: traffic.RequestTally, route: Route,
+def forward_websocket(context: ForwardContext, request: Request, tally: traffic.RequestTally, route: Route,
                       pool: LeasePool) -> None:
     """Forward one upgrade request to a node of ``pool``; ``tally`` hears how it ends."""
     _Handshake(context, request, tally, route, pool).start()
 
 
+class _SpliceTransport(typing.Protocol):
+    """What the splice uses of either side's transport: TCP, or TLS over TCP, each a producer and a
+    consumer (which Twisted's ``Protocol.transport: ITransport | None`` cannot say)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def loseConnection(self) -> None: ...
+
+    def abortConnection(self) -> None: ...
+
+    def registerProducer(self, producer: _SpliceTransport, streaming: bool) -> None: ...
+
+    def pauseProducing(self) -> None: ...
+
+    def resumeProducing(self) -> None: ...
+
+    def stopProducing(self) -> None: ...
+
+
 class _ClientSide(Protocol):
     """The client's raw connection after the upgrade: bytes go to the node."""
 
-    def __init__(self, splice: _Splice) -> None:
+    def __init__(self, splice: _Splice, node: _SpliceTransport) -> None:
         self._splice = splice
+        self._node = node
+
+    def connectionMade(self) -> None:
+        """Keep the transport, as what it is (the upgrade hands over the channel's)."""
+        self.link = cast(_SpliceTransport, self.transport)
 
     def dataReceived(self, data: bytes) -> None:
+        """The client's bytes: on to the node."""
         self._splice.tally.bytes_in += len(data)
-        self._splice.transport.write(data)
+        self._node.write(data)
 
-    def connectionLost(self, reason) -> None:
-        self._splice.closed("client")
-        # The channel no longer tells its request (the upgrade took its connectionLost):
-        # tell it here, so whoever waits on notifyFinish learns the WebSocket ended.
-        self._splice.client_request_lost(reason)
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """The client closed: so does the node's side."""
+        self._splice.client_lost(reason)
 
 
 class _Splice(Protocol):
@@ -102,18 +133,25 @@ class _Splice(Protocol):
         self._request = handshake.request
         self.tally = handshake.tally
         self._answer = b""
-        self._spliced = False
+        self._client: _SpliceTransport | None = None  # once spliced
         self._decoder: BodyDecoder | None = None
         self._ended = False
-        self._client: _ClientSide | None = None
 
     def connectionMade(self) -> None:
-        self.transport.write(self._request_head)
+        """Keep the transport, as what it is, and send the upgrade request."""
+        self._node = cast(_SpliceTransport, self.transport)
+        self._node.write(self._request_head)
+
+    def abort(self) -> None:
+        """Drop the node's connection."""
+        self._node.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._spliced:
+        """The node's bytes: its handshake answer, then the WebSocket (or a refusal's body)."""
+        client = self._client
+        if client is not None:
             self.tally.bytes_out += len(data)
-            self._request.transport.write(data)
+            client.write(data)
         elif self._decoder is not None:
             self._decoder.dataReceived(data)
         else:
@@ -140,25 +178,24 @@ class _Splice(Protocol):
 
     def _splice(self, head: bytes, rest: bytes) -> None:
         request = self._request
-        self._spliced = True
-        client = _ClientSide(self)
+        client = _ClientSide(self, self._node)
         take_over_connection(request.channel, client)
-        client.transport.write(head + b"\r\nX-Blyan-Node: " + self._node_name() + b"\r\n\r\n" + rest)
+        self._client = client.link
+        client.link.write(head + b"\r\nX-Blyan-Node: " + self._node_name() + b"\r\n\r\n" + rest)
         self.tally.bytes_out += len(rest)
-        request.registerProducer(self.transport, True)
-        self.transport.registerProducer(client.transport, True)
-        self._client = client
+        request.registerProducer(self._node, True)
+        self._node.registerProducer(client.link, True)
         context = self._handshake.context
         heartbeat = context.rules.ws_heartbeat
         if heartbeat:
-            for transport in (client.transport, self.transport):
+            for transport in (client.link, self._node):
                 enable_keepalive_probes(transport, heartbeat)
         context.traffic.stream("websocket", +1)
 
     def _node_name(self) -> bytes:
         return self._lease.node.name.encode("utf-8", "replace")
 
-    def _relay_refusal(self, status: int, reason: bytes, headers, rest: bytes) -> None:
+    def _relay_refusal(self, status: int, reason: bytes, headers: RawHeaders, rest: bytes) -> None:
         request = self._request
         request.setResponseCode(status, reason or None)
         for name, values in downstream_response_headers(headers):
@@ -168,15 +205,15 @@ class _Splice(Protocol):
             framing, length = body_framing(b"GET", status, b"HTTP/1.1", headers)
         except ProtocolError:
             framing, length = "close", None
-        if framing == "none" or (framing == "length" and not length):
-            if framing == "length":
+        declared = length if framing == "length" else None  # the body's length, when Content-Length gives it
+        if framing == "none" or declared == 0:
+            if declared == 0:
                 request.responseHeaders.setRawHeaders(b"Content-Length", [b"0"])
             self._refusal_done()
             return
-        if framing == "length":
-            request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % length])
-        self._decoder = body_decoder(length if framing == "length" else None, framing == "chunked",
-                                     self._write_refusal, self._refusal_done)
+        if declared is not None:
+            request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % declared])
+        self._decoder = body_decoder(declared, framing == "chunked", self._write_refusal, self._refusal_done)
         if rest:
             self._decoder.dataReceived(rest)
 
@@ -189,42 +226,46 @@ class _Splice(Protocol):
             self._ended = True
             if self._request.channel is not None:
                 self._request.finish()
-            self.transport.loseConnection()
+            self._node.loseConnection()
             self._lease.release()
             self.tally.end(self._request.code, traffic.COMPLETE)
 
     def _give_up(self, message: str) -> None:
         self._ended = True
-        self.transport.abortConnection()
+        self._node.abortConnection()
         self._handshake.unusable(message)
 
-    def client_request_lost(self, reason) -> None:
-        """The client's connection is gone: end its upgrade request."""
+    def client_lost(self, reason: Failure) -> None:
+        """The client's side of the spliced WebSocket closed: close the node's, and end the upgrade request."""
+        if self._websocket_ended(traffic.CLIENT_CLOSED):
+            self._node.loseConnection()
+        # The channel no longer tells its request (the upgrade took its connectionLost):
+        # tell it here, so whoever waits on notifyFinish learns the WebSocket ended.
         if self._request.channel is not None:
             self._request.connectionLost(reason)
 
-    def closed(self, side: str) -> None:
-        """One side (``"client"`` or ``"node"``) of the spliced WebSocket closed: close the other, once."""
+    def _websocket_ended(self, ended: str) -> bool:
+        """The spliced WebSocket ended as ``ended`` says: True the first time, when the other side is to close."""
         if self._ended:
-            return
+            return False
         self._ended = True
         self._lease.release()
         self._handshake.context.traffic.stream("websocket", -1)
-        self.tally.end(101, traffic.CLIENT_CLOSED if side == "client" else traffic.NODE_CLOSED)
-        if side == "client":
-            self.transport.loseConnection()
-        else:
-            self._client.transport.loseConnection()
+        self.tally.end(101, ended)
+        return True
 
-    def connectionLost(self, reason) -> None:
-        if self._spliced:
-            self.closed("node")
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """The node's connection closed: after the splice, the client's closes too."""
+        client = self._client
+        if client is not None:
+            if self._websocket_ended(traffic.NODE_CLOSED):
+                client.loseConnection()
         elif self._decoder is not None:
             try:
                 self._decoder.noMoreData()
             except Exception:  # the body was cut short: the client sees a broken response
                 if self._request.channel is not None:
-                    self._request.transport.loseConnection()
+                    cut_short(self._request)
                 self._ended = True
                 self._lease.release()
                 self.tally.end(self._request.code, traffic.UPSTREAM_BROKE)
@@ -232,13 +273,13 @@ class _Splice(Protocol):
                 self._refusal_done()
         elif not self._ended:
             self._ended = True
-            self._handshake.lost_before_answer()
+            self._handshake.lost_before_answer(self._lease)
 
 
 class _Handshake:
     """One client's upgrade request: tries nodes (``Failover``) until one answers."""
 
-    def __init__(self, context: ForwardContext, request, tally: traffic.RequestTally, route: Route,
+    def __init__(self, context: ForwardContext, request: Request, tally: traffic.RequestTally, route: Route,
                  pool: LeasePool) -> None:
         self.context = context
         self.request = request
@@ -246,10 +287,9 @@ class _Handshake:
         self._route = route
         self._failover = Failover(Attempts(context.rules.attempts), pool, route, context.clock,
                                   context.traffic, self._try_node, self.fail)
-        self._lease: Lease | None = None
-        self._pending: defer.Deferred | None = None
-        self._timeout = None
-        self._splice: _Splice | None = None
+        self._pending: defer.Deferred[_Splice] | None = None
+        self._timeout: IDelayedCall | None = None
+        self._splice: _Splice | None = None  # the current attempt's, once connected
         self._answered = False
         self._timed_out_waiting = False
         self._client_gone = False
@@ -262,7 +302,6 @@ class _Handshake:
     def _try_node(self, lease: Lease, fresh: bool) -> None:
         """Send the upgrade to ``lease``'s node (always on a connection of its own)."""
         rules = self.context.rules
-        self._lease = lease
         self.tally.node = lease.node.name
         self.tally.attempts = self._failover.count
         self._splice = None
@@ -278,20 +317,25 @@ class _Handshake:
         )
         head = serialize_request_head(b"GET", url.path_bytes + self._route.upstream_target, headers)
         endpoint = self.context.endpoints.endpoint(url.scheme, url.host, url.port)
-        self._pending = connect_quietly(endpoint, _Splice(self, lease, head))
-        self._pending.addCallbacks(self._connected, self._connect_failed)
-        self._timeout = self.context.clock.callLater(rules.proxy_timeout, self._timed_out)
+        splice = _Splice(self, lease, head)
+        pending = connect_quietly(endpoint, splice)
+        self._pending = pending
+        pending.addCallbacks(self._connected, self._connect_failed, errbackArgs=(lease,))
+        self._timeout = self.context.clock.callLater(rules.proxy_timeout, self._timed_out, splice)
 
     def _connected(self, splice: _Splice) -> None:
         self._pending = None
         self._splice = splice
         if self._client_gone:
-            splice.transport.abortConnection()
+            splice.abort()
 
-    def _connect_failed(self, failure) -> None:
+    def _connect_failed(self, failure: Failure, lease: Lease) -> None:
         self._pending = None
+        if self._client_gone:
+            lease.release()  # the client left, cancelling the connection: nothing is held against the node
+            return
         if failure.check(defer.CancelledError, ConnectingCancelledError):
-            return  # whoever cancelled does the accounting
+            return  # the timeout cancelled it and reports the attempt
         self._cancel_timeout()
         self._failover.failed(classify_failure(failure))
 
@@ -305,14 +349,14 @@ class _Handshake:
         """The node's handshake answer cannot be read: answer 502, no failover."""
         self._failover.unusable(bad_handshake(message))
 
-    def lost_before_answer(self) -> None:
-        """The node's connection closed before its handshake answer: try the next node."""
+    def lost_before_answer(self, lease: Lease) -> None:
+        """The node's connection (``lease``'s) closed before its handshake answer: try the next node."""
         if self._client_gone:
-            self._lease.release()
+            lease.release()
         else:
             self._failover.failed(UPGRADE_TIMEOUT if self._timed_out_waiting else NO_RESPONSE)
 
-    def _timed_out(self) -> None:
+    def _timed_out(self, splice: _Splice) -> None:
         self._timeout = None
         if self._pending is not None:
             pending, self._pending = self._pending, None
@@ -320,7 +364,7 @@ class _Handshake:
             self._failover.failed(CONNECT_TIMEOUT)
         else:
             self._timed_out_waiting = True
-            self._splice.transport.abortConnection()
+            splice.abort()
 
     def _cancel_timeout(self) -> None:
         if self._timeout is not None and self._timeout.active():
@@ -334,14 +378,13 @@ class _Handshake:
             write_error(self.request, err)
         self.tally.end(err.status, traffic.ended_by(err))
 
-    def _on_client_gone(self, failure) -> None:
+    def _on_client_gone(self, failure: Failure) -> None:
         self._client_gone = True
         self._cancel_timeout()
         self._failover.cancel()
         self.tally.end(self.request.code if self._answered else traffic.CLIENT_CLOSED_STATUS, traffic.CLIENT_GONE)
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            pending.cancel()
-            self._lease.release()
+            pending.cancel()  # ``_connect_failed`` releases the lease
         elif self._splice is not None and not self._answered:
-            self._splice.transport.abortConnection()
+            self._splice.abort()

@@ -215,3 +215,13 @@ def test_a_refusal_ended_by_the_close_is_relayed_whole(access_lines):
     assert response.endswith(b"\r\n0\r\n\r\n")  # chunked to the client, and complete
     assert access_lines[-1].endswith(" bytes_out=8 ended=complete")
     assert proxy.stats(0).in_flight == 0
+
+
+def test_a_client_leaving_while_the_node_is_connecting_frees_the_node(access_lines):
+    proxy = proxy_on("http://10.1.1.1:8000")
+    client, _ = proxy.client()
+    assert proxy.stats(0).in_flight == 1
+    lost(client)
+    assert proxy.stats(0).in_flight == 0 and proxy.stats(0).failures == 0
+    assert " status=499 " in access_lines[-1] and access_lines[-1].endswith(" ended=client_gone")
+    assert not proxy.reactor.getDelayedCalls()
