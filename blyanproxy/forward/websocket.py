@@ -351,6 +351,7 @@ class _Handshake:
 
     def lost_before_answer(self, lease: Lease) -> None:
         """The node's connection (``lease``'s) closed before its handshake answer: try the next node."""
+        self._cancel_timeout()  # this attempt's: the next has a deadline of its own
         if self._client_gone:
             lease.release()
         else:

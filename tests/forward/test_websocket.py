@@ -217,6 +217,22 @@ def test_a_refusal_ended_by_the_close_is_relayed_whole(access_lines):
     assert proxy.stats(0).in_flight == 0
 
 
+def test_a_node_closing_before_its_answer_is_failed_over_with_a_deadline_of_its_own():
+    proxy = proxy_on("http://10.1.1.1:8000", "http://10.1.1.2:8001", proxy_timeout=2.0, retry_delay=0.0)
+    _, client_transport = proxy.client()
+    first, _ = proxy.node(0)
+    proxy.reactor.advance(1.5)
+    lost(first)  # accepted, then closed without a word
+    assert [c[1] for c in proxy.reactor.tcpClients] == [8000, 8001]
+    assert proxy.stats(0).last_failure == "no_response"
+    proxy.reactor.advance(1.0)  # past the first attempt's deadline, not the second's
+    second, second_transport = proxy.node(1)
+    assert not second_transport.disconnected
+    second.dataReceived(SWITCHING)
+    assert client_transport.value().startswith(b"HTTP/1.1 101 ")
+    assert proxy.stats(1).failures == 0 and proxy.stats(1).in_flight == 1
+
+
 def test_a_client_leaving_while_the_node_is_connecting_frees_the_node(access_lines):
     proxy = proxy_on("http://10.1.1.1:8000")
     client, _ = proxy.client()
