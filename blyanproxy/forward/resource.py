@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import attrs
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Request
 
 from blyanproxy.core import (
     ProxyError,
@@ -38,7 +38,8 @@ class ProxyResource(Resource):
         self._balancer = balancer
         self._directory = directory
 
-    def render(self, request):
+    def render(self, request: Request) -> int:
+        """Send the request on to a node (the answer comes later: ``NOT_DONE_YET``)."""
         request.defaultContentType = None
         tally = self._context.traffic.begin(request)
         directory = self._directory
@@ -61,7 +62,7 @@ class ProxyResource(Resource):
             self._forward_keyed(directory, request, tally, route, key)
         return NOT_DONE_YET
 
-    def _forward(self, request, tally: traffic.RequestTally, route: Route, pool: LeasePool) -> None:
+    def _forward(self, request: Request, tally: traffic.RequestTally, route: Route, pool: LeasePool) -> None:
         """Send the request to a node of ``pool`` (the registry's ``Balancer`` or a ``KeyPool``)."""
         try:
             pool.check(route)
@@ -73,7 +74,7 @@ class ProxyResource(Resource):
         else:
             Exchange(self._context, request, tally, route, pool).start()
 
-    def _forward_keyed(self, directory: WorkloadDirectory, request, tally: traffic.RequestTally, route: Route,
+    def _forward_keyed(self, directory: WorkloadDirectory, request: Request, tally: traffic.RequestTally, route: Route,
                        key: bytes) -> None:
         """Find the key's workloads (perhaps asking the API), then forward among them."""
 
@@ -94,7 +95,7 @@ class ProxyResource(Resource):
         leave = directory.lookup_for(key, found, lambda err: self._refuse(request, tally, err), gone)
         ended.addErrback(lambda _: leave())
 
-    def _refuse(self, request, tally: traffic.RequestTally, err: ProxyError) -> None:
+    def _refuse(self, request: Request, tally: traffic.RequestTally, err: ProxyError) -> None:
         """Answer ``err`` for a request no node was chosen for."""
         write_error(request, err)
         tally.end(err.status, traffic.ERROR)
