@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-from twisted.web import server
+from twisted.internet.interfaces import IDelayedCall, IProtocol, IReactorTime, ITransport
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
+from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from blyanproxy.core import ProxyError
@@ -25,7 +28,7 @@ AMBIGUOUS_FRAMING = ProxyError(400, "malformed_request", "Transfer-Encoding must
 HEAD_TIMEOUT = ProxyError(408, "request_timeout", "the request head did not arrive in time")
 
 
-def _peer(transport) -> str:
+def _peer(transport: ITransport | None) -> str:
     return getattr(transport.getPeer(), "host", "unknown") if transport is not None else "unknown"
 
 
@@ -35,10 +38,12 @@ class _Sink:
     def write(self, data: bytes) -> None:
         """Drop ``data``."""
 
-    def seek(self, *args) -> int:
+    def seek(self, *args: int) -> int:
+        """Stay at the start."""
         return 0
 
-    def read(self, *args) -> bytes:
+    def read(self, *args: int) -> bytes:
+        """Nothing was kept."""
         return b""
 
     def close(self) -> None:
@@ -53,30 +58,36 @@ class ProxyRequest(server.Request):
     passes the limit. Either way the connection closes and nothing is kept.
     """
 
+    channel: ProxyChannel  # a ProxySite serves every request on one of its ProxyChannels
     _refused = False
     _received = 0
 
-    def gotLength(self, length) -> None:
+    def gotLength(self, length: int | None) -> None:
+        """The head is in: refuse an ambiguous framing or a declared length over the limit."""
         codings = self.requestHeaders.getRawHeaders(b"transfer-encoding")
         if codings is not None and [c.lower() for c in codings] != [b"chunked"]:
             # Twisted lets "identity" through beside "chunked": a framing two parsers may read two ways.
             self._refuse(AMBIGUOUS_FRAMING, "ambiguous Transfer-Encoding")
             return
-        if self.channel.site.on_request is not None:
-            self.channel.site.on_request(self)
-        limit = self.channel.site.max_body_bytes
+        site = self.channel.site
+        if site.on_request is not None:
+            site.on_request(self)
+        limit = site.max_body_bytes
         if length is not None and length > limit:
             self._refuse(body_too_large(limit), f"body over the {limit}-byte limit")
             return
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
+        """A piece of the body: kept, unless it takes the body over the limit."""
         if self._refused:
             return
         self._received += len(data)
         limit = self.channel.site.max_body_bytes
         if self._received > limit:
-            self.content.close()
+            content = self.content
+            assert content is not None  # gotLength made it, before the first piece
+            content.close()
             self._refuse(body_too_large(limit), f"body over the {limit}-byte limit")
             return
         super().handleContentChunk(data)
@@ -86,11 +97,14 @@ class ProxyRequest(server.Request):
         self.content = _Sink()
         # No "100 Continue" after the refusal: the channel reads Expect after gotLength.
         self.requestHeaders.removeHeader(b"expect")
-        log.info("refused a request from {client}: {why}", client=_peer(self.channel.transport), why=why)
-        self.channel.transport.write(error.raw_response())
-        self.channel.transport.loseConnection()
+        transport = self.channel.transport
+        assert transport is not None  # the channel is connected: it is reading this request
+        log.info("refused a request from {client}: {why}", client=_peer(transport), why=why)
+        transport.write(error.raw_response())
+        transport.loseConnection()
 
     def process(self) -> None:
+        """Render the request, unless it was refused."""
         if not self._refused:
             super().process()
 
@@ -113,7 +127,8 @@ class RootResource(Resource):
         self._exact = exact
         self._recorder = recorder
 
-    def getChildWithDefault(self, name: bytes, request):
+    def getChildWithDefault(self, name: bytes, request: server.Request) -> Resource:
+        """The resource for the first path segment ``name``: one of the proxy's own, or the forwarder."""
         # twisted.web announces its name and version; the proxy does not.
         request.responseHeaders.removeHeader(b"server")
         own = self._prefixes.get(name)
@@ -129,7 +144,7 @@ class RootResource(Resource):
         return own
 
     @staticmethod
-    def _ended(result, request, tally: RequestTally) -> None:
+    def _ended(result: Failure | None, request: server.Request, tally: RequestTally) -> None:
         """A request the proxy answered itself ended (``result`` is a Failure if the client left)."""
         tally.bytes_out = request.sentLength
         if result is None:
@@ -149,22 +164,27 @@ class ProxyChannel(ChannelWithBadRequestHook):
     Either way a log line names the client.
     """
 
-    _head_deadline = None
+    site: ProxySite  # set by the site, which builds the channel
+    _head_deadline: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
+        """The connection is ready for its first request head: the deadline starts."""
         super().connectionMade()
         self._start_head_deadline()
 
     def allHeadersReceived(self) -> None:
+        """The head is complete in time."""
         self._stop_head_deadline()
         super().allHeadersReceived()
 
-    def requestDone(self, request) -> None:
+    def requestDone(self, request: server.Request) -> None:
+        """A request is answered: on a kept-alive connection, the next head's deadline starts."""
         if self.persistent:  # before the channel reads the next head, which may already be here
             self._start_head_deadline()
         super().requestDone(request)
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """The connection closed: no deadline runs on."""
         self._stop_head_deadline()
         super().connectionLost(reason)
 
@@ -181,10 +201,10 @@ class ProxyChannel(ChannelWithBadRequestHook):
         self._head_deadline = None
         log.info("closed a connection from {client}: no complete request head within {seconds:g} s",
                  client=_peer(self.transport), seconds=self.site.header_timeout)
-        self.transport.write(HEAD_TIMEOUT.raw_response())
+        self.write(HEAD_TIMEOUT.raw_response())  # the channel's write: straight to its transport
         self.timeoutConnection()
 
-    def lineLengthExceeded(self, line) -> None:
+    def lineLengthExceeded(self, line: bytes) -> None:
         """A head line longer than Twisted reads (16 KiB) is a malformed request, not a silent close."""
         self.bad_request()
 
@@ -192,7 +212,7 @@ class ProxyChannel(ChannelWithBadRequestHook):
         """A head Twisted cannot parse: the JSON 400, a log line naming the client, and close."""
         self._stop_head_deadline()
         log.info("refused a malformed request from {client}", client=_peer(self.transport))
-        self.transport.write(MALFORMED.raw_response())
+        self.write(MALFORMED.raw_response())  # the channel's write: straight to its transport
         self.loseConnection()
 
 
@@ -206,7 +226,8 @@ class ProxySite(server.Site):
 
     noisy = False
 
-    def __init__(self, root: Resource, max_body_bytes: int, reactor=None, header_timeout: float = 30.0) -> None:
+    def __init__(self, root: Resource, max_body_bytes: int, reactor: IReactorTime | None = None,
+                 header_timeout: float = 30.0) -> None:
         # Request bodies are forwarded, never parsed as forms (Twisted >= 25.5).
         super().__init__(
             root, requestFactory=ProxyRequest, reactor=reactor, parsePOSTFormSubmission=False
@@ -215,9 +236,11 @@ class ProxySite(server.Site):
         self.on_request: Callable[[server.Request], None] | None = None
         self.header_timeout = header_timeout
 
-    def protocol(self):
+    # Twisted types HTTPFactory.protocol as a factory of its private channel wrapper, which is what
+    # this returns (``twistedinternals.channel_protocol``), under the public name of what it is.
+    def protocol(self) -> IProtocol:  # type: ignore[override]
         """The connection protocol: twisted.web's wrapper around a ``ProxyChannel``."""
         return channel_protocol(ProxyChannel())
 
-    def log(self, request) -> None:
+    def log(self, request: http.Request) -> None:
         """Access logging is the proxy's own job, not twisted.web's."""
