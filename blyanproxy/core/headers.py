@@ -6,7 +6,7 @@ Headers travel as ``(name, [values])`` pairs of bytes, the shape of
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import attrs
 
@@ -65,7 +65,7 @@ def client_facts(request: RequestView, trust: bool | ForwardTrust = False) -> Cl
     )
 
 
-def _connection_tokens(headers: RawHeaders) -> frozenset[bytes]:
+def _connection_tokens(headers: Iterable[tuple[bytes, Sequence[bytes]]]) -> frozenset[bytes]:
     """Lower-cased header names listed in ``Connection`` (they are hop-by-hop too)."""
     tokens: set[bytes] = set()
     for name, values in headers:
@@ -75,7 +75,7 @@ def _connection_tokens(headers: RawHeaders) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
-def _first(headers: RawHeaders, wanted: bytes) -> bytes | None:
+def _first(headers: Iterable[tuple[bytes, Sequence[bytes]]], wanted: bytes) -> bytes | None:
     for name, values in headers:
         if name.lower() == wanted and values:
             return values[0]
@@ -83,7 +83,7 @@ def _first(headers: RawHeaders, wanted: bytes) -> bytes | None:
 
 
 def upstream_request_headers(
-    incoming: Iterable[tuple[bytes, list[bytes]]],
+    incoming: Iterable[tuple[bytes, Sequence[bytes]]],
     node_host: bytes,
     client: ClientFacts,
     trust_forwarded: bool | ForwardTrust = False,
@@ -108,7 +108,7 @@ def upstream_request_headers(
     if strip_origin:
         dropped = dropped | {b"origin"}
     out: RawHeaders = [(b"Host", [node_host])]
-    earlier_for: list[bytes] = []
+    earlier_for: Sequence[bytes] = ()
     for name, values in incoming:
         lowered = name.lower()
         if lowered in dropped or lowered.startswith(b"proxy-"):
@@ -119,7 +119,7 @@ def upstream_request_headers(
         if lowered in (b"x-forwarded-proto", b"x-forwarded-host"):
             continue
         out.append((name, list(values)))
-    forwarded_for = b", ".join(earlier_for + [client.address.encode("ascii", "replace")])
+    forwarded_for = b", ".join([*earlier_for, client.address.encode("ascii", "replace")])
     out.append((b"X-Forwarded-For", [forwarded_for]))
     proto = _first(incoming, b"x-forwarded-proto") if trusted else None
     out.append((b"X-Forwarded-Proto", [proto or client.scheme]))
