@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from blyanproxy.discovery.apikeys import api_key_of, missing_key_error
-from blyanproxy.discovery.directory import WorkloadDirectory
+from blyanproxy.discovery.directory import KeyRecord, WorkloadDirectory
 from blyanproxy.discovery.keycache import CacheLimits
 from blyanproxy.discovery.nodeallow import NodeAllowList, parse_node_allow
 from blyanproxy.discovery.pools import KeyedBalancer
@@ -12,6 +12,7 @@ from blyanproxy.discovery.workloadsapi import workloads_client
 
 __all__ = [
     "CacheLimits",
+    "KeyRecord",
     "KeyedBalancer",
     "NodeAddressing",
     "NodeAllowList",

@@ -13,7 +13,7 @@ from blyanproxy.core import (
     parse_route,
     write_error,
 )
-from blyanproxy.discovery import WorkloadDirectory, api_key_of, missing_key_error
+from blyanproxy.discovery import KeyRecord, WorkloadDirectory, api_key_of, missing_key_error
 from blyanproxy.fleet import Balancer, LeasePool
 from blyanproxy.forward import traffic
 from blyanproxy.forward.context import ForwardContext
@@ -78,7 +78,7 @@ class ProxyResource(Resource):
                        key: bytes) -> None:
         """Find the key's workloads (perhaps asking the API), then forward among them."""
 
-        def found(record) -> None:
+        def found(record: KeyRecord) -> None:
             try:
                 pool = directory.pool(record)
             except ProxyError as err:
