@@ -1,8 +1,9 @@
 """The admin API under ``/_admin`` (a Klein app bound to the fleet it manages).
 
-Every route needs the admin token (``X-Admin-Token`` or ``Authorization:
-Bearer``), compared in constant time; a token in the query string is refused,
-and an address that keeps failing is refused with 429 for a while. Every
+Every route but ``/openapi.json`` and the status page ``/ui`` needs the admin
+token (``X-Admin-Token`` or ``Authorization: Bearer``), compared in constant
+time; a token in the query string is refused, and an address that keeps
+failing is refused with 429 for a while. Every
 change is taken by the state store (through the ``FleetKeeper``) before it is
 applied and answered; a store that cannot take it (etcd unreachable, disk
 refusing) gets 503 ``state_store_unavailable`` and the change is not applied.
@@ -27,6 +28,7 @@ from blyanproxy.admin.nodeinput import (
     policy_name,
     strict_index,
 )
+from blyanproxy.admin.ui import STATUS_PAGE
 from blyanproxy.admin.views import active_index, node_view, nodes_view
 from blyanproxy.core import Node, ProxyError, StoreConflict, StoreUnavailable, fleetedit, new_node_id
 from blyanproxy.logs import logger
@@ -303,3 +305,10 @@ class AdminAPI:
             return self._json(request, {"success": True, "policy": name})
 
         return self._edit(fleetedit.set_policy(name)).addCallback(done)
+
+    @app.route("/ui", methods=["GET"])
+    def status_page(self, request: IRequest) -> bytes:
+        """The status page for people (no token needed to load it: it asks, and its API calls carry it)."""
+        for name, value in STATUS_PAGE.headers:
+            request.setHeader(name, value)
+        return STATUS_PAGE.body
