@@ -80,7 +80,7 @@ class Options(usage.Options):
     longdesc = (
         "Streaming reverse proxy and load balancer for GPU inference nodes. Settings come from "
         "built-in defaults, then environment variables, then these options. Nodes come from "
-        "NODE_<n>=name|url[|weight=N|tags=a,b|tls_verify=false] variables and --node."
+        "NODE_<n>=name|url[|weight=N|tags=a,b|tls_verify=false|engine=vllm|models=a,b] variables and --node."
     )
     optParameters = [[LISTEN_OPTION.option, "p", None, _option_help(LISTEN_OPTION)]] + [
         [setting.option, None, None, _option_help(setting)]
@@ -94,7 +94,7 @@ class Options(usage.Options):
         self.settings: Settings = Settings()
 
     def opt_node(self, value: str) -> None:
-        """Add a node: name|url[|weight=N|tags=a,b|tls_verify=false] (repeatable)."""
+        """Add a node: name|url[|weight=N|tags=a,b|tls_verify=false|engine=E|models=a,b] (repeatable)."""
         self.node_options.append(value)
 
     def worker_arguments(self) -> list:
@@ -130,6 +130,8 @@ def node_from_spec(spec: NodeSpec, now: float) -> Node:
         tags=spec.tags,
         weight=spec.weight,
         tls_verify=spec.tls_verify,
+        engine=spec.engine,
+        models=spec.models,
         added_at=now,
         declared_by=spec.source,
     )

@@ -24,6 +24,7 @@ from blyanproxy.core.attempts import (
     no_node_error,
 )
 from blyanproxy.core.booleans import boolean_word, parse_boolean
+from blyanproxy.core.engines import ENGINES, served_models, strips_api
 from blyanproxy.core.errors import ProxyError, write_error
 from blyanproxy.core.fleetedit import Change
 from blyanproxy.core.fleetstate import (
@@ -47,15 +48,26 @@ from blyanproxy.core.headers import (
 )
 from blyanproxy.core.healthstate import (
     DOWN,
+    LOADING,
     UP,
     HealthRules,
+    after_loading,
     after_probe,
     after_traffic_failure,
     after_traffic_success,
     readmit_after_cooldown,
     usable,
 )
-from blyanproxy.core.noderules import NodeFieldError, node_name, node_tags, node_weight, url_taken
+from blyanproxy.core.modelfield import model_of
+from blyanproxy.core.noderules import (
+    NodeFieldError,
+    node_engine,
+    node_models,
+    node_name,
+    node_tags,
+    node_weight,
+    url_taken,
+)
 from blyanproxy.core.nodes import Node, NodeRegistry, NodeStats, new_node_id
 from blyanproxy.core.nodeurl import parse_base_url
 from blyanproxy.core.routing import Route, parse_route, route_allows
@@ -74,11 +86,13 @@ __all__ = [
     "Change",
     "ClientFacts",
     "DOWN",
+    "ENGINES",
     "Decision",
     "FleetState",
     "ForwardTrust",
     "GiveUp",
     "HealthRules",
+    "LOADING",
     "NO_RESPONSE",
     "Node",
     "NodeFieldError",
@@ -103,6 +117,7 @@ __all__ = [
     "UP",
     "UPGRADE_TIMEOUT",
     "affinity_key",
+    "after_loading",
     "after_probe",
     "after_traffic_failure",
     "after_traffic_success",
@@ -115,6 +130,9 @@ __all__ = [
     "new_node_id",
     "no_node_error",
     "node_from_json",
+    "model_of",
+    "node_engine",
+    "node_models",
     "node_name",
     "node_tags",
     "node_to_json",
@@ -127,8 +145,10 @@ __all__ = [
     "readmit_after_cooldown",
     "route_allows",
     "route_members",
+    "served_models",
     "state_from_json",
     "state_to_json",
+    "strips_api",
     "upstream_request_headers",
     "url_taken",
     "usable",
