@@ -24,7 +24,7 @@ from blyanproxy.core.attempts import (
     no_node_error,
 )
 from blyanproxy.core.booleans import boolean_word, parse_boolean
-from blyanproxy.core.engines import ENGINES, served_models, strips_api
+from blyanproxy.core.engines import ENGINES, OLLAMA, engine_of, model_not_found, served_models, serving, strips_api
 from blyanproxy.core.errors import ProxyError, write_error
 from blyanproxy.core.fleetedit import Change
 from blyanproxy.core.fleetstate import (
@@ -70,7 +70,7 @@ from blyanproxy.core.noderules import (
 )
 from blyanproxy.core.nodes import Node, NodeRegistry, NodeStats, new_node_id
 from blyanproxy.core.nodeurl import parse_base_url
-from blyanproxy.core.routing import Route, parse_route, route_allows
+from blyanproxy.core.routing import Route, names_model, parse_route, route_allows, route_target
 from blyanproxy.core.selection import POLICIES, Candidate, Policy, Turn, route_members
 from blyanproxy.core.trust import ForwardTrust, parse_forward_trust
 
@@ -98,6 +98,7 @@ __all__ = [
     "NodeFieldError",
     "NodeRegistry",
     "NodeStats",
+    "OLLAMA",
     "POLICIES",
     "Pick",
     "Policy",
@@ -126,8 +127,11 @@ __all__ = [
     "choose_by_key",
     "client_facts",
     "downstream_response_headers",
+    "engine_of",
     "merge",
+    "model_not_found",
     "new_node_id",
+    "names_model",
     "no_node_error",
     "node_from_json",
     "model_of",
@@ -145,7 +149,9 @@ __all__ = [
     "readmit_after_cooldown",
     "route_allows",
     "route_members",
+    "route_target",
     "served_models",
+    "serving",
     "state_from_json",
     "state_to_json",
     "strips_api",

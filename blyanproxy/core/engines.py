@@ -22,9 +22,12 @@ answers ``/health`` (503 "Loading model" while loading) and ``/v1/models``
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
 import attrs
+
+from blyanproxy.core.errors import ProxyError
 
 AUTO = "auto"
 VLLM = "vllm"
@@ -166,9 +169,30 @@ def detect(answers: Sequence[tuple[str, Answer | None]]) -> tuple[bool, str | No
     return True, None
 
 
+T = TypeVar("T")
+
+
+def serving(entries: Sequence[T], model: str, served: Callable[[T], tuple[str, ...] | None]) -> list[T]:
+    """The entries that may take a request for ``model``: those known to serve it, else those whose
+    models are not known yet (``served`` gives ``None``); never one known not to serve it."""
+    known = [entry for entry in entries if model in (served(entry) or ())]
+    return known if known else [entry for entry in entries if served(entry) is None]
+
+
+def model_not_found(model: str) -> ProxyError:
+    """The 404 for a model no node serves (its name in the message, shortened past 200 characters)."""
+    shown = model if len(model) <= 200 else model[:200] + "…"
+    return ProxyError(404, "model_not_found", f"The model '{shown}' does not exist: no node serves it")
+
+
 def served_models(declared: tuple[str, ...], learned: tuple[str, ...] | None) -> tuple[str, ...] | None:
     """The models a node serves: those declared, else those learned, else ``None`` (not known)."""
     return declared if declared else learned
+
+
+def engine_of(declared: str, detected: str | None) -> str | None:
+    """The engine a node runs: the declared kind, else the one detected (``None``: not known yet)."""
+    return declared if declared != AUTO else detected
 
 
 def strips_api(engine: str | None) -> bool:
