@@ -66,17 +66,21 @@ class Profile:
     strips_api: bool = True
     #: A 503 from a node not yet up means it is still loading its model.
     loads: bool = False
+    #: Paths not asked while the node has requests in flight: asking them interrupts its work.
+    #: llama-cpp-python's ``/v1/models`` waits for its model lock, and a stream running when
+    #: another request waits is ended with ``[DONE]`` (its ``interrupt_requests``, on by default).
+    busy_paths: frozenset[str] = frozenset()
 
 
 PROFILES: Mapping[str, Profile] = {
     VLLM: Profile(("/health",), "/v1/models", loads=True),
     SGLANG: Profile(("/health",), "/v1/models", loads=True),
-    LLAMACPP: Profile(("/health", "/v1/models"), "/v1/models", loads=True),
+    LLAMACPP: Profile(("/health", "/v1/models"), "/v1/models", loads=True, busy_paths=frozenset({"/v1/models"})),
     OLLAMA: Profile(("/api/version", "/"), "/api/tags", strips_api=False),
     TGI: Profile(("/health",), "/info", loads=True),
-    OPENAI: Profile(("/health", "/v1/models"), "/v1/models"),
+    OPENAI: Profile(("/health", "/v1/models"), "/v1/models", busy_paths=frozenset({"/v1/models"})),
     BLYAN: Profile(("/health",), "/v1/models"),
-    AUTO: Profile(("/health", "/v1/models"), "/v1/models"),
+    AUTO: Profile(("/health", "/v1/models"), "/v1/models", busy_paths=frozenset({"/v1/models"})),
 }
 
 
@@ -87,6 +91,8 @@ def profile(engine: str | None) -> Profile:
 
 PASSED = "passed"
 LOADING = "loading"
+#: The probe was not made: the node is busy with requests and asking would interrupt them.
+BUSY = "busy"
 NOT_HERE = "not_here"
 FAILED = "failed"
 

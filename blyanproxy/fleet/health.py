@@ -7,7 +7,11 @@ contact and again when the node comes back, ``core.engines``): it tries that
 engine's health paths in order (a 404 means try the next; a 503 while
 starting means loading), then reads the models the node serves. Explicit
 paths (``HEALTH_PATHS``, or a node's ``metadata["healthPath"]``) override the
-engine's: the first accepted status passes. Each request has its own timeout. A failing probe, or a bug in one node's
+engine's: the first accepted status passes. Each request has its own timeout.
+A path that would interrupt a busy node (``Profile.busy_paths``: llama-cpp-python
+ends a running stream when ``/v1/models`` arrives) is not asked while the node
+has requests in flight: that run leaves its health as it was, and the
+requests' own outcome (passive health) is the evidence. A failing probe, or a bug in one node's
 check, is logged and never stops the loop. A node added at run time is probed
 at once.
 """
@@ -26,6 +30,7 @@ from twisted.web.client import Agent
 from blyanproxy.core import DOWN, LOADING, UP, HealthRules, Node, NodeRegistry, after_loading, after_probe
 from blyanproxy.core.engines import (
     AUTO,
+    BUSY,
     DETECTION_PATHS,
     FAILED,
     NOT_HERE,
@@ -129,6 +134,8 @@ class HealthMonitor(Service):
             current = self._registry.get(node.id)
             if current is None or current.url != node.url or self._registry.stats(node.id) is not stats:
                 return  # removed, re-added or moved while being probed: the answer is stale
+            if result.verdict == BUSY:
+                return  # serving our requests: their outcome is the evidence this time
             now = self._clock.seconds()
             before = stats.health.state
             if result.verdict == LOADING:
@@ -196,7 +203,10 @@ class HealthMonitor(Service):
         paths = (explicit,) if explicit else self._paths
         verdict = FAILED
         error: str | None = "no health path answered"
+        busy = profile(engine).busy_paths if stats.in_flight > 0 else frozenset()
         for path in paths or profile(engine).health_paths:
+            if path in busy:
+                return ProbeResult(BUSY, None, detected, None)
             answer, problem = yield ask(path)
             if answer is None:
                 error = problem
@@ -212,7 +222,7 @@ class HealthMonitor(Service):
             break
         models = None
         models_path = profile(engine).models_path
-        if verdict == PASSED and not node.models and models_path is not None:
+        if verdict == PASSED and not node.models and models_path is not None and models_path not in busy:
             answer, _ = yield ask(models_path)
             models = models_from(models_path, answer)
         return ProbeResult(verdict, error, detected, models)

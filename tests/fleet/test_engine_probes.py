@@ -115,3 +115,19 @@ def test_a_node_refusing_connections_is_asked_once_per_run():
     assert stats.health.state == DOWN
     assert http.asked == ["/v1/models", "/health"]  # no detection past a first probe without answer
     health.stopService()
+
+
+def test_a_busy_llama_cpp_python_node_is_not_asked_for_its_models():
+    """llama-cpp-python ends a running stream when /v1/models arrives: no probe while requests run."""
+    clock, http, stats, health = monitor({"/v1/models": (200, models_body("smol", owner="me"))})
+    health.startService()
+    assert stats.health.state == UP
+    stats.in_flight = 1
+    http.asked.clear()
+    before = stats.health
+    clock.advance(5)
+    assert http.asked == ["/health"] and stats.health == before  # the run changed nothing
+    stats.in_flight = 0
+    clock.advance(5)
+    assert http.asked == ["/health", "/health", "/v1/models"]
+    health.stopService()
