@@ -320,3 +320,11 @@ def test_the_listing_is_the_usable_nodes_of_the_route():
     assert [n.id for n, _ in balancer.listing(parse_route(b"/tags/gpu/v1/models"))] == ["n1"]
     assert [n.id for n, _ in balancer.listing(parse_route(b"/v1/models"))] == ["n1", "n2"]
     assert balancer.listing(parse_route(b"/tags/none/v1/models")) == []
+
+
+def test_a_model_served_only_by_a_draining_node_is_unavailable_not_unknown():
+    clock, registry, balancer = fleet(node(1, models=("a",), draining=True), node(2, models=("b",)))
+    balancer.check(model_route("a"))
+    assert balancer.acquire(model_route("a"), NONE) is None
+    with pytest.raises(ProxyError):
+        balancer.check(model_route("c"))
