@@ -3,8 +3,10 @@
 Labels are bounded: node names, fixed words (status class, how a request
 ended, a failure reason from a fixed set, stream kind). Never API keys,
 paths or client addresses. Node gauges (in flight, up, usable, ejected,
-draining) are read from the registry at scrape time, so ``/_admin/status``
-and ``/metrics`` show the same numbers.
+draining, loading, engine, models) are read from the registry at scrape time, so
+``/_admin/status`` and ``/metrics`` show the same numbers. Engine names are a
+fixed set; model names come from the node or its declaration, at most
+``MAX_MODEL_LABELS`` per node.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from blyanproxy.admin import presented_token, token_matches
-from blyanproxy.core import UP, ProxyError, usable, write_error
+from blyanproxy.core import LOADING, UP, ProxyError, engine_of, served_models, usable, write_error
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
 
 #: Time to first byte and whole-request buckets, from milliseconds to the length of a long generation.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+#: The most models per node that ``blyan_node_model_info`` shows (the label set stays bounded).
+MAX_MODEL_LABELS = 16
 _PROBE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -80,6 +84,13 @@ class _NodeGauges:
             "ejected": GaugeMetricFamily("blyan_node_ejected", "1 while the node is ejected by failed traffic",
                                          labels=["node"]),
             "draining": GaugeMetricFamily("blyan_node_draining", "1 while the node is draining", labels=["node"]),
+            "loading": GaugeMetricFamily("blyan_node_loading", "1 while the node says it is loading its model",
+                                         labels=["node"]),
+            "engine": GaugeMetricFamily("blyan_node_engine_info", "The node's engine (declared or detected)",
+                                        labels=["node", "engine"]),
+            "model": GaugeMetricFamily("blyan_node_model_info",
+                                       f"1 for each model the node serves (at most {MAX_MODEL_LABELS} a node)",
+                                       labels=["node", "model"]),
         }
         for node in self._registry.nodes():
             stats = self._registry.stats(node.id)
@@ -89,6 +100,10 @@ class _NodeGauges:
             families["usable"].add_metric([node.name], 1 if usable(health, now) and not node.draining else 0)
             families["ejected"].add_metric([node.name], 1 if health.probe_needed else 0)
             families["draining"].add_metric([node.name], 1 if node.draining else 0)
+            families["loading"].add_metric([node.name], 1 if health.state == LOADING else 0)
+            families["engine"].add_metric([node.name, engine_of(node.engine, stats.engine) or "unknown"], 1)
+            for model in (served_models(node.models, stats.models) or ())[:MAX_MODEL_LABELS]:
+                families["model"].add_metric([node.name, model], 1)
         return list(families.values())
 
 

@@ -82,7 +82,7 @@ class Options(usage.Options):
     longdesc = (
         "Streaming reverse proxy and load balancer for GPU inference nodes. Settings come from "
         "built-in defaults, then environment variables, then these options. Nodes come from "
-        "NODE_<n>=name|url[|weight=N|tags=a,b|tls_verify=false] variables and --node."
+        "NODE_<n>=name|url[|weight=N|tags=a,b|tls_verify=false|engine=vllm|models=a,b] variables and --node."
     )
     optParameters = [[LISTEN_OPTION.option, "p", None, _option_help(LISTEN_OPTION)]] + [
         [setting.option, None, None, _option_help(setting)]
@@ -96,7 +96,7 @@ class Options(usage.Options):
         self.settings: Settings = Settings()
 
     def opt_node(self, value: str) -> None:
-        """Add a node: name|url[|weight=N|tags=a,b|tls_verify=false] (repeatable)."""
+        """Add a node: name|url[|weight=N|tags=a,b|tls_verify=false|engine=E|models=a,b] (repeatable)."""
         self.node_options.append(value)
 
     def worker_arguments(self) -> list:
@@ -130,6 +130,8 @@ def node_from_spec(spec: NodeSpec, now: float) -> Node:
         tags=spec.tags,
         weight=spec.weight,
         tls_verify=spec.tls_verify,
+        engine=spec.engine,
+        models=spec.models,
         added_at=now,
         declared_by=spec.source,
     )
@@ -155,8 +157,16 @@ class UpstreamPoolService(Service):
         return self._pool.close()
 
 
+#: The demo's mixed fleet: node ``i`` runs ``DEMO_FLEET[i % 2]`` (an engine and the model it serves).
+DEMO_FLEET = (("vllm", "demo-chat"), ("llamacpp", "demo-code"))
+
+
 class DemoNodesService(Service):
-    """Starts simulated nodes on free loopback ports and registers them (``--demo N``)."""
+    """Starts simulated nodes on free loopback ports and registers them (``--demo N``).
+
+    The fleet is mixed: two engine kinds serving two models (``DEMO_FLEET``),
+    each registered as ``auto`` so the proxy detects its engine and learns its model.
+    """
 
     def __init__(self, reactor, registry: NodeRegistry, count: int) -> None:
         self._reactor = reactor
@@ -169,14 +179,16 @@ class DemoNodesService(Service):
 
         super().startService()
         for index in range(self._count):
-            config = DevNodeConfig(name=f"demo-{index}")
+            engine, model = DEMO_FLEET[index % len(DEMO_FLEET)]
+            config = DevNodeConfig(name=f"demo-{index}", engine=engine, models=(model,))
             _, port = listen_devnode(self._reactor, config)
             self._ports.append(port)
             url = f"http://127.0.0.1:{cast(IPv4Address, port.getHost()).port}"
             self._registry.add(
                 Node(id=new_node_id(), name=config.name, base_url=url, added_at=self._reactor.seconds())
             )
-            log.info("demo node {name} listening on {url}", name=config.name, url=url)
+            log.info("demo node {name} ({engine}, model {model}) listening on {url}",
+                     name=config.name, engine=engine, model=model, url=url)
 
     def stopService(self):
         super().stopService()

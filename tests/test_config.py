@@ -19,7 +19,7 @@ def test_defaults():
     assert settings.listen == "tcp:9000:interface=127.0.0.1"
     assert settings.health_interval == 5.0
     assert settings.health_timeout == 3.0
-    assert settings.health_paths == ("/health",)
+    assert settings.health_paths == ()
     assert settings.state_file == "./data/proxy_state.json"
     assert settings.proxy_timeout == 600.0
     assert settings.max_attempts == 3

@@ -13,15 +13,16 @@ from twisted.internet.task import Clock
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
-from blyanproxy.core import HealthRules, Node, NodeRegistry, after_probe, after_traffic_failure
-from blyanproxy.metrics import MetricsResource, ProxyMetrics
+from blyanproxy.core import HealthRules, Node, NodeRegistry, after_loading, after_probe, after_traffic_failure
+from blyanproxy.metrics import MAX_MODEL_LABELS, MetricsResource, ProxyMetrics
 
 FAMILIES = {
     "blyan_requests", "blyan_time_to_first_byte_seconds", "blyan_request_duration_seconds",
     "blyan_response_bytes", "blyan_failed_attempts", "blyan_open_streams", "blyan_health_probes",
     "blyan_health_probe_duration_seconds", "blyan_workloads_api_calls", "blyan_workloads_cache_lookups",
     "blyan_workloads_cached_keys", "blyan_node_in_flight", "blyan_node_up", "blyan_node_usable",
-    "blyan_node_ejected", "blyan_node_draining",
+    "blyan_node_ejected", "blyan_node_draining", "blyan_node_loading", "blyan_node_engine_info",
+    "blyan_node_model_info",
 }
 
 
@@ -225,3 +226,18 @@ def test_with_a_token_a_scrape_carrying_it_is_served(metrics):
     request, body = get(MetricsResource(metrics, "scrape-token-0123456789"),
                         Authorization=b"Bearer scrape-token-0123456789")
     assert request.responseCode in (None, 200) and b"blyan_node_up" in body
+
+
+def test_engine_models_and_loading_are_shown_with_bounded_labels(metrics, registry, clock):
+    registry.add(node(3, engine="vllm", models=tuple(f"m{i}" for i in range(40))))
+    first = registry.stats("n1")
+    first.engine, first.models = "llamacpp", ("smol",)
+    first.health = after_loading(first.health, clock.seconds())
+    families = scrape(metrics)
+    assert value(families, "blyan_node_loading", node="node1") == 1
+    assert value(families, "blyan_node_engine_info", node="node1", engine="llamacpp") == 1
+    assert value(families, "blyan_node_engine_info", node="node2", engine="unknown") == 1
+    assert value(families, "blyan_node_engine_info", node="node3", engine="vllm") == 1
+    assert value(families, "blyan_node_model_info", node="node1", model="smol") == 1
+    shown = [sample for sample in families["blyan_node_model_info"].samples if sample.labels["node"] == "node3"]
+    assert len(shown) == MAX_MODEL_LABELS

@@ -6,14 +6,24 @@ import json
 import re
 from typing import Any, Callable
 
-from blyanproxy.core import POLICIES, NodeFieldError, ProxyError, node_name, node_tags, node_weight, parse_base_url
+from blyanproxy.core import (
+    POLICIES,
+    NodeFieldError,
+    ProxyError,
+    node_engine,
+    node_models,
+    node_name,
+    node_tags,
+    node_weight,
+    parse_base_url,
+)
 
 MAX_METADATA_BYTES = 16 * 1024
 #: ``metadata.healthPath``: a path on the node itself (never ``//host`` or ``@host``), printable ASCII.
 _HEALTH_PATH = re.compile(r"/(?!/)[!-~]{0,1023}\Z")
 
-_CREATE_FIELDS = {"name", "baseURL", "tags", "metadata", "weight", "tlsVerify"}
-_PATCH_FIELDS = {"name", "tags", "metadata", "weight", "draining"}
+_CREATE_FIELDS = {"name", "baseURL", "tags", "metadata", "weight", "tlsVerify", "engine", "models"}
+_PATCH_FIELDS = {"name", "tags", "metadata", "weight", "draining", "engine", "models"}
 
 
 def invalid(field: str, problem: str) -> ProxyError:
@@ -78,6 +88,8 @@ _OPTIONAL = {
     "weight": ("weight", _node_field(node_weight)),
     "tlsVerify": ("tls_verify", lambda value: _boolean("tlsVerify", value)),
     "draining": ("draining", lambda value: _boolean("draining", value)),
+    "engine": ("engine", _node_field(node_engine)),
+    "models": ("models", _node_field(node_models)),
 }
 
 
@@ -92,7 +104,7 @@ def _optional(data: dict[str, Any], names) -> dict[str, Any]:
 
 
 def new_node_fields(document: Any) -> dict[str, Any]:
-    """The ``Node`` fields of ``{name, baseURL, tags?, metadata?, weight?, tlsVerify?}``."""
+    """The ``Node`` fields of ``{name, baseURL, tags?, metadata?, weight?, tlsVerify?, engine?, models?}``."""
     data = _object(document, _CREATE_FIELDS)
     for required in ("name", "baseURL"):
         if required not in data:
@@ -104,13 +116,15 @@ def new_node_fields(document: Any) -> dict[str, Any]:
     except ValueError as exc:
         raise invalid("baseURL", str(exc)) from None
     fields: dict[str, Any] = {"name": _name(data["name"]), "base_url": base_url}
-    fields.update(_optional(data, ("tags", "metadata", "weight", "tlsVerify")))
+    fields.update(_optional(data, ("tags", "metadata", "weight", "tlsVerify", "engine", "models")))
     return fields
 
 
 def node_changes(document: Any) -> dict[str, Any]:
-    """The ``Node`` fields a PATCH changes (``name``, ``tags``, ``metadata``, ``weight``, ``draining``)."""
-    return _optional(_object(document, _PATCH_FIELDS), ("name", "tags", "metadata", "weight", "draining"))
+    """The ``Node`` fields a PATCH changes (``name``, ``tags``, ``metadata``, ``weight``, ``draining``,
+    ``engine``, ``models``)."""
+    return _optional(_object(document, _PATCH_FIELDS), ("name", "tags", "metadata", "weight", "draining",
+                                                        "engine", "models"))
 
 
 def policy_name(document: Any) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typing
 
-from blyanproxy.core import UP, Node, NodeRegistry, NodeStats, node_to_json, usable
+from blyanproxy.core import UP, Node, NodeRegistry, NodeStats, node_to_json, served_models, usable
 
 
 class RequestTotals(typing.Protocol):
@@ -36,7 +36,14 @@ def node_view(node: Node, stats: NodeStats, now: float) -> dict:
         ejectReason=health.eject_reason,
         ejections=health.ejections,
     )
+    view.update(engine_view(node, stats))
     return view
+
+
+def engine_view(node: Node, stats: NodeStats) -> dict:
+    """What is known of a node's engine: the kind detected and the models it serves (``None``: not known)."""
+    served = served_models(node.models, stats.models)
+    return {"detectedEngine": stats.engine, "servedModels": list(served) if served is not None else None}
 
 
 def nodes_view(registry: NodeRegistry, now: float) -> list:

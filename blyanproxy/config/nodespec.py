@@ -7,7 +7,7 @@ from typing import Any
 
 import attrs
 
-from blyanproxy.core import node_name, node_tags, node_weight, parse_base_url, parse_boolean
+from blyanproxy.core import node_engine, node_models, node_name, node_tags, node_weight, parse_base_url, parse_boolean
 
 
 @attrs.frozen
@@ -20,10 +20,12 @@ class NodeSpec:
     tags: tuple[str, ...] = ()
     weight: int = 1
     tls_verify: bool = True
+    engine: str = "auto"
+    models: tuple[str, ...] = ()
 
 
 def parse_node(text: str, source: str) -> NodeSpec:
-    """Parse ``name|url[|key=value...]`` (keys: ``weight``, ``tags``, ``tls_verify``)."""
+    """Parse ``name|url[|key=value...]`` (keys: ``weight``, ``tags``, ``tls_verify``, ``engine``, ``models``)."""
     fields = text.split("|")
     if len(fields) < 2:
         raise ValueError("expected name|url")
@@ -48,6 +50,10 @@ def parse_node(text: str, source: str) -> NodeSpec:
             extras["tags"] = node_tags(tuple(t.strip() for t in value.split(",") if t.strip()))
         elif key == "tls_verify":
             extras["tls_verify"] = parse_boolean(value)
+        elif key == "engine":
+            extras["engine"] = node_engine(value.strip())
+        elif key == "models":
+            extras["models"] = node_models(tuple(m.strip() for m in value.split(",") if m.strip()))
         else:
-            raise ValueError(f"unknown key {key!r} (known: weight, tags, tls_verify)")
+            raise ValueError(f"unknown key {key!r} (known: weight, tags, tls_verify, engine, models)")
     return NodeSpec(name=name, base_url=base.text, source=source, **extras)

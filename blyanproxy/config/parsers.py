@@ -87,6 +87,13 @@ def absolute_paths(text: str) -> tuple[str, ...]:
     return paths
 
 
+def health_paths(text: str) -> tuple[str, ...]:
+    """``auto`` (or nothing): each engine's own health probe, as ``()``; else ``absolute_paths``."""
+    if text.strip().lower() in ("", "auto"):
+        return ()
+    return absolute_paths(text)
+
+
 def status_ranges(text: str) -> frozenset[int]:
     """HTTP statuses and ranges of them (``200-299,304``), between 100 and 599."""
     statuses: set[int] = set()

@@ -7,10 +7,10 @@ from typing import Callable
 import attrs
 
 from blyanproxy.config.parsers import (
-    absolute_paths,
     any_text,
     base_url_text,
     factor,
+    health_paths,
     log_level_name,
     milliseconds,
     one_of,
@@ -49,7 +49,7 @@ class Settings:
     selection_policy: str = "active-first"
     health_interval: float = 5.0
     health_timeout: float = 3.0
-    health_paths: tuple = ("/health",)
+    health_paths: tuple = ()  # (): each engine's own probe
     health_statuses: frozenset = frozenset(range(200, 300))
     health_rise: int = 2
     health_fall: int = 3
@@ -127,8 +127,8 @@ SETTINGS = (
             milliseconds(0.1), "milliseconds between active health check runs"),
     Setting("health_timeout", "HEALTH_TIMEOUT_MS", "health-timeout-ms", "3000",
             milliseconds(0.01), "timeout of one health probe, in milliseconds"),
-    Setting("health_paths", "HEALTH_PATHS", "health-paths", "/health", absolute_paths,
-            "comma-separated paths probed in order; the first 2xx wins"),
+    Setting("health_paths", "HEALTH_PATHS", "health-paths", "auto", health_paths,
+            "comma-separated paths probed in order, the first 2xx wins; auto: each engine's own probe"),
     Setting("health_statuses", "HEALTH_STATUSES", "health-statuses", "200-299", status_ranges,
             "probe statuses that count as healthy (statuses and ranges, comma-separated)"),
     Setting("health_rise", "HEALTH_RISE", "health-rise", "2", whole_number(1, 100),

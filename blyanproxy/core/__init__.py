@@ -25,6 +25,7 @@ from blyanproxy.core.attempts import (
     no_node_error,
 )
 from blyanproxy.core.booleans import boolean_word, parse_boolean
+from blyanproxy.core.engines import ENGINES, OLLAMA, engine_of, model_not_found, served_models, serving, strips_api
 from blyanproxy.core.errors import ProxyError, write_error
 from blyanproxy.core.fleetedit import Change
 from blyanproxy.core.fleetstate import (
@@ -48,18 +49,29 @@ from blyanproxy.core.headers import (
 )
 from blyanproxy.core.healthstate import (
     DOWN,
+    LOADING,
     UP,
     HealthRules,
+    after_loading,
     after_probe,
     after_traffic_failure,
     after_traffic_success,
     readmit_after_cooldown,
     usable,
 )
-from blyanproxy.core.noderules import NodeFieldError, node_name, node_tags, node_weight, url_taken
+from blyanproxy.core.modelfield import model_of
+from blyanproxy.core.noderules import (
+    NodeFieldError,
+    node_engine,
+    node_models,
+    node_name,
+    node_tags,
+    node_weight,
+    url_taken,
+)
 from blyanproxy.core.nodes import Node, NodeRegistry, NodeStats, new_node_id
 from blyanproxy.core.nodeurl import parse_base_url
-from blyanproxy.core.routing import Route, parse_route, route_allows
+from blyanproxy.core.routing import Route, names_model, parse_route, route_allows, route_target
 from blyanproxy.core.selection import POLICIES, Candidate, Policy, Turn, route_members
 from blyanproxy.core.trust import ForwardTrust, parse_forward_trust
 
@@ -75,16 +87,19 @@ __all__ = [
     "Change",
     "ClientFacts",
     "DOWN",
+    "ENGINES",
     "Decision",
     "FleetState",
     "ForwardTrust",
     "GiveUp",
     "HealthRules",
+    "LOADING",
     "NO_RESPONSE",
     "Node",
     "NodeFieldError",
     "NodeRegistry",
     "NodeStats",
+    "OLLAMA",
     "POLICIES",
     "Pick",
     "Policy",
@@ -104,6 +119,7 @@ __all__ = [
     "UP",
     "UPGRADE_TIMEOUT",
     "affinity_key",
+    "after_loading",
     "after_probe",
     "after_traffic_failure",
     "after_traffic_success",
@@ -112,10 +128,16 @@ __all__ = [
     "choose_by_key",
     "client_facts",
     "downstream_response_headers",
+    "engine_of",
     "merge",
+    "model_not_found",
     "new_node_id",
+    "names_model",
     "no_node_error",
     "node_from_json",
+    "model_of",
+    "node_engine",
+    "node_models",
     "node_name",
     "node_tags",
     "node_to_json",
@@ -128,8 +150,12 @@ __all__ = [
     "readmit_after_cooldown",
     "route_allows",
     "route_members",
+    "route_target",
+    "served_models",
+    "serving",
     "state_from_json",
     "state_to_json",
+    "strips_api",
     "upstream_request_headers",
     "url_taken",
     "usable",

@@ -11,7 +11,7 @@ The merge rule at start-up (``merge``):
 1. Nodes in the saved state are restored as they were (id, name, settings, drain flag).
 2. A declared node found in the saved state (by base URL, or by its declaration such
    as ``NODE_3`` when the variable now names another URL) takes its name, URL,
-   weight, tags and TLS setting from the declaration and keeps its id,
+   weight, tags, TLS setting, engine and models from the declaration and keeps its id,
    metadata and drain flag from the saved state.
 3. A declared node not in the saved state is added (a node newly put in the
    environment appears after a restart), unless it was removed at run time
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import attrs
 
-from blyanproxy.core.noderules import NodeFieldError, node_weight
+from blyanproxy.core.noderules import NodeFieldError, node_engine, node_models, node_weight
 from blyanproxy.core.nodes import Node, new_node_id
 from blyanproxy.core.nodeurl import parse_base_url
 from blyanproxy.core.selection import POLICIES
@@ -79,6 +79,8 @@ def node_to_json(node: Node) -> dict[str, Any]:
         "tlsVerify": node.tls_verify,
         "addedAt": node.added_at,
         "declaredBy": node.declared_by,
+        "engine": node.engine,
+        "models": list(node.models),
     }
 
 
@@ -102,6 +104,8 @@ def node_from_json(data: object) -> Node:
         raise ValueError(f"node {name!r}: metadata must be an object")
     try:
         weight = node_weight(data.get("weight", 1))
+        engine = node_engine(data.get("engine", "auto"))
+        models = node_models(data.get("models", []))
     except NodeFieldError as broken:
         raise ValueError(f"node {name!r}: {broken}") from None
     added = data.get("addedAt", 0.0)
@@ -116,6 +120,8 @@ def node_from_json(data: object) -> Node:
         tls_verify=data.get("tlsVerify", True) is not False,
         added_at=float(added) if isinstance(added, (int, float)) else 0.0,
         declared_by=data.get("declaredBy") if isinstance(data.get("declaredBy"), str) else None,
+        engine=engine,
+        models=models,
     )
 
 
@@ -192,6 +198,7 @@ def merge(declared: Iterable[Node], saved: FleetState | None) -> FleetState:
             nodes[index] = attrs.evolve(
                 nodes[index], name=node.name, base_url=node.base_url, weight=node.weight,
                 tags=node.tags, tls_verify=node.tls_verify, declared_by=node.declared_by,
+                engine=node.engine, models=node.models,
             )
         elif node.base_url not in removed:
             nodes.append(node)

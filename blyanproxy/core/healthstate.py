@@ -9,6 +9,9 @@ Two kinds of evidence move it:
   doubles with each ejection in a row, up to a cap. After the cooldown the node
   comes back only with a passing probe.
 
+A node whose engine says it is still loading its model is ``loading``
+(``after_loading``): not usable, and not a failure either.
+
 ``usable(state, now)`` is what selection asks. Nothing here reads a clock:
 ``now`` is passed in.
 """
@@ -20,6 +23,7 @@ import attrs
 UNKNOWN = "unknown"
 UP = "up"
 DOWN = "down"
+LOADING = "loading"
 
 #: Traffic failures that eject at once: the node is not even accepting connections.
 IMMEDIATE_EJECTION = frozenset({"refused"})
@@ -57,7 +61,7 @@ def after_probe(health: Health, passed: bool, now: float, rules: HealthRules, er
     """The state after one probe."""
     if passed:
         passes, fails = health.passes + 1, 0
-        state = UP if health.state == UNKNOWN or passes >= rules.rise else health.state
+        state = UP if health.state in (UNKNOWN, LOADING) or passes >= rules.rise else health.state
         # Only a probe that passes after the cooldown lets an ejected node back, with a clean slate.
         probe_needed = health.probe_needed and not cooled_down(health, now)
         readmitted = health.probe_needed and not probe_needed
@@ -69,6 +73,11 @@ def after_probe(health: Health, passed: bool, now: float, rules: HealthRules, er
     passes, fails = 0, health.fails + 1
     state = DOWN if health.state == UNKNOWN or fails >= rules.fall else health.state
     return attrs.evolve(health, state=state, passes=passes, fails=fails, last_check=now, last_error=error)
+
+
+def after_loading(health: Health, now: float) -> Health:
+    """The state after a probe answered that the node is still loading its model."""
+    return attrs.evolve(health, state=LOADING, passes=0, fails=0, last_check=now, last_error="loading")
 
 
 def cooled_down(health: Health, now: float) -> bool:
@@ -107,7 +116,7 @@ def after_traffic_success(health: Health) -> Health:
 
 def usable(health: Health, now: float) -> bool:
     """Whether selection may send traffic to the node at ``now``."""
-    return health.state != DOWN and cooled_down(health, now) and not health.probe_needed
+    return health.state not in (DOWN, LOADING) and cooled_down(health, now) and not health.probe_needed
 
 
 def readmit_after_cooldown(health: Health, now: float) -> Health:

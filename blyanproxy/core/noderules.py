@@ -1,8 +1,9 @@
-"""The rules a node's settings follow, each written once: its name, tags, weight and base URL.
+"""The rules a node's settings follow, each written once: its name, tags, weight, engine,
+models and base URL.
 
-The settings (``NODE_<n>``, ``--node``) and the admin API check name, tags and
-weight with these; the stored fleet (state file, etcd) checks the weight and
-takes names and tags as they were stored; the registry, the fleet edits and the
+The settings (``NODE_<n>``, ``--node``) and the admin API check name, tags,
+weight, engine and models with these; the stored fleet (state file, etcd)
+checks the weight, engine and models and takes names and tags as they were stored; the registry, the fleet edits and the
 settings keep base URLs unique with ``check_url_free`` and ``url_taken``. A
 check that fails raises ``NodeFieldError``: ``field`` names the setting and
 ``problem`` says what is wrong, so each caller puts the words its users know in
@@ -16,6 +17,8 @@ import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from blyanproxy.core.engines import ENGINES
+
 if TYPE_CHECKING:
     from blyanproxy.core.nodes import Node
 
@@ -27,6 +30,11 @@ _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\Z")
 NAME_PROBLEM = f"must be 1 to {NAME_MAX_LENGTH} printable characters, without '|'"
 TAGS_PROBLEM = "must be a list of tags (letters, digits, '.', '_', ':', '-')"
 WEIGHT_PROBLEM = f"must be a whole number from {MIN_WEIGHT} to {MAX_WEIGHT}"
+ENGINE_PROBLEM = "must be one of " + ", ".join(ENGINES)
+MAX_MODELS = 64
+MODEL_MAX_LENGTH = 256
+MODELS_PROBLEM = (f"must be a list of at most {MAX_MODELS} model names (1 to {MODEL_MAX_LENGTH} "
+                  "printable characters, without ',' or '|')")
 
 
 class NodeFieldError(ValueError):
@@ -74,6 +82,36 @@ def node_weight(value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not MIN_WEIGHT <= value <= MAX_WEIGHT:
         raise NodeFieldError("weight", WEIGHT_PROBLEM)
     return value
+
+
+def node_engine(value: object) -> str:
+    """``value`` when it names an engine kind (``core.engines.ENGINES``), else ``NodeFieldError``."""
+    if not isinstance(value, str) or value not in ENGINES:
+        raise NodeFieldError("engine", ENGINE_PROBLEM)
+    return value
+
+
+def is_model_name(value: object) -> bool:
+    """Whether ``value`` is a model name: 1 to 256 printable characters, without ``,`` or ``|``.
+
+    Names such as ``meta-llama/Llama-3.1-8B-Instruct`` or ``llama3:latest`` qualify;
+    commas and bars are the separators of ``NODE_<n>``.
+    """
+    return (isinstance(value, str) and 0 < len(value) <= MODEL_MAX_LENGTH and value.isprintable()
+            and value.strip() == value and "," not in value and "|" not in value)
+
+
+def node_models(values: object) -> tuple[str, ...]:
+    """``values`` (a list or tuple of model names) as a tuple without repeats, else ``NodeFieldError``."""
+    if not isinstance(values, (list, tuple)) or len(values) > MAX_MODELS:
+        raise NodeFieldError("models", MODELS_PROBLEM)
+    models: list[str] = []
+    for model in values:
+        if not is_model_name(model):
+            raise NodeFieldError("models", MODELS_PROBLEM)
+        if model not in models:
+            models.append(model)
+    return tuple(models)
 
 
 def url_taken(base_url: str, owner: str) -> str:

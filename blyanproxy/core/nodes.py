@@ -23,6 +23,8 @@ class Node:
 
     ``base_url`` is validated text; ``url`` is its parsed form. A node with
     ``tls_verify`` false skips certificate checks (only when set explicitly).
+    ``engine`` is the declared kind (``auto``: detected); ``models``, when not
+    empty, are the models it serves as declared (else they are learned).
     """
 
     id: str
@@ -35,6 +37,8 @@ class Node:
     tls_verify: bool = True
     added_at: float = 0.0
     declared_by: str | None = None  # "NODE_3" or "--node" for nodes named in settings
+    engine: str = "auto"
+    models: tuple[str, ...] = ()
     url: BaseURL = attrs.field(init=False, eq=False, repr=False)
     name_bytes: bytes = attrs.field(init=False, eq=False, repr=False)
 
@@ -45,7 +49,11 @@ class Node:
 
 @attrs.define
 class NodeStats:
-    """Live figures of one node, owned by the registry and updated by the data path."""
+    """Live figures of one node, owned by the registry and updated by the data path.
+
+    ``engine`` is the kind detected (``None`` until then) and ``models`` the
+    models learned from the node (``None``: not known); health checks set both.
+    """
 
     in_flight: int = 0
     requests: int = 0
@@ -54,6 +62,8 @@ class NodeStats:
     last_failure: str | None = None
     latency_ms: float | None = None
     health: Health = attrs.Factory(Health)
+    engine: str | None = None
+    models: tuple[str, ...] | None = None
 
     def observe_latency(self, milliseconds: float) -> None:
         """Fold one measurement into the moving average (weight 0.3 for the newest)."""

@@ -8,7 +8,14 @@ byte (no ``/api`` removal):
   ``all`` means every node of the pool.
 - ``/{n}/rest``: the ``n``-th node of the pool (from 0).
 
-Any other path goes to the pool's policy, with a leading ``/api`` segment removed.
+Any other path goes to the pool's policy, with a leading ``/api`` segment
+removed for every node but an Ollama one (Blyan's frontend calls ``/api/chat``
+on nodes that serve ``/chat``; Ollama's own API is ``/api/chat``):
+``route_target`` gives the target for the node's engine.
+
+A request to one of ``MODEL_PATHS`` (OpenAI's and Ollama's inference paths)
+names a model in its JSON body; ``Route.model`` carries it, and the pool then
+chooses only among nodes serving it.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from urllib.parse import unquote_to_bytes
 
 import attrs
 
+from blyanproxy.core.engines import strips_api
 from blyanproxy.core.errors import ProxyError
 
 if TYPE_CHECKING:
@@ -32,7 +40,9 @@ class Route:
     the client wrote them (``%2F`` stays encoded), minus a leading ``/api``
     segment and the ``api`` query parameter. ``affinity_key``, when set, keeps
     requests that share it on one node. ``node``, when set, is the id or name of
-    the one registered node the request may go to (``?api=``).
+    the one registered node the request may go to (``?api=``). ``api_target``,
+    when set, is the target with its ``/api`` kept (for Ollama nodes);
+    ``model``, when set, is the model the body names.
     """
 
     upstream_target: bytes
@@ -40,6 +50,32 @@ class Route:
     tag: str | None = None
     index: int | None = None
     node: str | None = None
+    api_target: bytes | None = None
+    model: str | None = None
+
+    @property
+    def client_path(self) -> bytes:
+        """The path the client asked for after any ``/tags/…`` or ``/{n}`` prefix, ``/api`` kept, no query."""
+        return (self.api_target or self.upstream_target).partition(b"?")[0]
+
+
+#: The inference paths whose JSON body names a ``model``: OpenAI's and Ollama's.
+MODEL_PATHS = frozenset({
+    b"/v1/chat/completions", b"/v1/completions", b"/v1/embeddings", b"/v1/responses",
+    b"/api/generate", b"/api/chat", b"/api/embed", b"/api/embeddings",
+})
+
+
+def names_model(route: Route, method: bytes) -> bool:
+    """Whether the request's body names the model to route by (a POST to one of ``MODEL_PATHS``)."""
+    return method == b"POST" and route.client_path in MODEL_PATHS
+
+
+def route_target(route: Route, engine: str | None) -> bytes:
+    """The target sent to a node running ``engine``: ``/api`` kept for Ollama, removed for the others."""
+    if route.api_target is not None and not strips_api(engine):
+        return route.api_target
+    return route.upstream_target
 
 
 #: The tag that means every node of the pool.
@@ -161,8 +197,10 @@ def parse_route(target: bytes) -> Route:
     index = _index_of(first)
     if index is not None:
         return Route(upstream_target=_refuse_admin(rest), index=index)
-    upstream, node = take_node_parameter(_refuse_admin(strip_api_prefix(origin)))
-    return Route(upstream_target=upstream, node=node)
+    stripped = strip_api_prefix(origin)
+    upstream, node = take_node_parameter(_refuse_admin(stripped))
+    api_target = take_node_parameter(origin)[0] if stripped != origin else None
+    return Route(upstream_target=upstream, node=node, api_target=api_target)
 
 
 def route_allows(route: Route, node: Node) -> bool:

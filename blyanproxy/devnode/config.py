@@ -13,6 +13,7 @@ from typing import Any, Callable
 import attrs
 
 from blyanproxy.core import boolean_word
+from blyanproxy.devnode.engines import ENGINES, is_engine
 
 MAX_TOKENS_CAP = 100_000
 """The longest completion a node generates, whatever a request asks for."""
@@ -50,6 +51,12 @@ def _text(instance: object, attribute: attrs.Attribute, value: object) -> None:
         raise ValueError(f"{attribute.name} must be a non-empty string, not {value!r}")
 
 
+def _engine(instance: object, attribute: attrs.Attribute, value: object) -> None:
+    """Validator: an engine a devnode can speak like."""
+    if not is_engine(value):
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {value!r}")
+
+
 def _model_names(instance: object, attribute: attrs.Attribute, value: tuple[object, ...]) -> None:
     """Validator: at least one model, each a non-empty string without commas."""
     if not value:
@@ -71,6 +78,8 @@ class DevNodeConfig:
     Times are milliseconds and rates tokens per second. ``fail_status``, ``close_after`` and
     ``hang`` inject failures into inference requests; ``/health`` has its own two knobs and the
     diagnostic ``/_devnode/`` endpoints are never failed, so a node can always be reconfigured.
+    ``engine`` is the engine whose paths and answers the node imitates (``devnode.engines``);
+    for ``loading_ms`` after it starts, the node answers as that engine does while loading.
     """
 
     name: str = attrs.field(default="devnode", validator=_text)
@@ -87,6 +96,8 @@ class DevNodeConfig:
     hang: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
     health_status: int = attrs.field(default=200, validator=_integer(200, 599))
     health_delay_ms: float = attrs.field(default=0.0, validator=_number(0, above=False))
+    engine: str = attrs.field(default="blyan", validator=_engine)
+    loading_ms: float = attrs.field(default=0.0, validator=_number(0, above=False))
 
 
 @attrs.frozen
@@ -134,6 +145,8 @@ _TEXT_PARSERS: Mapping[str, Callable[[str], Any]] = {
     "hang": parse_flag,
     "health_status": int,
     "health_delay_ms": float,
+    "engine": str.strip,
+    "loading_ms": float,
 }
 
 KNOBS: Mapping[str, str] = {

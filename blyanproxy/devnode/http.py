@@ -16,6 +16,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.websocket import WebSocketResource
 
+from blyanproxy.devnode import engines
 from blyanproxy.devnode.config import SettingError, apply_knobs, parse_flag
 from blyanproxy.devnode.stream import (
     PatternBody,
@@ -25,6 +26,7 @@ from blyanproxy.devnode.stream import (
     hold,
 )
 from blyanproxy.devnode.wire import (
+    MODELS_CREATED,
     ApiError,
     ChatFormat,
     CompletionRequest,
@@ -32,10 +34,10 @@ from blyanproxy.devnode.wire import (
     health_answer,
     injected_failure,
     json_object,
-    model_list,
     ollama_tags,
     parse_chat_request,
     parse_generate_request,
+    rfc3339,
     to_json,
 )
 
@@ -74,8 +76,13 @@ class DevNodeResource(Resource):
         """Count the request, route it, and answer (errors as OpenAI-shaped JSON)."""
         record = self._node.note_request(request)
         try:
-            endpoint = route(request.method, request.path)
             config = self._node.config
+            endpoint = route(request.method, request.path, config.engine)
+            path = request.path.decode("latin-1")
+            if (not path.startswith("/_devnode/") and self._node.loading()
+                    and not engines.answers_while_loading(config.engine, path)):
+                status, body = engines.loading_answer(config.engine)
+                return _json(request, body, status)
             if endpoint.inference:
                 config = _request_config(config, request, record)
                 if config.hang:
@@ -91,10 +98,39 @@ class DevNodeResource(Resource):
 
     def _health(self, request: Request, record: RequestRecord, config: DevNodeConfig) -> Rendered:
         status, body = health_answer(config)
-        return self._later(request, _json(request, body, status), config.health_delay_ms / 1000.0)
+        if config.engine == engines.LLAMACPP:
+            answer = _json(request, {"status": "ok"} if status < 300 else body, status)
+        elif config.engine != engines.BLYAN:  # vLLM, SGLang and TGI answer with an empty body
+            answer = _plain(request, b"", b"application/json", status)
+        else:
+            answer = _json(request, body, status)
+        return self._later(request, answer, config.health_delay_ms / 1000.0)
 
     def _models(self, request: Request, record: RequestRecord, config: DevNodeConfig) -> Rendered:
-        return _json(request, model_list(config.models))
+        return _json(request, engines.model_list(config.engine, config.models, MODELS_CREATED))
+
+    def _metrics(self, request: Request, record: RequestRecord, config: DevNodeConfig) -> Rendered:
+        text = engines.metrics(config.engine, config.models, self._node.load())
+        return _plain(request, text.encode("utf-8"), b"text/plain; version=0.0.4; charset=utf-8")
+
+    def _version(self, request: Request, record: RequestRecord, config: DevNodeConfig) -> Rendered:
+        return _json(request, {"version": engines.VERSIONS.get(config.engine, "0")})
+
+    def _slots(self, request: Request, record: RequestRecord, config: DevNodeConfig) -> Rendered:
+        return _json(request, engines.slots(self._node.load()))
+
+    def _model_info(self, request: Request, record: RequestRecord, config: DevNodeConfig) -> Rendered:
+        return _json(request, engines.model_info(config.models))
+
+    def _info(self, request: Request, record: RequestRecord, config: DevNodeConfig) -> Rendered:
+        return _json(request, engines.info(config.models))
+
+    def _ollama_root(self, request: Request, record: RequestRecord, config: DevNodeConfig) -> Rendered:
+        return _plain(request, b"Ollama is running", b"text/plain; charset=utf-8")
+
+    def _running(self, request: Request, record: RequestRecord, config: DevNodeConfig) -> Rendered:
+        expires = rfc3339(self._node.clock.seconds() + 300)
+        return _json(request, engines.running_models(config.models, self._node.load(), expires))
 
     def _tags(self, request: Request, record: RequestRecord, config: DevNodeConfig) -> Rendered:
         return _json(request, ollama_tags(config.models))
@@ -179,6 +215,15 @@ _GET = (b"GET", b"HEAD")  # twisted.web sends no body for HEAD
 _POST = (b"POST",)
 _ENDPOINTS = {
     b"/health": Endpoint(_GET, DevNodeResource._health),
+    b"/health_generate": Endpoint(_GET, DevNodeResource._health),
+    b"/metrics": Endpoint(_GET, DevNodeResource._metrics),
+    b"/version": Endpoint(_GET, DevNodeResource._version),
+    b"/api/version": Endpoint(_GET, DevNodeResource._version),
+    b"/slots": Endpoint(_GET, DevNodeResource._slots),
+    b"/get_model_info": Endpoint(_GET, DevNodeResource._model_info),
+    b"/info": Endpoint(_GET, DevNodeResource._info),
+    b"/": Endpoint(_GET, DevNodeResource._ollama_root),
+    b"/api/ps": Endpoint(_GET, DevNodeResource._running),
     b"/v1/models": Endpoint(_GET, DevNodeResource._models, inference=True),
     b"/v1/chat/completions": Endpoint(_POST, DevNodeResource._chat, inference=True),
     b"/api/generate": Endpoint(_POST, DevNodeResource._generate, inference=True),
@@ -191,11 +236,19 @@ _ENDPOINTS = {
 _ECHO = Endpoint((), DevNodeResource._echo)
 
 
-def route(method: bytes, path: bytes) -> Endpoint:
-    """The endpoint for a raw request path; ApiError 404 (unknown path) or 405 (wrong method)."""
+#: Paths every engine serves: OpenAI's chat completions, the WebSocket echo and the diagnostics.
+_COMMON = frozenset({"/v1/chat/completions", "/ws/echo", "/_devnode/bytes", "/_devnode/stats", "/_devnode/config"})
+
+
+def route(method: bytes, path: bytes, engine: str = engines.BLYAN) -> Endpoint:
+    """The endpoint for a raw request path on a node speaking like ``engine``; ApiError 404 (a path
+    that engine does not serve) or 405 (wrong method)."""
     endpoint = (
         _ECHO if path == b"/_devnode/echo" or path.startswith(b"/_devnode/echo/") else _ENDPOINTS.get(path)
     )
+    text = path.decode("latin-1")
+    if endpoint is not _ECHO and text not in _COMMON and text not in engines.PATHS[engine]:
+        endpoint = None
     if endpoint is None:
         raise ApiError(404, f"no such endpoint: {path.decode('latin-1')}", "not_found")
     if endpoint.methods and method not in endpoint.methods:
@@ -219,6 +272,13 @@ def _json(request: Request, value: object, status: int = 200) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
     return to_json(value)
+
+
+def _plain(request: Request, body: bytes, content_type: bytes, status: int = 200) -> bytes:
+    """Set the status and content type; return ``body`` as it is."""
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", content_type)
+    return body
 
 
 def _query(request: Request, name: bytes) -> str | None:

@@ -9,6 +9,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from blyanproxy.devnode.config import DevNodeConfig
+from blyanproxy.devnode.engines import Load
 from blyanproxy.devnode.http import DevNodeResource, DevNodeSite, header_lines
 
 if TYPE_CHECKING:
@@ -92,6 +93,7 @@ class DevNode:
         self.config = config
         self.clock = clock
         self.stats = DevNodeStats()
+        self.started = clock.seconds()
         self._connections: set[TrackedConnection] = set()
         self._idle_waiters: list[Deferred[None]] = []
 
@@ -105,6 +107,14 @@ class DevNode:
         self.config = attrs.evolve(self.config, **fields)
         log.info("devnode {name} reconfigured: {changes}", name=self.config.name, changes=changes)
         return self.config
+
+    def loading(self) -> bool:
+        """Whether the node is still loading its model (``loading_ms`` after it started)."""
+        return self.clock.seconds() - self.started < self.config.loading_ms / 1000.0
+
+    def load(self) -> Load:
+        """What the node is doing now, as its engine's metrics show it."""
+        return Load(running=self.stats.open_streams, waiting=0, loading=self.loading())
 
     def resource(self) -> IResource:
         """A twisted.web resource serving this node (mount it anywhere, or wrap it in StubTreq)."""

@@ -34,6 +34,8 @@ _SETTINGS = (
     ("close-after", "close_after", "Abort streamed responses' connections after this many tokens."),
     ("health-status", "health_status", "HTTP status of /health (200-599)."),
     ("health-delay-ms", "health_delay_ms", "Milliseconds before /health answers."),
+    ("engine", "engine", "Engine to speak like: blyan, vllm, sglang, llamacpp, ollama or tgi."),
+    ("loading-ms", "loading_ms", "Milliseconds after start during which the model is still loading."),
 )
 
 

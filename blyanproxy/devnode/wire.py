@@ -83,14 +83,6 @@ def health_answer(config: DevNodeConfig) -> tuple[int, dict]:
     return config.health_status, body
 
 
-def model_list(models: Sequence[str]) -> dict:
-    """The OpenAI ``GET /v1/models`` list."""
-    data = [
-        {"id": m, "object": "model", "created": MODELS_CREATED, "owned_by": "blyan-devnode"} for m in models
-    ]
-    return {"object": "list", "data": data}
-
-
 def ollama_tags(models: Sequence[str]) -> dict:
     """The Ollama ``GET /api/tags`` list."""
     details = {"format": "gguf", "family": "blyan-sim", "parameter_size": "7B", "quantization_level": "Q4_0"}

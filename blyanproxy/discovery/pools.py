@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from blyanproxy.core import POLICIES, HealthRules, Node, NodeStats, ProxyError, Route, route_members
-from blyanproxy.fleet import Lease, LeaseMaker, LeasePool
+from blyanproxy.fleet import Lease, LeaseMaker, LeasePool, check_model
 
 
 class KeyedBalancer(LeaseMaker):
@@ -55,9 +55,17 @@ class KeyPool(LeasePool):
         self._balancer = balancer
 
     def check(self, route: Route) -> None:
-        """Raise the 404 ``ProxyError`` when ``route`` names no node of this key."""
-        route_members(self.nodes, route)
+        """Raise the 404 ``ProxyError`` when ``route`` names no node of this key, or a model none serves."""
+        check_model(route_members(self.nodes, route), route, self._balancer.stats)
 
     def acquire(self, route: Route, excluded: frozenset[str]) -> Lease | None:
         """A lease on the node chosen for ``route``, or ``None`` when none can take it."""
         return self._balancer.acquire(self.nodes, route, excluded)
+
+    def listing(self, route: Route) -> list[tuple[Node, NodeStats]]:
+        """This key's usable nodes ``route`` may go to, with their figures (shared per node URL)."""
+        try:
+            members = route_members(self.nodes, route)
+        except ProxyError:
+            return []
+        return self._balancer.usable_among(members, self._balancer.stats)

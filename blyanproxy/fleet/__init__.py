@@ -3,7 +3,7 @@ store (``FleetKeeper``) and active health checks (``HealthMonitor``)."""
 
 from __future__ import annotations
 
-from blyanproxy.fleet.balancer import Balancer, Lease, LeaseMaker, LeasePool
+from blyanproxy.fleet.balancer import Balancer, Lease, LeaseMaker, LeasePool, check_model
 from blyanproxy.fleet.health import HealthMonitor, probe_client
 from blyanproxy.fleet.keeper import FleetKeeper
 
@@ -14,5 +14,6 @@ __all__ = [
     "Lease",
     "LeaseMaker",
     "LeasePool",
+    "check_model",
     "probe_client",
 ]

@@ -29,9 +29,13 @@ from blyanproxy.core import (
     after_traffic_failure,
     after_traffic_success,
     choose_by_key,
+    engine_of,
+    model_not_found,
     readmit_after_cooldown,
     route_allows,
     route_members,
+    served_models,
+    serving,
     usable,
 )
 from blyanproxy.logs import logger
@@ -51,6 +55,11 @@ class Lease:
     clock: IReactorTime
     rules: HealthRules
     released: bool = False
+
+    @property
+    def engine(self) -> str | None:
+        """The engine the node runs (declared, else detected; ``None``: not known yet)."""
+        return engine_of(self.node.engine, self.stats.engine)
 
     def failed(self, reason: str) -> None:
         """The attempt failed before any byte reached the client; releases the lease."""
@@ -80,6 +89,19 @@ class Lease:
             self.stats.in_flight -= 1
 
 
+def _served(entry: tuple[Node, NodeStats]) -> tuple[str, ...] | None:
+    node, stats = entry
+    return served_models(node.models, stats.models)
+
+
+def check_model(members: Sequence[Node], route: Route, stats_of: Callable[[Node], NodeStats]) -> None:
+    """Raise the 404 ``model_not_found`` when the route names a model that no member, usable or
+    not, serves or may serve (every member's models are known, and none lists it)."""
+    if route.model is not None and members:
+        if not serving([(node, stats_of(node)) for node in members], route.model, _served):
+            raise model_not_found(route.model)
+
+
 @runtime_checkable
 class LeasePool(Protocol):
     """Where the data path takes leases: the registry's ``Balancer`` or one API key's ``KeyPool``.
@@ -89,10 +111,14 @@ class LeasePool(Protocol):
     """
 
     def check(self, route: Route) -> None:
-        """Raise the 404 ``ProxyError`` when ``route`` names no node of the pool (a tag or index)."""
+        """Raise the 404 ``ProxyError`` when ``route`` names no node of the pool (a tag or index),
+        or a model none of them serves."""
 
     def acquire(self, route: Route, excluded: frozenset[str]) -> Lease | None:
         """A lease on the node chosen for ``route``, or ``None`` when none can take it."""
+
+    def listing(self, route: Route) -> list[tuple[Node, NodeStats]]:
+        """The usable nodes ``route`` may go to, with their live figures (for the model list)."""
 
 
 class LeaseMaker:
@@ -108,6 +134,12 @@ class LeaseMaker:
         self._turn = Turn()
         self.affinity_load_factor = affinity_load_factor
 
+    def usable_among(self, members: Sequence[Node],
+                     stats_of: Callable[[Node], NodeStats]) -> list[tuple[Node, NodeStats]]:
+        """The usable ``members`` with their live figures, now."""
+        now = self._clock.seconds()
+        return [(node, stats) for node in members for stats in (stats_of(node),) if usable(stats.health, now)]
+
     def lease_among(self, members: Sequence[Node], route: Route, excluded: frozenset[str],
                     stats_of: Callable[[Node], NodeStats], choose: Policy, active_id: str | None = None,
                     unprobed: bool = False) -> Lease | None:
@@ -115,6 +147,8 @@ class LeaseMaker:
 
         ``stats_of`` gives a node's live figures; with ``unprobed`` (nodes no
         health check visits) an ejected node is let back once its cooldown ends.
+        A route naming a model chooses among the usable nodes known to serve it,
+        else among those whose models are not known yet (``engines.serving``).
         """
         now = self._clock.seconds()
         usable_nodes = []
@@ -125,6 +159,8 @@ class LeaseMaker:
                     stats.health = readmit_after_cooldown(stats.health, now)
                 if usable(stats.health, now):
                     usable_nodes.append((node, stats))
+        if route.model is not None:
+            usable_nodes = serving(usable_nodes, route.model, _served)
         if not usable_nodes:
             return None
         candidates = [Candidate(node, stats.in_flight, stats.latency_ms) for node, stats in usable_nodes]
@@ -175,13 +211,27 @@ class Balancer(LeaseMaker, LeasePool):
         return not self._registry.nodes()
 
     def check(self, route: Route) -> None:
-        """Raise the 404 ``ProxyError`` when a tag or index route names no registry node."""
-        if route.tag is not None or route.index is not None:
-            self._members(route)
+        """Raise the 404 ``ProxyError`` when a tag or index route names no registry node, or
+        names a model none of them serves."""
+        if route.tag is not None or route.index is not None or route.model is not None:
+            registry = self._registry
+            members = self._members(route)
+            if route.index is None:  # a draining node still serves its model: 503 while it drains, not 404
+                members = route_members([node for node in registry.nodes() if route_allows(route, node)], route)
+            check_model(members, route, lambda node: registry.stats(node.id))
 
     def serves(self, route: Route) -> bool:
         """Whether some registered node, usable or not, may take ``route`` (``?api=`` names one)."""
         return route.node is None or any(route_allows(route, node) for node in self._registry.nodes())
+
+    def listing(self, route: Route) -> list[tuple[Node, NodeStats]]:
+        """The usable registry nodes ``route`` may go to (none when a tag or index names none)."""
+        registry = self._registry
+        try:
+            members = self._members(route)
+        except ProxyError:
+            return []
+        return self.usable_among(members, lambda node: registry.stats(node.id))
 
     def acquire(self, route: Route, excluded: frozenset[str]) -> Lease | None:
         """A lease on the node chosen for ``route``, or ``None`` when no node can take it."""

@@ -2,9 +2,16 @@
 
 A run probes all nodes concurrently and never overlaps the previous one; a
 forced check (``check_now``) joins a run in progress instead of starting
-another. Each probe tries the health paths in order (a node's
-``metadata["healthPath"]`` overrides them), each with its own timeout, and
-passes on the first accepted status. A failing probe, or a bug in one node's
+another. Each probe knows the node's engine (declared, or detected on first
+contact and again when the node comes back, ``core.engines``): it tries that
+engine's health paths in order (a 404 means try the next; a 503 while
+starting means loading), then reads the models the node serves. Explicit
+paths (``HEALTH_PATHS``, or a node's ``metadata["healthPath"]``) override the
+engine's: the first accepted status passes. Each request has its own timeout.
+A path that would interrupt a busy node (``Profile.busy_paths``: llama-cpp-python
+ends a running stream when ``/v1/models`` arrives) is not asked while the node
+has requests in flight: that run leaves its health as it was, and the
+requests' own outcome (passive health) is the evidence. A failing probe, or a bug in one node's
 check, is logged and never stops the loop. A node added at run time is probed
 at once.
 """
@@ -13,21 +20,35 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import attrs
 from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.web.client import Agent
 
-from blyanproxy.core import DOWN, UP, HealthRules, Node, NodeRegistry, after_probe
+from blyanproxy.core import DOWN, LOADING, UP, HealthRules, Node, NodeRegistry, after_loading, after_probe
+from blyanproxy.core.engines import (
+    AUTO,
+    BUSY,
+    DETECTION_PATHS,
+    FAILED,
+    NOT_HERE,
+    PASSED,
+    Answer,
+    detect,
+    models_from,
+    probe_verdict,
+    profile,
+)
 from blyanproxy.logs import logger
 from blyanproxy.twistedinternals import quiet_connection_pool
 from blyanproxy.upstream import read_capped
 
 log = logger("health")
 
-#: Largest health answer read; a larger one fails the probe.
-MAX_PROBE_BODY = 64 * 1024
+#: Largest probe answer read (a model list included); a larger one fails the probe.
+MAX_PROBE_BODY = 256 * 1024
 
 
 def probe_client(reactor, endpoints) -> HTTPClient:
@@ -110,52 +131,123 @@ class HealthMonitor(Service):
         try:
             stats = self._registry.stats(node.id)
             started = self._clock.seconds()
-            passed, error = yield self._probe(node)
+            result = yield self._probe(node, stats)
             current = self._registry.get(node.id)
             if current is None or current.url != node.url or self._registry.stats(node.id) is not stats:
                 return  # removed, re-added or moved while being probed: the answer is stale
+            if result.verdict == BUSY:
+                return  # serving our requests: their outcome is the evidence this time
             now = self._clock.seconds()
             before = stats.health.state
-            stats.health = after_probe(stats.health, passed, now, self._rules, error)
-            if passed:
+            if result.verdict == LOADING:
+                stats.health = after_loading(stats.health, now)
+            else:
+                stats.health = after_probe(stats.health, result.verdict == PASSED, now, self._rules, result.error)
+            if result.verdict == PASSED:
                 stats.observe_latency((now - started) * 1000.0)
+            self._learn(node, stats, result)
             if self.on_probe is not None:
-                self.on_probe(node.name, passed, now - started)
+                self.on_probe(node.name, result.verdict == PASSED, now - started)
             after = stats.health.state
-            if after != before and after in (UP, DOWN):
+            if after != before and after in (UP, DOWN, LOADING):
                 log.info(
                     "node {node} is {state}{why}",
-                    node=node.name, state=after, why=f" ({error})" if error else "",
+                    node=node.name, state=after, why=f" ({result.error})" if result.error else "",
                 )
         except Exception:  # a bug in checking one node must not stop the others
             log.failure("health check of node {node} crashed", node=node.name)
 
+    @staticmethod
+    def _learn(node: Node, stats, result: ProbeResult) -> None:
+        """Keep what a probe learned: the engine detected, the models served; a node found down is
+        detected again when it comes back (it may come back as another engine)."""
+        if result.detected is not None and result.detected != stats.engine:
+            stats.engine = result.detected
+            log.info("node {node} runs {engine}", node=node.name, engine=result.detected)
+        if result.models is not None and result.models != stats.models:
+            stats.models = result.models
+            log.info("node {node} serves {count} model(s): {models}", node=node.name,
+                     count=len(result.models), models=", ".join(result.models[:8]))
+        if stats.health.state == DOWN and result.verdict != PASSED and node.engine == AUTO:
+            stats.engine = None
+
     @defer.inlineCallbacks
-    def _probe(self, node: Node):
-        """``(passed, error)``: the first path that answers an accepted status wins.
+    def _probe(self, node: Node, stats):
+        """The ``ProbeResult`` of one health run on ``node``: detection (engine ``auto``, not yet
+        detected), the health paths in order, then the models (when none are declared).
 
-        Each path gets ``timeout`` seconds for the whole answer, body included.
+        Each request gets ``timeout`` seconds for the whole answer, body included; an
+        answer is asked once per run, whichever step needs it.
         """
-        path = node.metadata.get("healthPath") if isinstance(node.metadata.get("healthPath"), str) else None
-        error = "no health path answered"
-        for candidate in (path,) if path else self._paths:
-            try:
-                status = yield self._status_of(node.url.text + candidate)
-            except defer.TimeoutError:
-                error = f"{candidate}: no answer within {self._timeout:g} s"
-                continue
-            except Exception as exc:
-                error = f"{candidate}: {exc.__class__.__name__}"
-                continue
-            if status in self._accepted:
-                return True, None
-            error = f"{candidate}: status {status}"
-        return False, error
+        answers: dict[str, tuple[Answer | None, str | None]] = {}
 
-    def _status_of(self, url: str) -> defer.Deferred:
-        """The status of ``url``, read to the end of its (capped) body within the timeout."""
-        answer = self._http.get(url, allow_redirects=False)
-        answer.addCallback(
-            lambda response: read_capped(response, MAX_PROBE_BODY, keep=False).addCallback(lambda _: response.code)
-        )
-        return answer.addTimeout(self._timeout, self._clock)
+        @defer.inlineCallbacks
+        def ask(path: str):
+            if path not in answers:
+                answers[path] = yield self._answer(node.url.text + path, path)
+            return answers[path]
+
+        engine = node.engine if node.engine != AUTO else stats.engine
+        detected = None
+        if node.engine == AUTO and stats.engine is None:
+            seen = []
+            for path in DETECTION_PATHS:
+                answer, _ = yield ask(path)
+                if answer is None:
+                    break  # no answer at all: nothing to detect this time
+                seen.append((path, answer))
+                done, found = detect(seen)
+                if done:
+                    engine = detected = found
+                    break
+        explicit = node.metadata.get("healthPath") if isinstance(node.metadata.get("healthPath"), str) else None
+        paths = (explicit,) if explicit else self._paths
+        verdict = FAILED
+        error: str | None = "no health path answered"
+        busy = profile(engine).busy_paths if stats.in_flight > 0 else frozenset()
+        for path in paths or profile(engine).health_paths:
+            if path in busy:
+                return ProbeResult(BUSY, None, detected, None)
+            answer, problem = yield ask(path)
+            if answer is None:
+                error = problem
+                continue
+            if paths:  # HEALTH_PATHS or metadata.healthPath: the first accepted status passes
+                said = PASSED if answer.status in self._accepted else FAILED
+            else:
+                said = probe_verdict(engine, answer, self._accepted, stats.health.state == UP)
+            if said == NOT_HERE or said == FAILED:
+                error = f"{path}: status {answer.status}"
+                continue
+            verdict, error = said, (None if said == PASSED else f"{path}: loading")
+            break
+        models = None
+        models_path = profile(engine).models_path
+        if verdict == PASSED and not node.models and models_path is not None and models_path not in busy:
+            answer, _ = yield ask(models_path)
+            models = models_from(models_path, answer)
+        return ProbeResult(verdict, error, detected, models)
+
+    @defer.inlineCallbacks
+    def _answer(self, url: str, path: str):
+        """``(Answer, None)`` for ``url``, read to the end of its (capped) body within the
+        timeout, or ``(None, what went wrong)``."""
+        try:
+            response = yield self._http.get(url, allow_redirects=False).addTimeout(self._timeout, self._clock)
+            body = yield read_capped(response, MAX_PROBE_BODY).addTimeout(self._timeout, self._clock)
+        except defer.TimeoutError:
+            return None, f"{path}: no answer within {self._timeout:g} s"
+        except Exception as exc:
+            return None, f"{path}: {exc.__class__.__name__}"
+        return Answer(response.code, body), None
+
+
+@attrs.frozen
+class ProbeResult:
+    """What one health run found on a node: ``verdict`` (``engines.PASSED``, ``LOADING`` or
+    ``FAILED``) and why it failed, the engine detected (if it was) and the models listed (if read)."""
+
+    verdict: str
+    error: str | None
+    detected: str | None
+    models: tuple[str, ...] | None

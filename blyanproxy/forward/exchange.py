@@ -24,6 +24,7 @@ from blyanproxy.core import (
     RawHeaders,
     Route,
     downstream_response_headers,
+    route_target,
     upstream_request_headers,
     write_error,
 )
@@ -110,7 +111,7 @@ class Exchange:
         )
         if self._body or self._method in _BODY_METHODS:
             headers.append((b"Content-Length", [b"%d" % len(self._body)]))
-        return serialize_request_head(self._method, url.path_bytes + self._route.upstream_target, headers)
+        return serialize_request_head(self._method, url.path_bytes + route_target(self._route, lease.engine), headers)
 
     def _connected(self, conn: UpstreamConnection, lease: Lease) -> None:
         self._pending = None

@@ -10,6 +10,8 @@ from blyanproxy.core import (
     ProxyError,
     Route,
     affinity_key,
+    model_of,
+    names_model,
     parse_route,
     write_error,
 )
@@ -18,7 +20,17 @@ from blyanproxy.fleet import Balancer, LeasePool
 from blyanproxy.forward import traffic
 from blyanproxy.forward.context import ForwardContext
 from blyanproxy.forward.exchange import Exchange
+from blyanproxy.forward.models import answer_models
 from blyanproxy.forward.websocket import forward_websocket, is_websocket_upgrade
+
+
+def with_model(route: Route, request) -> Route:
+    """``route`` with the model its JSON body names, for a POST to an inference path (``names_model``)."""
+    if not names_model(route, request.method):
+        return route
+    request.content.seek(0)
+    model = model_of(request.content.read())
+    return attrs.evolve(route, model=model) if model is not None else route
 
 
 class ProxyResource(Resource):
@@ -26,7 +38,9 @@ class ProxyResource(Resource):
 
     With a ``directory`` (workload discovery on), a request carrying an API
     key goes to that key's workloads; one without goes to the registry, or
-    is refused 401 when the registry has no node.
+    is refused 401 when the registry has no node. A request naming a model
+    goes to a node serving it (``with_model``); the model list is the
+    proxy's own answer (``forward.models``).
     """
 
     isLeaf = True
@@ -56,6 +70,7 @@ class ProxyResource(Resource):
         affinity = affinity_key(self._context.rules.affinity_key, request)
         if affinity is not None:
             route = attrs.evolve(route, affinity_key=affinity)
+        route = with_model(route, request)
         if directory is None or key is None:
             self._forward(request, tally, route, self._balancer)
         else:
@@ -68,6 +83,8 @@ class ProxyResource(Resource):
             pool.check(route)
         except ProxyError as err:
             self._refuse(request, tally, err)
+            return
+        if answer_models(request, tally, route, pool):
             return
         if is_websocket_upgrade(request):
             forward_websocket(self._context, request, tally, route, pool)

@@ -37,6 +37,7 @@ from blyanproxy.core import (
     Route,
     bad_handshake,
     downstream_response_headers,
+    route_target,
     upstream_request_headers,
     write_error,
 )
@@ -315,7 +316,7 @@ class _Handshake:
             strip_origin=rules.strip_origin,
             websocket=True,
         )
-        head = serialize_request_head(b"GET", url.path_bytes + self._route.upstream_target, headers)
+        head = serialize_request_head(b"GET", url.path_bytes + route_target(self._route, lease.engine), headers)
         endpoint = self.context.endpoints.endpoint(url.scheme, url.host, url.port)
         splice = _Splice(self, lease, head)
         pending = connect_quietly(endpoint, splice)

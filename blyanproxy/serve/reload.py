@@ -24,7 +24,7 @@ log = logger("reload")
 #: Settings a reload applies; every other change waits for a restart.
 LIVE = frozenset({"nodes", "selection_policy", "log_level"})
 #: The node fields a declaration owns (the rest: id, metadata, drain flag, stay).
-_DECLARED_FIELDS = ("name", "base_url", "weight", "tags", "tls_verify", "declared_by")
+_DECLARED_FIELDS = ("name", "base_url", "weight", "tags", "tls_verify", "declared_by", "engine", "models")
 
 
 @attrs.frozen

@@ -54,3 +54,12 @@ def test_node_changes_are_total(document):
         node_changes(document)
     except ProxyError as err:
         assert err.status == 400
+
+
+def test_engine_and_models_can_be_given_and_changed():
+    fields = new_node_fields({"name": "g", "baseURL": "http://h:1", "engine": "vllm", "models": ["a", "b"]})
+    assert (fields["engine"], fields["models"]) == ("vllm", ("a", "b"))
+    assert node_changes({"engine": "auto", "models": []}) == {"engine": "auto", "models": ()}
+    with pytest.raises(ProxyError) as bad:
+        node_changes({"models": "a,b"})
+    assert bad.value.message.startswith("models: must be a list")

@@ -42,6 +42,7 @@ def test_a_node_view_has_the_stored_fields_and_the_live_ones():
         "healthy": True, "usable": True, "state": "up", "lastCheck": 990.0, "lastError": None,
         "responseTime": 120.0, "consecutiveFailures": 1, "inFlight": 1, "requests": 9, "failures": 2,
         "ejectedUntil": None, "ejectReason": None, "ejections": 0,
+        "engine": "auto", "models": [], "detectedEngine": None, "servedModels": None,
     }
 
 
@@ -107,3 +108,13 @@ def test_the_usable_count_leaves_out_draining_down_and_ejected_nodes():
     probed(registry, "n2", True)
     assert usable_count(registry, NOW) == 3
     assert usable_count(NodeRegistry(), NOW) == 0
+
+
+def test_a_node_view_shows_the_engine_detected_and_the_models_served():
+    registry = registry_of(node(1), node(2, engine="vllm", models=("a", "b")))
+    stats = registry.stats("n1")
+    stats.engine, stats.models = "llamacpp", ("smol",)
+    assert {k: node_view(registry.get("n1"), stats, NOW)[k] for k in ("engine", "detectedEngine", "servedModels")} \
+        == {"engine": "auto", "detectedEngine": "llamacpp", "servedModels": ["smol"]}
+    declared = node_view(registry.get("n2"), registry.stats("n2"), NOW)
+    assert (declared["engine"], declared["models"], declared["servedModels"]) == ("vllm", ["a", "b"], ["a", "b"])

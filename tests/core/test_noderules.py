@@ -6,13 +6,17 @@ from hypothesis import strategies as st
 
 from blyanproxy.admin.nodeinput import new_node_fields
 from blyanproxy.config import ConfigError, parse_node, settings_from
+from blyanproxy.core.engines import ENGINES
 from blyanproxy.core.errors import ProxyError
 from blyanproxy.core.fleetedit import add_node, update_node
 from blyanproxy.core.fleetstate import FleetState, node_from_json
 from blyanproxy.core.noderules import (
     NodeFieldError,
     check_url_free,
+    is_model_name,
     is_tag,
+    node_engine,
+    node_models,
     node_name,
     node_tags,
     node_weight,
@@ -157,3 +161,44 @@ def test_the_settings_and_the_admin_api_accept_the_same_tags(tags):
     assert (declared is None) == (admitted is None)
     if declared is not None:
         assert declared.tags == admitted["tags"] == tuple(tags)
+
+
+def _stored(document):
+    try:
+        return node_from_json({"name": "gpu", "baseURL": "http://h:1", **document})
+    except ValueError:
+        return None
+
+
+@given(st.sampled_from(["auto", "vllm", "sglang", "llamacpp", "ollama", "tgi", "openai", "blyan", "VLLM", "x", ""]))
+def test_the_settings_the_admin_api_and_the_stored_fleet_accept_the_same_engines(engine):
+    declared = _settings_accept(f"gpu|http://h:1|engine={engine}")
+    admitted = _admin_accepts({"name": "gpu", "baseURL": "http://h:1", "engine": engine})
+    stored = _stored({"engine": engine})
+    assert (declared is None) == (admitted is None) == (stored is None) == (engine not in ENGINES)
+    if declared is not None:
+        assert declared.engine == admitted["engine"] == stored.engine == engine
+
+
+@given(st.lists(st.text(alphabet="ab-/:.7 ,|\x01", min_size=1, max_size=12), max_size=4))
+def test_the_settings_the_admin_api_and_the_stored_fleet_accept_the_same_models(models):
+    assume(all(m == m.strip() and "," not in m for m in models))  # NODE_<n> splits and strips them
+    declared = _settings_accept("gpu|http://h:1|models=" + ",".join(models))
+    admitted = _admin_accepts({"name": "gpu", "baseURL": "http://h:1", "models": models})
+    stored = _stored({"models": models})
+    assert (admitted is None) == (stored is None) == (not all(is_model_name(m) for m in models))
+    if "|" not in "".join(models):  # a bar would end the field in NODE_<n>
+        assert (declared is None) == (admitted is None)
+    if admitted is not None:
+        assert admitted["models"] == stored.models == tuple(dict.fromkeys(models))
+
+
+def test_models_and_engine_refusals_name_the_field():
+    with pytest.raises(NodeFieldError) as engine:
+        node_engine("vLLM")
+    assert str(engine.value).startswith("engine must be one of auto, vllm")
+    with pytest.raises(NodeFieldError) as models:
+        node_models(["a"] * 0 + [f"m{i}" for i in range(65)])
+    assert models.value.field == "models"
+    assert node_models(("meta-llama/Llama-3.1-8B-Instruct", "llama3:latest")) == (
+        "meta-llama/Llama-3.1-8B-Instruct", "llama3:latest")

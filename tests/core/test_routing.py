@@ -113,3 +113,19 @@ def test_bad_tag_and_index_routes(target, status, code):
 def test_other_paths_are_policy_routes(target):
     route = parse_route(target)
     assert route.tag is None and route.index is None
+
+
+def test_the_api_prefix_is_kept_for_ollama_nodes_only():
+    from blyanproxy.core.routing import names_model, route_target
+
+    route = parse_route(b"/api/chat?x=1&api=gpu")
+    assert (route.upstream_target, route.api_target, route.node) == (b"/chat?x=1", b"/api/chat?x=1", "gpu")
+    assert route_target(route, "ollama") == b"/api/chat?x=1"
+    assert route_target(route, "blyan") == route_target(route, None) == b"/chat?x=1"
+    assert route.client_path == b"/api/chat"
+    assert names_model(route, b"POST") and not names_model(route, b"GET")
+    plain = parse_route(b"/v1/chat/completions")
+    assert plain.api_target is None and route_target(plain, "ollama") == b"/v1/chat/completions"
+    tagged = parse_route(b"/tags/gpu/api/generate")
+    assert route_target(tagged, "blyan") == b"/api/generate" and names_model(tagged, b"POST")
+    assert not names_model(parse_route(b"/v1/models"), b"POST")

@@ -281,3 +281,50 @@ def test_nodes_nobody_probes_come_back_after_the_cooldown():
     assert readmitted.node.id == "n1"
     readmitted.failed("refused")
     assert registry.stats("n1").health.ejected_until == clock.seconds() + 20  # twice as long this time
+
+
+# -- model routing -------------------------------------------------------------------------
+
+def model_route(model, target=b"/v1/chat/completions"):
+    import attrs
+
+    return attrs.evolve(parse_route(target), model=model)
+
+
+def test_a_model_goes_to_the_nodes_known_to_serve_it_and_unknown_ones_only_without_them():
+    clock, registry, balancer = fleet(node(1, models=("a",)), node(2), node(3), policy="round-robin")
+    registry.stats("n3").models = ("a", "b")
+    assert sorted({balancer.acquire(model_route("a"), NONE).node.id for _ in range(6)}) == ["n1", "n3"]
+    assert {balancer.acquire(model_route("c"), NONE).node.id for _ in range(3)} == {"n2"}  # n2's list: not known
+    assert balancer.acquire(model_route("a"), frozenset({"n1", "n3"})).node.id == "n2"  # failover to an unknown
+    registry.stats("n2").models = ()
+    with pytest.raises(ProxyError) as missing:
+        balancer.check(model_route("c"))
+    assert (missing.value.status, missing.value.code) == (404, "model_not_found") and "'c'" in missing.value.message
+    balancer.check(model_route("b"))
+
+
+def test_a_model_served_only_by_unusable_nodes_is_no_node_now_not_unknown():
+    clock, registry, balancer = fleet(node(1, models=("a",)), node(2, models=("b",)))
+    stats = registry.stats("n1")
+    stats.health = after_probe(stats.health, False, clock.seconds(), RULES)
+    balancer.check(model_route("a"))  # served, just not now: the attempt machine answers 503
+    assert balancer.acquire(model_route("a"), NONE) is None
+    assert balancer.acquire(model_route("b"), NONE).node.id == "n2"
+
+
+def test_the_listing_is_the_usable_nodes_of_the_route():
+    clock, registry, balancer = fleet(node(1, tags=("gpu",)), node(2), node(3, tags=("gpu",)))
+    stats = registry.stats("n3")
+    stats.health = after_probe(stats.health, False, clock.seconds(), RULES)
+    assert [n.id for n, _ in balancer.listing(parse_route(b"/tags/gpu/v1/models"))] == ["n1"]
+    assert [n.id for n, _ in balancer.listing(parse_route(b"/v1/models"))] == ["n1", "n2"]
+    assert balancer.listing(parse_route(b"/tags/none/v1/models")) == []
+
+
+def test_a_model_served_only_by_a_draining_node_is_unavailable_not_unknown():
+    clock, registry, balancer = fleet(node(1, models=("a",), draining=True), node(2, models=("b",)))
+    balancer.check(model_route("a"))
+    assert balancer.acquire(model_route("a"), NONE) is None
+    with pytest.raises(ProxyError):
+        balancer.check(model_route("c"))

@@ -44,6 +44,8 @@ class FakeHTTP:
 
 
 def node(index, **kwargs):
+    """A node of a declared engine and models: no detection, no model list read (see test_engine_probes)."""
+    kwargs = {"engine": "blyan", "models": ("m",), **kwargs}
     return Node(id=f"n{index}", name=f"node{index}", base_url=f"http://10.0.0.{index}:8000", **kwargs)
 
 

@@ -165,7 +165,7 @@ async def test_sighup_rereads_the_env_file_without_dropping_a_stream(
     await eventually(reactor, lambda: "reloaded" in proxy.output, timeout=10)
     assert await node_names() == ["second"]
     assert "MAX_ATTEMPTS changed; restart to apply" in proxy.output
-    response = await treq.get(proxy.url + "/v1/models", timeout=5)
+    response = await treq.get(proxy.url + "/_devnode/echo", timeout=5)
     assert response.headers.getRawHeaders("X-Blyan-Node") == ["second"]
     await response.content()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -60,20 +61,26 @@ async def test_demo_mode_proxies_to_its_simulated_nodes_and_stops_cleanly(reacto
                      "--port", f"tcp:{port}:interface=127.0.0.1"]
     transport = reactor.spawnProcess(process, argv[0], argv, env=dict(os.environ), path=str(tmp_path))
     try:
-        url = f"http://127.0.0.1:{port}/v1/models"
-        for _ in range(200):
+        base = f"http://127.0.0.1:{port}"
+        models = []
+        for _ in range(200):  # the proxy detects both engines and learns their models
             try:
-                response = await treq.get(url, timeout=5)
-                break
+                response = await treq.get(base + "/v1/models", timeout=5)
+                assert response.code == 200
+                models = sorted(model["id"] for model in (await response.json())["data"])
+                if models == ["demo-chat", "demo-code"]:
+                    break
             except ConnectionRefusedError:
-                await sleep(reactor, 0.1)
-        nodes = set()
-        for _ in range(4):
-            response = await treq.get(url, timeout=5)
+                pass
+            await sleep(reactor, 0.1)
+        assert models == ["demo-chat", "demo-code"]  # a mixed fleet: two models, two engine kinds
+        for model, node in (("demo-chat", "demo-0"), ("demo-code", "demo-1")) * 2:
+            body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
+            response = await treq.post(base + "/v1/chat/completions", data=body, timeout=5,
+                                       headers={"Content-Type": "application/json"})
             assert response.code == 200
-            assert (await response.json())["object"] == "list"
-            nodes.update(response.headers.getRawHeaders("X-Blyan-Node"))
-        assert nodes == {"demo-0", "demo-1"}
+            assert response.headers.getRawHeaders("X-Blyan-Node") == [node]
+            assert (await response.json())["model"] == model
     finally:
         if not process.ended.called:
             transport.signalProcess(signal.SIGTERM)
@@ -81,7 +88,8 @@ async def test_demo_mode_proxies_to_its_simulated_nodes_and_stops_cleanly(reacto
     # twistd re-raises the signal that stopped it, the Unix convention for "stopped by SIGTERM".
     assert (code, killed_by) in ((0, None), (None, signal.SIGTERM)), process.output.decode(errors="replace")
     assert b"Traceback" not in process.output and b"Unhandled" not in process.output
-    assert b"demo node demo-0 listening" in process.output
+    assert b"demo node demo-0 (vllm, model demo-chat) listening" in process.output
+    assert b"node demo-1 runs llamacpp" in process.output
 
 
 @pytest_twisted.ensureDeferred

@@ -24,3 +24,18 @@ def require_program(name: str) -> str:
     if os.environ.get(STRICT_ENV) == "1":
         pytest.fail(message + f" ({STRICT_ENV}=1)")
     pytest.skip(message)
+
+
+def require_module(name: str, extra: str) -> None:
+    """Skip the test when Python module ``name`` (from the ``extra`` extra) is not installed.
+
+    With ``BLYANPROXY_REQUIRE_TOOLS=1`` (as in CI, which installs the extra) it is a failure.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec(name) is not None:
+        return
+    message = f"{name} is not installed (pip install -e '.[{extra}]')"
+    if os.environ.get(STRICT_ENV) == "1":
+        pytest.fail(message + f" ({STRICT_ENV}=1)")
+    pytest.skip(message)
