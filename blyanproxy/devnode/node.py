@@ -10,14 +10,15 @@ from twisted.logger import Logger
 
 from blyanproxy.devnode.config import DevNodeConfig
 from blyanproxy.devnode.engines import Load
-from blyanproxy.devnode.http import DevNodeResource, DevNodeSite, header_lines
+from blyanproxy.devnode.http import DevNodeResource
+from blyanproxy.devnode.site import DevNodeSite, header_lines
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IListeningPort, IReactorTCP, IReactorTime
     from twisted.web.resource import IResource
     from twisted.web.server import Request, Site
 
-    from blyanproxy.devnode.http import TrackedConnection
+    from blyanproxy.devnode.site import TrackedConnection
 
 
 log = Logger()

@@ -27,20 +27,7 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.web.client import Agent
 
-from blyanproxy.core import DOWN, LOADING, UP, HealthRules, Node, NodeRegistry, after_loading, after_probe
-from blyanproxy.core.engines import (
-    AUTO,
-    BUSY,
-    DETECTION_PATHS,
-    FAILED,
-    NOT_HERE,
-    PASSED,
-    Answer,
-    detect,
-    models_from,
-    probe_verdict,
-    profile,
-)
+from blyanproxy.core import DOWN, LOADING, UP, HealthRules, Node, NodeRegistry, after_loading, after_probe, engines
 from blyanproxy.logs import logger
 from blyanproxy.twistedinternals import quiet_connection_pool
 from blyanproxy.upstream import read_capped
@@ -135,19 +122,20 @@ class HealthMonitor(Service):
             current = self._registry.get(node.id)
             if current is None or current.url != node.url or self._registry.stats(node.id) is not stats:
                 return  # removed, re-added or moved while being probed: the answer is stale
-            if result.verdict == BUSY:
+            if result.verdict == engines.BUSY:
                 return  # serving our requests: their outcome is the evidence this time
             now = self._clock.seconds()
             before = stats.health.state
             if result.verdict == LOADING:
                 stats.health = after_loading(stats.health, now)
             else:
-                stats.health = after_probe(stats.health, result.verdict == PASSED, now, self._rules, result.error)
-            if result.verdict == PASSED:
+                passed = result.verdict == engines.PASSED
+                stats.health = after_probe(stats.health, passed, now, self._rules, result.error)
+            if result.verdict == engines.PASSED:
                 stats.observe_latency((now - started) * 1000.0)
             self._learn(node, stats, result)
             if self.on_probe is not None:
-                self.on_probe(node.name, result.verdict == PASSED, now - started)
+                self.on_probe(node.name, result.verdict == engines.PASSED, now - started)
             after = stats.health.state
             if after != before and after in (UP, DOWN, LOADING):
                 log.info(
@@ -168,7 +156,7 @@ class HealthMonitor(Service):
             stats.models = result.models
             log.info("node {node} serves {count} model(s): {models}", node=node.name,
                      count=len(result.models), models=", ".join(result.models[:8]))
-        if stats.health.state == DOWN and result.verdict != PASSED and node.engine == AUTO:
+        if stats.health.state == DOWN and result.verdict != engines.PASSED and node.engine == engines.AUTO:
             stats.engine = None
 
     @defer.inlineCallbacks
@@ -179,7 +167,7 @@ class HealthMonitor(Service):
         Each request gets ``timeout`` seconds for the whole answer, body included; an
         answer is asked once per run, whichever step needs it.
         """
-        answers: dict[str, tuple[Answer | None, str | None]] = {}
+        answers: dict[str, tuple[engines.Answer | None, str | None]] = {}
 
         @defer.inlineCallbacks
         def ask(path: str):
@@ -187,45 +175,45 @@ class HealthMonitor(Service):
                 answers[path] = yield self._answer(node.url.text + path, path)
             return answers[path]
 
-        engine = node.engine if node.engine != AUTO else stats.engine
+        engine = node.engine if node.engine != engines.AUTO else stats.engine
         detected = None
-        if node.engine == AUTO and stats.engine is None:
+        if node.engine == engines.AUTO and stats.engine is None:
             seen = []
-            for path in DETECTION_PATHS:
+            for path in engines.DETECTION_PATHS:
                 answer, _ = yield ask(path)
                 if answer is None:
                     break  # no answer at all: nothing to detect this time
                 seen.append((path, answer))
-                done, found = detect(seen)
+                done, found = engines.detect(seen)
                 if done:
                     engine = detected = found
                     break
         explicit = node.metadata.get("healthPath") if isinstance(node.metadata.get("healthPath"), str) else None
         paths = (explicit,) if explicit else self._paths
-        verdict = FAILED
+        verdict = engines.FAILED
         error: str | None = "no health path answered"
-        busy = profile(engine).busy_paths if stats.in_flight > 0 else frozenset()
-        for path in paths or profile(engine).health_paths:
+        busy = engines.profile(engine).busy_paths if stats.in_flight > 0 else frozenset()
+        for path in paths or engines.profile(engine).health_paths:
             if path in busy:
-                return ProbeResult(BUSY, None, detected, None)
+                return ProbeResult(engines.BUSY, None, detected, None)
             answer, problem = yield ask(path)
             if answer is None:
                 error = problem
                 continue
             if paths:  # HEALTH_PATHS or metadata.healthPath: the first accepted status passes
-                said = PASSED if answer.status in self._accepted else FAILED
+                said = engines.PASSED if answer.status in self._accepted else engines.FAILED
             else:
-                said = probe_verdict(engine, answer, self._accepted, stats.health.state == UP)
-            if said == NOT_HERE or said == FAILED:
+                said = engines.probe_verdict(engine, answer, self._accepted, stats.health.state == UP)
+            if said == engines.NOT_HERE or said == engines.FAILED:
                 error = f"{path}: status {answer.status}"
                 continue
-            verdict, error = said, (None if said == PASSED else f"{path}: loading")
+            verdict, error = said, (None if said == engines.PASSED else f"{path}: loading")
             break
         models = None
-        models_path = profile(engine).models_path
-        if verdict == PASSED and not node.models and models_path is not None and models_path not in busy:
+        models_path = engines.profile(engine).models_path
+        if verdict == engines.PASSED and not node.models and models_path is not None and models_path not in busy:
             answer, _ = yield ask(models_path)
-            models = models_from(models_path, answer)
+            models = engines.models_from(models_path, answer)
         return ProbeResult(verdict, error, detected, models)
 
     @defer.inlineCallbacks
@@ -239,13 +227,13 @@ class HealthMonitor(Service):
             return None, f"{path}: no answer within {self._timeout:g} s"
         except Exception as exc:
             return None, f"{path}: {exc.__class__.__name__}"
-        return Answer(response.code, body), None
+        return engines.Answer(response.code, body), None
 
 
 @attrs.frozen
 class ProbeResult:
     """What one health run found on a node: ``verdict`` (``engines.PASSED``, ``LOADING`` or
-    ``FAILED``) and why it failed, the engine detected (if it was) and the models listed (if read)."""
+    ``engines.FAILED``) and why it failed, the engine detected (if it was) and the models listed (if read)."""
 
     verdict: str
     error: str | None

@@ -26,7 +26,7 @@ from blyanproxy.devnode.config import (
     parse_flag,
     request_knobs,
 )
-from blyanproxy.devnode.http import DevNodeSite
+from blyanproxy.devnode.site import DevNodeSite
 from blyanproxy.devnode.stream import TokenSchedule
 from blyanproxy.devnode.wire import (
     ApiError,
