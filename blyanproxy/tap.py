@@ -106,19 +106,20 @@ class Options(usage.Options):
         return given + [f"--node={value}" for value in self.node_options]
 
     def postOptions(self) -> None:
+        """Read the settings; a bad one ends start-up with one line naming it (no help text)."""
         try:
             self.settings = load_settings(os.environ, self, self.node_options)
         except ConfigError as exc:
-            raise usage.UsageError(str(exc)) from None
+            raise SystemExit(f"blyan-proxy: {exc}") from None
         try:
             serverFromString(None, self.settings.listen)  # parse only: twistd picks the reactor later
         except (ValueError, KeyError, TypeError) as exc:
-            raise usage.UsageError(f"--port: {self.settings.listen!r} is not usable ({exc})") from None
+            raise SystemExit(f"blyan-proxy: --port: {self.settings.listen!r} is not usable ({exc})") from None
         if self.settings.tls_ca_file:
             try:
                 load_trust_root(self.settings.tls_ca_file)
             except ValueError as exc:
-                raise usage.UsageError(f"TLS_CA_FILE: {exc}") from None
+                raise SystemExit(f"blyan-proxy: TLS_CA_FILE: {exc}") from None
 
 
 def node_from_spec(spec: NodeSpec, now: float) -> Node:
@@ -364,15 +365,15 @@ def make_proxy_service(settings: Settings, reactor, reload_settings=None,
 
 
 def make_supervisor_service(settings: Settings, reactor, arguments: list) -> WorkerSupervisor:
-    """The ``--workers N`` supervisor: workers run ``twistd -n blyan-proxy`` with ``arguments``."""
+    """The ``--workers N`` supervisor: workers run ``blyan-proxy`` (``twistd -n blyan-proxy``) with ``arguments``."""
     set_log_level(settings.log_level)
     set_log_format(settings.log_format)
     try:  # the token file is written once here, not raced by the workers
         load_or_create_token(settings.admin_token, settings.admin_token_file, settings.state_file)
     except (ValueError, OSError) as problem:
         raise SystemExit(f"blyan-proxy: {problem}") from None
-    argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
-            "blyan-proxy", *arguments]
+    # The console script's way in, not twistd's: it finds the plugin in every install mode.
+    argv = [sys.executable, "-c", "from blyanproxy.scripts import proxy; proxy()", *arguments]
     return WorkerSupervisor(reactor, settings.listen, settings.workers, argv, os.environ,
                             settings.worker_stop_timeout)
 
