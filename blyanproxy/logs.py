@@ -58,6 +58,11 @@ def logger(name: str) -> Logger:
     return Logger(namespace=f"{NAMESPACE}.{name}", observer=_OBSERVER)
 
 
+def debugging(name: str) -> bool:
+    """Whether DEBUG events of ``logger(name)`` are written now: callers skip building costly fields when not."""
+    return _PREDICATE.logLevelForNamespace(f"{NAMESPACE}.{name}") <= LogLevel.debug
+
+
 def set_log_level(name: str) -> None:
     """Write blyanproxy events at ``name`` (DEBUG, INFO, WARN, ERROR) and above."""
     _PREDICATE.setLogLevelForNamespace(NAMESPACE, LOG_LEVELS[name.upper()])

@@ -10,10 +10,9 @@ import os
 import secrets
 import socket
 import sys
+from functools import partial
 
 import attrs
-from twisted.application import strports
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import LoopingCall
@@ -27,6 +26,7 @@ from blyanproxy.admin import (
     StatusView,
     WorkloadsView,
     load_or_create_token,
+    token_file_path,
 )
 from blyanproxy.config import (
     LISTEN_OPTION,
@@ -51,6 +51,7 @@ from blyanproxy.metrics import MetricsResource, ProxyMetrics
 from blyanproxy.serve import (
     ConnectionTracker,
     Drainer,
+    Listener,
     ParentWatch,
     ProcessSignals,
     ProxySite,
@@ -62,6 +63,7 @@ from blyanproxy.serve import (
     worker_endpoint,
     worker_role,
 )
+from blyanproxy.startup import StartupFacts, log_summary, package_version
 from blyanproxy.store import EtcdStore, JsonFileStore, MemoryStore
 from blyanproxy.upstream import NodeEndpoints, NodeTLSPolicy, UpstreamPool, load_trust_root
 
@@ -156,6 +158,11 @@ class UpstreamPoolService(Service):
         return self._pool.close()
 
 
+def demo_node_name(index: int) -> str:
+    """The name of the ``index``-th simulated node of ``--demo``."""
+    return f"demo-{index}"
+
+
 class DemoNodesService(Service):
     """Starts simulated nodes on free loopback ports and registers them (``--demo N``)."""
 
@@ -170,7 +177,7 @@ class DemoNodesService(Service):
 
         super().startService()
         for index in range(self._count):
-            config = DevNodeConfig(name=f"demo-{index}")
+            config = DevNodeConfig(name=demo_node_name(index))
             _, port = listen_devnode(self._reactor, config)
             self._ports.append(port)
             url = f"http://127.0.0.1:{port.getHost().port}"
@@ -201,6 +208,8 @@ class ProxyParts:
     store: StateStore
     directory: WorkloadDirectory | None = None
     store_service: EtcdStore | None = None  # started with the proxy when the fleet is in etcd
+    store_note: str = "memory only (nothing is saved)"  # where the fleet is kept, for the start-up summary
+    token_note: str = "generated for this process only"  # where the admin token came from, likewise
 
 
 def build_proxy(settings: Settings, reactor, persist: bool = True, worker: int | None = None) -> ProxyParts:
@@ -236,15 +245,22 @@ def build_proxy(settings: Settings, reactor, persist: bool = True, worker: int |
     store: StateStore
     if not persist or settings.demo:
         store = MemoryStore()
+        store_note = "memory only (demo mode: nothing is saved)" if settings.demo else "memory only (nothing is saved)"
     elif settings.state_store is None:
         store = JsonFileStore(settings.state_file, reactor)
+        store_note = f"state file {settings.state_file} ({_how_found(store)})"
     else:
         store = store_service = EtcdStore(
             reactor, settings.state_store, settings.etcd_timeout, declared,
             identity=f"{socket.gethostname()}:{os.getpid()}",
         )
+        store_note = (f"etcd at {settings.state_store.base_url}, keys under {settings.state_store.prefix.decode()} "
+                      "(the declared nodes serve until it answers)")
     keeper = FleetKeeper(registry, balancer, store)
-    keeper.restore(declared)
+    try:
+        keeper.restore(declared)
+    except OSError as problem:
+        raise StateError(f"STATE_FILE: {settings.state_file} cannot be saved: {_why(problem)}") from None
     health = HealthMonitor(
         registry, probe_client(reactor, endpoints), reactor, settings.health_interval, settings.health_timeout,
         settings.health_paths, settings.health_statuses, rules,
@@ -261,9 +277,11 @@ def build_proxy(settings: Settings, reactor, persist: bool = True, worker: int |
     context = ForwardContext(reactor, pool, endpoints, recorder, forward_rules(settings))
     forwarder = ProxyResource(context, balancer, directory)
     if persist:
-        token = load_or_create_token(settings.admin_token, settings.admin_token_file, settings.state_file)
+        token, token_note = admin_token(settings)
+    elif settings.admin_token:
+        token, token_note = settings.admin_token, "ADMIN_TOKEN"
     else:
-        token = settings.admin_token or secrets.token_urlsafe(32)
+        token, token_note = secrets.token_urlsafe(32), "generated for this process only"
     admin = AdminAPI(registry, balancer, keeper, health, counters, token, reactor,
                      FailureThrottle(reactor))
     root = RootResource(
@@ -282,7 +300,39 @@ def build_proxy(settings: Settings, reactor, persist: bool = True, worker: int |
     return ProxyParts(
         site=site, registry=registry, balancer=balancer, pool=pool, health=health, keeper=keeper,
         metrics=metrics, store=store, directory=directory, store_service=store_service,
+        store_note=store_note, token_note=token_note,
     )
+
+
+def _how_found(store: JsonFileStore) -> str:
+    """Whether restoring ``store`` loads its file, falls back to the backup, or creates it."""
+    if os.path.exists(store.path):
+        return "loaded"
+    return f"restored from {store.backup}" if os.path.exists(store.backup) else "created"
+
+
+def _why(problem: OSError) -> str:
+    """An ``OSError``'s reason and the path it is about, without Python's ``[Errno n]``."""
+    reason = problem.strerror or str(problem)
+    return f"{reason} ({problem.filename})" if problem.filename else reason
+
+
+def admin_token(settings: Settings) -> tuple[str, str]:
+    """The admin token (``ADMIN_TOKEN``, or the token file, made if missing) and where it came from.
+
+    ``ValueError`` naming the variable when the token file cannot be read or written."""
+    if settings.admin_token:
+        return settings.admin_token, "ADMIN_TOKEN"
+    path = token_file_path(settings.admin_token_file, settings.state_file)
+    variable = "ADMIN_TOKEN_FILE" if settings.admin_token_file else "STATE_FILE (the admin token file beside it)"
+    existed = os.path.exists(path)
+    try:
+        token = load_or_create_token(None, settings.admin_token_file, settings.state_file)
+    except OSError as problem:
+        raise ValueError(f"{variable}: {path} cannot be {'read' if existed else 'made'}: {_why(problem)}") from None
+    except ValueError as problem:
+        raise ValueError(f"{variable}: {problem}") from None
+    return token, f"file {path} ({'read' if existed else 'created, mode 0600'})"
 
 
 def forward_rules(settings: Settings) -> ForwardRules:
@@ -335,8 +385,6 @@ def make_proxy_service(settings: Settings, reactor, reload_settings=None,
         parts = build_proxy(settings, reactor, worker=role.index if role else None)
     except (StateError, ValueError, OSError) as problem:
         raise SystemExit(f"blyan-proxy: {problem}") from None
-    if settings.demo:
-        log.info("demo mode: the fleet is not saved to {path}", path=settings.state_file)
     connections = ConnectionTracker(parts.site)
     top = Drainer(connections, reactor, settings.drain_grace, parts.keeper.flush)
     UpstreamPoolService(parts.pool, reactor, settings.pool_idle_timeout).setServiceParent(top)
@@ -351,17 +399,30 @@ def make_proxy_service(settings: Settings, reactor, reload_settings=None,
         reloader = Reloader(settings, reload_settings, parts.registry, parts.keeper,
                             lambda spec: node_from_spec(spec, reactor.seconds()))
         ProcessSignals(reactor, reloader.reload).setServiceParent(top)
+    summary = partial(log_summary, startup_facts(settings, parts, role))  # logged once the port is open
     if role is None:
-        top.add_listener(strports.service(settings.listen, connections, reactor=reactor))
+        top.add_listener(Listener(serverFromString(reactor, settings.listen), connections, settings.listen, summary))
     else:
-        top.add_listener(StreamServerEndpointService(worker_endpoint(reactor, role), connections))
+        top.add_listener(Listener(worker_endpoint(reactor, role), connections, "the supervisor's socket", summary))
         reactor.addReader(ParentWatch(reactor))
-    log.info(
-        "blyan-proxy on {listen}{worker}: {count} node(s), policy {policy}",
-        listen=settings.listen, worker=f" (worker {role.index})" if role else "",
-        count=len(settings.nodes) + settings.demo, policy=settings.selection_policy,
-    )
     return top
+
+
+def startup_facts(settings: Settings, parts: ProxyParts, role: WorkerRole | None) -> StartupFacts:
+    """What this process runs, after the fleet was restored (the start-up summary's facts)."""
+    return StartupFacts(
+        listen=settings.listen,
+        process=f"worker {role.index}" if role else "one process",
+        nodes=tuple(node.name for node in parts.registry.nodes())
+        + tuple(demo_node_name(index) for index in range(settings.demo)),
+        declared=len(settings.nodes),
+        store=parts.store_note,
+        token=parts.token_note,
+        policy=parts.balancer.policy,
+        settings_policy=settings.selection_policy,
+        runtime_policy=parts.keeper.snapshot().policy,
+        discovery=settings.api_url,
+    )
 
 
 def make_supervisor_service(settings: Settings, reactor, arguments: list) -> WorkerSupervisor:
@@ -369,9 +430,11 @@ def make_supervisor_service(settings: Settings, reactor, arguments: list) -> Wor
     set_log_level(settings.log_level)
     set_log_format(settings.log_format)
     try:  # the token file is written once here, not raced by the workers
-        load_or_create_token(settings.admin_token, settings.admin_token_file, settings.state_file)
-    except (ValueError, OSError) as problem:
+        _, token_note = admin_token(settings)
+    except ValueError as problem:
         raise SystemExit(f"blyan-proxy: {problem}") from None
+    log.info("blyan-proxy {version} supervising {workers} workers on {listen}; admin token: {token}",
+             version=package_version(), workers=settings.workers, listen=settings.listen, token=token_note)
     # The console script's way in, not twistd's: it finds the plugin in every install mode.
     argv = [sys.executable, "-c", "from blyanproxy.scripts import proxy; proxy()", *arguments]
     return WorkerSupervisor(reactor, settings.listen, settings.workers, argv, os.environ,
