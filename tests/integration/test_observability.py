@@ -189,3 +189,26 @@ async def test_a_websocket_writes_an_access_line_when_it_ends_and_is_counted(
     for ended in ("client_closed", "node_closed"):
         assert sample(families, "blyan_requests", "blyan_requests_total", node="node0", status_class="1xx",
                       ended=ended) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_proxys_own_errors_log_the_bytes_they_send(reactor, proxy_factory, workloads_api, access_lines):
+    proxy = await proxy_factory([closed_port_url()], max_attempts=1)
+    for status in (502, 503):  # refused, then the node is ejected: no usable node
+        response = await treq.get(proxy.url + "/v1/models", timeout=5)
+        body = await response.content()
+        assert response.code == status
+        assert f"status={status} " in access_lines[-1] and access_lines[-1].endswith(
+            f" bytes_out={len(body)} ended=error")
+    client = await connect(reactor, proxy.url)  # a WebSocket handshake no node can take
+    client.transport.write(WEBSOCKET_UPGRADE)
+    answer = await client.wait_for(b"}")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    client.transport.loseConnection()
+    assert head.startswith(b"HTTP/1.1 503 ") and f"content-length: {len(body)}".encode() in head.lower()
+    await eventually(reactor, lambda: " /ws/echo status=503 " in access_lines[-1])
+    assert access_lines[-1].endswith(f" bytes_out={len(body)} ended=error")
+    discovering = await proxy_factory([], api_url=workloads_api.url)
+    response = await treq.get(discovering.url + "/v1/models", timeout=5)  # no API key: refused before any node
+    body = await response.content()
+    assert response.code == 401 and access_lines[-1].endswith(f" bytes_out={len(body)} ended=error")
