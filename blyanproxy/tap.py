@@ -46,7 +46,7 @@ from blyanproxy.forward import (
     TrafficRecorder,
     write_access_line,
 )
-from blyanproxy.logs import logger, set_log_format, set_log_level
+from blyanproxy.logs import choose_process_log, logger, set_log_level
 from blyanproxy.metrics import MetricsResource, ProxyMetrics
 from blyanproxy.serve import (
     ConnectionTracker,
@@ -122,6 +122,8 @@ class Options(usage.Options):
                 load_trust_root(self.settings.tls_ca_file)
             except ValueError as exc:
                 raise SystemExit(f"blyan-proxy: TLS_CA_FILE: {exc}") from None
+        # Read now, before twistd starts its log: LOG_FORMAT=json makes that log JSON lines.
+        choose_process_log(getattr(self, "parent", None), self.settings.log_format)
 
 
 def node_from_spec(spec: NodeSpec, now: float) -> Node:
@@ -380,7 +382,6 @@ def make_proxy_service(settings: Settings, reactor, reload_settings=None,
     reload them; with it, SIGTERM and SIGHUP get the proxy's handlers.
     """
     set_log_level(settings.log_level)
-    set_log_format(settings.log_format)
     try:
         parts = build_proxy(settings, reactor, worker=role.index if role else None)
     except (StateError, ValueError, OSError) as problem:
@@ -428,7 +429,6 @@ def startup_facts(settings: Settings, parts: ProxyParts, role: WorkerRole | None
 def make_supervisor_service(settings: Settings, reactor, arguments: list) -> WorkerSupervisor:
     """The ``--workers N`` supervisor: workers run ``blyan-proxy`` (``twistd -n blyan-proxy``) with ``arguments``."""
     set_log_level(settings.log_level)
-    set_log_format(settings.log_format)
     try:  # the token file is written once here, not raced by the workers
         _, token_note = admin_token(settings)
     except ValueError as problem:

@@ -9,7 +9,7 @@ import pytest
 from twisted.internet import error
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
@@ -28,7 +28,7 @@ def access_lines():
 
     def observe(event):
         if event.get("log_namespace") == "blyanproxy.access":
-            lines.append(event["line"])
+            lines.append(formatEvent(event))
 
     globalLogPublisher.addObserver(observe)
     yield lines

@@ -7,7 +7,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.interfaces import IListeningPort, IReactorTime
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 
 from blyanproxy.devnode import DevNode, DevNodeConfig, listen_devnode
 
@@ -59,7 +59,7 @@ def access_lines():
 
     def observe(event):
         if event.get("log_namespace") == "blyanproxy.access":
-            lines.append(event["line"])
+            lines.append(formatEvent(event))
 
     globalLogPublisher.addObserver(observe)
     yield lines
