@@ -86,6 +86,7 @@ def test_the_console_scripts_run_after_this_install_mode(tmp_path, editable):
     node = _run(bin_dir, "blyan-devnode", "--name", "gpu-a", "--port", f"tcp:{node_port}:interface=127.0.0.1",
                 cwd=tmp_path)
     try:
+        assert _get(f"http://127.0.0.1:{node_port}/health")[0] == 200  # up before the proxy's first probe
         proxy = _run(bin_dir, "blyan-proxy", "--node", f"gpu-a|http://127.0.0.1:{node_port}",
                      "--port", f"tcp:{proxy_port}:interface=127.0.0.1", cwd=tmp_path)
         try:
