@@ -1,16 +1,25 @@
-"""Loggers for blyanproxy's own events, filtered by ``LOG_LEVEL`` into twistd's log.
+"""Loggers for blyanproxy's own events, filtered by ``LOG_LEVEL``, and the ``LOG_FORMAT=json`` log.
 
 Modules get their logger from ``logger("proxy")``: a ``twisted.logger.Logger``
 in the ``blyanproxy.proxy`` namespace whose events pass a level filter on their
-way to the global publisher (which twistd connects to its log file or stdout).
-With ``LOG_FORMAT=json`` they go to standard output as JSON lines instead, one
-object per event, for log shippers; Twisted's own lines stay in twistd's log.
+way to the global publisher, where twistd's log observer writes them with
+Twisted's own events.
+
+With ``LOG_FORMAT=json`` that observer is ``JsonLinesObserver``: every event on
+standard output, Twisted's included, is one flat JSON object on one line
+(``json_event``): ``time`` (RFC 3339, UTC), ``level`` (a word), ``namespace``,
+the rendered ``message``, then the event's own fields. ``choose_process_log``
+asks twistd (or ``twist``) for it while the command line is read, so twistd's
+text observer never writes to standard output too.
 """
 
 from __future__ import annotations
 
+import json
 import sys
-from typing import TextIO
+from collections.abc import MutableMapping
+from datetime import datetime, timezone
+from typing import Any, TextIO
 
 from twisted.logger import (
     FilteringLogObserver,
@@ -19,8 +28,8 @@ from twisted.logger import (
     Logger,
     LogLevel,
     LogLevelFilterPredicate,
+    formatEvent,
     globalLogPublisher,
-    jsonFileLogObserver,
 )
 from zope.interface import implementer
 
@@ -35,22 +44,8 @@ LOG_LEVELS = {
     "ERROR": LogLevel.error,
 }
 
-
-@implementer(ILogObserver)
-class _Destination:
-    """Where events that pass the level filter go; switchable at start-up."""
-
-    def __init__(self) -> None:
-        self.target: ILogObserver = globalLogPublisher
-
-    def __call__(self, event: LogEvent) -> None:
-        """Pass ``event`` on to the current target."""
-        self.target(event)
-
-
 _PREDICATE = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
-_DESTINATION = _Destination()
-_OBSERVER = FilteringLogObserver(_DESTINATION, [_PREDICATE])
+_OBSERVER = FilteringLogObserver(globalLogPublisher, [_PREDICATE])
 
 
 def logger(name: str) -> Logger:
@@ -58,14 +53,116 @@ def logger(name: str) -> Logger:
     return Logger(namespace=f"{NAMESPACE}.{name}", observer=_OBSERVER)
 
 
+def debugging(name: str) -> bool:
+    """Whether DEBUG events of ``logger(name)`` are written now: callers skip building costly fields when not."""
+    return _PREDICATE.logLevelForNamespace(f"{NAMESPACE}.{name}") <= LogLevel.debug
+
+
 def set_log_level(name: str) -> None:
     """Write blyanproxy events at ``name`` (DEBUG, INFO, WARN, ERROR) and above."""
     _PREDICATE.setLogLevelForNamespace(NAMESPACE, LOG_LEVELS[name.upper()])
 
 
-def set_log_format(name: str, stream: TextIO | None = None) -> None:
-    """``text``: into twistd's log; ``json``: JSON lines on ``stream`` (standard output by default)."""
-    if name == "json":
-        _DESTINATION.target = jsonFileLogObserver(stream or sys.stdout, recordSeparator="")
-    else:
-        _DESTINATION.target = globalLogPublisher
+# -- LOG_FORMAT=json -------------------------------------------------------------------------------
+
+#: The keys every JSON line starts with; an event field of the same name gets a ``_`` after it.
+RESERVED = ("time", "level", "namespace", "message")
+
+#: Keys of a twisted.python.log event that repeat its message, time, level or failure.
+_LEGACY_REPEATS = frozenset({"message", "format", "time", "isError", "system", "failure", "why"})
+
+
+def rfc3339(timestamp: float | None) -> str | None:
+    """An epoch time as RFC 3339 text in UTC, to the millisecond (``2026-05-01T12:00:00.250Z``)."""
+    if timestamp is None:
+        return None
+    moment = datetime.fromtimestamp(timestamp, timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _json_safe(value: object) -> object:
+    """``value`` when JSON can hold it as it is, else its ``repr``."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return repr(value)
+    return value
+
+
+def json_event(event: LogEvent) -> dict[str, object]:
+    """The flat JSON object of a Twisted log event (see the module docstring).
+
+    Twisted's bookkeeping (``log_*`` keys) is left out, and so are the keys of a
+    twisted.python.log event that only repeat its message. A failure's
+    traceback is in ``traceback``; a value JSON cannot hold is given as its ``repr``.
+    """
+    level = event.get("log_level")
+    namespace = event.get("log_namespace", "-")
+    record: dict[str, object] = {
+        "time": rfc3339(event.get("log_time")),
+        "level": getattr(level, "name", None) or "info",
+        "namespace": namespace,
+        "message": formatEvent(event),
+    }
+    legacy = namespace == "log_legacy"
+    for key, value in event.items():
+        if key.startswith("log_") or (legacy and key in _LEGACY_REPEATS):
+            continue
+        record[key + "_" if key in RESERVED else key] = value
+    system = event.get("log_system")
+    if system not in (None, "-"):
+        record["system"] = system
+    failure = event.get("log_failure")
+    if failure is not None and not legacy:  # a legacy event's message holds its traceback already
+        record["traceback"] = failure.getTraceback()
+    return record
+
+
+def json_line(event: LogEvent) -> str:
+    """``json_event(event)`` as one line of JSON text (ASCII: any other character is escaped)."""
+    record = json_event(event)
+    try:
+        return json.dumps(record, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return json.dumps({key: _json_safe(value) for key, value in record.items()})
+
+
+@implementer(ILogObserver)
+class JsonLinesObserver:
+    """Writes every event to ``stream`` as one flat JSON object per line (``json_line``)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def __call__(self, event: LogEvent) -> None:
+        """Write ``event``'s line and flush it."""
+        self._stream.write(json_line(event) + "\n")
+        self._stream.flush()
+
+
+def json_stdout_observer() -> JsonLinesObserver:
+    """twistd's ``--logger`` factory for ``LOG_FORMAT=json``: JSON lines on standard output."""
+    return JsonLinesObserver(sys.stdout)
+
+
+#: The ``--logger`` value ``choose_process_log`` gives twistd.
+TWISTD_JSON_LOGGER = f"{__name__}.json_stdout_observer"
+
+
+def choose_process_log(runner: MutableMapping[str, Any] | None, log_format: str) -> None:
+    """With ``log_format`` ``json``, have the runner's own log on standard output written as JSON lines.
+
+    ``runner`` is the parsed options of the program running the plugin (the
+    plugin options' ``parent``): twistd's, which take a ``--logger`` factory
+    (used when the log goes to standard output: ``--nodaemon`` without
+    ``--logfile``, or ``--logfile=-``, and no ``--logger`` of the operator's),
+    or twist's, which take a ``fileLogObserverFactory``. Others are left alone.
+    """
+    if log_format != "json" or runner is None:
+        return
+    if "logger" in runner:
+        on_stdout = runner.get("logfile") == "-" or (not runner.get("logfile") and runner.get("nodaemon"))
+        if runner["logger"] is None and on_stdout:
+            runner["logger"] = TWISTD_JSON_LOGGER
+    elif "fileLogObserverFactory" in runner:
+        runner["fileLogObserverFactory"] = JsonLinesObserver

@@ -1,4 +1,4 @@
-"""``twistd blyan-proxy``: the command-line options and the composition root.
+"""``twistd blyan-proxy``: the composition root (the command line is ``options.Options``).
 
 ``makeService`` builds every object from the ``Settings`` and returns one
 ``MultiService``; nothing below it reads the environment or imports the reactor.
@@ -10,16 +10,11 @@ import os
 import secrets
 import socket
 import sys
-from typing import cast
+from functools import partial
 
 import attrs
-from twisted.application import strports
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService, Service
-from twisted.internet.address import IPv4Address
+from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.task import LoopingCall
-from twisted.python import usage
 
 from blyanproxy.admin import (
     AdminAPI,
@@ -29,15 +24,14 @@ from blyanproxy.admin import (
     StatusView,
     WorkloadsView,
     load_or_create_token,
+    token_file_path,
 )
 from blyanproxy.config import (
-    LISTEN_OPTION,
-    SETTINGS,
-    ConfigError,
     NodeSpec,
     Settings,
 )
 from blyanproxy.core import AttemptRules, HealthRules, Node, NodeRegistry, StateError, StateStore, new_node_id
+from blyanproxy.demo import DemoNodesService, demo_node_name
 from blyanproxy.discovery import CacheLimits, KeyedBalancer, NodeAddressing, WorkloadDirectory, workloads_client
 from blyanproxy.fleet import Balancer, FleetKeeper, HealthMonitor, probe_client
 from blyanproxy.forward import (
@@ -48,11 +42,13 @@ from blyanproxy.forward import (
     TrafficRecorder,
     write_access_line,
 )
-from blyanproxy.logs import logger, set_log_format, set_log_level
+from blyanproxy.logs import logger, set_log_level
 from blyanproxy.metrics import MetricsResource, ProxyMetrics
+from blyanproxy.options import Options
 from blyanproxy.serve import (
     ConnectionTracker,
     Drainer,
+    Listener,
     ParentWatch,
     ProcessSignals,
     ProxySite,
@@ -64,61 +60,11 @@ from blyanproxy.serve import (
     worker_endpoint,
     worker_role,
 )
+from blyanproxy.startup import StartupFacts, log_summary, package_version
 from blyanproxy.store import EtcdStore, JsonFileStore, MemoryStore
-from blyanproxy.upstream import NodeEndpoints, NodeTLSPolicy, UpstreamPool, load_trust_root
+from blyanproxy.upstream import NodeEndpoints, NodeTLSPolicy, UpstreamPool, UpstreamPoolService, load_trust_root
 
 log = logger("tap")
-
-
-def _option_help(setting) -> str:
-    env = f"env {setting.env}, " if setting.env else ""
-    return f"{setting.meaning} [{env}default {setting.default}]"
-
-
-class Options(usage.Options):
-    """Options of ``twistd blyan-proxy``; each has an environment variable (see README)."""
-
-    synopsis = "[options]"
-    longdesc = (
-        "Streaming reverse proxy and load balancer for GPU inference nodes. Settings come from "
-        "built-in defaults, then environment variables, then these options. Nodes come from "
-        "NODE_<n>=name|url[|weight=N|tags=a,b|tls_verify=false|engine=vllm|models=a,b] variables and --node."
-    )
-    optParameters = [[LISTEN_OPTION.option, "p", None, _option_help(LISTEN_OPTION)]] + [
-        [setting.option, None, None, _option_help(setting)]
-        for setting in SETTINGS
-        if setting.option is not None
-    ]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.node_options: list = []
-        self.settings: Settings = Settings()
-
-    def opt_node(self, value: str) -> None:
-        """Add a node: name|url[|weight=N|tags=a,b|tls_verify=false|engine=E|models=a,b] (repeatable)."""
-        self.node_options.append(value)
-
-    def worker_arguments(self) -> list:
-        """The ``blyan-proxy`` arguments a worker process gets: these options but ``--workers``."""
-        names = [str(name) for name, *_ in self.optParameters]
-        given = [f"--{name}={self[name]}" for name in names if name != "workers" and self[name] is not None]
-        return given + [f"--node={value}" for value in self.node_options]
-
-    def postOptions(self) -> None:
-        try:
-            self.settings = load_settings(os.environ, self, self.node_options)
-        except ConfigError as exc:
-            raise usage.UsageError(str(exc)) from None
-        try:
-            serverFromString(None, self.settings.listen)  # parse only: twistd picks the reactor later
-        except (ValueError, KeyError, TypeError) as exc:
-            raise usage.UsageError(f"--port: {self.settings.listen!r} is not usable ({exc})") from None
-        if self.settings.tls_ca_file:
-            try:
-                load_trust_root(self.settings.tls_ca_file)
-            except ValueError as exc:
-                raise usage.UsageError(f"TLS_CA_FILE: {exc}") from None
 
 
 def node_from_spec(spec: NodeSpec, now: float) -> Node:
@@ -137,67 +83,6 @@ def node_from_spec(spec: NodeSpec, now: float) -> Node:
     )
 
 
-class UpstreamPoolService(Service):
-    """Closes idle upstream connections past their time, and every one when the proxy stops."""
-
-    def __init__(self, pool: UpstreamPool, clock, idle_timeout: float) -> None:
-        self._pool = pool
-        self._sweeper = LoopingCall(pool.sweep)
-        self._sweeper.clock = clock
-        self._interval = max(idle_timeout / 2, 0.05)
-
-    def startService(self) -> None:
-        super().startService()
-        self._sweeper.start(self._interval, now=False)
-
-    def stopService(self):
-        super().stopService()
-        if self._sweeper.running:
-            self._sweeper.stop()
-        return self._pool.close()
-
-
-#: The demo's mixed fleet: node ``i`` runs ``DEMO_FLEET[i % 2]`` (an engine and the model it serves).
-DEMO_FLEET = (("vllm", "demo-chat"), ("llamacpp", "demo-code"))
-
-
-class DemoNodesService(Service):
-    """Starts simulated nodes on free loopback ports and registers them (``--demo N``).
-
-    The fleet is mixed: two engine kinds serving two models (``DEMO_FLEET``),
-    each registered as ``auto`` so the proxy detects its engine and learns its model.
-    """
-
-    def __init__(self, reactor, registry: NodeRegistry, count: int) -> None:
-        self._reactor = reactor
-        self._registry = registry
-        self._count = count
-        self._ports: list = []
-
-    def startService(self) -> None:
-        from blyanproxy.devnode import DevNodeConfig, listen_devnode
-
-        super().startService()
-        for index in range(self._count):
-            engine, model = DEMO_FLEET[index % len(DEMO_FLEET)]
-            config = DevNodeConfig(name=f"demo-{index}", engine=engine, models=(model,))
-            _, port = listen_devnode(self._reactor, config)
-            self._ports.append(port)
-            url = f"http://127.0.0.1:{cast(IPv4Address, port.getHost()).port}"
-            self._registry.add(
-                Node(id=new_node_id(), name=config.name, base_url=url, added_at=self._reactor.seconds())
-            )
-            log.info("demo node {name} ({engine}, model {model}) listening on {url}",
-                     name=config.name, engine=engine, model=model, url=url)
-
-    def stopService(self):
-        super().stopService()
-        from twisted.internet.defer import gatherResults
-
-        ports, self._ports = self._ports, []
-        return gatherResults([port.stopListening() for port in ports])
-
-
 @attrs.frozen
 class ProxyParts:
     """Everything one proxy process is made of, wired together but not yet started."""
@@ -212,6 +97,8 @@ class ProxyParts:
     store: StateStore
     directory: WorkloadDirectory | None = None
     store_service: EtcdStore | None = None  # started with the proxy when the fleet is in etcd
+    store_note: str = "memory only (nothing is saved)"  # where the fleet is kept, for the start-up summary
+    token_note: str = "generated for this process only"  # where the admin token came from, likewise
 
 
 def build_proxy(settings: Settings, reactor, persist: bool = True, worker: int | None = None) -> ProxyParts:
@@ -247,15 +134,22 @@ def build_proxy(settings: Settings, reactor, persist: bool = True, worker: int |
     store: StateStore
     if not persist or settings.demo:
         store = MemoryStore()
+        store_note = "memory only (demo mode: nothing is saved)" if settings.demo else "memory only (nothing is saved)"
     elif settings.state_store is None:
         store = JsonFileStore(settings.state_file, reactor)
+        store_note = f"state file {settings.state_file} ({_how_found(store)})"
     else:
         store = store_service = EtcdStore(
             reactor, settings.state_store, settings.etcd_timeout, declared,
             identity=f"{socket.gethostname()}:{os.getpid()}",
         )
+        store_note = (f"etcd at {settings.state_store.base_url}, keys under {settings.state_store.prefix.decode()} "
+                      "(the declared nodes serve until it answers)")
     keeper = FleetKeeper(registry, balancer, store)
-    keeper.restore(declared)
+    try:
+        keeper.restore(declared)
+    except OSError as problem:
+        raise StateError(f"STATE_FILE: {settings.state_file} cannot be saved: {_why(problem)}") from None
     health = HealthMonitor(
         registry, probe_client(reactor, endpoints), reactor, settings.health_interval, settings.health_timeout,
         settings.health_paths, settings.health_statuses, rules,
@@ -272,9 +166,11 @@ def build_proxy(settings: Settings, reactor, persist: bool = True, worker: int |
     context = ForwardContext(reactor, pool, endpoints, recorder, forward_rules(settings))
     forwarder = ProxyResource(context, balancer, directory)
     if persist:
-        token = load_or_create_token(settings.admin_token, settings.admin_token_file, settings.state_file)
+        token, token_note = admin_token(settings)
+    elif settings.admin_token:
+        token, token_note = settings.admin_token, "ADMIN_TOKEN"
     else:
-        token = settings.admin_token or secrets.token_urlsafe(32)
+        token, token_note = secrets.token_urlsafe(32), "generated for this process only"
     admin = AdminAPI(registry, balancer, keeper, health, counters, token, reactor,
                      FailureThrottle(reactor))
     root = RootResource(
@@ -293,7 +189,39 @@ def build_proxy(settings: Settings, reactor, persist: bool = True, worker: int |
     return ProxyParts(
         site=site, registry=registry, balancer=balancer, pool=pool, health=health, keeper=keeper,
         metrics=metrics, store=store, directory=directory, store_service=store_service,
+        store_note=store_note, token_note=token_note,
     )
+
+
+def _how_found(store: JsonFileStore) -> str:
+    """Whether restoring ``store`` loads its file, falls back to the backup, or creates it."""
+    if os.path.exists(store.path):
+        return "loaded"
+    return f"restored from {store.backup}" if os.path.exists(store.backup) else "created"
+
+
+def _why(problem: OSError) -> str:
+    """An ``OSError``'s reason and the path it is about, without Python's ``[Errno n]``."""
+    reason = problem.strerror or str(problem)
+    return f"{reason} ({problem.filename})" if problem.filename else reason
+
+
+def admin_token(settings: Settings) -> tuple[str, str]:
+    """The admin token (``ADMIN_TOKEN``, or the token file, made if missing) and where it came from.
+
+    ``ValueError`` naming the variable when the token file cannot be read or written."""
+    if settings.admin_token:
+        return settings.admin_token, "ADMIN_TOKEN"
+    path = token_file_path(settings.admin_token_file, settings.state_file)
+    variable = "ADMIN_TOKEN_FILE" if settings.admin_token_file else "STATE_FILE (the admin token file beside it)"
+    existed = os.path.exists(path)
+    try:
+        token = load_or_create_token(None, settings.admin_token_file, settings.state_file)
+    except OSError as problem:
+        raise ValueError(f"{variable}: {path} cannot be {'read' if existed else 'made'}: {_why(problem)}") from None
+    except ValueError as problem:
+        raise ValueError(f"{variable}: {problem}") from None
+    return token, f"file {path} ({'read' if existed else 'created, mode 0600'})"
 
 
 def forward_rules(settings: Settings) -> ForwardRules:
@@ -342,13 +270,10 @@ def make_proxy_service(settings: Settings, reactor, reload_settings=None,
     reload them; with it, SIGTERM and SIGHUP get the proxy's handlers.
     """
     set_log_level(settings.log_level)
-    set_log_format(settings.log_format)
     try:
         parts = build_proxy(settings, reactor, worker=role.index if role else None)
     except (StateError, ValueError, OSError) as problem:
         raise SystemExit(f"blyan-proxy: {problem}") from None
-    if settings.demo:
-        log.info("demo mode: the fleet is not saved to {path}", path=settings.state_file)
     connections = ConnectionTracker(parts.site)
     top = Drainer(connections, reactor, settings.drain_grace, parts.keeper.flush)
     UpstreamPoolService(parts.pool, reactor, settings.pool_idle_timeout).setServiceParent(top)
@@ -363,29 +288,43 @@ def make_proxy_service(settings: Settings, reactor, reload_settings=None,
         reloader = Reloader(settings, reload_settings, parts.registry, parts.keeper,
                             lambda spec: node_from_spec(spec, reactor.seconds()))
         ProcessSignals(reactor, reloader.reload).setServiceParent(top)
+    summary = partial(log_summary, startup_facts(settings, parts, role))  # logged once the port is open
     if role is None:
-        top.add_listener(strports.service(settings.listen, connections, reactor=reactor))
+        top.add_listener(Listener(serverFromString(reactor, settings.listen), connections, settings.listen, summary))
     else:
-        top.add_listener(StreamServerEndpointService(worker_endpoint(reactor, role), connections))
+        top.add_listener(Listener(worker_endpoint(reactor, role), connections, "the supervisor's socket", summary))
         reactor.addReader(ParentWatch(reactor))
-    log.info(
-        "blyan-proxy on {listen}{worker}: {count} node(s), policy {policy}",
-        listen=settings.listen, worker=f" (worker {role.index})" if role else "",
-        count=len(settings.nodes) + settings.demo, policy=settings.selection_policy,
-    )
     return top
 
 
+def startup_facts(settings: Settings, parts: ProxyParts, role: WorkerRole | None) -> StartupFacts:
+    """What this process runs, after the fleet was restored (the start-up summary's facts)."""
+    return StartupFacts(
+        listen=settings.listen,
+        process=f"worker {role.index}" if role else "one process",
+        nodes=tuple(node.name for node in parts.registry.nodes())
+        + tuple(demo_node_name(index) for index in range(settings.demo)),
+        declared=len(settings.nodes),
+        store=parts.store_note,
+        token=parts.token_note,
+        policy=parts.balancer.policy,
+        settings_policy=settings.selection_policy,
+        runtime_policy=parts.keeper.snapshot().policy,
+        discovery=settings.api_url,
+    )
+
+
 def make_supervisor_service(settings: Settings, reactor, arguments: list) -> WorkerSupervisor:
-    """The ``--workers N`` supervisor: workers run ``twistd -n blyan-proxy`` with ``arguments``."""
+    """The ``--workers N`` supervisor: workers run ``blyan-proxy`` (``twistd -n blyan-proxy``) with ``arguments``."""
     set_log_level(settings.log_level)
-    set_log_format(settings.log_format)
     try:  # the token file is written once here, not raced by the workers
-        load_or_create_token(settings.admin_token, settings.admin_token_file, settings.state_file)
-    except (ValueError, OSError) as problem:
+        _, token_note = admin_token(settings)
+    except ValueError as problem:
         raise SystemExit(f"blyan-proxy: {problem}") from None
-    argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
-            "blyan-proxy", *arguments]
+    log.info("blyan-proxy {version} supervising {workers} workers on {listen}; admin token: {token}",
+             version=package_version(), workers=settings.workers, listen=settings.listen, token=token_note)
+    # The console script's way in, not twistd's: it finds the plugin in every install mode.
+    argv = [sys.executable, "-c", "from blyanproxy.scripts import proxy; proxy()", *arguments]
     return WorkerSupervisor(reactor, settings.listen, settings.workers, argv, os.environ,
                             settings.worker_stop_timeout)
 

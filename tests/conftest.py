@@ -5,7 +5,7 @@ import pytest
 import pytest_twisted
 from hypothesis import settings as hypothesis_settings
 from twisted.internet.defer import ensureDeferred
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols.policies import WrappingFactory
 
 from blyanproxy.config import NodeSpec, Settings
@@ -24,7 +24,7 @@ def access_lines():
 
     def observe(event):
         if event.get("log_namespace") == "blyanproxy.access":
-            lines.append(event["line"])
+            lines.append(formatEvent(event))
 
     globalLogPublisher.addObserver(observe)
     yield lines

@@ -93,10 +93,15 @@ def test_max_retries_maps_to_attempts():
         ({"HEALTH_INTERVAL_MS": "five"}, {}, "HEALTH_INTERVAL_MS: expected a number of milliseconds (got 'five')"),
         ({}, {"health-interval-ms": "-1"}, "--health-interval-ms: expected a number of milliseconds (got '-1')"),
         ({"SELECTION_POLICY": "fastest"}, {}, "SELECTION_POLICY: expected one of active-first"),
-        ({"NODE_3": "gpu3"}, {}, "NODE_3: expected name|url (got 'gpu3')"),
-        ({"NODE_3": "gpu3|ftp://x"}, {}, "NODE_3: the URL must start with http:// or https://"),
-        ({"NODE_3": "gpu3|http://u:p@x"}, {}, "NODE_3: the URL must not carry credentials"),
+        ({"NODE_3": "gpu3"}, {}, "NODE_3: expected name|url, the form name|url[|weight=N|"),
+        ({"NODE_3": "gpu3|ftp://x"}, {}, "NODE_3: url: must start with http:// or https:// (got 'ftp://x')"),
+        ({"NODE_3": "gpu3|http://u:p@x"}, {}, "NODE_3: url: must not carry credentials (got 'http://***@x')"),
         ({"NODE_3": "gpu3|http://x|colour=red"}, {}, "NODE_3: unknown key 'colour'"),
+        ({"NODE_3": "gpu3|http://x|weight=0"}, {}, "NODE_3: weight: must be a whole number from 1 to 1000 (got '0')"),
+        ({"NODE_3": "gpu3|http://x|tls_verify=maybe"}, {}, "NODE_3: tls_verify: expected true or false (got 'maybe')"),
+        ({"NODE_3": "|http://x"}, {}, "NODE_3: name: must be 1 to 128 printable characters"),
+        ({}, {"api-url": "https://user:hunter2@api.example.com"}, "--api-url: must not carry credentials (got "
+         "'https://***@api.example.com')"),
         (
             {"NODE_1": "a|http://x:1", "NODE_2": "b|http://x:1/"}, {},
             "NODE_2: base URL http://x:1 is already used by NODE_1",
@@ -116,6 +121,21 @@ def test_bad_values_name_the_setting_and_value(env, options, expected):
     with pytest.raises(ConfigError) as caught:
         build(env, options)
     assert expected in str(caught.value)
+
+
+@pytest.mark.parametrize("env", [
+    {"NODE_0": "gpu|http://user:hunter2@host"},
+    {"NODE_0": "gpu|https://hunter2@host|weight=0"},
+    {"NODE_0": "gpu|http://user:hunter2@host:abc"},
+    {"NODE_0": "gpu|http://user:hunter2@host|colour"},
+    {"API_URL": "https://user:hunter2@api.example.com"},
+    {"STATE_STORE": "etcd://root:hunter2@etcd:2379/fleet"},
+])
+def test_a_refused_value_never_shows_a_password(env):
+    with pytest.raises(ConfigError) as caught:
+        build(env)
+    assert next(iter(env)) in str(caught.value)
+    assert "hunter2" not in str(caught.value)
 
 
 def test_a_bad_token_is_refused_without_echoing_it():

@@ -1,9 +1,25 @@
-"""LOG_LEVEL decides which of blyanproxy's events reach twistd's log."""
+"""LOG_LEVEL decides which of blyanproxy's events reach twistd's log; LOG_FORMAT=json writes them as JSON lines."""
+
+import io
+import json
+import math
 
 import pytest
-from twisted.logger import globalLogPublisher
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python import log as legacy_log
+from twisted.python.failure import Failure
+from twisted.python.reflect import namedAny
 
-from blyanproxy.logs import logger, set_log_level
+from blyanproxy.logs import (
+    TWISTD_JSON_LOGGER,
+    JsonLinesObserver,
+    choose_process_log,
+    debugging,
+    json_event,
+    json_line,
+    logger,
+    set_log_level,
+)
 
 
 @pytest.fixture
@@ -35,19 +51,79 @@ def test_level_filters_events(captured, level, written):
     assert mine == written
 
 
-def test_json_format_writes_one_object_per_line():
-    import io
-    import json
-
-    from blyanproxy.logs import set_log_format
-
+def test_json_lines_are_flat_objects_with_a_rendered_message():
     stream = io.StringIO()
-    set_log_format("json", stream)
-    try:
-        logger("test").info("node {node} is {state}", node="gpu-a", state="up")
-    finally:
-        set_log_format("text")
+    observer = JsonLinesObserver(stream)
+    event = {"log_format": "node {node} is {state}", "log_level": LogLevel.warn, "log_namespace": "blyanproxy.health",
+             "log_time": 1767268800.25, "log_logger": object(), "log_source": None, "node": "gpu-a", "state": "up"}
+    observer(event)
     (line,) = stream.getvalue().splitlines()
-    event = json.loads(line)
-    assert event["log_namespace"] == "blyanproxy.test"
-    assert (event["node"], event["state"], event["log_level"]["name"]) == ("gpu-a", "up", "info")
+    assert json.loads(line) == {"time": "2026-01-01T12:00:00.250Z", "level": "warn", "namespace": "blyanproxy.health",
+                                "message": "node gpu-a is up", "node": "gpu-a", "state": "up"}
+
+
+def test_values_json_cannot_hold_are_given_as_their_repr_and_reserved_names_move_aside():
+    marker = object()
+    line = json_line({"log_format": "{message} at {time}", "log_namespace": "x", "message": "hi", "time": 3,
+                      "thing": marker, "ratio": math.nan, "keyed": {(1, 2): "pair"}, "fine": [1, "a", None]})
+    shown = json.loads(line)
+    assert (shown["message"], shown["message_"], shown["time_"], shown["level"]) == ("hi at 3", "hi", 3, "info")
+    assert (shown["thing"], shown["ratio"], shown["keyed"]) == (repr(marker), "nan", repr({(1, 2): "pair"}))
+    assert shown["fine"] == [1, "a", None]
+    assert shown["time"] is None  # no log_time
+
+
+def test_a_failure_carries_its_traceback():
+    failure = Failure(ZeroDivisionError("division by zero"))
+    shown = json_event({"log_format": "probe {node} crashed", "log_namespace": "blyanproxy.health",
+                        "log_level": LogLevel.critical, "log_failure": failure, "node": "gpu-a"})
+    assert shown["message"] == "probe gpu-a crashed" and shown["level"] == "critical"
+    assert "ZeroDivisionError" in shown["traceback"] and "log_failure" not in shown
+
+
+def test_twisted_python_log_events_keep_only_their_own_fields():
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        legacy_log.msg("ProxySite starting on 9000")
+        legacy_log.msg(format="%(count)d connections", count=3, system="ProxySite,0,127.0.0.1")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    first, second = (json_event(event) for event in events[-2:])
+    assert {key: first[key] for key in first if key != "time"} == {
+        "level": "info", "namespace": "log_legacy", "message": "ProxySite starting on 9000"}
+    assert (second["message"], second["count"], second["system"]) == ("3 connections", 3, "ProxySite,0,127.0.0.1")
+
+
+@pytest.mark.parametrize("runner, log_format, expected", [
+    ({"logger": None, "logfile": None, "nodaemon": True}, "json", TWISTD_JSON_LOGGER),
+    ({"logger": None, "logfile": "-", "nodaemon": False}, "json", TWISTD_JSON_LOGGER),
+    ({"logger": None, "logfile": "proxy.log", "nodaemon": True}, "json", None),  # the log is not on stdout
+    ({"logger": None, "logfile": None, "nodaemon": False}, "json", None),  # a daemon's twistd.log
+    ({"logger": "my.observer", "logfile": None, "nodaemon": True}, "json", "my.observer"),  # the operator's
+    ({"logger": None, "logfile": None, "nodaemon": True}, "text", None),
+])
+def test_twistd_is_given_the_json_logger_when_its_log_is_on_standard_output(runner, log_format, expected):
+    choose_process_log(runner, log_format)
+    assert runner["logger"] == expected
+
+
+def test_twist_is_given_the_json_observer_and_a_lone_options_object_is_left_alone():
+    runner = {"fileLogObserverFactory": object()}
+    choose_process_log(runner, "json")
+    assert runner["fileLogObserverFactory"] is JsonLinesObserver
+    choose_process_log(None, "json")
+
+
+def test_the_twistd_logger_name_is_the_json_observer_factory():
+    assert isinstance(namedAny(TWISTD_JSON_LOGGER)(), JsonLinesObserver)
+
+
+def test_debugging_follows_the_level():
+    try:
+        set_log_level("DEBUG")
+        assert debugging("balancer")
+        set_log_level("INFO")
+        assert not debugging("balancer")
+    finally:
+        set_log_level("INFO")

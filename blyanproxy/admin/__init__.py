@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from blyanproxy.admin.api import AdminAPI
-from blyanproxy.admin.auth import FailureThrottle, load_or_create_token, presented_token, token_matches
+from blyanproxy.admin.auth import (
+    FailureThrottle,
+    load_or_create_token,
+    presented_token,
+    token_file_path,
+    token_matches,
+)
 from blyanproxy.admin.public import HealthView, LivenessView, StatusView, WorkloadsView
 
 __all__ = [
@@ -15,5 +21,6 @@ __all__ = [
     "WorkloadsView",
     "load_or_create_token",
     "presented_token",
+    "token_file_path",
     "token_matches",
 ]

@@ -8,7 +8,9 @@ change is taken by the state store (through the ``FleetKeeper``) before it is
 applied and answered; a store that cannot take it (etcd unreachable, disk
 refusing) gets 503 ``state_store_unavailable`` and the change is not applied.
 Errors share the proxy's JSON shape; unknown routes are 404 and wrong
-methods 405 with ``Allow``.
+methods 405 with ``Allow``. Where a route names a node (``/nodes/{id}``,
+``PUT /active``), a node's name does too when no other node has it: an id
+matches first, and a name that several nodes share is 409 ``ambiguous_node``.
 """
 
 from __future__ import annotations
@@ -103,11 +105,18 @@ class AdminAPI:
         request.setHeader(b"cache-control", b"no-store")
         return json.dumps(document).encode("utf-8")
 
-    def _node(self, node_id: str) -> Node:
-        node = self._registry.get(node_id)
-        if node is None:
+    def _node(self, key: str) -> Node:
+        """The node whose id is ``key``, else the one node named ``key`` (404 for none, 409 for several)."""
+        node = self._registry.get(key)
+        if node is not None:
+            return node
+        named = [node for node in self._registry.nodes() if node.name == key]
+        if not named:
             raise ProxyError(404, "node_not_found", "Node not found")
-        return node
+        if len(named) > 1:
+            raise ProxyError(409, "ambiguous_node",
+                             f"{len(named)} nodes are named {key!r}: name the node by its id")
+        return named[0]
 
     def _view(self, node: Node) -> dict:
         return node_view(node, self._registry.stats(node.id), self._clock.seconds())
@@ -205,17 +214,17 @@ class AdminAPI:
 
         return self._edit(fleetedit.add_node(node)).addCallback(added)
 
-    @app.route("/nodes/<node_id>", methods=["GET"])
-    def get_node(self, request: IRequest, node_id: str) -> bytes:
-        """One node with its live figures."""
+    @app.route("/nodes/<key>", methods=["GET"])
+    def get_node(self, request: IRequest, key: str) -> bytes:
+        """One node (by id, or by a name no other node has) with its live figures."""
         self._authorize(request)
-        return self._json(request, {"node": self._view(self._node(node_id))})
+        return self._json(request, {"node": self._view(self._node(key))})
 
-    @app.route("/nodes/<node_id>", methods=["PATCH"])
-    def change_node(self, request: IRequest, node_id: str) -> Deferred[bytes]:
-        """Change some of a node's fields."""
+    @app.route("/nodes/<key>", methods=["PATCH"])
+    def change_node(self, request: IRequest, key: str) -> Deferred[bytes]:
+        """Change some of a node's fields (its name too: answered by id)."""
         self._authorize(request)
-        self._node(node_id)
+        node_id = self._node(key).id
         changes = node_changes(self._body(request))
 
         def changed(_: object) -> bytes:
@@ -226,11 +235,11 @@ class AdminAPI:
 
         return self._edit(fleetedit.update_node(node_id, **changes)).addCallback(changed)
 
-    @app.route("/nodes/<node_id>", methods=["DELETE"])
-    def remove_node(self, request: IRequest, node_id: str) -> Deferred[bytes]:
+    @app.route("/nodes/<key>", methods=["DELETE"])
+    def remove_node(self, request: IRequest, key: str) -> Deferred[bytes]:
         """Remove a node."""
         self._authorize(request)
-        node = self._node(node_id)
+        node = self._node(key)
 
         def removed(_: object) -> bytes:
             log.info("node {name} removed by {client}", name=node.name, client=self._client(request))
@@ -238,11 +247,11 @@ class AdminAPI:
 
         return self._edit(fleetedit.remove_node(node.id)).addCallback(removed)
 
-    @app.route("/nodes/<node_id>/drain", methods=["POST"])
-    def drain_node(self, request: IRequest, node_id: str) -> Deferred[bytes]:
+    @app.route("/nodes/<key>/drain", methods=["POST"])
+    def drain_node(self, request: IRequest, key: str) -> Deferred[bytes]:
         """Drain a node: it takes no new requests."""
         self._authorize(request)
-        self._node(node_id)
+        node_id = self._node(key).id
 
         def drained(_: object) -> bytes:
             node = self._node(node_id)
@@ -263,11 +272,11 @@ class AdminAPI:
 
     @app.route("/active", methods=["PUT"])
     def set_active_id(self, request: IRequest) -> Deferred[bytes]:
-        """Make the node the body names (``{"id": ...}``) the active one."""
+        """Make the node the body names (``{"id": ...}``: an id, or a name no other node has) the active one."""
         self._authorize(request)
         document = self._body(request)
         if not isinstance(document, dict) or set(document) != {"id"} or not isinstance(document["id"], str):
-            raise ProxyError(400, "invalid_field", 'id: expected {"id": "<node id>"}')
+            raise ProxyError(400, "invalid_field", 'id: expected {"id": "<node id or name>"}')
         return self._set_active(request, self._node(document["id"]).id)
 
     def _set_active(self, request: IRequest, node_id: str) -> Deferred[bytes]:

@@ -19,6 +19,11 @@ log = logger("admin")
 TOKEN_FILE_NAME = "admin_token"
 
 
+def token_file_path(token_file: str | None, state_file: str) -> str:
+    """Where the admin token is kept: ``ADMIN_TOKEN_FILE``, else ``admin_token`` beside the state file."""
+    return token_file or os.path.join(os.path.dirname(os.path.abspath(state_file)), TOKEN_FILE_NAME)
+
+
 def load_or_create_token(explicit: str | None, token_file: str | None, state_file: str) -> str:
     """``ADMIN_TOKEN`` if set; else the token file's content; else a new token written there.
 
@@ -27,7 +32,7 @@ def load_or_create_token(explicit: str | None, token_file: str | None, state_fil
     """
     if explicit:
         return explicit
-    path = token_file or os.path.join(os.path.dirname(os.path.abspath(state_file)), TOKEN_FILE_NAME)
+    path = token_file_path(token_file, state_file)
     if os.path.exists(path):
         with open(path, encoding="utf-8") as source:
             token = source.read().strip()

@@ -1,10 +1,20 @@
-"""JSON views of the fleet for the admin API and the public status endpoints."""
+"""JSON views of the fleet for the admin API and the public status endpoints.
+
+Times in these views are epoch milliseconds, as Blyan had them (``lastCheck``,
+``ejectedUntil``, ``addedAt``); durations are milliseconds (``responseTime``).
+A node that failed traffic and was ejected (``blyan_node_ejected`` 1 in
+``/metrics``) shows ``state: "ejected"``, ``ejected: true`` and
+``healthy: false`` until a passing probe after its cooldown lets it back.
+"""
 
 from __future__ import annotations
 
 import typing
 
-from blyanproxy.core import UP, Node, NodeRegistry, NodeStats, node_to_json, served_models, usable
+from blyanproxy.core import DOWN, UP, Node, NodeRegistry, NodeStats, node_to_json, served_models, usable
+
+#: The ``state`` of a node held out by a passive ejection (its health checks may pass meanwhile).
+EJECTED = "ejected"
 
 
 class RequestTotals(typing.Protocol):
@@ -17,22 +27,39 @@ class RequestTotals(typing.Protocol):
     def failures(self) -> int: ...
 
 
-def node_view(node: Node, stats: NodeStats, now: float) -> dict:
-    """A node with its live figures (Blyan's field names where Blyan had them)."""
+def epoch_ms(seconds: float | None) -> int | None:
+    """An epoch time in seconds (the reactor's clock) as whole epoch milliseconds."""
+    return None if seconds is None else round(seconds * 1000)
+
+
+def shown_state(stats: NodeStats) -> str:
+    """The state a view shows: ``ejected`` while an ejection holds the node out (as ``blyan_node_ejected``
+    counts it), else what the health checks say (``up``, ``down``, ``unknown``); ``down`` wins."""
     health = stats.health
+    if health.probe_needed and health.state != DOWN:
+        return EJECTED
+    return health.state
+
+
+def node_view(node: Node, stats: NodeStats, now: float) -> dict:
+    """A node with its live figures (Blyan's field names where Blyan had them; times in epoch ms)."""
+    health = stats.health
+    state = shown_state(stats)
     view = node_to_json(node)
     view.update(
-        healthy=health.state == UP,
+        addedAt=epoch_ms(node.added_at),
+        healthy=state == UP,
         usable=usable(health, now) and not node.draining,
-        state=health.state,
-        lastCheck=health.last_check,
+        state=state,
+        ejected=health.probe_needed,
+        lastCheck=epoch_ms(health.last_check),
         lastError=health.last_error,
         responseTime=stats.latency_ms,
         consecutiveFailures=stats.consecutive_failures,
         inFlight=stats.in_flight,
         requests=stats.requests,
         failures=stats.failures,
-        ejectedUntil=health.ejected_until if health.ejected_until and health.ejected_until > now else None,
+        ejectedUntil=epoch_ms(health.ejected_until) if health.ejected_until and health.ejected_until > now else None,
         ejectReason=health.eject_reason,
         ejections=health.ejections,
     )

@@ -2,7 +2,8 @@
 
 Each parser (or parser maker, such as ``milliseconds(minimum)``) is total: any
 text gives a value or a ``ValueError`` whose message says what was expected,
-never the text itself (``reader`` adds it, unless the setting is a secret).
+never the text itself (``reader`` adds it, unless the setting is a secret, with
+the credentials of any URL in it masked by ``mask_credentials``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,14 @@ _UNSAFE = re.compile(r"[\x00-\x1f\x7f|]")
 
 #: The longest duration a setting takes (about 31 years): longer ones are typing mistakes.
 MAX_MILLISECONDS = 10**12
+
+#: The user information of a URL (``//user:password@``), never shown in a message.
+_CREDENTIALS = re.compile(r"//[^/?#@]*@")
+
+
+def mask_credentials(text: str) -> str:
+    """``text`` with the user and password of every URL in it replaced by ``***``."""
+    return _CREDENTIALS.sub("//***@", text)
 
 
 def milliseconds(minimum: float = 0.0) -> Callable[[str], float]:

@@ -3,7 +3,7 @@
 Priority rises from built-in defaults to environment variables to command-line
 options; an empty environment variable counts as unset. A bad value raises
 ``ConfigError`` naming the variable or option and the value (secrets are never
-echoed). Some settings are read together: ``LISTEN``/``PROXY_PORT``,
+echoed, nor a URL's credentials). Some settings are read together: ``LISTEN``/``PROXY_PORT``,
 ``MAX_ATTEMPTS``/``MAX_RETRIES``, the ``NODE_<n>`` variables, and ``WORKERS``
 with what several workers need.
 """
@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from functools import partial
 from typing import Any, Callable, TypeVar
 
 from blyanproxy.config.nodespec import NodeSpec, parse_node
-from blyanproxy.config.parsers import whole_number
+from blyanproxy.config.parsers import mask_credentials, whole_number
 from blyanproxy.config.settings import (
     DEFAULT_LISTEN,
     LISTEN_OPTION,
@@ -45,7 +44,7 @@ def _parse(parse: Callable[[str], _Value], source: str, raw: str, secret: bool =
     try:
         return parse(raw)
     except ValueError as exc:
-        shown = "" if secret else f" (got {raw!r})"
+        shown = "" if secret else f" (got {mask_credentials(raw)!r})"
         raise ConfigError(f"{source}: {exc}{shown}") from None
 
 
@@ -77,7 +76,12 @@ def _nodes(env: Mapping[str, str], option_nodes: Sequence[str]) -> tuple[NodeSpe
             found.append((int(match.group(1)), name, value))
     sources = [(name, value) for _, name, value in sorted(found)]
     sources += [("--node", value) for value in option_nodes]
-    specs = [_parse(partial(parse_node, source=source), source, value) for source, value in sources]
+    specs = []
+    for source, value in sources:
+        try:
+            specs.append(parse_node(value, source))
+        except ValueError as exc:  # it names the field and its value, credentials masked
+            raise ConfigError(f"{source}: {exc}") from None
     seen: dict[str, str] = {}
     for spec in specs:
         if spec.base_url in seen:

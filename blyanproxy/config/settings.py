@@ -221,7 +221,7 @@ SETTINGS = (
     Setting("log_level", "LOG_LEVEL", "log-level", "INFO", log_level_name,
             "DEBUG, INFO, WARN or ERROR"),
     Setting("log_format", "LOG_FORMAT", "log-format", "text", one_of(("text", "json")),
-            "text: blyanproxy's events in twistd's log; json: JSON lines on standard output"),
+            "text: twistd's log lines; json: one JSON object per line on standard output, Twisted's too"),
     Setting("access_log", "ACCESS_LOG", "access-log", "true", parse_boolean,
             "write one access line per finished request"),
     Setting("drain_grace", "DRAIN_GRACE_MS", "drain-grace-ms", "30000", milliseconds(),

@@ -13,6 +13,7 @@ from twisted.internet import defer
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
 from blyanproxy.discovery.workloads import WorkloadsFormatError, parse_workloads
+from blyanproxy.twistedinternals import quiet_connection_pool
 from blyanproxy.upstream import BodyTooLarge, read_capped
 
 #: Largest workloads answer read (a key with thousands of workloads fits easily).
@@ -29,8 +30,10 @@ class WorkloadsUnavailable(Exception):
 
 
 def workloads_client(reactor, api_url: str, timeout: float, trust_root=None) -> WorkloadsClient:
-    """A client for ``api_url``: kept-alive connections, TLS verified (system roots or ``trust_root``)."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    """A client for ``api_url``: kept-alive connections, TLS verified (system roots or ``trust_root``).
+
+    Its pool opens and closes connections without a log line for each."""
+    pool = quiet_connection_pool(reactor, persistent=True)
     pool.maxPersistentPerHost = 8
     agent = Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust_root),
                   connectTimeout=timeout, pool=pool)

@@ -16,6 +16,7 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 
 from blyanproxy.core import (
+    DOWN,
     POLICIES,
     Candidate,
     HealthRules,
@@ -38,7 +39,7 @@ from blyanproxy.core import (
     serving,
     usable,
 )
-from blyanproxy.logs import logger
+from blyanproxy.logs import debugging, logger
 
 log = logger("balancer")
 
@@ -162,6 +163,9 @@ class LeaseMaker:
         if route.model is not None:
             usable_nodes = serving(usable_nodes, route.model, _served)
         if not usable_nodes:
+            if debugging("balancer"):
+                log.debug("route {path}: no usable node; not usable: {excluded}", path=_path_of(route),
+                          excluded=_not_usable(members, excluded, stats_of, now))
             return None
         candidates = [Candidate(node, stats.in_flight, stats.latency_ms) for node, stats in usable_nodes]
         if route.affinity_key is not None:
@@ -169,9 +173,50 @@ class LeaseMaker:
         else:
             chosen = choose(candidates, self._turn, active_id)
         node, stats = usable_nodes[candidates.index(chosen)]
+        if debugging("balancer"):
+            log.debug("route {path}: {node} chosen by {reason} among {candidates}; not usable: {excluded}",
+                      path=_path_of(route), node=node.name, reason=_reason(route, choose),
+                      candidates=", ".join(_figures(c) for c in candidates),
+                      excluded=_not_usable(members, excluded, stats_of, now))
         stats.in_flight += 1
         stats.requests += 1
         return Lease(node=node, stats=stats, clock=self._clock, rules=self._rules)
+
+
+def _path_of(route: Route) -> str:
+    """The path a route sends upstream, without its query (which may hold secrets), for DEBUG lines."""
+    return route.upstream_target.partition(b"?")[0].decode("latin-1")
+
+
+def _reason(route: Route, choose: Policy) -> str:
+    """What chose the node, for DEBUG lines: the affinity key, or the policy by its name."""
+    if route.affinity_key is not None:
+        return "affinity key (rendezvous hash)"
+    name = next((name for name, policy in POLICIES.items() if policy is choose), getattr(choose, "__name__", "?"))
+    return f"policy {name}"
+
+
+def _figures(candidate: Candidate) -> str:
+    """A candidate and the figures policies read, for DEBUG lines."""
+    latency = "no latency yet" if candidate.latency_ms is None else f"{candidate.latency_ms:.1f} ms"
+    return f"{candidate.node.name} ({candidate.in_flight} in flight, {latency}, weight {candidate.node.weight})"
+
+
+def _not_usable(members: Sequence[Node], excluded: frozenset[str], stats_of: Callable[[Node], NodeStats],
+                now: float) -> str:
+    """The members a request may not go to, each with why, for DEBUG lines."""
+    reasons = []
+    for node in members:
+        health = stats_of(node).health
+        if node.id in excluded:
+            reasons.append(f"{node.name} (tried)")
+        elif health.state == DOWN:
+            reasons.append(f"{node.name} (down)")
+        elif health.ejected_until is not None and now < health.ejected_until:
+            reasons.append(f"{node.name} (ejected for {health.ejected_until - now:.1f} s after {health.eject_reason})")
+        elif health.probe_needed:
+            reasons.append(f"{node.name} (ejected, waiting for a passing probe)")
+    return ", ".join(reasons) or "none"
 
 
 class Balancer(LeaseMaker, LeasePool):

@@ -205,6 +205,7 @@ class Exchange:
     def _fail(self, err: ProxyError) -> None:
         if not self._client_gone:
             write_error(self._request, err)
+            self._tally.bytes_out = self._request.sentLength  # the proxy's own answer's body
         self._tally.end(err.status, traffic.ended_by(err))
 
     def _on_client_gone(self, failure: Failure) -> None:

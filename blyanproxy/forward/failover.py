@@ -34,7 +34,7 @@ from blyanproxy.core import (
     Try,
 )
 from blyanproxy.fleet import Lease, LeasePool
-from blyanproxy.logs import logger
+from blyanproxy.logs import debugging, logger
 from blyanproxy.upstream import ProtocolError
 
 log = logger("proxy")
@@ -106,7 +106,11 @@ class Failover:
     def answered(self, status: int) -> bool:
         """The current attempt's node answered ``status``: True to relay it, False when another
         node takes the request instead (``try_node`` has been called)."""
-        return self._carry_out(self._attempts.answered(status))
+        decision = self._attempts.answered(status)
+        if isinstance(decision, Pick) and self.lease is not None and debugging("proxy"):
+            log.debug("{node} answered {status} (RETRY_ON_STATUS): another node first, if one is free",
+                      node=self.lease.node.name, status=status)
+        return self._carry_out(decision)
 
     def unusable(self, failure: AttemptFailure) -> None:
         """The node's answer cannot be passed on: hold it against the node and give up."""
@@ -124,6 +128,8 @@ class Failover:
             return True
         if decision.failed is not None:
             self._hold_against_node(decision.failed)
+        if debugging("proxy"):
+            self._tell(decision, picked)
         if isinstance(decision, Pick):
             if decision.delay:
                 self._delay = self._clock.callLater(decision.delay, self._pick, decision)
@@ -143,6 +149,22 @@ class Failover:
         self._delay = None
         lease = self._pool.acquire(self._route, pick.excluded)
         return self._carry_out(self._attempts.picked(lease.node.id if lease is not None else None), lease)
+
+    def _tell(self, decision: Decision, picked: Lease | None) -> None:
+        """The DEBUG line of a decision: each retry, each attempt, and giving up."""
+        current = self.lease.node.name if self.lease is not None else None
+        if isinstance(decision, Pick) and decision.failed is not None:
+            log.debug("failing over from {node} after {reason}: another node{delay}, {tried} tried so far",
+                      node=current, reason=decision.failed,
+                      delay=f" in {decision.delay:g} s" if decision.delay else "", tried=len(decision.excluded))
+        elif isinstance(decision, Try):
+            lease = picked or self.lease
+            log.debug("attempt {attempt} on {node}{how}", attempt=decision.attempt,
+                      node=lease.node.name if lease is not None else decision.node_id,
+                      how=" on a fresh connection (the kept-alive one was stale)" if decision.fresh else "")
+        elif isinstance(decision, GiveUp):
+            log.debug("giving up after {count} attempt(s): {status} {code}", count=self.count,
+                      status=decision.error.status, code=decision.error.code)
 
     def _hold_against_node(self, reason: str) -> None:
         lease = self.lease

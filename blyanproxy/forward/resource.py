@@ -115,4 +115,5 @@ class ProxyResource(Resource):
     def _refuse(self, request: Request, tally: traffic.RequestTally, err: ProxyError) -> None:
         """Answer ``err`` for a request no node was chosen for."""
         write_error(request, err)
+        tally.bytes_out = request.sentLength  # the proxy's own answer's body
         tally.end(err.status, traffic.ERROR)

@@ -378,6 +378,7 @@ class _Handshake:
         self._cancel_timeout()
         if not self._client_gone and self.request.channel is not None:
             write_error(self.request, err)
+            self.tally.bytes_out = self.request.sentLength  # the proxy's own answer's body
         self.tally.end(err.status, traffic.ended_by(err))
 
     def _on_client_gone(self, failure: Failure) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from blyanproxy.serve.drain import ConnectionTracker, Drainer
 from blyanproxy.serve.envfile import load_settings
+from blyanproxy.serve.listening import Listener, cannot_listen
 from blyanproxy.serve.reload import Reloader
 from blyanproxy.serve.signals import ProcessSignals
 from blyanproxy.serve.site import ProxySite, RootResource
@@ -13,6 +14,7 @@ from blyanproxy.serve.workers import ParentWatch, WorkerRole, WorkerSupervisor, 
 __all__ = [
     "ConnectionTracker",
     "Drainer",
+    "Listener",
     "ParentWatch",
     "ProcessSignals",
     "ProxySite",
@@ -20,6 +22,7 @@ __all__ = [
     "RootResource",
     "WorkerRole",
     "WorkerSupervisor",
+    "cannot_listen",
     "load_settings",
     "worker_endpoint",
     "worker_role",

@@ -43,6 +43,8 @@ class ConnectionTracker(WrappingFactory):
     has arrived (``ProxySite.on_request``).
     """
 
+    noisy = False  # no "Starting factory" / "Stopping factory" lines in the log
+
     def __init__(self, site: ProxySite) -> None:
         super().__init__(site)
         site.on_request = self.request_started

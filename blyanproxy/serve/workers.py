@@ -43,6 +43,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from blyanproxy.logs import logger
+from blyanproxy.serve.listening import cannot_listen
 
 if TYPE_CHECKING:
     from twisted.internet import tcp
@@ -158,12 +159,16 @@ class WorkerSupervisor(Service):
         self._restarts: dict[int, IDelayedCall] = {}
 
     def privilegedStartService(self) -> None:
-        """Bind the listening socket (before twistd drops privileges), never to accept on it."""
+        """Bind the listening socket (before twistd drops privileges), never to accept on it.
+
+        A port that cannot be had ends start-up with one line (``SystemExit``)."""
         super().privilegedStartService()
+        holder = ServerFactory.forProtocol(Protocol)
+        holder.noisy = False  # it never accepts: no "Starting factory" line
         bound: list[IListeningPort | Failure] = []  # a TCP or UNIX endpoint listens at once: it has fired
-        serverFromString(self._reactor, self._listen).listen(ServerFactory.forProtocol(Protocol)).addBoth(bound.append)
+        serverFromString(self._reactor, self._listen).listen(holder).addBoth(bound.append)
         if isinstance(bound[0], Failure):
-            bound[0].raiseException()
+            raise cannot_listen(self._listen, bound[0])
         self._port = cast("tcp.Port", bound[0])  # TCP and UNIX endpoints listen with a tcp.Port
         self._port.stopReading()  # the workers accept; the supervisor only holds the socket
 

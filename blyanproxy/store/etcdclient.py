@@ -16,9 +16,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import Agent, ResponseDone
 
 from blyanproxy.core import StoreUnavailable
+from blyanproxy.twistedinternals import quiet_connection_pool
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -39,7 +40,7 @@ class EtcdGateway:
         self._reactor = reactor
         self._base = base_url
         self._timeout = timeout
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool = quiet_connection_pool(reactor, persistent=True)  # no log line per connection
         self._pool.maxPersistentPerHost = 4
         self._http = HTTPClient(Agent(reactor, connectTimeout=timeout, pool=self._pool))
 

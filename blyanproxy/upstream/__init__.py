@@ -6,6 +6,7 @@ from blyanproxy.upstream.bodies import BodyTooLarge, read_capped
 from blyanproxy.upstream.client import BodyReceiver, UpstreamConnection, UpstreamPool, connect_quietly
 from blyanproxy.upstream.endpoints import NodeEndpoints, NodeTLSPolicy, load_trust_root
 from blyanproxy.upstream.http11 import ProtocolError, body_framing, parse_head, serialize_request_head
+from blyanproxy.upstream.sweeper import UpstreamPoolService
 from blyanproxy.upstream.writethrough import write_through
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "ProtocolError",
     "UpstreamConnection",
     "UpstreamPool",
+    "UpstreamPoolService",
     "body_framing",
     "connect_quietly",
     "load_trust_root",

@@ -221,7 +221,7 @@ def test_a_node_is_added_through_the_store_and_answered_with_its_view(admin):
     assert re.fullmatch(r"[0-9a-f]{16}", added["id"])
     assert (added["name"], added["baseURL"], added["tags"], added["weight"], added["metadata"]) == (
         "gpu-a", "http://10.0.0.9:8000", ["a100"], 3, {"gpu": "A100"})
-    assert added["addedAt"] == 1000 and added["state"] == "unknown" and added["requests"] == 0
+    assert added["addedAt"] == 1000000 and added["state"] == "unknown" and added["requests"] == 0
     assert [n.id for n in admin.registry.nodes()] == ["n1", "n2", added["id"]]
     assert [n.id for n in admin.store.held.nodes] == ["n1", "n2", added["id"]]
     assert admin.call("GET", f"/nodes/{added['id']}")[2] == {"node": added}
@@ -255,6 +255,32 @@ def test_the_active_node_is_set_by_place_or_by_id(admin):
     assert admin.registry.active_id == "n2" and admin.store.held.active_id == "n2"
     assert admin.call("PUT", "/active", {"id": "n1"})[2] == {"success": True, "activeIndex": 0, "activeId": "n1"}
     assert admin.registry.active_id == "n1"
+
+
+def test_routes_that_take_an_id_take_a_unique_name_too(admin):
+    assert admin.call("GET", "/nodes/node2")[2]["node"]["id"] == "n2"
+    code, _, answer = admin.call("PATCH", "/nodes/node2", {"name": "renamed", "weight": 3})
+    assert code == 200 and (answer["node"]["id"], answer["node"]["name"]) == ("n2", "renamed")
+    assert admin.call("GET", "/nodes/node2")[0] == 404  # the old name is gone
+    assert admin.call("POST", "/nodes/renamed/drain")[2]["node"]["draining"] is True
+    assert admin.call("PUT", "/active", {"id": "renamed"})[2] == {"success": True, "activeIndex": 1, "activeId": "n2"}
+    assert admin.call("DELETE", "/nodes/node1")[0] == 200
+    assert [node.id for node in admin.registry.nodes()] == ["n2"]
+
+
+def test_an_id_wins_over_a_name_and_a_shared_name_is_409():
+    named = [attrs.evolve(node(index), name=name) for index, name in ((2, "twin"), (3, "twin"), (4, "n1"))]
+    admin = build([node(1), *named])
+    assert admin.call("GET", "/nodes/n1")[2]["node"]["name"] == "node1"  # n1 is node1's id, and node4's name
+    before = admin.fleet()
+    for method, path, body in [("GET", "/nodes/twin", None), ("PATCH", "/nodes/twin", {"weight": 2}),
+                               ("DELETE", "/nodes/twin", None), ("POST", "/nodes/twin/drain", None),
+                               ("PUT", "/active", {"id": "twin"})]:
+        code, _, answer = admin.call(method, path, body)
+        assert (code, answer) == (409, {"error": "2 nodes are named 'twin': name the node by its id",
+                                        "code": "ambiguous_node"}), path
+    assert admin.fleet() == before
+    assert admin.call("GET", "/nodes/n3")[2]["node"]["name"] == "twin"  # by id, each twin is reachable
 
 
 def test_the_policy_is_read_and_set(admin):

@@ -37,9 +37,9 @@ def test_a_node_view_has_the_stored_fields_and_the_live_ones():
     probed(registry, "n1", True, now=990.0)
     assert node_view(registry.get("n1"), stats, NOW) == {
         "id": "n1", "name": "node1", "baseURL": "http://10.0.0.1:8000", "tags": ["a100"],
-        "metadata": {"gpu": "A100"}, "weight": 2, "draining": False, "tlsVerify": True, "addedAt": 5.0,
+        "metadata": {"gpu": "A100"}, "weight": 2, "draining": False, "tlsVerify": True, "addedAt": 5000,
         "declaredBy": "NODE_1",
-        "healthy": True, "usable": True, "state": "up", "lastCheck": 990.0, "lastError": None,
+        "healthy": True, "usable": True, "state": "up", "ejected": False, "lastCheck": 990000, "lastError": None,
         "responseTime": 120.0, "consecutiveFailures": 1, "inFlight": 1, "requests": 9, "failures": 2,
         "ejectedUntil": None, "ejectReason": None, "ejections": 0,
         "engine": "auto", "models": [], "detectedEngine": None, "servedModels": None,
@@ -73,10 +73,43 @@ def test_an_ejection_shows_until_when_and_why_while_it_lasts():
     ejected(registry, "n1")
     during = node_view(registry.get("n1"), registry.stats("n1"), NOW + 5)
     assert (during["usable"], during["ejectedUntil"], during["ejectReason"], during["ejections"]) == (
-        False, NOW + 10, "refused", 1)
+        False, (NOW + 10) * 1000, "refused", 1)
     after = node_view(registry.get("n1"), registry.stats("n1"), NOW + 10)
     assert after["ejectedUntil"] is None and after["ejections"] == 1
     assert after["usable"] is False  # after the cooldown, only a passing probe lets it back
+
+
+def test_an_ejected_node_is_not_called_healthy_though_its_probes_pass():
+    """The view shows the ejection as /metrics does (blyan_node_ejected): state ejected, healthy false."""
+    registry = registry_of(node(1))
+    probed(registry, "n1", True)
+    ejected(registry, "n1")
+    for when in (NOW + 5, NOW + 10):  # during the cooldown, and after it until a probe passes
+        view = node_view(registry.get("n1"), registry.stats("n1"), when)
+        assert (view["state"], view["healthy"], view["ejected"], view["usable"]) == ("ejected", False, True, False)
+    probed(registry, "n1", True, now=NOW + 11)
+    back = node_view(registry.get("n1"), registry.stats("n1"), NOW + 11)
+    assert (back["state"], back["healthy"], back["ejected"], back["usable"]) == ("up", True, False, True)
+
+
+def test_a_node_down_and_ejected_shows_down():
+    registry = registry_of(node(1))
+    probed(registry, "n1", False)
+    registry.stats("n1").health = after_traffic_failure(
+        after_probe(registry.stats("n1").health, True, NOW, RULES), "refused", NOW, RULES)
+    probed(registry, "n1", False)
+    probed(registry, "n1", False)
+    probed(registry, "n1", False)
+    view = node_view(registry.get("n1"), registry.stats("n1"), NOW + 1)
+    assert (view["state"], view["ejected"], view["healthy"]) == ("down", True, False)
+
+
+def test_times_are_whole_epoch_milliseconds():
+    registry = registry_of(node(1, added_at=1767268800.1234))
+    probed(registry, "n1", True, now=1767268805.5)
+    view = node_view(registry.get("n1"), registry.stats("n1"), 1767268806.0)
+    assert (view["addedAt"], view["lastCheck"]) == (1767268800123, 1767268805500)
+    assert isinstance(view["addedAt"], int) and isinstance(view["lastCheck"], int)
 
 
 def test_the_list_follows_registry_order():

@@ -112,10 +112,10 @@ def test_each_caller_keeps_its_prefix():
     assert str(stored.value) == "node 'gpu-a': weight must be a whole number from 1 to 1000"
     with pytest.raises(ValueError) as declared:
         parse_node("gpu-a|http://h:1|weight=0", "NODE_1")
-    assert str(declared.value) == "weight must be a whole number from 1 to 1000"
+    assert str(declared.value) == "weight: must be a whole number from 1 to 1000 (got '0')"
     with pytest.raises(ValueError) as named:
         parse_node("\x01|http://h:1", "NODE_1")
-    assert str(named.value) == "the name must be 1 to 128 printable characters, without '|'"
+    assert str(named.value) == "name: must be 1 to 128 printable characters, without '|' (got '\\x01')"
 
 
 def _admin_accepts(document):

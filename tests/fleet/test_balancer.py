@@ -328,3 +328,69 @@ def test_a_model_served_only_by_a_draining_node_is_unavailable_not_unknown():
     assert balancer.acquire(model_route("a"), NONE) is None
     with pytest.raises(ProxyError):
         balancer.check(model_route("c"))
+
+
+# -- DEBUG lines ---------------------------------------------------------------------------
+
+@pytest.fixture
+def debug_lines():
+    """The balancer's DEBUG lines, rendered, while LOG_LEVEL is DEBUG."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from blyanproxy.logs import set_log_level
+
+    lines = []
+
+    def observe(event):
+        if event.get("log_namespace") == "blyanproxy.balancer" and event["log_level"].name == "debug":
+            lines.append(formatEvent(event))
+
+    set_log_level("DEBUG")
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+    set_log_level("INFO")
+
+
+def test_debug_tells_each_routing_decision_and_why_nodes_were_passed_over(debug_lines):
+    clock, registry, balancer = fleet(node(1), node(2), node(3), node(4), policy="least-inflight")
+    registry.stats("n2").health = after_probe(registry.stats("n2").health, False, 0.0, RULES)
+    third = balancer.acquire(route(), frozenset({"n1", "n4"}))
+    assert third.node.id == "n3"
+    third.failed("refused")  # a refused connection ejects at once
+    registry.stats("n4").latency_ms = 12.34
+    lease = balancer.acquire(route(b"/v1/chat/completions?key=secret"), frozenset({"n1"}))
+    assert lease.node.id == "n4"
+    assert debug_lines[-1] == (
+        "route /v1/chat/completions: node4 chosen by policy least-inflight among "
+        "node4 (0 in flight, 12.3 ms, weight 1); "
+        "not usable: node1 (tried), node2 (down), node3 (ejected for 10.0 s after refused)"
+    )
+    assert balancer.acquire(route(), frozenset({"n1", "n4"})) is None
+    assert debug_lines[-1] == (
+        "route /v1/models: no usable node; not usable: node1 (tried), node2 (down), "
+        "node3 (ejected for 10.0 s after refused), node4 (tried)"
+    )
+    clock.advance(11)
+    assert balancer.acquire(route(), frozenset({"n1", "n4"})) is None
+    assert debug_lines[-1].endswith("node3 (ejected, waiting for a passing probe), node4 (tried)")
+
+
+def test_debug_names_the_affinity_key_as_the_reason(debug_lines):
+    _, _, balancer = fleet(node(1), node(2))
+    balancer.acquire(Route(b"/v1/models", affinity_key=b"ticket-7"), NONE)
+    assert " chosen by affinity key (rendezvous hash) among node1 (0 in flight, no latency yet, weight 1), " \
+           "node2 (0 in flight, no latency yet, weight 1); not usable: none" in debug_lines[-1]
+
+
+def test_no_debug_line_is_built_at_info():
+    from twisted.logger import globalLogPublisher
+
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        _, _, balancer = fleet(node(1))
+        balancer.acquire(route(), NONE)
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    assert not [event for event in seen if event.get("log_namespace") == "blyanproxy.balancer"]

@@ -141,3 +141,52 @@ def test_an_unusable_answer_gives_up_at_once():
     machine.unusable(BAD_RESPONSE)
     assert owner.errors == [(502, "upstream_failed")] and owner.tries == [("n0", False)]
     assert registry.stats("id0").last_failure == "bad_response" and in_flight(registry) == [0, 0]
+
+
+@pytest.fixture
+def debug_lines():
+    """The data path's DEBUG lines (namespace blyanproxy.proxy), rendered, while LOG_LEVEL is DEBUG."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from blyanproxy.logs import set_log_level
+
+    lines = []
+
+    def observe(event):
+        if event.get("log_namespace") == "blyanproxy.proxy" and event["log_level"].name == "debug":
+            lines.append(formatEvent(event))
+
+    set_log_level("DEBUG")
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+    set_log_level("INFO")
+
+
+def test_debug_tells_each_attempt_retry_and_giving_up(debug_lines):
+    machine, _, _, clock = failover(count=2, retry_delay=0.25)
+    machine.start()
+    machine.failed(NO_RESPONSE, reused=True, bytes_received=0)
+    machine.failed(REFUSED)
+    clock.advance(0.25)
+    machine.failed(CONNECT_TIMEOUT)
+    clock.advance(0.25)  # no node is left to try
+    assert debug_lines == [
+        "attempt 1 on n0",
+        "attempt 1 on n0 on a fresh connection (the kept-alive one was stale)",
+        "failing over from n0 after refused: another node in 0.25 s, 1 tried so far",
+        "attempt 2 on n1",
+        "failing over from n1 after connect_timeout: another node in 0.25 s, 2 tried so far",
+        "giving up after 2 attempt(s): 504 upstream_timeout",
+    ]
+
+
+def test_debug_tells_a_failover_on_a_retry_status(debug_lines):
+    machine, _, _, _ = failover()
+    machine.start()
+    machine.answered(503)
+    assert debug_lines == [
+        "attempt 1 on n0",
+        "n0 answered 503 (RETRY_ON_STATUS): another node first, if one is free",
+        "attempt 2 on n1",
+    ]

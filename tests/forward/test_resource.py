@@ -30,6 +30,10 @@ class Request(DummyRequest):
     def code(self):
         return self.responseCode or 200
 
+    @property
+    def sentLength(self):
+        return sum(len(part) for part in self.written)
+
     def registerProducer(self, producer, streaming):
         # DummyRequest drives a producer in a loop until it unregisters; the relay pushes.
         self.producer = producer

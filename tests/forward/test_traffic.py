@@ -2,11 +2,12 @@
 
 import io
 
+import attrs
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.test.requesthelper import DummyRequest
 
 from blyanproxy.core import NodeRegistry, ProxyError, parse_forward_trust
@@ -21,6 +22,7 @@ from blyanproxy.forward.traffic import (
     AccessRecord,
     RequestCounters,
     TrafficRecorder,
+    access_fields,
     access_line,
     ended_by,
     redacted_target,
@@ -157,7 +159,33 @@ def test_the_access_log_listener_writes_the_line_in_its_namespace():
     finally:
         globalLogPublisher.removeObserver(events.append)
     [event] = [e for e in events if e.get("log_namespace") == "blyanproxy.access"]
-    assert event["line"] == access_line(record())
+    assert formatEvent(event) == access_line(record())
+    assert {key: event[key] for key in access_fields(record())} == access_fields(record())
+
+
+def test_the_access_event_names_every_field_of_the_record():
+    shown = access_fields(record(target=b"/v1/x?api_key=secret&n=1", ttfb=0.01234, duration=1.5))
+    assert shown == {
+        "method": "POST", "path": "/v1/x?api_key=…&n=…", "status": 200, "node": "gpu-a", "attempts": 1,
+        "ttfb_ms": 12.3, "duration_ms": 1500.0, "bytes_in": 312, "bytes_out": 5120, "ended": "complete",
+        "client": "127.0.0.1", "own_endpoint": False,
+    }
+    assert access_fields(record(ttfb=None, node=None))["ttfb_ms"] is None
+    assert set(access_fields(record())) == {
+        {"target": "path", "ttfb": "ttfb_ms", "duration": "duration_ms"}.get(field.name, field.name)
+        for field in attrs.fields(AccessRecord)
+    }  # a field added to the record is in the event too
+
+
+def test_an_access_line_with_braces_is_its_own_message():
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        write_access_line(record(target=b"/v1/{model}/x%7D"))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [event] = [e for e in events if e.get("log_namespace") == "blyanproxy.access"]
+    assert formatEvent(event) == access_line(record(target=b"/v1/{model}/x%7D"))
 
 
 def test_failed_attempts_and_open_streams_reach_the_metrics(clock):

@@ -282,3 +282,25 @@ async def test_a_websocket_with_a_key_goes_to_the_keys_tagged_node(
     record = await proxy.parts.directory.lookup(KEY.encode())
     await eventually(reactor, lambda: record.in_flight == 0)
     assert proxy.parts.directory.balancer.stats(proxy.parts.directory.pool(record).nodes[1]).in_flight == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_workloads_api_calls_write_no_factory_lines(reactor, devnode_factory, proxy_factory, workloads_api):
+    node = devnode_factory(name="gpu-a")
+    workloads_api.set(KEY, [workload(hostport(node))])
+    workloads_api.set(OTHER_KEY, [workload(hostport(node))])
+    proxy = await discovery_proxy(proxy_factory, workloads_api)
+    lines = []
+    observe = lambda event: lines.append(formatEvent(event))  # noqa: E731
+    globalLogPublisher.addObserver(observe)
+    try:
+        for key in (KEY, OTHER_KEY):
+            response, _ = await get(proxy, "/v1/models", key=key)
+            assert response.code == 200
+        await proxy.parts.directory.stopService()  # closes the API connections
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert workloads_api.calls == [KEY, OTHER_KEY]
+    api = workloads_api.url.split("/")[2]  # 127.0.0.1:port: the test's own client logs its factories
+    assert [line for line in lines if "Starting factory" in line and "127.0.0.1:" in line]  # the check can see
+    assert not [line for line in lines if "factory" in line and api in line], lines

@@ -11,6 +11,7 @@ import pytest_twisted
 import treq
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.error import ConnectionRefusedError
+from twisted.logger import formatEvent, globalLogPublisher
 
 from blyanproxy.store.etcdkeys import b64, unb64
 
@@ -94,6 +95,23 @@ async def test_a_node_added_through_one_proxy_is_routed_to_by_the_other(reactor,
     assert (await treq.get(a.url + "/v1/models", timeout=5)).code == 503
     assert (await call(a, "PUT", "/_admin/policy", {"policy": "round-robin"}))[0].code == 200
     await eventually(reactor, lambda: b.parts.balancer.policy == "round-robin", timeout=PROPAGATION)
+
+
+@pytest_twisted.ensureDeferred
+async def test_etcd_calls_write_no_factory_lines(reactor, etcd, shared_proxies):
+    lines = []
+    observe = lambda event: lines.append(formatEvent(event))  # noqa: E731
+    globalLogPublisher.addObserver(observe)
+    try:
+        (proxy,) = await shared_proxies(etcd.store_url(), count=1)
+        assert (await call(proxy, "PUT", "/_admin/policy", {"policy": "round-robin"}))[0].code == 200
+        await proxy.parts.store_service.stopService()  # the watch and the kept-alive connections close
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert any("fleet in step with etcd" in line for line in lines)
+    etcd_address = etcd.url.split("/")[2]  # 127.0.0.1:port: the test's own client logs its factories
+    assert [line for line in lines if "Starting factory" in line and "127.0.0.1:" in line]  # the check can see
+    assert not [line for line in lines if "factory" in line and etcd_address in line], lines
 
 
 @pytest_twisted.ensureDeferred

@@ -2,6 +2,7 @@
 
 import json
 import re
+import time
 
 import pytest_twisted
 import treq
@@ -9,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.logger import globalLogPublisher
 
 from .rawhttp import connect, eventually
+from .test_admin import TOKEN, call
 from .test_drain import WEBSOCKET_UPGRADE
 from .test_forwarding import chat_request, closed_port_url
 
@@ -189,3 +191,47 @@ async def test_a_websocket_writes_an_access_line_when_it_ends_and_is_counted(
     for ended in ("client_closed", "node_closed"):
         assert sample(families, "blyan_requests", "blyan_requests_total", node="node0", status_class="1xx",
                       ended=ended) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_proxys_own_errors_log_the_bytes_they_send(reactor, proxy_factory, workloads_api, access_lines):
+    proxy = await proxy_factory([closed_port_url()], max_attempts=1)
+    for status in (502, 503):  # refused, then the node is ejected: no usable node
+        response = await treq.get(proxy.url + "/v1/models", timeout=5)
+        body = await response.content()
+        assert response.code == status
+        assert f"status={status} " in access_lines[-1] and access_lines[-1].endswith(
+            f" bytes_out={len(body)} ended=error")
+    client = await connect(reactor, proxy.url)  # a WebSocket handshake no node can take
+    client.transport.write(WEBSOCKET_UPGRADE)
+    answer = await client.wait_for(b"}")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    client.transport.loseConnection()
+    assert head.startswith(b"HTTP/1.1 503 ") and f"content-length: {len(body)}".encode() in head.lower()
+    await eventually(reactor, lambda: " /ws/echo status=503 " in access_lines[-1])
+    assert access_lines[-1].endswith(f" bytes_out={len(body)} ended=error")
+    discovering = await proxy_factory([], api_url=workloads_api.url)
+    response = await treq.get(discovering.url + "/v1/models", timeout=5)  # no API key: refused before any node
+    body = await response.content()
+    assert response.code == 401 and access_lines[-1].endswith(f" bytes_out={len(body)} ended=error")
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_and_metrics_agree_on_an_ejection(reactor, devnode_factory, proxy_factory):
+    """A node whose probes passed but whose traffic fails is ejected in /_admin/status as in /metrics."""
+    node = devnode_factory()
+    proxy = await proxy_factory([node.url], health_checks=True, health_interval=600.0, admin_token=TOKEN)
+    node_id = proxy.registry.nodes()[0].id
+    await eventually(reactor, lambda: proxy.registry.stats(node_id).health.state == "up")
+    status = (await call(proxy, "GET", "/_admin/status"))[1]["nodes"][0]
+    assert (status["state"], status["healthy"], status["ejected"]) == ("up", True, False)
+    assert abs(status["lastCheck"] - time.time() * 1000) < 60_000  # epoch milliseconds
+    await node.stop()
+    assert (await treq.get(proxy.url + "/v1/models", timeout=5)).code == 502  # refused: ejected at once
+    status = (await call(proxy, "GET", "/_admin/status"))[1]["nodes"][0]
+    assert (status["state"], status["healthy"], status["ejected"], status["usable"]) == ("ejected", False, True, False)
+    assert status["ejectReason"] == "refused" and status["ejectedUntil"] > time.time() * 1000
+    _, _, families = await scrape(proxy)
+    assert sample(families, "blyan_node_ejected", "blyan_node_ejected", node="node0") == 1
+    assert sample(families, "blyan_node_usable", "blyan_node_usable", node="node0") == 0
+    assert sample(families, "blyan_node_up", "blyan_node_up", node="node0") == 1  # its health checks passed

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 
+import attrs
 import pytest
 import pytest_twisted
 import treq
@@ -13,6 +15,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.utils import getProcessOutputAndValue
 
 from blyanproxy.config import SETTINGS
+from blyanproxy.startup import package_version
 
 from .processes import TWISTD, ProcessCapture, free_port
 from .rawhttp import sleep
@@ -41,15 +44,127 @@ async def test_help_documents_every_option(reactor):
     "env, args, expected",
     [
         ({"HEALTH_INTERVAL_MS": "soon"}, [], b"HEALTH_INTERVAL_MS: expected a number of milliseconds (got 'soon')"),
-        ({"NODE_3": "gpu3|gopher://x"}, [], b"NODE_3: the URL must start with http:// or https://"),
+        ({"NODE_3": "gpu3|gopher://x"}, [], b"NODE_3: url: must start with http:// or https://"),
+        ({"NODE_0": "gpu|http://h:1|weight=0"}, [], b"NODE_0: weight: must be a whole number from 1 to 1000 (got '0')"),
         ({}, ["--policy", "random"], b"--policy: expected one of"),
         ({}, ["--port", "tcp:notaport"], b"--port"),
     ],
 )
 async def test_bad_settings_stop_start_up_with_a_message(reactor, env, args, expected):
     out, err, code = await run_to_end(reactor, ["--pidfile=", "blyan-proxy"] + args, env)
-    assert code != 0
+    assert code == 1
     assert expected in out + err
+    if not expected.startswith(b"--port"):  # a setting's error is one line, without twistd's help
+        assert (out, err.count(b"\n")) == (b"", 1), out + err
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("env, expected", [
+    ({"NODE_0": "gpu|http://user:pw@host"}, "blyan-proxy: NODE_0: url: must not carry credentials (got 'http://***@host')"),
+    ({"STATE_FILE": "/proc/nope/x"},
+     "blyan-proxy: STATE_FILE: /proc/nope/x cannot be saved: No such file or directory (/proc/nope)"),
+    ({"ADMIN_TOKEN_FILE": "/proc/nope/token"},
+     "blyan-proxy: ADMIN_TOKEN_FILE: /proc/nope/token cannot be made: No such file or directory (/proc/nope)"),
+])
+async def test_a_start_up_refusal_is_one_line_naming_the_variable(reactor, tmp_path, env, expected):
+    out, err, code = await run_to_end(
+        reactor, ["--pidfile=", "blyan-proxy", "--port", "tcp:0:interface=127.0.0.1"],
+        {"STATE_FILE": str(tmp_path / "state.json"), **env},
+    )
+    assert (code, out, err.decode().splitlines()) == (1, b"", [expected])
+    assert b"pw" not in err
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_port_in_use_is_one_line_and_exit_1(reactor, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out, err, code = await run_to_end(
+            reactor, ["--pidfile=", "blyan-proxy", "--port", f"tcp:{port}:interface=127.0.0.1"],
+            {"STATE_FILE": str(tmp_path / "state.json")},
+        )
+    assert code == 1
+    assert b"Traceback" not in out + err
+    problems = [line for line in (out + err).decode().splitlines() if "critical" in line or "error" in line]
+    assert len(problems) == 1 and problems[0].endswith(
+        f"[blyanproxy.listen#critical] cannot listen on tcp:{port}:interface=127.0.0.1: Address already in use")
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_the_start_up_summary_tells_the_fleet_after_the_state_merge(reactor, tmp_path):
+    """After a restart with a state file of 3 nodes and a policy set at run time, the summary says so."""
+    state = tmp_path / "state.json"
+    env = {"STATE_FILE": str(state), "NODE_0": "a|http://127.0.0.1:9", "SELECTION_POLICY": "round-robin"}
+    first = await start_proxy(reactor, tmp_path, env)
+    try:
+        token = (tmp_path / "admin_token").read_text().strip()
+        headers = {"X-Admin-Token": token}
+        for name, port in (("b", 10), ("c", 11)):
+            added = await treq.post(f"{first.url}/_admin/nodes", json={"name": name, "baseURL": f"http://127.0.0.1:{port}"},
+                                    headers=headers)
+            assert added.code == 200, await added.text()
+        changed = await treq.put(f"{first.url}/_admin/policy", json={"policy": "least-latency"}, headers=headers)
+        assert changed.code == 200
+    finally:
+        await first.stop()
+    assert f"state: state file {state} (created)" in first.output
+    again = await start_proxy(reactor, tmp_path, env)
+    await again.stop()
+    summary = [line.split("] ", 1)[1] for line in again.output.splitlines() if "[blyanproxy.startup#info]" in line]
+    assert summary == [
+        f"blyan-proxy {package_version()} listening on 127.0.0.1:{again.port} "
+        f"(tcp:{again.port}:interface=127.0.0.1), one process",
+        "nodes: 3 after the state merge (a, b, c); 1 declared in the settings",
+        f"state: state file {state} (loaded)",
+        f"admin token: file {tmp_path / 'admin_token'} (read)",
+        "policy: least-latency (set at run time and kept in the state store, over SELECTION_POLICY round-robin)",
+    ]
+    assert "Starting factory" not in again.output and "Stopping factory" not in again.output
+
+
+@attrs.define
+class RunningTwistd:
+    """A ``twistd -n blyan-proxy`` child process and what it wrote."""
+
+    reactor: object
+    transport: object
+    process: ProcessCapture
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def output(self) -> str:
+        return self.process.output.decode(errors="replace")
+
+    async def stop(self) -> None:
+        if not self.process.ended.called:
+            self.transport.signalProcess(signal.SIGTERM)
+        code, killed_by = await self.process.ended.addTimeout(WAIT, self.reactor)
+        assert (code, killed_by) in ((0, None), (None, signal.SIGTERM)), self.output
+        assert "Traceback" not in self.output, self.output
+
+
+async def start_proxy(reactor, tmp_path, env, args=()) -> RunningTwistd:
+    """``twistd -n blyan-proxy`` on a free port in ``tmp_path``, once it answers ``/health``."""
+    port = free_port()
+    process = ProcessCapture()
+    argv = TWISTD + ["--pidfile=", "blyan-proxy", "--port", f"tcp:{port}:interface=127.0.0.1", *args]
+    transport = reactor.spawnProcess(process, argv[0], argv, env=dict(os.environ, **env), path=str(tmp_path))
+    running = RunningTwistd(reactor, transport, process, port)
+    for _ in range(200):
+        try:
+            await treq.get(f"{running.url}/health", timeout=5)
+            return running
+        except ConnectionRefusedError:
+            await sleep(reactor, 0.1)
+    await running.stop()
+    raise AssertionError(running.output)
 
 
 @pytest.mark.slow
