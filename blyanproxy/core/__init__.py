@@ -25,7 +25,8 @@ from blyanproxy.core.attempts import (
     no_node_error,
 )
 from blyanproxy.core.booleans import boolean_word, parse_boolean
-from blyanproxy.core.errors import ProxyError, write_error
+from blyanproxy.core.dialects import error_dialect, write_error
+from blyanproxy.core.errors import OLLAMA, OPENAI, PLAIN, REQUEST_ID_HEADER, Dialect, ProxyError, openai_error_type
 from blyanproxy.core.fleetedit import Change
 from blyanproxy.core.fleetstate import (
     FleetState,
@@ -59,6 +60,7 @@ from blyanproxy.core.healthstate import (
 from blyanproxy.core.noderules import NodeFieldError, node_name, node_tags, node_weight, url_taken
 from blyanproxy.core.nodes import Node, NodeRegistry, NodeStats, new_node_id
 from blyanproxy.core.nodeurl import parse_base_url
+from blyanproxy.core.requestid import RequestId, new_request_id, replace_headers, request_id_for
 from blyanproxy.core.routing import Route, parse_route, route_allows
 from blyanproxy.core.selection import POLICIES, Candidate, Policy, Turn, route_members
 from blyanproxy.core.trust import ForwardTrust, parse_forward_trust
@@ -76,6 +78,7 @@ __all__ = [
     "ClientFacts",
     "DOWN",
     "Decision",
+    "Dialect",
     "FleetState",
     "ForwardTrust",
     "GiveUp",
@@ -85,14 +88,19 @@ __all__ = [
     "NodeFieldError",
     "NodeRegistry",
     "NodeStats",
+    "OLLAMA",
+    "OPENAI",
+    "PLAIN",
     "POLICIES",
     "Pick",
     "Policy",
     "ProxyError",
     "REFUSED",
+    "REQUEST_ID_HEADER",
     "RESPONSE_TIMEOUT",
     "RawHeaders",
     "Relay",
+    "RequestId",
     "Route",
     "StateError",
     "StateStore",
@@ -112,20 +120,25 @@ __all__ = [
     "choose_by_key",
     "client_facts",
     "downstream_response_headers",
+    "error_dialect",
     "merge",
     "new_node_id",
+    "new_request_id",
     "no_node_error",
     "node_from_json",
     "node_name",
     "node_tags",
     "node_to_json",
     "node_weight",
+    "openai_error_type",
     "parse_affinity_source",
     "parse_base_url",
     "parse_boolean",
     "parse_forward_trust",
     "parse_route",
     "readmit_after_cooldown",
+    "replace_headers",
+    "request_id_for",
     "route_allows",
     "route_members",
     "state_from_json",

@@ -29,6 +29,7 @@ class Owner:
         self.tries = []
         self.errors = []
         self.failed_attempts = []
+        self.events = []  # the attempt events, in order
 
     def try_node(self, lease, fresh):
         self.tries.append((lease.node.name, fresh))
@@ -36,8 +37,12 @@ class Owner:
     def give_up(self, err):
         self.errors.append((err.status, err.code))
 
+    def attempt_started(self, node, number):
+        self.events.append(("started", node.name, number))
+
     def attempt_failed(self, node, reason):
         self.failed_attempts.append((node, reason))
+        self.events.append(("failed", node, reason))
 
 
 def fleet(count, clock):
@@ -141,3 +146,17 @@ def test_an_unusable_answer_gives_up_at_once():
     machine.unusable(BAD_RESPONSE)
     assert owner.errors == [(502, "upstream_failed")] and owner.tries == [("n0", False)]
     assert registry.stats("id0").last_failure == "bad_response" and in_flight(registry) == [0, 0]
+
+
+def test_each_attempt_is_reported_when_it_starts_and_when_it_fails_in_order():
+    machine, owner, _, _ = failover(count=3)
+    machine.start()
+    machine.failed(NO_RESPONSE, reused=True, bytes_received=0)  # a fresh connection: the same attempt
+    machine.failed(REFUSED)
+    assert machine.answered(503) is False
+    assert machine.answered(200) is True
+    assert owner.events == [
+        ("started", "n0", 1), ("failed", "n0", "refused"),
+        ("started", "n1", 2), ("failed", "n1", "status_503"),
+        ("started", "n2", 3),
+    ]

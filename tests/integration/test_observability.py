@@ -175,7 +175,7 @@ async def test_a_websocket_writes_an_access_line_when_it_ends_and_is_counted(
     line = next(line for line in access_lines if " /ws/echo " in line)
     assert line.startswith("127.0.0.1 GET /ws/echo status=101 node=node0 attempts=1 ttfb_ms=")
     assert re.search(r" duration_ms=\d+\.\d ", line)
-    assert line.endswith(f" bytes_in={len(frame)} bytes_out=7 ended=client_closed")
+    assert f" bytes_in={len(frame)} bytes_out=7 ended=client_closed request_id=" in line
     assert await status_counters(proxy) == {"requests": 1, "failures": 0}  # /_status itself is not counted
 
     second = await connect(reactor, proxy.url)
@@ -183,7 +183,7 @@ async def test_a_websocket_writes_an_access_line_when_it_ends_and_is_counted(
     await second.wait_for(b"\r\n\r\n")
     await node.stop()  # the node goes away mid-WebSocket
     await second.wait_closed()
-    await eventually(reactor, lambda: access_lines[-1].endswith("bytes_in=0 bytes_out=0 ended=node_closed"))
+    await eventually(reactor, lambda: "bytes_in=0 bytes_out=0 ended=node_closed request_id=" in access_lines[-1])
     assert await status_counters(proxy) == {"requests": 2, "failures": 0}
     _, _, families = await scrape(proxy)
     for ended in ("client_closed", "node_closed"):
