@@ -10,6 +10,7 @@ import os
 import secrets
 import socket
 import sys
+from collections.abc import Mapping
 from functools import partial
 
 import attrs
@@ -45,6 +46,7 @@ from blyanproxy.forward import (
 from blyanproxy.logs import logger, set_log_level
 from blyanproxy.metrics import MetricsResource, ProxyMetrics
 from blyanproxy.options import Options
+from blyanproxy.otelenv import request_tracer
 from blyanproxy.serve import (
     ConnectionTracker,
     Drainer,
@@ -95,13 +97,15 @@ class ProxyParts:
     keeper: FleetKeeper
     metrics: ProxyMetrics
     store: StateStore
+    recorder: TrafficRecorder
     directory: WorkloadDirectory | None = None
     store_service: EtcdStore | None = None  # started with the proxy when the fleet is in etcd
     store_note: str = "memory only (nothing is saved)"  # where the fleet is kept, for the start-up summary
     token_note: str = "generated for this process only"  # where the admin token came from, likewise
 
 
-def build_proxy(settings: Settings, reactor, persist: bool = True, worker: int | None = None) -> ProxyParts:
+def build_proxy(settings: Settings, reactor, persist: bool = True, worker: int | None = None,
+                environ: Mapping[str, str] | None = None) -> ProxyParts:
     """Build the proxy's parts for ``settings``.
 
     With ``persist`` (and not in demo mode) the fleet is kept in the state
@@ -109,6 +113,8 @@ def build_proxy(settings: Settings, reactor, persist: bool = True, worker: int |
     unusable), or from etcd once ``store_service`` runs (until then the
     declared nodes serve). Otherwise changes live in memory. ``worker`` is the
     number of a worker process (``--workers``), shown in its metrics.
+    ``environ`` (the process's environment by default) holds the ``OTEL_*``
+    variables of tracing (``request_tracer``).
     """
     registry = NodeRegistry()
     declared = [node_from_spec(spec, reactor.seconds()) for spec in settings.nodes]
@@ -162,6 +168,9 @@ def build_proxy(settings: Settings, reactor, persist: bool = True, worker: int |
         recorder.subscribe(write_access_line)
     recorder.subscribe(metrics.request_finished)
     recorder.subscribe(counters.count)
+    tracer = request_tracer(os.environ if environ is None else environ, reactor)
+    if tracer is not None:
+        recorder.watch(tracer)
     directory = build_directory(settings, reactor, rules, trust_root, metrics) if settings.api_url else None
     context = ForwardContext(reactor, pool, endpoints, recorder, forward_rules(settings))
     forwarder = ProxyResource(context, balancer, directory)
@@ -188,7 +197,7 @@ def build_proxy(settings: Settings, reactor, persist: bool = True, worker: int |
     site = ProxySite(root, settings.max_body_bytes, reactor=reactor, header_timeout=settings.header_timeout)
     return ProxyParts(
         site=site, registry=registry, balancer=balancer, pool=pool, health=health, keeper=keeper,
-        metrics=metrics, store=store, directory=directory, store_service=store_service,
+        metrics=metrics, store=store, recorder=recorder, directory=directory, store_service=store_service,
         store_note=store_note, token_note=token_note,
     )
 

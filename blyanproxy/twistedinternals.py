@@ -97,6 +97,17 @@ class ChannelWithBadRequestHook(http.HTTPChannel):
         self.bad_request()
 
 
+def request_line_target(channel: http.HTTPChannel) -> bytes | None:
+    """The target of the request line whose head the channel is reading, None before one arrived.
+
+    Checked: Twisted 26.10.0, ``HTTPChannel._path`` (set from the request line in
+    ``lineReceived``, deleted in ``allContentReceived``). If it changes: return None
+    (a refusal before the request is parsed then takes the proxy's plain error shape).
+    """
+    target = getattr(channel, "_path", None)
+    return target if isinstance(target, bytes) else None
+
+
 def channel_protocol(channel: http.HTTPChannel) -> IProtocol:
     """The protocol a ``Site`` serves a connection with: Twisted's wrapper around ``channel``.
 

@@ -44,3 +44,18 @@ def test_the_quiet_pool_builds_connections_without_log_lines():
     pool = quiet_connection_pool(Clock(), persistent=False)
     assert pool.persistent is False
     assert pool._factory.noisy is False  # the private attribute this wrapper exists for
+
+
+def test_the_request_line_target_is_known_while_the_head_arrives_and_gone_after():
+    from twisted.internet.testing import StringTransport
+    from twisted.web import http
+
+    from blyanproxy.twistedinternals import request_line_target
+
+    channel = http.HTTPChannel()
+    channel.makeConnection(StringTransport())
+    assert request_line_target(channel) is None
+    channel.dataReceived(b"GET /v1/models?x=1 HTTP/1.1\r\nHost: x\r\n")
+    assert request_line_target(channel) == b"/v1/models?x=1"
+    channel.dataReceived(b"\r\n")  # the request is complete: the channel forgets its line
+    assert request_line_target(channel) is None

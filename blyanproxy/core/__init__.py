@@ -25,8 +25,17 @@ from blyanproxy.core.attempts import (
     no_node_error,
 )
 from blyanproxy.core.booleans import boolean_word, parse_boolean
+from blyanproxy.core.dialects import error_dialect, write_error
 from blyanproxy.core.engines import ENGINES, OLLAMA, engine_of, model_not_found, served_models, serving, strips_api
-from blyanproxy.core.errors import ProxyError, write_error
+from blyanproxy.core.errors import (
+    DIALECT_OLLAMA,
+    DIALECT_OPENAI,
+    DIALECT_PLAIN,
+    REQUEST_ID_HEADER,
+    Dialect,
+    ProxyError,
+    openai_error_type,
+)
 from blyanproxy.core.fleetedit import Change
 from blyanproxy.core.fleetstate import (
     FleetState,
@@ -71,6 +80,7 @@ from blyanproxy.core.noderules import (
 )
 from blyanproxy.core.nodes import Node, NodeRegistry, NodeStats, new_node_id
 from blyanproxy.core.nodeurl import parse_base_url
+from blyanproxy.core.requestid import RequestId, new_request_id, replace_headers, request_id_for
 from blyanproxy.core.routing import Route, names_model, parse_route, route_allows, route_target
 from blyanproxy.core.selection import POLICIES, Candidate, Policy, Turn, route_members
 from blyanproxy.core.trust import ForwardTrust, parse_forward_trust
@@ -89,6 +99,7 @@ __all__ = [
     "DOWN",
     "ENGINES",
     "Decision",
+    "Dialect",
     "FleetState",
     "ForwardTrust",
     "GiveUp",
@@ -100,14 +111,19 @@ __all__ = [
     "NodeRegistry",
     "NodeStats",
     "OLLAMA",
+    "DIALECT_OLLAMA",
+    "DIALECT_OPENAI",
+    "DIALECT_PLAIN",
     "POLICIES",
     "Pick",
     "Policy",
     "ProxyError",
     "REFUSED",
+    "REQUEST_ID_HEADER",
     "RESPONSE_TIMEOUT",
     "RawHeaders",
     "Relay",
+    "RequestId",
     "Route",
     "StateError",
     "StateStore",
@@ -129,10 +145,12 @@ __all__ = [
     "client_facts",
     "downstream_response_headers",
     "engine_of",
+    "error_dialect",
     "merge",
     "model_not_found",
     "new_node_id",
     "names_model",
+    "new_request_id",
     "no_node_error",
     "node_from_json",
     "model_of",
@@ -142,12 +160,15 @@ __all__ = [
     "node_tags",
     "node_to_json",
     "node_weight",
+    "openai_error_type",
     "parse_affinity_source",
     "parse_base_url",
     "parse_boolean",
     "parse_forward_trust",
     "parse_route",
     "readmit_after_cooldown",
+    "replace_headers",
+    "request_id_for",
     "route_allows",
     "route_members",
     "route_target",

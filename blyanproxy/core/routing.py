@@ -173,7 +173,7 @@ def take_node_parameter(target: bytes) -> tuple[bytes, str | None]:
     if not chosen:
         return target, None
     if len(chosen) > 1 or not chosen[0]:
-        raise ProxyError(400, "bad_node_choice", "api= must name one node, by id or name, once")
+        raise ProxyError(400, "bad_node_choice", "api= must name one node, by id or name, once", param="api")
     return (path + b"?" + b"&".join(kept) if kept else path), chosen[0]
 
 

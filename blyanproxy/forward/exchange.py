@@ -17,6 +17,7 @@ from twisted.web.server import Request
 
 from blyanproxy.core import (
     BAD_RESPONSE,
+    REQUEST_ID_HEADER,
     RESPONSE_TIMEOUT,
     AttemptFailure,
     Attempts,
@@ -24,6 +25,8 @@ from blyanproxy.core import (
     RawHeaders,
     Route,
     downstream_response_headers,
+    error_dialect,
+    replace_headers,
     route_target,
     upstream_request_headers,
     write_error,
@@ -70,7 +73,7 @@ class Exchange:
         content.seek(0)
         self._body = content.read()
         self._failover = Failover(Attempts(context.rules.attempts), pool, route, context.clock,
-                                  context.traffic, self._try_node, self._fail)
+                                  tally, self._try_node, self._fail)
         self._lease: Lease | None = None  # the latest attempt's; ``_head`` is its request head
         self._head = b""
         self._pending: defer.Deferred[UpstreamConnection] | None = None
@@ -109,6 +112,7 @@ class Exchange:
             trust_forwarded=self._rules.trust_forwarded,
             strip_origin=self._rules.strip_origin,
         )
+        headers = replace_headers(headers, self._tally.node_headers)
         if self._body or self._method in _BODY_METHODS:
             headers.append((b"Content-Length", [b"%d" % len(self._body)]))
         return serialize_request_head(self._method, url.path_bytes + route_target(self._route, lease.engine), headers)
@@ -162,8 +166,9 @@ class Exchange:
             out.setRawHeaders(name, values)
         out.setRawHeaders(b"X-Blyan-Node", [attempt.lease.node.name_bytes])
         out.setRawHeaders(b"X-Blyan-Attempts", [b"%d" % self._failover.count])
-        content_type = out.getRawHeaders(b"content-type", [])
-        is_sse = bool(content_type) and content_type[0].lower().startswith(b"text/event-stream")
+        out.setRawHeaders(REQUEST_ID_HEADER, [self._tally.request_id.encode("ascii")])
+        content_type = (out.getRawHeaders(b"content-type") or [b""])[0].lower()
+        is_sse = content_type.startswith(b"text/event-stream")
         if is_sse and not out.hasHeader(b"x-accel-buffering"):
             out.setRawHeaders(b"X-Accel-Buffering", [b"no"])
         if self._method == b"HEAD" or status == 304:
@@ -176,6 +181,7 @@ class Exchange:
         conn = attempt.conn
         raw_chunks = conn.chunked and request.clientproto == b"HTTP/1.1"
         sse = is_sse and length is None  # comments and error events would break a body of announced length
+        dialect, request_id = error_dialect(request.uri), self._tally.request_id
         relay = BodyRelay(
             request,
             self._context.clock,
@@ -185,6 +191,8 @@ class Exchange:
             is_sse=sse,
             on_end=functools.partial(self._relay_ended, attempt.lease, sse),
             raw_chunks=conn if raw_chunks else None,
+            ndjson=length is None and content_type.startswith(b"application/x-ndjson"),
+            error_document=lambda code, message: ProxyError(502, code, message).body(dialect, request_id),
         )
         relay.start()
         if raw_chunks:

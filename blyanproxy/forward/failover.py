@@ -4,7 +4,9 @@
 for one request (HTTP or a WebSocket handshake): it takes a ``Lease`` from the
 pool for each ``Pick``, waits out ``RETRY_DELAY_MS`` on the clock, holds a
 failed attempt against its node (node health, the failed-attempts metric, a
-log line), and calls its owner back to ``try_node`` or ``give_up``.
+log line), and calls its owner back to ``try_node`` or ``give_up``. Its
+reporter (the request's ``RequestTally``) hears each attempt start and fail:
+the attempt events tracing listens to.
 ``classify_failure`` turns a connection's failure into the machine's word.
 """
 
@@ -27,6 +29,7 @@ from blyanproxy.core import (
     Attempts,
     Decision,
     GiveUp,
+    Node,
     Pick,
     ProxyError,
     Relay,
@@ -41,7 +44,10 @@ log = logger("proxy")
 
 
 class AttemptReporter(Protocol):
-    """Where failed attempts are counted (the ``TrafficRecorder``)."""
+    """Who hears of each attempt (the request's ``RequestTally``)."""
+
+    def attempt_started(self, node: Node, number: int) -> None:
+        """Attempt ``number`` goes to ``node`` (a fresh connection to the same node is the same attempt)."""
 
     def attempt_failed(self, node: str, reason: str) -> None:
         """One attempt on ``node`` failed for ``reason`` before any byte reached the client."""
@@ -139,7 +145,9 @@ class Failover:
             if picked is not None:
                 self.lease = picked
             assert self.lease is not None
-            self._number = decision.attempt
+            if decision.attempt != self._number:
+                self._number = decision.attempt
+                self._reporter.attempt_started(self.lease.node, decision.attempt)
             self._try_node(self.lease, decision.fresh)
         elif isinstance(decision, GiveUp):
             self._give_up(decision.error)

@@ -10,17 +10,25 @@ One timer serves two jobs: it cuts a body that stays silent longer than the
 idle timeout (time spent paused by the client does not count), and on an SSE
 stream it writes a comment line after ``sse_keepalive`` quiet seconds, at an
 event boundary only.
+
+A stream that breaks off or goes idle ends with an error its client's parser
+reads before the connection is cut: an SSE ``event: error`` (at an event
+boundary, or after closing the event under way), or on an NDJSON stream
+(Ollama's) one more JSON line, when the last line is complete. Its data is
+the error document in the shape the client's path calls for
+(``error_document``), which the openai SDK's stream raises as ``APIError`` and
+the ollama client as ``ResponseError``.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Callable, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from blyanproxy.core import ProxyError
 from blyanproxy.upstream import write_through
 
 #: How a relayed body ended, passed to the ``on_end`` callback.
@@ -32,10 +40,14 @@ IDLE_TIMEOUT = "idle_timeout"
 SSE_KEEPALIVE_COMMENT = b": keep-alive\n\n"
 
 
-def sse_error_event(code: str, message: str) -> bytes:
-    """An SSE ``error`` event carrying the JSON error shape."""
-    data = json.dumps({"error": message, "code": code})
-    return b"event: error\ndata: " + data.encode("utf-8") + b"\n\n"
+def plain_error_document(code: str, message: str) -> bytes:
+    """The proxy's own JSON error shape, for a stream that broke off as ``code`` says."""
+    return ProxyError(502, code, message).body()
+
+
+def sse_error_event(document: bytes) -> bytes:
+    """An SSE ``error`` event carrying a JSON error ``document``."""
+    return b"event: error\ndata: " + document + b"\n\n"
 
 
 def cut_short(request: Request) -> None:
@@ -61,7 +73,9 @@ class BodyRelay:
     client's pace. With ``raw_chunks`` (what tells where the node's chunked body
     stands), the node's chunk framing is passed to the client as it is, saving a
     decode and re-encode per event; the client's response must then be chunked
-    too (HTTP/1.1, no length).
+    too (HTTP/1.1, no length). A broken SSE (``is_sse``) or NDJSON (``ndjson``)
+    stream ends with an error frame whose data ``error_document(code, message)``
+    makes (see the module docstring).
     """
 
     def __init__(
@@ -74,6 +88,8 @@ class BodyRelay:
         is_sse: bool,
         on_end: Callable[[str, int], None],
         raw_chunks: ChunkPosition | None = None,
+        ndjson: bool = False,
+        error_document: Callable[[str, str], bytes] = plain_error_document,
     ) -> None:
         self._request = request
         self._upstream = upstream
@@ -82,6 +98,8 @@ class BodyRelay:
         self._idle_timeout = idle_timeout
         self._keepalive = sse_keepalive if is_sse and sse_keepalive > 0 else 0.0
         self.is_sse = is_sse
+        self._ndjson = ndjson and not is_sse
+        self._error_document = error_document
         self._on_end = on_end
         self._paused = False
         self._ended = False
@@ -110,11 +128,13 @@ class BodyRelay:
             return
         now = self._clock.seconds()
         self._last_data = self._last_write = now
-        if self._keepalive:
+        if self.is_sse:
             if self._raw_chunks is not None:
                 self._at_event_boundary = data.endswith(b"\n\n\r\n")
             else:
                 self._at_event_boundary = data.endswith(b"\n\n") or data.endswith(b"\r\n\r\n")
+        elif self._ndjson:
+            self._at_event_boundary = data.endswith(b"\n\r\n" if self._raw_chunks is not None else b"\n")
         self._bytes_sent += len(data)
         self._forward(data)
 
@@ -183,9 +203,12 @@ class BodyRelay:
 
     def _fail_client(self, how: str, message: str | None) -> None:
         """End the client's response so that it reads as failed, never as complete."""
+        document = self._error_document(how, message or how)
         if self.is_sse:
-            event = sse_error_event(how, message or how)
+            event = sse_error_event(document)
             self._emit(event if self._at_event_boundary else b"\n\n" + event)
+        elif self._ndjson and self._at_event_boundary:
+            self._emit(document + b"\n")
         cut_short(self._request)
 
     # -- the idle / keep-alive timer ------------------------------------------

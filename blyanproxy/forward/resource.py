@@ -63,7 +63,8 @@ class ProxyResource(Resource):
             if key is None and directory is not None and self._balancer.is_empty():
                 raise missing_key_error()
             if key is None and not self._balancer.serves(route):
-                raise ProxyError(404, "node_not_found", "no registered node has the id or name api= gives")
+                raise ProxyError(404, "node_not_found", "no registered node has the id or name api= gives",
+                                 param="api")
         except ProxyError as err:
             self._refuse(request, tally, err)
             return NOT_DONE_YET

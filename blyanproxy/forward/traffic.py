@@ -9,10 +9,18 @@ the access log (``write_access_line``), the metrics and the
 ``RequestCounters``. The access log line is greppable ``key=value`` text;
 query values are replaced by ``…`` because they may hold secrets, and no
 header (so no token or API key) is ever logged.
+
+Each request gets its id here (the client's ``X-Request-Id`` when usable,
+``core.request_id_for``), returned in the answer's ``X-Request-Id`` and sent
+to every node it is tried on. A ``RequestWatcher`` (``TrafficRecorder.watch``;
+the OpenTelemetry tracer of ``blyanproxy.tracing``) hears every request for a
+node from beginning to end: its attempts (from ``Failover``, through the
+tally), a queue wait, and its record.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import Any, Callable, Protocol
 from urllib.parse import parse_qsl
 
@@ -20,10 +28,19 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import Request
 
-from blyanproxy.core import ClientFacts, ForwardTrust, ProxyError, client_facts
+from blyanproxy.core import (
+    REQUEST_ID_HEADER,
+    ClientFacts,
+    ForwardTrust,
+    Node,
+    ProxyError,
+    client_facts,
+    request_id_for,
+)
 from blyanproxy.logs import logger
 
 log = logger("access")
+proxy_log = logger("proxy")
 
 #: How a request ended.
 COMPLETE = "complete"
@@ -55,6 +72,7 @@ class AccessRecord:
     client sent after the upgrade; ``bytes_out`` the response body, or what
     the node sent after the upgrade. ``own_endpoint`` marks a request the
     proxy answered itself (``/health``, ``/_admin`` …), never meant for a node.
+    ``request_id`` is the id the answer's ``X-Request-Id`` carried.
     """
 
     method: str
@@ -69,6 +87,7 @@ class AccessRecord:
     ended: str
     client: str
     own_endpoint: bool = False
+    request_id: str | None = None
 
 
 def redacted_target(target: bytes) -> str:
@@ -88,7 +107,7 @@ def access_line(record: AccessRecord) -> str:
         f"{record.client} {record.method} {redacted_target(record.target)} status={record.status} "
         f"node={record.node or '-'} attempts={record.attempts} ttfb_ms={ttfb} "
         f"duration_ms={record.duration * 1000:.1f} bytes_in={record.bytes_in} bytes_out={record.bytes_out} "
-        f"ended={record.ended}"
+        f"ended={record.ended} request_id={record.request_id or '-'}"
     )
 
 
@@ -158,29 +177,54 @@ class RequestTally:
     """One request's figures while it is under way, filled in by whoever carries it.
 
     ``end(status, ended)`` turns them into the request's ``AccessRecord`` and
-    reports it; only the first call counts.
+    reports it; only the first call counts. The attempt events
+    (``attempt_started``, ``attempt_failed``: ``Failover`` reports them) and
+    ``queue_waited`` go on to the recorder's watchers; ``node_headers`` are the
+    headers the current attempt sends its node (the request id, and what
+    watchers add, such as ``traceparent``).
     """
 
     _clock: IReactorTime = attrs.field(repr=False)
-    _report: Callable[[AccessRecord], None] = attrs.field(repr=False)
+    _recorder: TrafficRecorder = attrs.field(repr=False)
     method: str
     target: bytes
     client: ClientFacts
     started: float
+    request_id: str
     own_endpoint: bool = False
     node: str | None = None
     attempts: int = 0
     ttfb: float | None = None
     bytes_in: int = 0
     bytes_out: int = 0
+    node_headers: list[tuple[bytes, bytes]] = attrs.field(factory=list)
     _done: bool = attrs.field(default=False, init=False)
+
+    def attempt_started(self, node: Node, number: int) -> None:
+        """Attempt ``number`` goes to ``node``: its ``node_headers`` are made."""
+        headers = [(REQUEST_ID_HEADER, self.request_id.encode("ascii"))]
+        for watcher in self._recorder.watchers:
+            headers.extend(watcher.attempt_started(self, node, number))
+        self.node_headers = headers
+
+    def attempt_failed(self, node: str, reason: str) -> None:
+        """The current attempt, on ``node``, failed for ``reason`` before any byte reached the client."""
+        self._recorder.attempt_failed(node, reason)
+        for watcher in self._recorder.watchers:
+            watcher.attempt_failed(self, node, reason)
+
+    def queue_waited(self, since: float) -> None:
+        """The request waited for admission from ``since`` until now (the hook for an admission queue)."""
+        now = self._clock.seconds()
+        for watcher in self._recorder.watchers:
+            watcher.queue_waited(self, since, now)
 
     def end(self, status: int, ended: str) -> None:
         """The request ended with ``status`` (what the client got, or 499), as ``ended`` says."""
         if self._done:
             return
         self._done = True
-        self._report(AccessRecord(
+        self._recorder.finished(self, AccessRecord(
             method=self.method,
             target=self.target,
             status=status,
@@ -193,7 +237,27 @@ class RequestTally:
             ended=ended,
             client=self.client.origin,
             own_endpoint=self.own_endpoint,
+            request_id=self.request_id,
         ))
+
+
+class RequestWatcher(Protocol):
+    """What hears every request for a node as it goes (the tracer); the proxy's own endpoints are not watched."""
+
+    def began(self, tally: RequestTally, headers: Iterable[tuple[bytes, Sequence[bytes]]]) -> None:
+        """A request arrived with ``headers``."""
+
+    def attempt_started(self, tally: RequestTally, node: Node, number: int) -> Sequence[tuple[bytes, bytes]]:
+        """Attempt ``number`` goes to ``node``: the headers to send it besides the request's own."""
+
+    def attempt_failed(self, tally: RequestTally, node: str, reason: str) -> None:
+        """The current attempt failed for ``reason`` (the request fails over or gives up)."""
+
+    def queue_waited(self, tally: RequestTally, since: float, until: float) -> None:
+        """The request waited for admission from ``since`` to ``until``."""
+
+    def ended(self, tally: RequestTally, record: AccessRecord) -> None:
+        """The request ended as ``record`` says."""
 
 
 class TrafficMetrics(Protocol):
@@ -220,27 +284,47 @@ class TrafficRecorder:
         self._trust = trust
         self._metrics = metrics
         self._listeners: list[Callable[[AccessRecord], None]] = []
+        self.watchers: list[RequestWatcher] = []
 
     def subscribe(self, listener: Callable[[AccessRecord], None]) -> None:
         """Call ``listener(record)`` for every request that ends from now on."""
         self._listeners.append(listener)
 
+    def watch(self, watcher: RequestWatcher) -> None:
+        """Tell ``watcher`` of every request for a node that arrives from now on, as it goes."""
+        self.watchers.append(watcher)
+
     def begin(self, request: Request, own_endpoint: bool = False) -> RequestTally:
-        """Open the tally of a twisted.web request that just arrived."""
-        return RequestTally(
+        """Open the tally of a twisted.web request that just arrived, and give the answer its ``X-Request-Id``."""
+        client = client_facts(request, self._trust)
+        request_id = request_id_for(request.requestHeaders.getRawHeaders(REQUEST_ID_HEADER, []))
+        if request_id.replaced is not None:
+            proxy_log.info("replaced the X-Request-Id of a request from {client} by {request_id}: {why}",
+                           client=client.origin, request_id=request_id.value, why=request_id.replaced)
+        request.responseHeaders.setRawHeaders(REQUEST_ID_HEADER, [request_id.value.encode("ascii")])
+        tally = RequestTally(
             self._clock,
-            self._finished,
+            self,
             method=request.method.decode("latin-1"),
             target=request.uri,
-            client=client_facts(request, self._trust),
+            client=client,
             started=self._clock.seconds(),
+            request_id=request_id.value,
             own_endpoint=own_endpoint,
             bytes_in=_body_size(request),
         )
+        if not own_endpoint:
+            for watcher in self.watchers:
+                watcher.began(tally, request.requestHeaders.getAllRawHeaders())
+        return tally
 
-    def _finished(self, record: AccessRecord) -> None:
+    def finished(self, tally: RequestTally, record: AccessRecord) -> None:
+        """``tally``'s request ended as ``record`` (``RequestTally.end`` tells): every listener hears it."""
         for listener in self._listeners:
             listener(record)
+        if not tally.own_endpoint:
+            for watcher in self.watchers:
+                watcher.ended(tally, record)
 
     def attempt_failed(self, node: str, reason: str) -> None:
         """One attempt on ``node`` failed before any byte reached the client."""

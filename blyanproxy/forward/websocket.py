@@ -30,6 +30,7 @@ from twisted.web.server import Request
 from blyanproxy.core import (
     CONNECT_TIMEOUT,
     NO_RESPONSE,
+    REQUEST_ID_HEADER,
     UPGRADE_TIMEOUT,
     Attempts,
     ProxyError,
@@ -37,6 +38,7 @@ from blyanproxy.core import (
     Route,
     bad_handshake,
     downstream_response_headers,
+    replace_headers,
     route_target,
     upstream_request_headers,
     write_error,
@@ -182,7 +184,8 @@ class _Splice(Protocol):
         client = _ClientSide(self, self._node)
         take_over_connection(request.channel, client)
         self._client = client.link
-        client.link.write(head + b"\r\nX-Blyan-Node: " + self._node_name() + b"\r\n\r\n" + rest)
+        client.link.write(head + b"\r\nX-Blyan-Node: " + self._node_name() + b"\r\n" + REQUEST_ID_HEADER + b": "
+                          + self.tally.request_id.encode("ascii") + b"\r\n\r\n" + rest)
         self.tally.bytes_out += len(rest)
         request.registerProducer(self._node, True)
         self._node.registerProducer(client.link, True)
@@ -202,6 +205,7 @@ class _Splice(Protocol):
         for name, values in downstream_response_headers(headers):
             request.responseHeaders.setRawHeaders(name, values)
         request.responseHeaders.setRawHeaders(b"X-Blyan-Node", [self._node_name()])
+        request.responseHeaders.setRawHeaders(REQUEST_ID_HEADER, [self.tally.request_id.encode("ascii")])
         try:
             framing, length = body_framing(b"GET", status, b"HTTP/1.1", headers)
         except ProtocolError:
@@ -287,7 +291,7 @@ class _Handshake:
         self.tally = tally
         self._route = route
         self._failover = Failover(Attempts(context.rules.attempts), pool, route, context.clock,
-                                  context.traffic, self._try_node, self.fail)
+                                  tally, self._try_node, self.fail)
         self._pending: defer.Deferred[_Splice] | None = None
         self._timeout: IDelayedCall | None = None
         self._splice: _Splice | None = None  # the current attempt's, once connected
@@ -316,6 +320,7 @@ class _Handshake:
             strip_origin=rules.strip_origin,
             websocket=True,
         )
+        headers = replace_headers(headers, self.tally.node_headers)
         head = serialize_request_head(b"GET", url.path_bytes + route_target(self._route, lease.engine), headers)
         endpoint = self.context.endpoints.endpoint(url.scheme, url.host, url.port)
         splice = _Splice(self, lease, head)

@@ -10,10 +10,10 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
-from blyanproxy.core import ProxyError
+from blyanproxy.core import DIALECT_PLAIN, REQUEST_ID_HEADER, ProxyError, error_dialect, request_id_for
 from blyanproxy.forward import CLIENT_CLOSED_STATUS, CLIENT_GONE, COMPLETE, RequestTally, TrafficRecorder
 from blyanproxy.logs import logger
-from blyanproxy.twistedinternals import ChannelWithBadRequestHook, channel_protocol
+from blyanproxy.twistedinternals import ChannelWithBadRequestHook, channel_protocol, request_line_target
 
 log = logger("server")
 
@@ -30,6 +30,25 @@ HEAD_TIMEOUT = ProxyError(408, "request_timeout", "the request head did not arri
 
 def _peer(transport: ITransport | None) -> str:
     return getattr(transport.getPeer(), "host", "unknown") if transport is not None else "unknown"
+
+
+def early_refusal(channel: http.HTTPChannel, error: ProxyError) -> tuple[bytes, str]:
+    """``(raw response, request id)`` refusing the request whose head ``channel`` is reading.
+
+    Once its request line has arrived, the body takes the shape of the path it
+    names (``error_dialect``) and the id is the client's ``X-Request-Id``
+    among the headers read so far, when usable; else the plain shape and a new id.
+    """
+    target = request_line_target(channel)
+    sent: list[bytes] = []
+    if target is not None and channel.requests:
+        sent = list(channel.requests[-1].requestHeaders.getRawHeaders(REQUEST_ID_HEADER, []))
+    request_id = request_id_for(sent)
+    if request_id.replaced is not None:
+        log.info("replaced the X-Request-Id of a refused request by {request_id}: {why}",
+                 request_id=request_id.value, why=request_id.replaced)
+    dialect = error_dialect(target) if target is not None else DIALECT_PLAIN
+    return error.raw_response(dialect, request_id.value), request_id.value
 
 
 class _Sink:
@@ -99,8 +118,10 @@ class ProxyRequest(server.Request):
         self.requestHeaders.removeHeader(b"expect")
         transport = self.channel.transport
         assert transport is not None  # the channel is connected: it is reading this request
-        log.info("refused a request from {client}: {why}", client=_peer(transport), why=why)
-        transport.write(error.raw_response())
+        response, request_id = early_refusal(self.channel, error)
+        log.info("refused a request from {client}: {why} (request_id={request_id})",
+                 client=_peer(transport), why=why, request_id=request_id)
+        transport.write(response)
         transport.loseConnection()
 
     def process(self) -> None:
@@ -199,9 +220,11 @@ class ProxyChannel(ChannelWithBadRequestHook):
 
     def _head_too_slow(self) -> None:
         self._head_deadline = None
-        log.info("closed a connection from {client}: no complete request head within {seconds:g} s",
-                 client=_peer(self.transport), seconds=self.site.header_timeout)
-        self.write(HEAD_TIMEOUT.raw_response())  # the channel's write: straight to its transport
+        response, request_id = early_refusal(self, HEAD_TIMEOUT)
+        log.info("closed a connection from {client}: no complete request head within {seconds:g} s "
+                 "(request_id={request_id})",
+                 client=_peer(self.transport), seconds=self.site.header_timeout, request_id=request_id)
+        self.write(response)  # the channel's write: straight to its transport
         self.timeoutConnection()
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -211,8 +234,10 @@ class ProxyChannel(ChannelWithBadRequestHook):
     def bad_request(self) -> None:
         """A head Twisted cannot parse: the JSON 400, a log line naming the client, and close."""
         self._stop_head_deadline()
-        log.info("refused a malformed request from {client}", client=_peer(self.transport))
-        self.write(MALFORMED.raw_response())  # the channel's write: straight to its transport
+        response, request_id = early_refusal(self, MALFORMED)
+        log.info("refused a malformed request from {client} (request_id={request_id})",
+                 client=_peer(self.transport), request_id=request_id)
+        self.write(response)  # the channel's write: straight to its transport
         self.loseConnection()
 
 

@@ -1,6 +1,5 @@
 """The attempt machine as a playbook: events in, decisions out, no sockets and no clock."""
 
-import attrs
 import pytest
 
 from blyanproxy.core import (
@@ -26,7 +25,7 @@ from blyanproxy.core import (
 
 def shape(error: ProxyError) -> tuple:
     """What a client sees of an error (ProxyError, an exception, compares by identity)."""
-    return attrs.astuple(error)
+    return error.status, error.code, error.message, error.retry_after
 
 
 RULES = AttemptRules(max_attempts=3, retry_delay=0.0, retry_on_status=frozenset({502, 503}), health_interval=5.0)

@@ -29,6 +29,7 @@ class Owner:
         self.tries = []
         self.errors = []
         self.failed_attempts = []
+        self.events = []  # the attempt events, in order
 
     def try_node(self, lease, fresh):
         self.tries.append((lease.node.name, fresh))
@@ -36,8 +37,12 @@ class Owner:
     def give_up(self, err):
         self.errors.append((err.status, err.code))
 
+    def attempt_started(self, node, number):
+        self.events.append(("started", node.name, number))
+
     def attempt_failed(self, node, reason):
         self.failed_attempts.append((node, reason))
+        self.events.append(("failed", node, reason))
 
 
 def fleet(count, clock):
@@ -189,4 +194,18 @@ def test_debug_tells_a_failover_on_a_retry_status(debug_lines):
         "attempt 1 on n0",
         "n0 answered 503 (RETRY_ON_STATUS): another node first, if one is free",
         "attempt 2 on n1",
+    ]
+
+
+def test_each_attempt_is_reported_when_it_starts_and_when_it_fails_in_order():
+    machine, owner, _, _ = failover(count=3)
+    machine.start()
+    machine.failed(NO_RESPONSE, reused=True, bytes_received=0)  # a fresh connection: the same attempt
+    machine.failed(REFUSED)
+    assert machine.answered(503) is False
+    assert machine.answered(200) is True
+    assert owner.events == [
+        ("started", "n0", 1), ("failed", "n0", "refused"),
+        ("started", "n1", 2), ("failed", "n1", "status_503"),
+        ("started", "n2", 3),
     ]

@@ -67,11 +67,11 @@ class RawUpstream(StringTransport):
     at_chunk_boundary = True
 
 
-def make(is_sse=False, idle=30.0, keepalive=15.0, raw=False):
+def make(is_sse=False, idle=30.0, keepalive=15.0, raw=False, **shape):
     clock, request, ends = Clock(), FakeRequest(), []
     upstream = RawUpstream() if raw else StringTransport()
     relay = BodyRelay(request, clock, upstream, idle_timeout=idle, sse_keepalive=keepalive, is_sse=is_sse,
-                      on_end=lambda how, sent: ends.append(how), raw_chunks=upstream if raw else None)
+                      on_end=lambda how, sent: ends.append(how), raw_chunks=upstream if raw else None, **shape)
     relay.start()
     return clock, request, relay, upstream, ends
 
@@ -214,3 +214,42 @@ def test_raw_mid_chunk_break_writes_nothing_more():
     relay.response_ended("connection lost")
     assert request.body == b"20\r\ndata: half"
     assert request.transport.disconnecting and ends == [UPSTREAM_BROKE]
+
+
+def openai_document(code, message):
+    return json.dumps({"error": {"message": message, "type": "server_error", "param": None, "code": code}}).encode()
+
+
+def test_the_sse_error_event_carries_the_document_of_the_clients_shape():
+    _, request, relay, _, _ = make(is_sse=True, keepalive=0, error_document=openai_document)
+    relay.dataReceived(b"data: 1\n\n")
+    relay.response_ended("connection lost")
+    assert request.body.startswith(b"data: 1\n\nevent: error\ndata: ")  # at a boundary: no blank line first
+    payload = json.loads(request.body.split(b"event: error\ndata: ", 1)[1])
+    assert payload["error"]["code"] == UPSTREAM_BROKE and "broke off" in payload["error"]["message"]
+
+
+def test_an_ndjson_stream_that_breaks_after_a_whole_line_ends_with_an_error_line():
+    _, request, relay, _, ends = make(ndjson=True)
+    relay.dataReceived(b'{"response": "a", "done": false}\n')
+    relay.response_ended("connection lost")
+    lines = request.body.split(b"\n")
+    assert json.loads(lines[1]) == {"error": "the node's response broke off (connection lost)",
+                                    "code": UPSTREAM_BROKE}
+    assert lines[2:] == [b""] and request.transport.disconnecting and ends == [UPSTREAM_BROKE]
+
+
+def test_an_idle_ndjson_stream_says_so_in_an_error_line_on_raw_chunks_too():
+    clock, request, relay, _, ends = make(raw=True, ndjson=True, idle=5.0, keepalive=0,
+                                          error_document=lambda code, message: b'{"error": "%s"}' % code.encode())
+    relay.dataReceived(b"3\r\n{}\n\r\n")
+    clock.advance(5)
+    assert request.written[-1] == b"1a\r\n{\"error\": \"idle_timeout\"}\n\r\n"
+    assert ends == [IDLE_TIMEOUT]
+
+
+def test_an_ndjson_stream_broken_mid_line_is_only_cut():
+    _, request, relay, _, _ = make(ndjson=True)
+    relay.dataReceived(b'{"response": "a", "do')
+    relay.response_ended("connection lost")
+    assert request.body == b'{"response": "a", "do' and request.transport.disconnecting

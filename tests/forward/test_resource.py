@@ -74,7 +74,8 @@ def test_connect_timeout_is_504_after_every_attempt():
     assert [(c[1], c[3]) for c in reactor.tcpClients] == [(8000, 4.5), (8001, 4.5)]  # failed over
     fail_connect(reactor, 1, error.TimeoutError())
     assert request.responseCode == 504
-    assert request.body == {"error": "connecting to the node timed out", "code": "upstream_timeout"}
+    assert request.body["error"] == {"message": "connecting to the node timed out", "type": "server_error",
+                                     "param": None, "code": "upstream_timeout"}  # /v1: OpenAI's shape
     assert [registry.stats(n.id).last_failure for n in registry.nodes()] == ["connect_timeout"] * 2
     assert all(registry.stats(n.id).in_flight == 0 for n in registry.nodes())
 
@@ -94,7 +95,7 @@ def test_response_header_timeout_is_504():
     assert not request.finished
     reactor.advance(2)
     assert request.responseCode == 504
-    assert request.body["code"] == "upstream_timeout"
+    assert request.body["error"]["code"] == "upstream_timeout"
     assert registry.stats(registry.nodes()[0].id).last_failure == "response_timeout"
 
 

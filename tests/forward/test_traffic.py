@@ -1,5 +1,6 @@
 """The end-of-request hook: tallies, access records and lines, counters and metrics, with a Clock."""
 
+import contextlib
 import io
 
 import attrs
@@ -10,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.test.requesthelper import DummyRequest
 
-from blyanproxy.core import NodeRegistry, ProxyError, parse_forward_trust
+from blyanproxy.core import Node, NodeRegistry, ProxyError, parse_forward_trust
 from blyanproxy.forward.traffic import (
     CLIENT_CLOSED,
     CLIENT_GONE,
@@ -73,10 +74,11 @@ def recorder(clock, ended):
 
 
 def test_the_access_line():
-    assert access_line(record()) == (
+    assert access_line(record(request_id="req-42")) == (
         "127.0.0.1 POST /v1/chat/completions status=200 node=gpu-a attempts=1 ttfb_ms=41.3 duration_ms=2210.7 "
-        "bytes_in=312 bytes_out=5120 ended=complete"
+        "bytes_in=312 bytes_out=5120 ended=complete request_id=req-42"
     )
+    assert access_line(record()).endswith(" request_id=-")
     assert access_line(record(node=None, ttfb=None, attempts=0, status=503, ended=ERROR)).startswith(
         "127.0.0.1 POST /v1/chat/completions status=503 node=- attempts=0 ttfb_ms=- ")
 
@@ -88,7 +90,9 @@ def test_query_values_never_reach_the_line():
 
 
 def test_a_tally_becomes_one_record_when_it_ends(recorder, clock, ended):
-    tally = recorder.begin(request(b"/v1/chat/completions?stream=1", b"POST", body=b"{}" * 10))
+    arrived = request(b"/v1/chat/completions?stream=1", b"POST", body=b"{}" * 10)
+    arrived.requestHeaders.setRawHeaders(b"x-request-id", [b"client-7"])
+    tally = recorder.begin(arrived)
     clock.advance(0.25)
     tally.node, tally.attempts, tally.ttfb, tally.bytes_out = "gpu-a", 2, 0.1, 99
     clock.advance(0.5)
@@ -96,7 +100,7 @@ def test_a_tally_becomes_one_record_when_it_ends(recorder, clock, ended):
     tally.end(499, CLIENT_GONE)  # a late second ending changes nothing
     assert ended == [AccessRecord(method="POST", target=b"/v1/chat/completions?stream=1", status=200, node="gpu-a",
                                   attempts=2, ttfb=0.1, duration=0.75, bytes_in=20, bytes_out=99, ended=COMPLETE,
-                                  client="192.0.2.7")]
+                                  client="192.0.2.7", request_id="client-7")]
 
 
 def test_every_listener_hears_every_ending(clock):
@@ -168,7 +172,7 @@ def test_the_access_event_names_every_field_of_the_record():
     assert shown == {
         "method": "POST", "path": "/v1/x?api_key=…&n=…", "status": 200, "node": "gpu-a", "attempts": 1,
         "ttfb_ms": 12.3, "duration_ms": 1500.0, "bytes_in": 312, "bytes_out": 5120, "ended": "complete",
-        "client": "127.0.0.1", "own_endpoint": False,
+        "client": "127.0.0.1", "own_endpoint": False, "request_id": None,
     }
     assert access_fields(record(ttfb=None, node=None))["ttfb_ms"] is None
     assert set(access_fields(record())) == {
@@ -201,3 +205,102 @@ def test_failed_attempts_and_open_streams_reach_the_metrics(clock):
     assert samples[("blyan_open_streams", (("kind", "websocket"),))] == 1
     assert samples[("blyan_open_streams", (("kind", "sse"),))] == 0
     TrafficRecorder(clock).attempt_failed("gpu-a", "refused")  # without metrics: nothing to tell, no error
+
+
+@contextlib.contextmanager
+def logged_events():
+    """Every log event while the block runs (``with logged_events() as events``)."""
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+
+
+def test_a_usable_client_request_id_is_kept_and_returned(recorder, ended):
+    arrived = request()
+    arrived.requestHeaders.setRawHeaders(b"X-Request-Id", [b"trace-" + b"a" * 100])
+    tally = recorder.begin(arrived)
+    assert tally.request_id == "trace-" + "a" * 100
+    assert arrived.responseHeaders.getRawHeaders(b"x-request-id") == [b"trace-" + b"a" * 100]
+    tally.attempt_started(Node(id="n", name="gpu-a", base_url="http://10.0.0.1:8000"), 1)
+    assert tally.node_headers == [(b"X-Request-Id", b"trace-" + b"a" * 100)]  # what the node is sent
+    tally.end(200, COMPLETE)
+    assert ended[0].request_id == tally.request_id
+
+
+@pytest.mark.parametrize(("sent", "why"), [
+    ([b""], "empty"),
+    ([b"x" * 129], "longer than 128"),
+    ([b"has space"], "printable"),
+    ([b"caf\xc3\xa9"], "printable"),
+    ([b"first-id", b"second-id"], "more than once"),
+])
+def test_an_unusable_client_request_id_is_replaced_and_the_log_says_why(recorder, sent, why):
+    arrived = request()
+    arrived.requestHeaders.setRawHeaders(b"X-Request-Id", sent)
+    with logged_events() as events:
+        tally = recorder.begin(arrived)
+    assert len(tally.request_id) == 32 and int(tally.request_id, 16) >= 0
+    assert arrived.responseHeaders.getRawHeaders(b"x-request-id") == [tally.request_id.encode()]
+    [line] = [e for e in events if e.get("log_namespace") == "blyanproxy.proxy"]
+    assert why in line["why"] and line["request_id"] == tally.request_id
+    for value in sent:
+        assert not value or value.decode("latin-1") not in str(line)  # the rejected value is not logged
+
+
+def test_without_a_client_request_id_each_request_gets_a_fresh_one(recorder):
+    ids = {recorder.begin(request()).request_id for _ in range(20)}
+    assert len(ids) == 20 and all(len(one) == 32 for one in ids)
+
+
+class Watcher:
+    """A RequestWatcher that notes what it hears."""
+
+    def __init__(self):
+        self.heard = []
+
+    def began(self, tally, headers):
+        self.heard.append(("began", tally.target, dict(headers).get(b"Traceparent")))
+
+    def attempt_started(self, tally, node, number):
+        self.heard.append(("attempt", node.name, number))
+        return [(b"traceparent", b"00-attempt-%d" % number)]
+
+    def attempt_failed(self, tally, node, reason):
+        self.heard.append(("failed", node, reason))
+
+    def queue_waited(self, tally, since, until):
+        self.heard.append(("queued", since, until))
+
+    def ended(self, tally, record):
+        self.heard.append(("ended", record.status, record.request_id == tally.request_id))
+
+
+def test_a_watcher_hears_a_request_for_a_node_from_beginning_to_end(clock):
+    recorder = TrafficRecorder(clock)
+    watcher = Watcher()
+    recorder.watch(watcher)
+    arrived = request()
+    arrived.requestHeaders.setRawHeaders(b"traceparent", [b"00-parent"])
+    tally = recorder.begin(arrived)
+    clock.advance(1)
+    tally.queue_waited(0.0)
+    for number, name in ((1, "gpu-a"), (2, "gpu-b")):
+        tally.attempt_started(Node(id=name, name=name, base_url="http://10.0.0.1:8000"), number)
+    tally.attempt_failed("gpu-b", "refused")
+    tally.end(502, ERROR)
+    assert tally.node_headers == [(b"X-Request-Id", tally.request_id.encode()), (b"traceparent", b"00-attempt-2")]
+    assert watcher.heard == [
+        ("began", b"/v1/models", [b"00-parent"]), ("queued", 0.0, 1.0),
+        ("attempt", "gpu-a", 1), ("attempt", "gpu-b", 2), ("failed", "gpu-b", "refused"), ("ended", 502, True),
+    ]
+
+
+def test_the_proxys_own_endpoints_are_not_watched(clock):
+    recorder = TrafficRecorder(clock)
+    watcher = Watcher()
+    recorder.watch(watcher)
+    recorder.begin(request(b"/health"), own_endpoint=True).end(200, COMPLETE)
+    assert watcher.heard == []

@@ -4,6 +4,8 @@ The client speaks to the site's protocol; each node connection the proxy opens
 shows up in ``reactor.tcpClients`` and is completed by hand.
 """
 
+import re
+
 import attrs
 from twisted.internet import error
 from twisted.internet.address import IPv4Address
@@ -85,7 +87,9 @@ def test_the_handshake_goes_to_the_node_and_the_sockets_are_spliced(access_lines
     node.dataReceived(SWITCHING + b"early")
     answer = client_transport.value()
     assert answer.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
-    assert b"\r\nX-Blyan-Node: n0\r\n\r\nearly" in answer
+    assert re.search(rb"\r\nX-Blyan-Node: n0\r\nX-Request-Id: [0-9a-f]{32}\r\n\r\nearly", answer)
+    request_id = re.search(rb"X-Request-Id: ([0-9a-f]+)", answer).group(1)
+    assert b"\r\nX-Request-Id: " + request_id + b"\r\n" in head  # the node got the same id
     client_transport.clear()
     node_transport.clear()
 
@@ -101,7 +105,7 @@ def test_the_handshake_goes_to_the_node_and_the_sockets_are_spliced(access_lines
     assert proxy.stats(0).in_flight == 0
     assert access_lines == [access_lines[0]]
     assert access_lines[0].startswith("192.0.2.7 GET /ws/echo status=101 node=n0 attempts=1 ttfb_ms=")
-    assert access_lines[0].endswith(" bytes_in=21 bytes_out=24 ended=client_closed")
+    assert " bytes_in=21 bytes_out=24 ended=client_closed request_id=" in access_lines[0]
 
 
 def test_the_node_closing_closes_the_client(access_lines):
@@ -112,7 +116,7 @@ def test_the_node_closing_closes_the_client(access_lines):
     lost(node)
     assert client_transport.disconnecting
     lost(client)  # the client's side then goes too: still one line
-    assert len(access_lines) == 1 and access_lines[0].endswith(" ended=node_closed")
+    assert len(access_lines) == 1 and " ended=node_closed request_id=" in access_lines[0]
     assert proxy.stats(0).in_flight == 0
 
 
@@ -127,7 +131,7 @@ def test_a_refusal_is_relayed_as_a_response(access_lines):
     assert b"X-Blyan-Node: n0" in response and response.endswith(b"\r\n\r\nno way")
     assert node_transport.disconnecting
     assert proxy.stats(0).in_flight == 0 and proxy.stats(0).failures == 0
-    assert access_lines[-1].endswith(" bytes_out=6 ended=complete") and " status=401 " in access_lines[-1]
+    assert " bytes_out=6 ended=complete request_id=" in access_lines[-1] and " status=401 " in access_lines[-1]
 
 
 def test_a_refusal_cut_short_reads_as_broken(access_lines):
@@ -137,7 +141,7 @@ def test_a_refusal_cut_short_reads_as_broken(access_lines):
     node.dataReceived(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 100\r\n\r\npartial")
     lost(node, error.ConnectionLost)
     assert client_transport.disconnecting
-    assert access_lines[-1].endswith(" ended=upstream_broke") and " status=403 " in access_lines[-1]
+    assert " ended=upstream_broke request_id=" in access_lines[-1] and " status=403 " in access_lines[-1]
     assert proxy.stats(0).in_flight == 0
 
 
@@ -151,7 +155,7 @@ def test_a_malformed_handshake_answer_is_502_without_failover(access_lines):
     assert client_transport.value().startswith(b"HTTP/1.1 502 ")
     assert b'"code": "upstream_failed"' in client_transport.value()
     assert proxy.stats(0).last_failure == "bad_handshake" and proxy.stats(0).in_flight == 0
-    assert " status=502 " in access_lines[-1] and access_lines[-1].endswith(" ended=error")
+    assert " status=502 " in access_lines[-1] and " ended=error request_id=" in access_lines[-1]
 
 
 def test_any_answer_goes_to_the_client_even_a_retry_status():
@@ -189,7 +193,7 @@ def test_a_node_silent_past_the_timeout_is_504_naming_the_upgrade(access_lines):
     assert client_transport.value().startswith(b"HTTP/1.1 504 ")
     assert b"the node did not answer the upgrade in time" in client_transport.value()
     assert proxy.stats(0).last_failure == "response_timeout"
-    assert access_lines[-1].endswith(" ended=timeout")
+    assert " ended=timeout request_id=" in access_lines[-1]
 
 
 def test_a_client_leaving_before_the_answer_is_499_and_frees_the_node(access_lines):
@@ -200,7 +204,7 @@ def test_a_client_leaving_before_the_answer_is_499_and_frees_the_node(access_lin
     assert node_transport.disconnected
     lost(node, error.ConnectionAborted)
     assert proxy.stats(0).in_flight == 0 and proxy.stats(0).failures == 0
-    assert " status=499 " in access_lines[-1] and access_lines[-1].endswith(" ended=client_gone")
+    assert " status=499 " in access_lines[-1] and " ended=client_gone request_id=" in access_lines[-1]
 
 
 def test_a_refusal_ended_by_the_close_is_relayed_whole(access_lines):
@@ -213,7 +217,7 @@ def test_a_refusal_ended_by_the_close_is_relayed_whole(access_lines):
     response = client_transport.value()
     assert response.startswith(b"HTTP/1.1 404 Not Found\r\n")
     assert response.endswith(b"\r\n0\r\n\r\n")  # chunked to the client, and complete
-    assert access_lines[-1].endswith(" bytes_out=8 ended=complete")
+    assert " bytes_out=8 ended=complete request_id=" in access_lines[-1]
     assert proxy.stats(0).in_flight == 0
 
 
@@ -239,5 +243,5 @@ def test_a_client_leaving_while_the_node_is_connecting_frees_the_node(access_lin
     assert proxy.stats(0).in_flight == 1
     lost(client)
     assert proxy.stats(0).in_flight == 0 and proxy.stats(0).failures == 0
-    assert " status=499 " in access_lines[-1] and access_lines[-1].endswith(" ended=client_gone")
+    assert " status=499 " in access_lines[-1] and " ended=client_gone request_id=" in access_lines[-1]
     assert not proxy.reactor.getDelayedCalls()

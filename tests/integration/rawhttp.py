@@ -68,3 +68,9 @@ async def eventually(reactor, condition, timeout: float = 5.0, step: float = 0.0
             raise AssertionError(f"condition still false after {timeout} s")
         await sleep(reactor, step)
         waited += step
+
+
+def error_code(document: dict) -> str:
+    """The code word of a proxy error in either JSON shape: OpenAI's (``/v1`` paths) or the proxy's own."""
+    error = document["error"]
+    return error["code"] if isinstance(error, dict) else document["code"]

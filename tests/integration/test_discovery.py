@@ -13,7 +13,7 @@ from blyanproxy.discovery import parse_node_allow
 
 from . import fakeworkloads
 from .fakeworkloads import workload
-from .rawhttp import eventually, sleep
+from .rawhttp import error_code, eventually, sleep
 
 KEY = "c3-key-0123456789abcdef"
 OTHER_KEY = "c3-key-fedcba9876543210"
@@ -89,7 +89,7 @@ async def test_tag_and_index_routes_inside_a_key(reactor, devnode_factory, proxy
         ("/-1/x", 400, "bad_index"),
     ]:
         answered, _, text = await served(path)
-        assert (answered, json.loads(text)["code"]) == (status, code), path
+        assert (answered, error_code(json.loads(text))) == (status, code), path
     assert c.node.stats.requests == 0
 
 
@@ -100,12 +100,12 @@ async def test_errors_without_a_key_with_a_refused_key_and_with_no_running_workl
     proxy = await discovery_proxy(proxy_factory, workloads_api)
 
     response, body = await get(proxy, "/v1/models", key=None)
-    assert response.code == 401 and json.loads(body)["code"] == "missing_api_key"
+    assert response.code == 401 and error_code(json.loads(body)) == "missing_api_key"
     for _ in range(5):
         response, body = await get(proxy, "/v1/models", key="unknown-key-123")
-        assert response.code == 401 and json.loads(body)["code"] == "api_key_rejected"
+        assert response.code == 401 and error_code(json.loads(body)) == "api_key_rejected"
         response, body = await get(proxy, "/v1/models")
-        assert response.code == 404 and json.loads(body)["code"] == "no_workloads"
+        assert response.code == 404 and error_code(json.loads(body)) == "no_workloads"
     # Refusals and empty answers are remembered: no API storm from unknown or idle keys.
     assert workloads_api.calls_for("unknown-key-123") == 1
     assert workloads_api.calls_for(KEY) == 1
@@ -164,7 +164,7 @@ async def test_stale_list_served_while_the_api_is_down_then_garbage_and_hangs_fa
         workloads_api.mode = mode
         response, body = await get(proxy, "/v1/models", key=f"new-key-{mode}")
         assert response.code == 502, mode
-        assert json.loads(body)["code"] == "workloads_unavailable"
+        assert error_code(json.loads(body)) == "workloads_unavailable"
 
 
 @pytest_twisted.ensureDeferred
@@ -252,7 +252,7 @@ async def test_tag_and_index_routes_on_the_registry(reactor, devnode_factory, pr
     await response.content()
     assert response.headers.getRawHeaders("X-Blyan-Node") == ["node0"]
     response = await treq.get(proxy.url + "/tags/none/v1/models", timeout=5)
-    assert response.code == 404 and json.loads(await response.content())["code"] == "unknown_tag"
+    assert response.code == 404 and error_code(json.loads(await response.content())) == "unknown_tag"
     # Without API_URL a bearer token is the node's business: no discovery.
     response = await treq.get(proxy.url + "/v1/models", headers={"Authorization": "Bearer sk-x"}, timeout=5)
     assert response.code == 200

@@ -64,7 +64,7 @@ async def test_a_node_that_accepts_and_never_answers(reactor, devnode_factory, p
     hung = devnode_factory(name="hung", hang=True)
     alone = await proxy_factory([hung.url], proxy_timeout=0.3)
     response = await treq.get(alone.url + "/v1/models", timeout=5)
-    assert response.code == 504 and (await response.json())["code"] == "upstream_timeout"
+    assert response.code == 504 and (await response.json())["error"]["code"] == "upstream_timeout"
     spare = devnode_factory(name="spare")
     with_spare = await proxy_factory([hung.url, spare.url], proxy_timeout=0.3)
     response = await treq.get(with_spare.url + "/v1/models", timeout=5)

@@ -172,7 +172,7 @@ async def test_no_node_at_all_is_503_with_retry_after(proxy_factory):
     proxy = await proxy_factory([])
     response, body = await get_json(proxy.url + "/v1/models")
     assert response.code == 503
-    assert body["code"] == "no_healthy_nodes"
+    assert body["error"]["code"] == "no_healthy_nodes"  # /v1: OpenAI's shape
     assert response.headers.getRawHeaders("Retry-After") == ["5"]
     assert response.headers.getRawHeaders("Content-Type") == ["application/json"]
     assert response.headers.getRawHeaders("Server") is None
@@ -183,7 +183,9 @@ async def test_every_node_dead_is_a_502_json(proxy_factory):
     proxy = await proxy_factory([closed_port_url(), closed_port_url()])
     response, body = await get_json(proxy.url + "/v1/models")
     assert response.code == 502
-    assert body == {"error": "the node refused the connection", "code": "upstream_unreachable"}
+    [request_id] = response.headers.getRawHeaders("X-Request-Id")
+    assert body == {"error": {"message": "the node refused the connection", "type": "server_error", "param": None,
+                              "code": "upstream_unreachable"}, "request_id": request_id}
     assert response.headers.getRawHeaders("X-Blyan-Attempts") is None
 
 
@@ -193,7 +195,7 @@ async def test_only_a_hung_node_is_504(devnode_factory, proxy_factory):
     proxy = await proxy_factory([hung.url], proxy_timeout=0.2)
     response, body = await get_json(proxy.url + "/v1/models")
     assert response.code == 504
-    assert body["code"] == "upstream_timeout"
+    assert body["error"]["code"] == "upstream_timeout"
 
 
 @pytest_twisted.ensureDeferred
@@ -257,7 +259,7 @@ async def test_declared_oversized_body_is_413_before_it_is_sent(reactor, devnode
     received = await client.wait_closed()
     assert received.startswith(b"HTTP/1.1 413 ")
     assert b"100 Continue" not in received
-    assert json.loads(received.split(b"\r\n\r\n", 1)[1])["code"] == "body_too_large"
+    assert json.loads(received.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "body_too_large"
     assert node.node.stats.requests == 0
 
 

@@ -73,11 +73,11 @@ async def test_every_stdout_line_of_a_busy_run_is_one_flat_json_object(reactor, 
     transport = reactor.spawnProcess(process, argv[0], argv, env=env, path=str(tmp_path))
     try:
         await until_up(reactor, f"{url}/health")
-        assert (await fetch("GET", f"{url}/v1/models?api_key=secret"))[0] == 200
+        assert (await fetch("GET", f"{url}/_devnode/echo?api_key=secret"))[0] == 200
         code, streamed = await fetch("POST", f"{url}/v1/chat/completions", json={
             "model": "blyan-sim-7b", "stream": True, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
         assert code == 200 and streamed.rstrip().endswith(b"data: [DONE]")
-        failed_code, failed_body = await fetch("GET", f"{url}/v1/models?api=gone")  # only the dead node may take it
+        failed_code, failed_body = await fetch("GET", f"{url}/_devnode/echo?api=gone")  # only the dead node may take it
         assert failed_code in (502, 503)
         assert (await fetch("GET", f"{url}/_admin/status", headers={"X-Admin-Token": TOKEN}))[0] == 200
         assert (await fetch("GET", f"{url}/_admin/status"))[0] == 401
@@ -112,13 +112,13 @@ async def test_every_stdout_line_of_a_busy_run_is_one_flat_json_object(reactor, 
     by_path = {event["path"]: event for event in access}
     assert "secret" not in process.out.decode()  # query values are redacted, the token never logged
     assert TOKEN not in process.out.decode()
-    models = by_path["/v1/models?api_key=…"]
+    models = by_path["/_devnode/echo?api_key=…"]
     assert (models["method"], models["status"], models["node"], models["ended"]) == ("GET", 200, "gpu-a", "complete")
-    assert models["message"].startswith("127.0.0.1 GET /v1/models?api_key=… status=200 node=gpu-a attempts=1 ")
+    assert models["message"].startswith("127.0.0.1 GET /_devnode/echo?api_key=… status=200 node=gpu-a attempts=1 ")
     stream = by_path["/v1/chat/completions"]
     assert stream["status"] == 200 and stream["bytes_out"] >= len(streamed)  # as relayed (a chunked body framed)
     assert isinstance(stream["ttfb_ms"], float) and stream["duration_ms"] >= stream["ttfb_ms"]
-    failure = by_path["/v1/models?api=…"]
+    failure = by_path["/_devnode/echo?api=…"]
     assert (failure["status"], failure["bytes_out"]) == (failed_code, len(failed_body))  # the proxy's own answer
     assert failure["ended"] == "error"
     assert by_path["/_admin/status"]["own_endpoint"] is True

@@ -73,7 +73,7 @@ async def test_an_unverifiable_node_is_refused_by_default(tls_node, proxy_factor
     url, _ = tls_node
     proxy = await proxy_factory([url])
     code, body = await models_through(proxy)
-    assert (code, body["code"]) == (502, "upstream_tls")
+    assert (code, body["error"]["code"]) == (502, "upstream_tls")
 
 
 @pytest_twisted.ensureDeferred

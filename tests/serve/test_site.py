@@ -68,11 +68,39 @@ def test_the_proxys_own_answers_end_in_the_hook_marked_as_such():
 def test_a_head_twisted_cannot_parse_gets_the_json_400():
     response = exchange(site_with(), b"GET / HTTP/1.1\r\nBad Header Line\r\n\r\n")
     assert response.startswith(b"HTTP/1.1 400 ")
-    assert json.loads(body_of(response)) == {"error": "the request is not valid HTTP/1.1",
-                                             "code": "malformed_request"}
+    body = json.loads(body_of(response))
+    assert body == {"error": "the request is not valid HTTP/1.1", "code": "malformed_request",
+                    "request_id": body["request_id"]}
+    assert b"\r\nX-Request-Id: %s\r\n" % body["request_id"].encode() in response
 
 
 def test_a_body_over_the_limit_is_413_before_it_is_read():
     response = exchange(site_with(), b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 101\r\n\r\n")
     assert response.startswith(b"HTTP/1.1 413 ")
-    assert json.loads(body_of(response))["code"] == "body_too_large"
+    assert json.loads(body_of(response))["error"]["code"] == "body_too_large"  # /v1: OpenAI's shape
+
+
+def test_an_early_refusal_keeps_the_clients_request_id_and_the_shape_of_its_path():
+    response = exchange(site_with(), b"POST /api/chat HTTP/1.1\r\nHost: x\r\nX-Request-Id: mine-1\r\n"
+                                     b"Content-Length: 101\r\n\r\n")
+    assert response.startswith(b"HTTP/1.1 413 ") and b"\r\nX-Request-Id: mine-1\r\n" in response
+    assert json.loads(body_of(response)) == {"error": "the request body exceeds 100 bytes"}  # Ollama's shape
+    response = exchange(site_with(), b"POST /x HTTP/1.1\r\nHost: x\r\nX-Request-Id: has space\r\n"
+                                     b"Content-Length: 101\r\n\r\n")
+    body = json.loads(body_of(response))
+    assert body["code"] == "body_too_large" and len(body["request_id"]) == 32  # replaced: not usable
+
+
+def test_a_head_too_slow_is_408_in_the_shape_of_the_path_it_named():
+    site = site_with()
+    protocol = site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 50000))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 50000))
+    protocol.makeConnection(transport)
+    # (Twisted takes a header line in when the next one starts: it might be continued.)
+    protocol.dataReceived(b"GET /v1/models HTTP/1.1\r\nX-Request-Id: slow-1\r\nAccept: */*\r\n")
+    site.reactor.advance(30)
+    response = transport.value()
+    assert response.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert json.loads(body_of(response)) == {
+        "error": {"message": "the request head did not arrive in time", "type": "invalid_request_error",
+                  "param": None, "code": "request_timeout"}, "request_id": "slow-1"}
