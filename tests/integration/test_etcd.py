@@ -75,7 +75,7 @@ def urls(proxy):
 
 
 async def routed_to(proxy, name):
-    response = await treq.get(proxy.url + "/v1/models", timeout=5)
+    response = await treq.get(proxy.url + "/_devnode/echo", timeout=5)
     await response.content()
     return response.code == 200 and response.headers.getRawHeaders("X-Blyan-Node") == [name]
 

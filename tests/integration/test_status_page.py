@@ -112,11 +112,11 @@ async def test_the_status_page_shows_the_fleet_and_drains_a_node(devnode_factory
         assert added.code == 200
     await call(proxy, "POST", "/_admin/health-check")
     await gone.stop()
-    refused = await treq.get(proxy.url + "/v1/models?api=gpu-d", timeout=10)  # a refused connection ejects it
+    refused = await treq.get(proxy.url + "/_devnode/echo?api=gpu-d", timeout=10)  # a refused connection ejects it
     assert refused.code in (502, 503)
     await refused.content()
     status = await fleet_status(proxy)
-    assert [node["state"] for node in status["nodes"]] == ["up", "up", "down", "up"]
+    assert [node["state"] for node in status["nodes"]] == ["up", "up", "down", "ejected"]
     assert status["nodes"][3]["ejectReason"] == "refused" and status["nodes"][3]["ejectedUntil"]
     await call(proxy, "PUT", "/_admin/active", {"id": status["nodes"][1]["id"]})
     status = await fleet_status(proxy)
