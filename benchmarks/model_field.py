@@ -1,6 +1,6 @@
 """Micro-benchmark of model routing's body read: µs per call of ``model_of`` on request bodies.
 
-Run: ``.venv/bin/python bench/model_field.py`` (not a test; prints one line per case).
+Run: ``.venv/bin/python benchmarks/model_field.py`` (not a test; prints one line per case).
 Compares with ``json.loads`` of the same body, which is what a full parse would cost.
 """
 
