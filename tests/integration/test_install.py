@@ -91,12 +91,13 @@ def test_the_console_scripts_run_after_this_install_mode(tmp_path, editable):
                      "--port", f"tcp:{proxy_port}:interface=127.0.0.1", cwd=tmp_path)
         try:
             status, body = _get(f"http://127.0.0.1:{proxy_port}/v1/models")
-            assert status == 200 and b'"object":"list"' in body.replace(b" ", b"")
+            assert status == 200 and b'"object":"list"' in body.replace(b" ", b"")  # answered by the proxy
+            assert _get(f"http://127.0.0.1:{proxy_port}/_devnode/echo")[0] == 200  # forwarded to the node
         finally:
             proxy_output = _stop(proxy)
     finally:
         node_output = _stop(node)
-    assert "GET /v1/models status=200 node=gpu-a" in proxy_output
+    assert "GET /_devnode/echo status=200 node=gpu-a" in proxy_output
     assert "devnode gpu-a serving" in node_output
     refused = subprocess.run([str(bin_dir / "blyan-proxy"), "--workers", "0"], cwd=tmp_path,
                              capture_output=True, text=True, timeout=WAIT)
