@@ -33,10 +33,19 @@ def _peer(transport: ITransport | None) -> str:
 
 
 class _Sink:
-    """A file-like object that forgets what is written (the body of a refused request)."""
+    """A file-like object that forgets what is written (the body of a refused request).
+
+    Twisted may still complete a refused request (a body-less one, such as
+    ``Transfer-Encoding: identity`` with nothing after the head), which asks
+    its content for ``tell``, ``seek`` and ``read``.
+    """
 
     def write(self, data: bytes) -> None:
         """Drop ``data``."""
+
+    def tell(self) -> int:
+        """Always at the start."""
+        return 0
 
     def seek(self, *args: int) -> int:
         """Stay at the start."""

@@ -10,6 +10,7 @@ import re
 
 import pytest
 import pytest_twisted
+from twisted.logger import globalLogPublisher
 
 from .capture import strict_requests
 from .rawhttp import connect, sleep
@@ -59,6 +60,8 @@ SHAPES = {
     "http10-chunked": b"POST /in HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + SMUGGLED,
     "header-too-large": b"GET /in HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",
     "too-many-headers": b"GET /in HTTP/1.1\r\nHost: x\r\n" + b"X-A: 1\r\n" * 600 + b"\r\n",
+    "te-identity-no-body": b"POST /in HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\n\r\n",
+    "te-identity-then-request": b"GET /in HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\n\r\n" + SMUGGLED,
 }
 
 #: Shapes that are well-formed so far: the proxy waits for the rest of the body, sending nothing on
@@ -81,6 +84,20 @@ async def send(reactor, proxy, raw: bytes, timeout: float = 10) -> bytes:
     return client.received
 
 
+@pytest.fixture
+def logged_failures():
+    """Every log event carrying a traceback (a ``log_failure``) during the test."""
+    failures = []
+
+    def observe(event):
+        if event.get("log_failure") is not None:
+            failures.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield failures
+    globalLogPublisher.removeObserver(observe)
+
+
 def statuses(received: bytes):
     """The statuses of the responses in ``received`` (bodies here never hold a status line)."""
     return [int(status) for status in re.findall(rb"HTTP/1\.[01] (\d{3}) ", received)]
@@ -89,7 +106,7 @@ def statuses(received: bytes):
 @pytest.mark.parametrize("name", sorted(SHAPES))
 @pytest_twisted.ensureDeferred
 async def test_smuggling_shapes_reach_the_node_as_one_clean_request_or_not_at_all(
-        reactor, capture_node, proxy_factory, name):
+        reactor, capture_node, proxy_factory, logged_failures, name):
     node = capture_node()
     proxy = await proxy_factory([node.url], header_timeout=0.5)
     received = await send(reactor, proxy, SHAPES[name], timeout=1.5)
@@ -112,6 +129,7 @@ async def test_smuggling_shapes_reach_the_node_as_one_clean_request_or_not_at_al
     # The proxy keeps serving.
     other = await send(reactor, proxy, b"GET /_devnode/stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert statuses(other) == [200]
+    assert logged_failures == [], name  # a refusal, never a traceback
 
 
 @pytest_twisted.ensureDeferred

@@ -76,3 +76,11 @@ def test_a_body_over_the_limit_is_413_before_it_is_read():
     response = exchange(site_with(), b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 101\r\n\r\n")
     assert response.startswith(b"HTTP/1.1 413 ")
     assert json.loads(body_of(response))["code"] == "body_too_large"
+
+
+def test_transfer_encoding_identity_without_a_body_gets_the_json_400():
+    # Twisted reads "identity" as no body at all and completes the request at once: the refusal's
+    # stand-in body must behave like a file there (it once had no ``tell``, and the client got nothing).
+    response = exchange(site_with(), b"POST /v1/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\n\r\n")
+    assert response.startswith(b"HTTP/1.1 400 ")
+    assert json.loads(body_of(response))["code"] == "malformed_request"
