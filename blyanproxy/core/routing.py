@@ -19,6 +19,7 @@ from urllib.parse import unquote_to_bytes
 import attrs
 
 from blyanproxy.core.errors import ProxyError
+from blyanproxy.core.query import form_decoded
 
 if TYPE_CHECKING:
     from blyanproxy.core.nodes import Node
@@ -113,7 +114,7 @@ def _refuse_admin(upstream: bytes) -> bytes:
 
 def _form_decoded(text: bytes) -> str:
     """A query name or value as text (``+`` is a space, ``%XX`` decoded, UTF-8)."""
-    return unquote_to_bytes(text.replace(b"+", b" ")).decode("utf-8", "replace")
+    return form_decoded(text).decode("utf-8", "replace")
 
 
 def take_node_parameter(target: bytes) -> tuple[bytes, str | None]:

@@ -213,3 +213,17 @@ async def test_admin_fields_never_inject_into_requests_or_logs(reactor, capture_
             assert not any(name == b"x-injected" for name, _ in headers)
     assert not any("X-Injected" in line.splitlines()[-1] and len(line.splitlines()) > 1 for line in lines)
     assert not any("\x1b" in line for line in lines)
+
+
+@pytest.mark.parametrize("value", [b"%E2%80%A8", b"%FF", b"%00", b"%1B%5B31m", b"caf%C3%A9"])
+@pytest_twisted.ensureDeferred
+async def test_any_affinity_value_is_forwarded_never_a_500(reactor, capture_node, proxy_factory, logged_failures,
+                                                           value):
+    from blyanproxy.core import parse_affinity_source
+
+    node = capture_node()
+    proxy = await proxy_factory([node.url], affinity_key=parse_affinity_source("query:t"))
+    received = await send(reactor, proxy, b"GET /_devnode/stats?t=" + value + b" HTTP/1.1\r\nHost: x\r\n"
+                          b"Connection: close\r\n\r\n")
+    assert statuses(received) == [200]
+    assert logged_failures == []
