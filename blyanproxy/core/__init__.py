@@ -59,6 +59,7 @@ from blyanproxy.core.healthstate import (
 from blyanproxy.core.noderules import NodeFieldError, node_name, node_tags, node_weight, url_taken
 from blyanproxy.core.nodes import Node, NodeRegistry, NodeStats, new_node_id
 from blyanproxy.core.nodeurl import parse_base_url
+from blyanproxy.core.query import form_decoded, query_parameters
 from blyanproxy.core.routing import Route, parse_route, route_allows
 from blyanproxy.core.selection import POLICIES, Candidate, Policy, Turn, route_members
 from blyanproxy.core.trust import ForwardTrust, parse_forward_trust
@@ -112,6 +113,7 @@ __all__ = [
     "choose_by_key",
     "client_facts",
     "downstream_response_headers",
+    "form_decoded",
     "merge",
     "new_node_id",
     "no_node_error",
@@ -125,6 +127,7 @@ __all__ = [
     "parse_boolean",
     "parse_forward_trust",
     "parse_route",
+    "query_parameters",
     "readmit_after_cooldown",
     "route_allows",
     "route_members",

@@ -227,3 +227,18 @@ async def test_any_affinity_value_is_forwarded_never_a_500(reactor, capture_node
                           b"Connection: close\r\n\r\n")
     assert statuses(received) == [200]
     assert logged_failures == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_query_names_reach_the_access_log_escaped_and_bare_values_redacted(
+        reactor, capture_node, proxy_factory, access_lines):
+    node = capture_node()
+    proxy = await proxy_factory([node.url])
+    query = b"%1B%5B31m=1&a%0D%0AX-Forged%3A+1=2&%E2%80%A8=3&sk-live-SECRET123"
+    received = await send(reactor, proxy, b"GET /_devnode/stats?" + query + b" HTTP/1.1\r\nHost: x\r\n"
+                          b"Connection: close\r\n\r\n")
+    assert statuses(received) == [200]
+    [line] = access_lines
+    assert not any(char in line for char in "\x1b\r\n\u2028")
+    assert "SECRET" not in line
+    assert "/_devnode/stats?\\x1b[31m=…&a\\x0d\\x0aX-Forged:\\x201=…&\\u2028=…&… status=200" in line
