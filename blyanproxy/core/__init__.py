@@ -44,6 +44,7 @@ from blyanproxy.core.headers import (
     RawHeaders,
     client_facts,
     downstream_response_headers,
+    unfit_request_headers,
     upstream_request_headers,
 )
 from blyanproxy.core.healthstate import (
@@ -133,6 +134,7 @@ __all__ = [
     "route_members",
     "state_from_json",
     "state_to_json",
+    "unfit_request_headers",
     "upstream_request_headers",
     "url_taken",
     "usable",

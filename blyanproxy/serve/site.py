@@ -10,7 +10,7 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
-from blyanproxy.core import ProxyError
+from blyanproxy.core import ProxyError, unfit_request_headers
 from blyanproxy.forward import CLIENT_CLOSED_STATUS, CLIENT_GONE, COMPLETE, RequestTally, TrafficRecorder
 from blyanproxy.logs import logger
 from blyanproxy.twistedinternals import ChannelWithBadRequestHook, channel_protocol
@@ -26,6 +26,7 @@ def body_too_large(limit: int) -> ProxyError:
 MALFORMED = ProxyError(400, "malformed_request", "the request is not valid HTTP/1.1")
 AMBIGUOUS_FRAMING = ProxyError(400, "malformed_request", "Transfer-Encoding must be chunked, once")
 HEAD_TIMEOUT = ProxyError(408, "request_timeout", "the request head did not arrive in time")
+CONTROL_IN_HEADER = ProxyError(400, "malformed_request", "a header value holds a control character")
 
 
 def _peer(transport: ITransport | None) -> str:
@@ -62,7 +63,9 @@ class _Sink:
 class ProxyRequest(server.Request):
     """A request that refuses an oversized body as soon as its size is known.
 
-    A declared ``Content-Length`` over the site's ``max_body_bytes`` is answered
+    A head with an ambiguous ``Transfer-Encoding`` or a header value holding a
+    control character is refused with the JSON 400 before anything else. A
+    declared ``Content-Length`` over the site's ``max_body_bytes`` is answered
     413 before the body is read; a chunked body is refused the moment it
     passes the limit. Either way the connection closes and nothing is kept.
     """
@@ -77,6 +80,10 @@ class ProxyRequest(server.Request):
         if codings is not None and [c.lower() for c in codings] != [b"chunked"]:
             # Twisted lets "identity" through beside "chunked": a framing two parsers may read two ways.
             self._refuse(AMBIGUOUS_FRAMING, "ambiguous Transfer-Encoding")
+            return
+        unfit = unfit_request_headers(self.requestHeaders.getAllRawHeaders())
+        if unfit:
+            self._refuse(CONTROL_IN_HEADER, "a control character in " + unfit[0].decode("ascii", "replace"))
             return
         site = self.channel.site
         if site.on_request is not None:

@@ -242,3 +242,30 @@ async def test_query_names_reach_the_access_log_escaped_and_bare_values_redacted
     assert not any(char in line for char in "\x1b\r\n\u2028")
     assert "SECRET" not in line
     assert "/_devnode/stats?\\x1b[31m=…&a\\x0d\\x0aX-Forged:\\x201=…&\\u2028=…&… status=200" in line
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_admin_token_and_underscore_headers_never_reach_the_node(reactor, capture_node, proxy_factory):
+    node = capture_node()
+    proxy = await proxy_factory([node.url])
+    received = await send(reactor, proxy, b"GET /_devnode/stats HTTP/1.1\r\nHost: x\r\nX-Admin-Token: " + b"t" * 32
+                          + b"\r\nX_forwarded_for: 6.6.6.6\r\nX_Real_IP: 6.6.6.6\r\nConnection: close\r\n\r\n")
+    assert statuses(received) == [200]
+    [(_, headers, _)] = [request for stream in node.received for request in strict_requests(stream)]
+    names = [name for name, _ in headers]
+    assert b"x-admin-token" not in names and not [name for name in names if b"_" in name]
+    assert dict(headers)[b"x-forwarded-for"] == b"127.0.0.1"
+
+
+@pytest.mark.parametrize("line", [b"X-A: a\x0bb", b"X-A: a\x0cb", b"X-A: \x1b[31mred", b"X-A: a\x7f", b"X-A: \x01",
+                                  b"X\x0bA: 1", b"X\x1bA: 1", b"X\x7fA: 1", b"X\x01A: 1"])
+@pytest_twisted.ensureDeferred
+async def test_a_control_character_in_a_header_is_refused_before_the_node(reactor, capture_node, proxy_factory,
+                                                                          logged_failures, line):
+    node = capture_node()
+    proxy = await proxy_factory([node.url])
+    received = await send(reactor, proxy, b"GET /_devnode/stats HTTP/1.1\r\nHost: x\r\n" + line + b"\r\n\r\n")
+    assert statuses(received) == [400]
+    assert json.loads(received.partition(b"\r\n\r\n")[2])["code"] == "malformed_request"
+    assert node.received in ([], [b""])
+    assert logged_failures == []

@@ -84,3 +84,11 @@ def test_transfer_encoding_identity_without_a_body_gets_the_json_400():
     response = exchange(site_with(), b"POST /v1/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\n\r\n")
     assert response.startswith(b"HTTP/1.1 400 ")
     assert json.loads(body_of(response))["code"] == "malformed_request"
+
+
+def test_a_header_value_with_a_control_character_gets_the_json_400():
+    for control in (b"\x0b", b"\x0c", b"\x1b", b"\x7f", b"\x01"):
+        response = exchange(site_with(), b"GET /v1/x HTTP/1.1\r\nHost: x\r\nX-A: a" + control + b"b\r\n\r\n")
+        assert response.startswith(b"HTTP/1.1 400 "), control
+        assert json.loads(body_of(response))["code"] == "malformed_request"
+        assert b"forwarder" not in response
