@@ -61,7 +61,7 @@ from blyanproxy.core.noderules import NodeFieldError, node_name, node_tags, node
 from blyanproxy.core.nodes import Node, NodeRegistry, NodeStats, new_node_id
 from blyanproxy.core.nodeurl import parse_base_url
 from blyanproxy.core.query import form_decoded, query_parameters
-from blyanproxy.core.routing import Route, parse_route, route_allows
+from blyanproxy.core.routing import Route, check_path, parse_route, route_allows
 from blyanproxy.core.selection import POLICIES, Candidate, Policy, Turn, route_members
 from blyanproxy.core.trust import ForwardTrust, parse_forward_trust
 
@@ -111,6 +111,7 @@ __all__ = [
     "after_traffic_success",
     "bad_handshake",
     "boolean_word",
+    "check_path",
     "choose_by_key",
     "client_facts",
     "downstream_response_headers",

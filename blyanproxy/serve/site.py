@@ -10,7 +10,7 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
-from blyanproxy.core import ProxyError, unfit_request_headers
+from blyanproxy.core import ProxyError, check_path, unfit_request_headers
 from blyanproxy.forward import CLIENT_CLOSED_STATUS, CLIENT_GONE, COMPLETE, RequestTally, TrafficRecorder
 from blyanproxy.logs import logger
 from blyanproxy.twistedinternals import ChannelWithBadRequestHook, channel_protocol
@@ -125,12 +125,25 @@ class ProxyRequest(server.Request):
             super().process()
 
 
+def _plain_path(path: bytes) -> bool:
+    """False for a path with a dot segment or a backslash (``core.check_path``)."""
+    try:
+        check_path(path)
+    except ProxyError:
+        return False
+    return True
+
+
 class RootResource(Resource):
     """Dispatch: the proxy's own endpoints by exact path, everything else to the forwarder.
 
     ``prefixes`` own a whole subtree (``/_admin/...``); ``exact`` answer only their
     own path (``/health``), so ``/health/x`` still goes to a node, and only the
-    methods in their ``only_methods`` when they have one. With a ``recorder``
+    methods in their ``only_methods`` when they have one. A path with a dot
+    segment or a backslash, raw or encoded (``core.check_path``), is never the
+    proxy's own: nginx may resolve it to another path than twisted.web does
+    (``/_admin/..%2Fstatus``), so it goes to the forwarder, which refuses it
+    with 400. With a ``recorder``
     (the end-of-request hook) each request the proxy answers itself is reported
     when it ends.
     """
@@ -147,6 +160,8 @@ class RootResource(Resource):
         """The resource for the first path segment ``name``: one of the proxy's own, or the forwarder."""
         # twisted.web announces its name and version; the proxy does not.
         request.responseHeaders.removeHeader(b"server")
+        if not _plain_path(request.path):
+            return self._forwarder  # its route check answers the 400
         own = self._prefixes.get(name)
         if own is None and not request.postpath:
             own = self._exact.get(name)

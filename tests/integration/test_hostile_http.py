@@ -269,3 +269,22 @@ async def test_a_control_character_in_a_header_is_refused_before_the_node(reacto
     assert json.loads(received.partition(b"\r\n\r\n")[2])["code"] == "malformed_request"
     assert node.received in ([], [b""])
     assert logged_failures == []
+
+
+ADMIN_SPELLINGS = [
+    b"/api/%5Fadmin/nodes", b"/0/%5Fadmin/nodes", b"/tags/all/%5fadmin/x", b"/api/_ADMIN/nodes",
+    b"http://x/%5Fadmin/status", b"/_admin;/status", b"/_admin%20/status", b"/_admin\\status",
+    b"/_admin/..%2Fstatus", b"/_ADMIN/status", b"/api/%255Fadmin/nodes", b"//_admin/status",
+]
+
+
+@pytest.mark.parametrize("target", ADMIN_SPELLINGS)
+@pytest_twisted.ensureDeferred
+async def test_admin_spellings_reach_neither_the_node_nor_the_admin_app(reactor, capture_node, proxy_factory, target):
+    node = capture_node()
+    proxy = await proxy_factory([node.url], admin_token="t" * 32)
+    received = await send(reactor, proxy, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nX-Admin-Token: " + b"t" * 32
+                          + b"\r\nConnection: close\r\n\r\n")
+    assert statuses(received) in ([400], [404]), received
+    assert json.loads(received.partition(b"\r\n\r\n")[2])["code"] in ("not_found", "bad_request_target")
+    assert node.received == []
