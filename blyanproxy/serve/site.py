@@ -125,10 +125,10 @@ class ProxyRequest(server.Request):
             super().process()
 
 
-def _plain_path(path: bytes) -> bool:
-    """False for a path with a dot segment or a backslash (``core.check_path``)."""
+def _plain_path(target: bytes) -> bool:
+    """False for a target whose path has a dot segment or a backslash (``core.check_path``)."""
     try:
-        check_path(path)
+        check_path(target)
     except ProxyError:
         return False
     return True
@@ -160,7 +160,7 @@ class RootResource(Resource):
         """The resource for the first path segment ``name``: one of the proxy's own, or the forwarder."""
         # twisted.web announces its name and version; the proxy does not.
         request.responseHeaders.removeHeader(b"server")
-        if not _plain_path(request.path):
+        if not _plain_path(request.uri):
             return self._forwarder  # its route check answers the 400
         own = self._prefixes.get(name)
         if own is None and not request.postpath:
