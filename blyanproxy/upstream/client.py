@@ -143,7 +143,8 @@ class UpstreamConnection(Protocol):
             self._link.writeSequence((head, body))
 
     def pass_chunks_raw(self) -> None:
-        """Deliver a chunked body with its chunk framing, as received (called on seeing the head)."""
+        """Deliver a chunked body with its chunk framing, chunk for chunk as received but without
+        chunk extensions or trailers (called on seeing the head; see ``ChunkedBody``)."""
         self._raw_chunks = True
 
     def deliver_body(self, receiver: BodySink) -> None:
@@ -261,16 +262,15 @@ class UpstreamConnection(Protocol):
             receiver.body_data(data)
         elif framing == "chunked":
             chunks = cast(ChunkedBody, self._chunks)  # set with the chunked framing
-            pieces: list[bytes] | None = None if self._raw_chunks else []
+            pieces: list[bytes] = []
             try:
-                end = chunks.feed(data, pieces)
+                end = chunks.feed(data, pieces, framed=self._raw_chunks)
             except ProtocolError as exc:
                 self._broke(receiver, f"malformed chunked body: {exc}")
                 return
-            if pieces is None:
-                raw = data if end == -1 else data[:end]
-                if raw:
-                    receiver.body_data(raw)
+            if self._raw_chunks:
+                if pieces:
+                    receiver.body_data(b"".join(pieces))
             else:
                 for piece in pieces:
                     if self._receiver is None:

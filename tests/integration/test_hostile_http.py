@@ -288,3 +288,26 @@ async def test_admin_spellings_reach_neither_the_node_nor_the_admin_app(reactor,
     assert statuses(received) in ([400], [404]), received
     assert json.loads(received.partition(b"\r\n\r\n")[2])["code"] in ("not_found", "bad_request_target")
     assert node.received == []
+
+
+@pytest.mark.parametrize("client_version", [b"HTTP/1.1", b"HTTP/1.0"])
+@pytest_twisted.ensureDeferred
+async def test_chunk_extensions_and_trailers_from_a_node_never_reach_the_client(reactor, raw_node, proxy_factory,
+                                                                                client_version):
+    node = raw_node(lambda head: b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                 b'5;ext="a\rb"\r\nhello\r\n6 ;\x1b[31m\r\n world\r\n0;x\r\nX-Bad: \x01\r\n'
+                                 b"Set-Cookie: t=1\r\n\r\n")
+    proxy = await proxy_factory([node.url])
+    client = await connect(reactor, proxy.url)
+    client.transport.write(b"GET /x " + client_version + b"\r\nHost: x\r\n\r\n")
+    if client_version == b"HTTP/1.1":
+        received = await client.wait_for(b"0\r\n\r\n")
+    else:
+        received = await client.wait_closed()
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == b"200"
+    if client_version == b"HTTP/1.1":
+        assert body == b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    else:
+        assert body == b"hello world"
+    client.transport.loseConnection()
