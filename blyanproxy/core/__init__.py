@@ -39,6 +39,7 @@ from blyanproxy.core.fleetstate import (
     state_from_json,
     state_to_json,
 )
+from blyanproxy.core.handshake import handshake_problem, websocket_accept
 from blyanproxy.core.headers import (
     ClientFacts,
     RawHeaders,
@@ -116,6 +117,7 @@ __all__ = [
     "client_facts",
     "downstream_response_headers",
     "form_decoded",
+    "handshake_problem",
     "merge",
     "new_node_id",
     "no_node_error",
@@ -139,5 +141,6 @@ __all__ = [
     "upstream_request_headers",
     "url_taken",
     "usable",
+    "websocket_accept",
     "write_error",
 ]

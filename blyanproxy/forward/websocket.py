@@ -2,11 +2,14 @@
 
 The proxy does not speak WebSocket itself. It sends the client's upgrade
 request to a node over a fresh connection and reads the node's answer head.
-On ``101 Switching Protocols`` it takes over the client's raw transport
-(``twistedinternals.take_over_connection``, the hook Twisted's own
-WebSocket resource uses) and copies bytes both ways, each side registered as
-the other's producer so neither direction buffers without bound. Any other
-answer is relayed as an ordinary HTTP response. The node is chosen and
+On a ``101 Switching Protocols`` that completes the handshake for the
+client's key (``core.handshake_problem``: ``Upgrade: websocket``,
+``Connection: upgrade``, the right ``Sec-WebSocket-Accept``; any other 101 is
+a 502) it writes the node's head filtered like any response head, takes over
+the client's raw transport (``twistedinternals.take_over_connection``, the
+hook Twisted's own WebSocket resource uses) and copies bytes both ways, each
+side registered as the other's producer so neither direction buffers without
+bound. Any other answer is relayed as an ordinary HTTP response. The node is chosen and
 failed over like any request's (``failover.Failover``: a node that cannot be
 reached or stays silent past ``PROXY_TIMEOUT``); its answer, whatever the
 status, goes to the client. The request's tally gets the bytes each way
@@ -37,6 +40,7 @@ from blyanproxy.core import (
     Route,
     bad_handshake,
     downstream_response_headers,
+    handshake_problem,
     upstream_request_headers,
     write_error,
 )
@@ -46,7 +50,14 @@ from blyanproxy.forward.context import ForwardContext
 from blyanproxy.forward.failover import Failover, classify_failure
 from blyanproxy.forward.relay import cut_short
 from blyanproxy.twistedinternals import BodyDecoder, body_decoder, take_over_connection
-from blyanproxy.upstream import ProtocolError, body_framing, connect_quietly, parse_head, serialize_request_head
+from blyanproxy.upstream import (
+    ProtocolError,
+    body_framing,
+    connect_quietly,
+    parse_head,
+    serialize_request_head,
+    serialize_response_head,
+)
 
 _MAX_HEAD = 64 * 1024
 
@@ -171,17 +182,21 @@ class _Splice(Protocol):
             self._give_up(f"the node's handshake answer is malformed: {exc}")
             return
         self._handshake.answered()
-        if status == 101:
-            self._splice(head, rest)
-        else:
+        if status != 101:
             self._relay_refusal(status, reason, headers, rest)
+            return
+        problem = handshake_problem(self._request.requestHeaders.getRawHeaders(b"sec-websocket-key", []), headers)
+        if problem is not None:
+            self._give_up(f"the node's 101 is not a WebSocket handshake: {problem}")
+        else:
+            self._splice(headers, rest)
 
-    def _splice(self, head: bytes, rest: bytes) -> None:
+    def _splice(self, headers: RawHeaders, rest: bytes) -> None:
         request = self._request
         client = _ClientSide(self, self._node)
         take_over_connection(request.channel, client)
         self._client = client.link
-        client.link.write(head + b"\r\nX-Blyan-Node: " + self._node_name() + b"\r\n\r\n" + rest)
+        client.link.write(self._switched_head(headers) + rest)
         self.tally.bytes_out += len(rest)
         request.registerProducer(self._node, True)
         self._node.registerProducer(client.link, True)
@@ -191,6 +206,12 @@ class _Splice(Protocol):
             for transport in (client.link, self._node):
                 enable_keepalive_probes(transport, heartbeat)
         context.traffic.stream("websocket", +1)
+
+    def _switched_head(self, headers: RawHeaders) -> bytes:
+        """The client's 101 head: the node's end-to-end headers, the upgrade, and who answered."""
+        kept = downstream_response_headers(headers)
+        upgrade = [(b"Upgrade", [b"websocket"]), (b"Connection", [b"Upgrade"]), (b"X-Blyan-Node", [self._node_name()])]
+        return serialize_response_head(101, b"Switching Protocols", kept + upgrade)
 
     def _node_name(self) -> bytes:
         return self._lease.node.name.encode("utf-8", "replace")

@@ -21,14 +21,23 @@ class ProtocolError(Exception):
     """The node's answer cannot be parsed as HTTP/1.1."""
 
 
-def serialize_request_head(method: bytes, target: bytes, headers: RawHeaders) -> bytes:
-    """The raw bytes of an HTTP/1.1 request head (values must already be free of CR and LF)."""
-    lines = [method + b" " + target + b" HTTP/1.1"]
+def _serialize_head(first_line: bytes, headers: RawHeaders) -> bytes:
+    lines = [first_line]
     for name, values in headers:
         for value in values:
             lines.append(name + b": " + value)
     lines.append(b"\r\n")
     return b"\r\n".join(lines)
+
+
+def serialize_request_head(method: bytes, target: bytes, headers: RawHeaders) -> bytes:
+    """The raw bytes of an HTTP/1.1 request head (values must already be free of CR and LF)."""
+    return _serialize_head(method + b" " + target + b" HTTP/1.1", headers)
+
+
+def serialize_response_head(status: int, reason: bytes, headers: RawHeaders) -> bytes:
+    """The raw bytes of an HTTP/1.1 response head (values must already be free of CR and LF)."""
+    return _serialize_head(b"HTTP/1.1 %d %s" % (status, reason), headers)
 
 
 def parse_head(head: bytes) -> tuple[int, bytes, RawHeaders]:

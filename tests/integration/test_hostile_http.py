@@ -311,3 +311,39 @@ async def test_chunk_extensions_and_trailers_from_a_node_never_reach_the_client(
     else:
         assert body == b"hello world"
     client.transport.loseConnection()
+
+
+SWITCH_TO_ANYTHING = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo\r\nConnection: upgrade\r\n\r\n"
+
+
+@pytest.mark.parametrize("upgrade", [b"", b"Upgrade: foo\r\nConnection: upgrade\r\n", b"Upgrade: h2c\r\n"])
+@pytest_twisted.ensureDeferred
+async def test_a_101_to_an_ordinary_request_opens_no_tunnel(reactor, raw_node, proxy_factory, upgrade):
+    node = raw_node(lambda head: SWITCH_TO_ANYTHING)
+    proxy = await proxy_factory([node.url])
+    client = await connect(reactor, proxy.url)
+    client.transport.write(b"GET /ws101 HTTP/1.1\r\nHost: x\r\n" + upgrade + b"\r\n")
+    await client.wait_for(b"}")
+    # The same client connection goes on: its next request is a request, never bytes in a tunnel.
+    client.transport.write(b"GET /_admin/status HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
+                           b"GET /second HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    received = await client.wait_closed()
+    assert statuses(received) == [502, 401, 502]
+    assert b"101" not in received.partition(b"\r\n")[2]
+    assert [stream.count(b"\r\n\r\n") for stream in node.received] == [1, 1]  # one request per connection
+    assert all(not stream.startswith(b"GET /_admin") for stream in node.received)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_websocket_101_without_the_handshake_is_502(reactor, raw_node, proxy_factory):
+    node = raw_node(lambda head: b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                                 b"X-Blyan-Node: forged\r\n\r\n")
+    proxy = await proxy_factory([node.url])
+    client = await connect(reactor, proxy.url)
+    client.transport.write(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    received = await client.wait_for(b"}")
+    assert statuses(received) == [502] and b"forged" not in received
+    client.transport.write(b"GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    await client.wait_closed()
+    assert not any(b"GET /after" in stream.partition(b"\r\n\r\n")[2] for stream in node.received)
