@@ -347,3 +347,67 @@ async def test_a_websocket_101_without_the_handshake_is_502(reactor, raw_node, p
     client.transport.write(b"GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     await client.wait_closed()
     assert not any(b"GET /after" in stream.partition(b"\r\n\r\n")[2] for stream in node.received)
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_bodies_are_cut_at_the_body_deadline(reactor, capture_node, proxy_factory):
+    # The probe of issue 20: bodies declared huge, a byte at a time, never idle.
+    node = capture_node()
+    proxy = await proxy_factory([node.url], header_timeout=0.5, body_timeout=0.6, max_buffered_bytes=2**40)
+    slow = [await connect(reactor, proxy.url) for _ in range(10)]
+    for client in slow:
+        client.transport.write(b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 30000000\r\n\r\n")
+    for _ in range(30):  # a byte each 50 ms from each: never idle, never done
+        for client in slow:
+            if not client.closed.called:
+                client.transport.write(b"a")
+        await sleep(reactor, 0.05)
+        if all(client.closed.called for client in slow):
+            break
+    for client in slow:
+        received = await client.wait_closed(timeout=5)
+        assert statuses(received) == [408]
+        assert json.loads(received.partition(b"\r\n\r\n")[2])["code"] == "request_timeout"
+    assert node.received == []
+    assert proxy.site.body_budget.held == 0  # what they declared is free again
+
+
+@pytest_twisted.ensureDeferred
+async def test_request_bodies_held_at_once_are_capped(reactor, capture_node, proxy_factory):
+    node = capture_node()
+    proxy = await proxy_factory([node.url], max_buffered_bytes=100_000)
+    holder = await connect(reactor, proxy.url)
+    holder.transport.write(b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 80000\r\n\r\n" + b"a" * 1000)
+    await sleep(reactor, 0.1)
+    refused = await send(reactor, proxy, b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 80000\r\n\r\n")
+    assert statuses(refused) == [503] and b"Retry-After: 1" in refused
+    assert json.loads(refused.partition(b"\r\n\r\n")[2])["code"] == "proxy_busy"
+    small = await send(reactor, proxy, b"POST /_devnode/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                       b"Connection: close\r\n\r\nhello")
+    assert statuses(small) == [200]  # what fits is still served
+    holder.transport.abortConnection()  # the holder vanishes: its bytes are released
+    await holder.wait_closed()
+    await sleep(reactor, 0.1)
+    body = b"b" * 80000
+    served = await send(reactor, proxy, b"POST /_devnode/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 80000\r\n"
+                        b"Connection: close\r\n\r\n" + body)
+    assert statuses(served) == [200]
+    assert proxy.site.body_budget.held == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_per_client_address_are_capped(reactor, capture_node, proxy_factory):
+    node = capture_node()
+    proxy = await proxy_factory([node.url], max_connections_per_client=3)
+    held = [await connect(reactor, proxy.url) for _ in range(3)]
+    extra = await connect(reactor, proxy.url)
+    received = await extra.wait_closed()
+    assert statuses(received) == [429]
+    assert json.loads(received.partition(b"\r\n\r\n")[2])["code"] == "too_many_connections"
+    held[0].transport.loseConnection()
+    await held[0].wait_closed()
+    await sleep(reactor, 0.1)
+    served = await send(reactor, proxy, b"GET /_devnode/stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert statuses(served) == [200]
+    for client in held[1:]:
+        client.transport.loseConnection()
