@@ -6,7 +6,8 @@ another. Each probe tries the health paths in order (a node's
 ``metadata["healthPath"]`` overrides them), each with its own timeout, and
 passes on the first accepted status. A failing probe, or a bug in one node's
 check, is logged and never stops the loop. A node added at run time is probed
-at once.
+at once. A node that goes down is ``NodeStats.taken_out``: attempts waiting
+on it for an answer fail over at once.
 """
 
 from __future__ import annotations
@@ -127,6 +128,8 @@ class HealthMonitor(Service):
                     "node {node} is {state}{why}",
                     node=node.name, state=after, why=f" ({error})" if error else "",
                 )
+                if after == DOWN:
+                    stats.taken_out("down")  # attempts still waiting on it fail over
         except Exception:  # a bug in checking one node must not stop the others
             log.failure("health check of node {node} crashed", node=node.name)
 

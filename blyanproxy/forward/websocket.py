@@ -19,9 +19,8 @@ after the upgrade and how the WebSocket ended (``client_closed``,
 
 from __future__ import annotations
 
-import socket
 import typing
-from typing import Any, cast
+from typing import cast
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectingCancelledError
@@ -48,6 +47,7 @@ from blyanproxy.fleet import Lease, LeasePool
 from blyanproxy.forward import traffic
 from blyanproxy.forward.context import ForwardContext
 from blyanproxy.forward.failover import Failover, classify_failure
+from blyanproxy.forward.keepalive import enable_keepalive_probes
 from blyanproxy.forward.relay import cut_short
 from blyanproxy.twistedinternals import BodyDecoder, body_decoder, take_over_connection
 from blyanproxy.upstream import (
@@ -68,24 +68,6 @@ def is_websocket_upgrade(request: Request) -> bool:
         return False
     upgrade = request.requestHeaders.getRawHeaders(b"upgrade") or []
     return any(b"websocket" in value.lower() for value in upgrade)
-
-
-def enable_keepalive_probes(transport: object, idle: float) -> None:
-    """Turn on TCP keep-alive probes after ``idle`` quiet seconds, so a vanished peer is noticed.
-
-    The probes work below WebSocket framing, which the proxy passes through
-    untouched. ``transport`` may be TLS over TCP; the TCP one is found below it.
-    """
-    tcp: Any = transport  # found by what it can do: TLS keeps the transport it wraps as ``.transport``
-    while tcp is not None and not hasattr(tcp, "setTcpKeepAlive"):
-        tcp = getattr(tcp, "transport", None)
-    if tcp is None:
-        return
-    tcp.setTcpKeepAlive(True)
-    sock = tcp.getHandle()
-    for option, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", max(idle / 3, 1)), ("TCP_KEEPCNT", 3)):
-        if hasattr(socket, option):
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), max(int(value), 1))
 
 
 def forward_websocket(context: ForwardContext, request: Request, tally: traffic.RequestTally, route: Route,
@@ -155,6 +137,11 @@ class _Splice(Protocol):
 
     def abort(self) -> None:
         """Drop the node's connection."""
+        self._node.abortConnection()
+
+    def abandon(self) -> None:
+        """Drop the node's connection before its answer, reporting nothing of it (the node went out)."""
+        self._ended = True
         self._node.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
@@ -307,7 +294,7 @@ class _Handshake:
         self.tally = tally
         self._route = route
         self._failover = Failover(Attempts(context.rules.attempts), pool, route, context.clock,
-                                  context.traffic, self._try_node, self.fail)
+                                  context.traffic, self._try_node, self.fail, self._abandon_attempt)
         self._pending: defer.Deferred[_Splice] | None = None
         self._timeout: IDelayedCall | None = None
         self._splice: _Splice | None = None  # the current attempt's, once connected
@@ -360,9 +347,19 @@ class _Handshake:
         self._cancel_timeout()
         self._failover.failed(classify_failure(failure))
 
+    def _abandon_attempt(self) -> None:
+        """The current attempt's node went out while it waited (the failover tells): drop the attempt."""
+        self._cancel_timeout()
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.cancel()  # ``_connect_failed`` lets a cancelled connection go unreported
+        elif self._splice is not None:
+            self._splice.abandon()
+
     def answered(self) -> None:
         """The node sent its handshake answer; whatever it is, it goes to the client."""
         self._cancel_timeout()
+        self._failover.settled()
         self._answered = True
         self.tally.ttfb = self.context.clock.seconds() - self.tally.started
 
