@@ -194,7 +194,10 @@ def build_proxy(settings: Settings, reactor, persist: bool = True, worker: int |
         },
         recorder=recorder,
     )
-    site = ProxySite(root, settings.max_body_bytes, reactor=reactor, header_timeout=settings.header_timeout)
+    site = ProxySite(root, settings.max_body_bytes, reactor=reactor, header_timeout=settings.header_timeout,
+                     body_timeout=settings.body_timeout, max_buffered_bytes=settings.max_buffered_bytes,
+                     max_connections_per_client=settings.max_connections_per_client,
+                     unlimited_peers=settings.trust_forwarded)
     return ProxyParts(
         site=site, registry=registry, balancer=balancer, pool=pool, health=health, keeper=keeper,
         metrics=metrics, store=store, recorder=recorder, directory=directory, store_service=store_service,

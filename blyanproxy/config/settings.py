@@ -66,11 +66,14 @@ class Settings:
     proxy_timeout: float = 600.0
     idle_timeout: float = 300.0
     header_timeout: float = 30.0
+    body_timeout: float = 60.0
     sse_keepalive: float = 15.0
     max_attempts: int = 3
     retry_delay: float = 0.0
     retry_on_status: frozenset = frozenset({502, 503, 504})
     max_body_bytes: int = 32 * 1024 * 1024
+    max_buffered_bytes: int = 256 * 1024 * 1024
+    max_connections_per_client: int = 256
     pool_max_idle: int = 128
     pool_idle_timeout: float = 4.0
     tls_ca_file: str | None = None
@@ -159,6 +162,8 @@ SETTINGS = (
             "milliseconds a response body may stay silent before it is cut"),
     Setting("header_timeout", "HEADER_TIMEOUT_MS", "header-timeout-ms", "30000", milliseconds(0.01),
             "milliseconds a client has to send a whole request head (408 after)"),
+    Setting("body_timeout", "BODY_TIMEOUT_MS", "body-timeout-ms", "60000", milliseconds(0.01),
+            "milliseconds a client has to send a whole request body, from the end of its head (408 after)"),
     Setting("sse_keepalive", "SSE_KEEPALIVE_MS", "sse-keepalive-ms", "15000", milliseconds(),
             "idle milliseconds before an SSE comment keeps a stream alive (0: off)"),
     Setting("max_attempts", "MAX_ATTEMPTS", "max-attempts", "3", whole_number(1, 20),
@@ -169,6 +174,11 @@ SETTINGS = (
             "node statuses that fail over to another node (none: never)"),
     Setting("max_body_bytes", "MAX_BODY_BYTES", "max-body-bytes", str(32 * 1024 * 1024),
             whole_number(0, 2**40), "largest request body accepted, in bytes (413 above)"),
+    Setting("max_buffered_bytes", "MAX_BUFFERED_BYTES", "max-buffered-bytes", str(256 * 1024 * 1024),
+            whole_number(1, 2**40), "request-body bytes held at once, all requests together (503 above)"),
+    Setting("max_connections_per_client", "MAX_CONNECTIONS_PER_CLIENT", "max-connections-per-client", "256",
+            whole_number(0, 1000000),
+            "open connections per client address (429 above; 0: no limit; TRUST_FORWARDED peers are not limited)"),
     Setting("pool_max_idle", "POOL_MAX_IDLE", "pool-max-idle", "128", whole_number(0, 10000),
             "idle keep-alive connections kept per node"),
     Setting("pool_idle_timeout", "POOL_IDLE_TIMEOUT_MS", "pool-idle-timeout-ms", "4000",

@@ -49,11 +49,13 @@ from blyanproxy.core.fleetstate import (
     state_from_json,
     state_to_json,
 )
+from blyanproxy.core.handshake import handshake_problem, websocket_accept
 from blyanproxy.core.headers import (
     ClientFacts,
     RawHeaders,
     client_facts,
     downstream_response_headers,
+    unfit_request_headers,
     upstream_request_headers,
 )
 from blyanproxy.core.healthstate import (
@@ -80,8 +82,9 @@ from blyanproxy.core.noderules import (
 )
 from blyanproxy.core.nodes import Node, NodeRegistry, NodeStats, new_node_id
 from blyanproxy.core.nodeurl import parse_base_url
+from blyanproxy.core.query import form_decoded, query_parameters
 from blyanproxy.core.requestid import RequestId, new_request_id, replace_headers, request_id_for
-from blyanproxy.core.routing import Route, names_model, parse_route, route_allows, route_target
+from blyanproxy.core.routing import Route, check_path, names_model, parse_route, route_allows, route_target
 from blyanproxy.core.selection import POLICIES, Candidate, Policy, Turn, route_members
 from blyanproxy.core.trust import ForwardTrust, parse_forward_trust
 
@@ -96,10 +99,13 @@ __all__ = [
     "Candidate",
     "Change",
     "ClientFacts",
+    "DIALECT_OLLAMA",
+    "DIALECT_OPENAI",
+    "DIALECT_PLAIN",
     "DOWN",
-    "ENGINES",
     "Decision",
     "Dialect",
+    "ENGINES",
     "FleetState",
     "ForwardTrust",
     "GiveUp",
@@ -111,9 +117,6 @@ __all__ = [
     "NodeRegistry",
     "NodeStats",
     "OLLAMA",
-    "DIALECT_OLLAMA",
-    "DIALECT_OPENAI",
-    "DIALECT_PLAIN",
     "POLICIES",
     "Pick",
     "Policy",
@@ -141,20 +144,23 @@ __all__ = [
     "after_traffic_success",
     "bad_handshake",
     "boolean_word",
+    "check_path",
     "choose_by_key",
     "client_facts",
     "downstream_response_headers",
     "engine_of",
     "error_dialect",
+    "form_decoded",
+    "handshake_problem",
     "merge",
     "model_not_found",
-    "new_node_id",
+    "model_of",
     "names_model",
+    "new_node_id",
     "new_request_id",
     "no_node_error",
-    "node_from_json",
-    "model_of",
     "node_engine",
+    "node_from_json",
     "node_models",
     "node_name",
     "node_tags",
@@ -166,6 +172,7 @@ __all__ = [
     "parse_boolean",
     "parse_forward_trust",
     "parse_route",
+    "query_parameters",
     "readmit_after_cooldown",
     "replace_headers",
     "request_id_for",
@@ -177,8 +184,10 @@ __all__ = [
     "state_from_json",
     "state_to_json",
     "strips_api",
+    "unfit_request_headers",
     "upstream_request_headers",
     "url_taken",
     "usable",
+    "websocket_accept",
     "write_error",
 ]

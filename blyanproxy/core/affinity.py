@@ -13,10 +13,10 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from urllib.parse import parse_qsl
 
 import attrs
 
+from blyanproxy.core.query import form_decoded, query_parameters
 from blyanproxy.core.requestview import RequestView
 from blyanproxy.core.selection import Candidate
 
@@ -43,17 +43,23 @@ def parse_affinity_source(text: str) -> AffinitySource:
 
 
 def affinity_key(source: AffinitySource | None, request: RequestView) -> bytes | None:
-    """The request's affinity key, or None when it carries none (or affinity is off)."""
+    """The request's affinity key, or None when it carries none (or affinity is off).
+
+    Bytes in, bytes out, for any request: a query key is the form-decoded bytes
+    of the first parameter whose decoded name is the source's name (UTF-8), and
+    is never read as text.
+    """
     if source is None:
         return None
+    name = source.name.encode("utf-8")
     if source.kind == "header":
-        return request.getHeader(source.name.encode("latin-1"))
+        return request.getHeader(name)
     if source.kind == "cookie":
-        return request.received_cookies.get(source.name.encode("latin-1"))
+        return request.received_cookies.get(name)
     _, _, query = request.uri.partition(b"?")
-    for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
-        if name == source.name:
-            return value.encode("latin-1")
+    for raw_name, raw_value in query_parameters(query):
+        if form_decoded(raw_name) == name:
+            return form_decoded(raw_value or b"")
     return None
 
 

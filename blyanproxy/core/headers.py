@@ -6,6 +6,7 @@ Headers travel as ``(name, [values])`` pairs of bytes, the shape of
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 
 import attrs
@@ -34,6 +35,20 @@ _FORWARDING = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip"}
 )
 _BLYAN_RESPONSE = frozenset({b"x-blyan-node", b"x-blyan-attempts"})
+#: The proxy's own credentials (the admin and metrics token): never a node's business.
+_PROXY_CREDENTIALS = frozenset({b"x-admin-token"})
+#: Control characters but horizontal tab: no header value may hold one (RFC 9110 §5.5).
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def unfit_request_headers(headers: Iterable[tuple[bytes, Sequence[bytes]]]) -> list[bytes]:
+    """The names of headers with a value holding a control character (tab aside), in order.
+
+    twisted.web refuses NUL, CR and LF itself but lets the others through; a
+    request carrying one is refused (``serve.ProxyRequest``), since a header
+    dropped silently could change what the request means to the node.
+    """
+    return [name for name, values in headers if any(_CONTROL.search(value) for value in values)]
 
 
 @attrs.frozen
@@ -92,17 +107,23 @@ def upstream_request_headers(
 ) -> RawHeaders:
     """The headers to send to a node for a client request.
 
-    Hop-by-hop headers (and those named in ``Connection``) and every ``Proxy-*``
-    header are removed; ``Host`` becomes the node; ``X-Forwarded-For``,
+    Hop-by-hop headers (and those named in ``Connection``), every ``Proxy-*``
+    header, the proxy's own ``X-Admin-Token``, any header whose name holds an
+    underscore (``X_Forwarded_For``: servers that map ``-`` and ``_`` alike
+    would read it as the real one; nginx drops these too) and any holding a
+    control character (``unfit_request_headers``; the site refuses such a
+    request first) are removed; ``Host`` becomes the node; ``X-Forwarded-For``,
     ``-Proto`` and ``-Host`` are added. Incoming forwarding headers are kept and
     extended only when ``trust_forwarded`` trusts the client's TCP peer
     (``True``, or a ``ForwardTrust``); otherwise they are replaced, so a
     client cannot forge its address. A WebSocket handshake keeps its
     ``Upgrade: websocket`` and says ``Connection: Upgrade``.
     """
-    incoming = list(incoming)
+    received = list(incoming)
+    unfit = {name.lower() for name in unfit_request_headers(received)}
+    incoming = [(name, values) for name, values in received if name.lower() not in unfit]
     trusted = ForwardTrust.of(trust_forwarded).trusts(client.address)
-    dropped = _HOP_BY_HOP | _connection_tokens(incoming)
+    dropped = _HOP_BY_HOP | _PROXY_CREDENTIALS | _connection_tokens(received)
     if not trusted:
         dropped = dropped | _FORWARDING
     if strip_origin:
@@ -111,7 +132,7 @@ def upstream_request_headers(
     earlier_for: Sequence[bytes] = ()
     for name, values in incoming:
         lowered = name.lower()
-        if lowered in dropped or lowered.startswith(b"proxy-"):
+        if lowered in dropped or lowered.startswith(b"proxy-") or b"_" in lowered:
             continue
         if lowered == b"x-forwarded-for":
             earlier_for = values
@@ -125,7 +146,7 @@ def upstream_request_headers(
     out.append((b"X-Forwarded-Proto", [proto or client.scheme]))
     host = _first(incoming, b"x-forwarded-host") if trusted else None
     host = host or client.host
-    if host:
+    if host and not _CONTROL.search(host):
         out.append((b"X-Forwarded-Host", [host]))
     if websocket:
         out.append((b"Connection", [b"Upgrade"]))

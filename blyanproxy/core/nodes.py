@@ -53,6 +53,9 @@ class NodeStats:
 
     ``engine`` is the kind detected (``None`` until then) and ``models`` the
     models learned from the node (``None``: not known); health checks set both.
+    Whoever takes the node out of service (the health monitor when it goes
+    down, a lease when traffic ejects it) calls ``taken_out``; attempts
+    waiting on the node for an answer ``watch_out`` for it, to fail over at once.
     """
 
     in_flight: int = 0
@@ -64,6 +67,24 @@ class NodeStats:
     health: Health = attrs.Factory(Health)
     engine: str | None = None
     models: tuple[str, ...] | None = None
+    _out_watchers: list[Callable[[str], None]] = attrs.field(factory=list, init=False, repr=False, eq=False)
+
+    def watch_out(self, watcher: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``watcher(why)`` when the node is taken out of service, until the function returned is called."""
+        self._out_watchers.append(watcher)
+
+        def stop() -> None:
+            if watcher in self._out_watchers:
+                self._out_watchers.remove(watcher)
+
+        return stop
+
+    def taken_out(self, why: str) -> None:
+        """The node just went out of service (``"down"`` or ``"ejected"``): tell every watcher
+        (one that stops watching meanwhile, as another is told, is not told)."""
+        for watcher in list(self._out_watchers):
+            if watcher in self._out_watchers:
+                watcher(why)
 
     def observe_latency(self, milliseconds: float) -> None:
         """Fold one measurement into the moving average (weight 0.3 for the newest)."""

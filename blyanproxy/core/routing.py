@@ -16,6 +16,12 @@ on nodes that serve ``/chat``; Ollama's own API is ``/api/chat``):
 A request to one of ``MODEL_PATHS`` (OpenAI's and Ollama's inference paths)
 names a model in its JSON body; ``Route.model`` carries it, and the pool then
 chooses only among nodes serving it.
+The path is also checked the way other servers may read it (``check_path``,
+``_is_admin_path``): percent-decoded (up to ``_DECODE_ROUNDS`` times, once for
+each hop that may decode it again), case-folded, without ``;`` parameters,
+empty segments or surrounding whitespace. So no spelling of ``/_admin`` behind
+``/api``, a tag or an index reaches a node, and no dot segment or backslash
+(which nginx and a node may resolve differently from twisted.web) gets through.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import attrs
 
 from blyanproxy.core.engines import strips_api
 from blyanproxy.core.errors import ProxyError
+from blyanproxy.core.query import form_decoded
 
 if TYPE_CHECKING:
     from blyanproxy.core.nodes import Node
@@ -84,6 +91,12 @@ ALL_TAG = "all"
 _MAX_INDEX_DIGITS = 6
 #: The query parameter that chooses a registered node by id or name (Blyan's ``?api=``).
 NODE_PARAMETER = "api"
+#: How many times a path is percent-decoded before it is checked: one round for each server
+#: that may decode it again (nginx or twisted.web, then a node that is itself a proxy …).
+_DECODE_ROUNDS = 3
+#: What a segment may be wrapped in and still name the same thing to a lenient server.
+_SEGMENT_PADDING = b" \t\r\n\x0b\x0c\x00"
+BAD_PATH = ProxyError(400, "bad_request_target", "the path must not hold dot segments or backslashes")
 
 
 def request_target_path(target: bytes) -> bytes:
@@ -139,17 +152,47 @@ def _index_of(segment: bytes) -> int | None:
     return None
 
 
+def _decoded_path(target: bytes) -> bytes:
+    """The path of an origin-form target, percent-decoded up to ``_DECODE_ROUNDS`` times."""
+    path = target.partition(b"?")[0]
+    for _ in range(_DECODE_ROUNDS):
+        decoded = unquote_to_bytes(path)
+        if decoded == path:
+            break
+        path = decoded
+    return path
+
+
+def _segment_names(decoded_path: bytes) -> list[bytes]:
+    """The non-empty segments of a decoded path as a lenient server reads them: lower-case,
+    without ``;`` parameters or surrounding whitespace."""
+    names = (segment.split(b";", 1)[0].strip(_SEGMENT_PADDING).lower() for segment in decoded_path.split(b"/"))
+    return [name for name in names if name]
+
+
+def check_path(target: bytes) -> None:
+    """Raise the 400 ``BAD_PATH`` when the path of ``target`` (origin-form) holds a dot segment
+    (``.``, ``..``, ``..;x``) or a backslash, raw or percent-encoded; the query is not checked."""
+    decoded = _decoded_path(target)
+    if b"\\" in decoded:
+        raise BAD_PATH
+    for segment in decoded.split(b"/"):
+        if segment.split(b";", 1)[0].strip(_SEGMENT_PADDING) in (b".", b".."):
+            raise BAD_PATH
+
+
 def _refuse_admin(upstream: bytes) -> bytes:
-    """``upstream`` unless it (or it without ``/api``) is an ``/_admin`` path: 404 then."""
-    for path in (upstream, strip_api_prefix(upstream)):
-        if _split_first_segment(path)[0] == b"_admin":
-            raise ProxyError(404, "not_found", "the admin API is served only under /_admin")
+    """``upstream`` unless it, or it without an ``api`` segment, is an ``/_admin`` path in any
+    spelling (``/%5Fadmin``, ``/API/_ADMIN``, ``/_admin;x``, ``//_admin``): 404 then."""
+    names = _segment_names(_decoded_path(upstream))
+    if names[:1] == [b"_admin"] or names[:2] == [b"api", b"_admin"]:
+        raise ProxyError(404, "not_found", "the admin API is served only under /_admin")
     return upstream
 
 
 def _form_decoded(text: bytes) -> str:
     """A query name or value as text (``+`` is a space, ``%XX`` decoded, UTF-8)."""
-    return unquote_to_bytes(text.replace(b"+", b" ")).decode("utf-8", "replace")
+    return form_decoded(text).decode("utf-8", "replace")
 
 
 def take_node_parameter(target: bytes) -> tuple[bytes, str | None]:
@@ -180,13 +223,16 @@ def take_node_parameter(target: bytes) -> tuple[bytes, str | None]:
 def parse_route(target: bytes) -> Route:
     """Turn a raw request target into a ``Route``; raises ``ProxyError`` when unusable.
 
-    400 for a target that is not a path, ``/tags`` without a tag, a signed
-    index or a malformed ``?api=``; 404 for an ``/_admin`` path behind ``/api``, a tag or an index
-    (``/api/_admin``, ``/0/_admin``): the admin API lives only at ``/_admin``,
-    so an allow-list in front of that one prefix cannot be bypassed, and no
-    node ever sees such a path.
+    400 for a target that is not a path, a path with a dot segment or a
+    backslash (``check_path``), ``/tags`` without a tag, a signed index or a
+    malformed ``?api=``; 404 for an ``/_admin`` path in any spelling behind
+    ``/api``, a tag or an index (``/api/_admin``, ``/0/%5Fadmin``,
+    ``/api/_ADMIN``): the admin API lives only at ``/_admin``, so an
+    allow-list in front of that one prefix cannot be bypassed, and no node
+    ever sees such a path.
     """
     origin = request_target_path(target)
+    check_path(origin)
     first, rest = _split_first_segment(origin)
     if first == b"tags":
         tag_segment, rest = _split_first_segment(rest)

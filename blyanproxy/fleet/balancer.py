@@ -63,19 +63,24 @@ class Lease:
         return engine_of(self.node.engine, self.stats.engine)
 
     def failed(self, reason: str) -> None:
-        """The attempt failed before any byte reached the client; releases the lease."""
+        """The attempt failed before any byte reached the client; releases the lease (and, if
+        this ejects the node, tells the attempts waiting on it: ``NodeStats.taken_out``)."""
         stats = self.stats
         stats.failures += 1
         stats.consecutive_failures += 1
         stats.last_failure = reason
         before = stats.health
         stats.health = after_traffic_failure(before, reason, self.clock.seconds(), self.rules)
+        ejected = False
         if stats.health.ejected_until is not None and stats.health.ejected_until != before.ejected_until:
+            ejected = True
             log.warn(
                 "node {node} ejected for {seconds:g} s after {reason}",
                 node=self.node.name, seconds=stats.health.ejected_until - self.clock.seconds(), reason=reason,
             )
         self.release()
+        if ejected:
+            stats.taken_out("ejected")  # attempts still waiting on it fail over
 
     def responded(self, seconds_to_first_byte: float) -> None:
         """The node answered with a response the client will get, after this long."""

@@ -13,7 +13,8 @@ ends a running stream when ``/v1/models`` arrives) is not asked while the node
 has requests in flight: that run leaves its health as it was, and the
 requests' own outcome (passive health) is the evidence. A failing probe, or a bug in one node's
 check, is logged and never stops the loop. A node added at run time is probed
-at once.
+at once. A node that goes down is ``NodeStats.taken_out``: attempts waiting
+on it for an answer fail over at once.
 """
 
 from __future__ import annotations
@@ -142,6 +143,8 @@ class HealthMonitor(Service):
                     "node {node} is {state}{why}",
                     node=node.name, state=after, why=f" ({result.error})" if result.error else "",
                 )
+                if after == DOWN:
+                    stats.taken_out("down")  # attempts still waiting on it fail over
         except Exception:  # a bug in checking one node must not stop the others
             log.failure("health check of node {node} crashed", node=node.name)
 

@@ -73,7 +73,7 @@ class Exchange:
         content.seek(0)
         self._body = content.read()
         self._failover = Failover(Attempts(context.rules.attempts), pool, route, context.clock,
-                                  tally, self._try_node, self._fail)
+                                  tally, self._try_node, self._fail, self._abandon_attempt)
         self._lease: Lease | None = None  # the latest attempt's; ``_head`` is its request head
         self._head = b""
         self._pending: defer.Deferred[UpstreamConnection] | None = None
@@ -123,7 +123,18 @@ class Exchange:
         self._attempt = attempt
         attempt.send(self._method, self._head, self._body)
 
+    def _abandon_attempt(self) -> None:
+        """The current attempt's node went out while it waited (the failover tells): drop the attempt."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.cancel()  # ``_connect_failed`` sees it abandoned
+        elif self._attempt is not None:
+            attempt, self._attempt = self._attempt, None
+            attempt.abort()
+
     def _connect_failed(self, failure: Failure, lease: Lease) -> None:
+        if self._pending is None and not self._client_gone:
+            return  # abandoned: the node went out and the failover has moved on
         self._pending = None
         if self._client_gone:
             lease.release()
@@ -218,9 +229,8 @@ class Exchange:
 
     def _on_client_gone(self, failure: Failure) -> None:
         self._client_gone = True
-        if self._failover.waiting:
-            self._failover.cancel()  # waiting out RETRY_DELAY_MS: nothing else to stop
-        elif self._relay is not None:
+        self._failover.cancel()  # RETRY_DELAY_MS if it runs, and the watch on the attempt's node
+        if self._relay is not None:
             self._relay.client_gone()
         elif self._pending is not None:
             self._pending.cancel()  # ``_connect_failed`` releases the lease

@@ -8,10 +8,17 @@ log line), and calls its owner back to ``try_node`` or ``give_up``. Its
 reporter (the request's ``RequestTally``) hears each attempt start and fail:
 the attempt events tracing listens to.
 ``classify_failure`` turns a connection's failure into the machine's word.
+
+While an attempt waits for its answer, the Failover watches its node
+(``NodeStats.watch_out``): when the node goes down or is ejected, it asks its
+owner to ``abandon`` the attempt and fails over at once (``NODE_OUT``), since
+nothing has reached the client yet. The watch ends when the owner reports the
+attempt's fate (``failed``, ``answered``, ``settled``, ``unusable``) or ``cancel``.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Protocol
 
 from twisted.internet import error
@@ -41,6 +48,10 @@ from blyanproxy.logs import debugging, logger
 from blyanproxy.upstream import ProtocolError
 
 log = logger("proxy")
+
+#: An attempt abandoned because its node went down or was ejected while it waited for the answer.
+NODE_OUT = AttemptFailure(
+    "node_out", ProxyError(502, "upstream_failed", "the node went out of service before it answered"))
 
 
 class AttemptReporter(Protocol):
@@ -73,13 +84,14 @@ class Failover:
     """Carries out one request's ``Attempts`` decisions (see the module docstring).
 
     ``try_node(lease, fresh)`` sends the next attempt (``fresh``: on a new
-    connection); ``give_up(error)`` answers the client. ``lease`` is the
-    current attempt's (None before the first).
+    connection); ``give_up(error)`` answers the client; ``abandon()`` drops
+    the current attempt, whose node went out while it waited (nothing of it is
+    reported afterwards). ``lease`` is the current attempt's (None before the first).
     """
 
     def __init__(self, attempts: Attempts, pool: LeasePool, route: Route, clock: IReactorTime,
                  reporter: AttemptReporter, try_node: Callable[[Lease, bool], None],
-                 give_up: Callable[[ProxyError], None]) -> None:
+                 give_up: Callable[[ProxyError], None], abandon: Callable[[], None]) -> None:
         self._attempts = attempts
         self._pool = pool
         self._route = route
@@ -87,9 +99,11 @@ class Failover:
         self._reporter = reporter
         self._try_node = try_node
         self._give_up = give_up
+        self._abandon = abandon
         self.lease: Lease | None = None
         self._number = 0  # the current attempt's
         self._delay: IDelayedCall | None = None
+        self._unwatch: Callable[[], None] | None = None  # while the current attempt waits for its answer
 
     @property
     def count(self) -> int:
@@ -107,26 +121,53 @@ class Failover:
 
     def failed(self, failure: AttemptFailure, reused: bool = False, bytes_received: int = 0) -> None:
         """The current attempt failed before its answer began (see ``Attempts.failed``)."""
+        self._stop_watching()
         self._carry_out(self._attempts.failed(failure, reused, bytes_received))
 
     def answered(self, status: int) -> bool:
         """The current attempt's node answered ``status``: True to relay it, False when another
         node takes the request instead (``try_node`` has been called)."""
+        self._stop_watching()
         decision = self._attempts.answered(status)
         if isinstance(decision, Pick) and self.lease is not None and debugging("proxy"):
             log.debug("{node} answered {status} (RETRY_ON_STATUS): another node first, if one is free",
                       node=self.lease.node.name, status=status)
         return self._carry_out(decision)
 
+    def settled(self) -> None:
+        """The current attempt's answer goes to the client, whatever it is (a WebSocket handshake's)."""
+        self._stop_watching()
+
     def unusable(self, failure: AttemptFailure) -> None:
         """The node's answer cannot be passed on: hold it against the node and give up."""
+        self._stop_watching()
         self._carry_out(self._attempts.unusable(failure))
 
     def cancel(self) -> None:
-        """The client left: stop waiting out the retry delay."""
+        """The client left: stop waiting out the retry delay, and watching the current node."""
+        self._stop_watching()
         if self._delay is not None:
             self._delay.cancel()
             self._delay = None
+
+    def _watch(self, lease: Lease) -> None:
+        self._stop_watching()
+        self._unwatch = lease.stats.watch_out(functools.partial(self._node_out, lease))
+
+    def _stop_watching(self) -> None:
+        if self._unwatch is not None:
+            unwatch, self._unwatch = self._unwatch, None
+            unwatch()
+
+    def _node_out(self, lease: Lease, why: str) -> None:
+        """``lease``'s node went ``why`` (down, ejected) while its attempt waited: fail over."""
+        if lease is not self.lease or self._unwatch is None:
+            return  # told late (the node went out twice at once): the attempt has moved on already
+        log.info("node {node} is {why}: attempt {attempt}, still waiting for its answer, fails over",
+                 node=lease.node.name, why=why, attempt=self._number)
+        self._stop_watching()
+        self._abandon()
+        self.failed(NODE_OUT)
 
     def _carry_out(self, decision: Decision, picked: Lease | None = None) -> bool:
         """Do what ``decision`` says (``picked``: the lease a ``Pick`` got); True for ``Relay``."""
@@ -148,6 +189,7 @@ class Failover:
             if decision.attempt != self._number:
                 self._number = decision.attempt
                 self._reporter.attempt_started(self.lease.node, decision.attempt)
+            self._watch(self.lease)
             self._try_node(self.lease, decision.fresh)
         elif isinstance(decision, GiveUp):
             self._give_up(decision.error)
@@ -179,5 +221,8 @@ class Failover:
         assert lease is not None
         log.info("attempt {attempt} on node {node} failed: {reason}",
                  attempt=self._number, node=lease.node.name, reason=reason)
-        lease.failed(reason)
+        if reason == NODE_OUT.reason:
+            lease.release()  # the node is out already: its abandoned attempts are no new evidence against it
+        else:
+            lease.failed(reason)
         self._reporter.attempt_failed(lease.node.name, reason)

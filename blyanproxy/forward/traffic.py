@@ -7,8 +7,9 @@ request fills it in, and ``RequestTally.end`` builds the request's
 ends, not when it starts), and hands it to every listener ``subscribe``\\ d:
 the access log (``write_access_line``), the metrics and the
 ``RequestCounters``. The access log line is greppable ``key=value`` text;
-query values are replaced by ``…`` because they may hold secrets, and no
-header (so no token or API key) is ever logged.
+query values are replaced by ``…`` because they may hold secrets (so is a
+parameter without a name, a bare value), query names are decoded but escaped
+(``log_escaped``), and no header (so no token or API key) is ever logged.
 
 Each request gets its id here (the client's ``X-Request-Id`` when usable,
 ``core.request_id_for``), returned in the answer's ``X-Request-Id`` and sent
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from typing import Any, Callable, Protocol
-from urllib.parse import parse_qsl
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -35,6 +35,8 @@ from blyanproxy.core import (
     Node,
     ProxyError,
     client_facts,
+    form_decoded,
+    query_parameters,
     request_id_for,
 )
 from blyanproxy.logs import logger
@@ -90,14 +92,45 @@ class AccessRecord:
     request_id: str | None = None
 
 
+def log_escaped(raw: bytes) -> str:
+    """``raw`` as text fit for one field of a log line: UTF-8, every other character escaped.
+
+    Printable characters stay; a byte that is not UTF-8 becomes ``\\xNN``, and so
+    does every control character (CR, LF, ESC, DEL …) below U+0100; other
+    unprintable ones (U+2028, U+2029, bidi controls) become ``\\uNNNN``. A space
+    is escaped too, so the field cannot split, and a backslash is doubled.
+    """
+    out = []
+    for char in raw.decode("utf-8", "surrogateescape"):
+        code = ord(char)
+        if char == "\\":
+            out.append("\\\\")
+        elif char != " " and char.isprintable():
+            out.append(char)
+        elif 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8 (surrogateescape)
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        elif code < 0x10000:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return "".join(out)
+
+
 def redacted_target(target: bytes) -> str:
-    """The path with every query value replaced by ``…`` (names kept, for grepping)."""
+    """The path with every query value replaced by ``…``: names kept (decoded, ``log_escaped``) for
+    grepping; a parameter without a name (no ``=``: a bare value) is ``…`` whole.
+
+    The path is logged as sent (twisted.web accepts only printable ASCII there).
+    """
     path, sep, query = target.partition(b"?")
     text = path.decode("latin-1")
     if not sep:
         return text
-    names = [name for name, _ in parse_qsl(query.decode("latin-1"), keep_blank_values=True)]
-    return text + "?" + "&".join(f"{name}=…" for name in names)
+    parts = ["…" if value is None else log_escaped(form_decoded(name)) + "=…"
+             for name, value in query_parameters(query)]
+    return text + "?" + "&".join(parts)
 
 
 def access_line(record: AccessRecord) -> str:

@@ -2,11 +2,14 @@
 
 The proxy does not speak WebSocket itself. It sends the client's upgrade
 request to a node over a fresh connection and reads the node's answer head.
-On ``101 Switching Protocols`` it takes over the client's raw transport
-(``twistedinternals.take_over_connection``, the hook Twisted's own
-WebSocket resource uses) and copies bytes both ways, each side registered as
-the other's producer so neither direction buffers without bound. Any other
-answer is relayed as an ordinary HTTP response. The node is chosen and
+On a ``101 Switching Protocols`` that completes the handshake for the
+client's key (``core.handshake_problem``: ``Upgrade: websocket``,
+``Connection: upgrade``, the right ``Sec-WebSocket-Accept``; any other 101 is
+a 502) it writes the node's head filtered like any response head, takes over
+the client's raw transport (``twistedinternals.take_over_connection``, the
+hook Twisted's own WebSocket resource uses) and copies bytes both ways, each
+side registered as the other's producer so neither direction buffers without
+bound. Any other answer is relayed as an ordinary HTTP response. The node is chosen and
 failed over like any request's (``failover.Failover``: a node that cannot be
 reached or stays silent past ``PROXY_TIMEOUT``); its answer, whatever the
 status, goes to the client. The request's tally gets the bytes each way
@@ -16,9 +19,8 @@ after the upgrade and how the WebSocket ended (``client_closed``,
 
 from __future__ import annotations
 
-import socket
 import typing
-from typing import Any, cast
+from typing import cast
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectingCancelledError
@@ -38,6 +40,7 @@ from blyanproxy.core import (
     Route,
     bad_handshake,
     downstream_response_headers,
+    handshake_problem,
     replace_headers,
     route_target,
     upstream_request_headers,
@@ -47,9 +50,17 @@ from blyanproxy.fleet import Lease, LeasePool
 from blyanproxy.forward import traffic
 from blyanproxy.forward.context import ForwardContext
 from blyanproxy.forward.failover import Failover, classify_failure
+from blyanproxy.forward.keepalive import enable_keepalive_probes
 from blyanproxy.forward.relay import cut_short
 from blyanproxy.twistedinternals import BodyDecoder, body_decoder, take_over_connection
-from blyanproxy.upstream import ProtocolError, body_framing, connect_quietly, parse_head, serialize_request_head
+from blyanproxy.upstream import (
+    ProtocolError,
+    body_framing,
+    connect_quietly,
+    parse_head,
+    serialize_request_head,
+    serialize_response_head,
+)
 
 _MAX_HEAD = 64 * 1024
 
@@ -60,24 +71,6 @@ def is_websocket_upgrade(request: Request) -> bool:
         return False
     upgrade = request.requestHeaders.getRawHeaders(b"upgrade") or []
     return any(b"websocket" in value.lower() for value in upgrade)
-
-
-def enable_keepalive_probes(transport: object, idle: float) -> None:
-    """Turn on TCP keep-alive probes after ``idle`` quiet seconds, so a vanished peer is noticed.
-
-    The probes work below WebSocket framing, which the proxy passes through
-    untouched. ``transport`` may be TLS over TCP; the TCP one is found below it.
-    """
-    tcp: Any = transport  # found by what it can do: TLS keeps the transport it wraps as ``.transport``
-    while tcp is not None and not hasattr(tcp, "setTcpKeepAlive"):
-        tcp = getattr(tcp, "transport", None)
-    if tcp is None:
-        return
-    tcp.setTcpKeepAlive(True)
-    sock = tcp.getHandle()
-    for option, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", max(idle / 3, 1)), ("TCP_KEEPCNT", 3)):
-        if hasattr(socket, option):
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), max(int(value), 1))
 
 
 def forward_websocket(context: ForwardContext, request: Request, tally: traffic.RequestTally, route: Route,
@@ -149,6 +142,11 @@ class _Splice(Protocol):
         """Drop the node's connection."""
         self._node.abortConnection()
 
+    def abandon(self) -> None:
+        """Drop the node's connection before its answer, reporting nothing of it (the node went out)."""
+        self._ended = True
+        self._node.abortConnection()
+
     def dataReceived(self, data: bytes) -> None:
         """The node's bytes: its handshake answer, then the WebSocket (or a refusal's body)."""
         client = self._client
@@ -174,18 +172,21 @@ class _Splice(Protocol):
             self._give_up(f"the node's handshake answer is malformed: {exc}")
             return
         self._handshake.answered()
-        if status == 101:
-            self._splice(head, rest)
-        else:
+        if status != 101:
             self._relay_refusal(status, reason, headers, rest)
+            return
+        problem = handshake_problem(self._request.requestHeaders.getRawHeaders(b"sec-websocket-key", []), headers)
+        if problem is not None:
+            self._give_up(f"the node's 101 is not a WebSocket handshake: {problem}")
+        else:
+            self._splice(headers, rest)
 
-    def _splice(self, head: bytes, rest: bytes) -> None:
+    def _splice(self, headers: RawHeaders, rest: bytes) -> None:
         request = self._request
         client = _ClientSide(self, self._node)
         take_over_connection(request.channel, client)
         self._client = client.link
-        client.link.write(head + b"\r\nX-Blyan-Node: " + self._node_name() + b"\r\n" + REQUEST_ID_HEADER + b": "
-                          + self.tally.request_id.encode("ascii") + b"\r\n\r\n" + rest)
+        client.link.write(self._switched_head(headers) + rest)
         self.tally.bytes_out += len(rest)
         request.registerProducer(self._node, True)
         self._node.registerProducer(client.link, True)
@@ -195,6 +196,15 @@ class _Splice(Protocol):
             for transport in (client.link, self._node):
                 enable_keepalive_probes(transport, heartbeat)
         context.traffic.stream("websocket", +1)
+
+    def _switched_head(self, headers: RawHeaders) -> bytes:
+        """The client's 101 head: the node's end-to-end headers, the upgrade, and who answered."""
+        kept = downstream_response_headers(headers)
+        upgrade = [
+            (b"Upgrade", [b"websocket"]), (b"Connection", [b"Upgrade"]), (b"X-Blyan-Node", [self._node_name()]),
+            (REQUEST_ID_HEADER, [self.tally.request_id.encode("ascii")]),
+        ]
+        return serialize_response_head(101, b"Switching Protocols", kept + upgrade)
 
     def _node_name(self) -> bytes:
         return self._lease.node.name.encode("utf-8", "replace")
@@ -291,7 +301,7 @@ class _Handshake:
         self.tally = tally
         self._route = route
         self._failover = Failover(Attempts(context.rules.attempts), pool, route, context.clock,
-                                  tally, self._try_node, self.fail)
+                                  tally, self._try_node, self.fail, self._abandon_attempt)
         self._pending: defer.Deferred[_Splice] | None = None
         self._timeout: IDelayedCall | None = None
         self._splice: _Splice | None = None  # the current attempt's, once connected
@@ -345,9 +355,19 @@ class _Handshake:
         self._cancel_timeout()
         self._failover.failed(classify_failure(failure))
 
+    def _abandon_attempt(self) -> None:
+        """The current attempt's node went out while it waited (the failover tells): drop the attempt."""
+        self._cancel_timeout()
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.cancel()  # ``_connect_failed`` lets a cancelled connection go unreported
+        elif self._splice is not None:
+            self._splice.abandon()
+
     def answered(self) -> None:
         """The node sent its handshake answer; whatever it is, it goes to the client."""
         self._cancel_timeout()
+        self._failover.settled()
         self._answered = True
         self.tally.ttfb = self.context.clock.seconds() - self.tally.started
 

@@ -10,9 +10,19 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
-from blyanproxy.core import DIALECT_PLAIN, REQUEST_ID_HEADER, ProxyError, error_dialect, request_id_for
+from blyanproxy.core import (
+    DIALECT_PLAIN,
+    REQUEST_ID_HEADER,
+    ForwardTrust,
+    ProxyError,
+    check_path,
+    error_dialect,
+    request_id_for,
+    unfit_request_headers,
+)
 from blyanproxy.forward import CLIENT_CLOSED_STATUS, CLIENT_GONE, COMPLETE, RequestTally, TrafficRecorder
 from blyanproxy.logs import logger
+from blyanproxy.serve.limits import BodyBudget, ConnectionCounts
 from blyanproxy.twistedinternals import ChannelWithBadRequestHook, channel_protocol, request_line_target
 
 log = logger("server")
@@ -26,6 +36,16 @@ def body_too_large(limit: int) -> ProxyError:
 MALFORMED = ProxyError(400, "malformed_request", "the request is not valid HTTP/1.1")
 AMBIGUOUS_FRAMING = ProxyError(400, "malformed_request", "Transfer-Encoding must be chunked, once")
 HEAD_TIMEOUT = ProxyError(408, "request_timeout", "the request head did not arrive in time")
+CONTROL_IN_HEADER = ProxyError(400, "malformed_request", "a header value holds a control character")
+BODY_TIMEOUT = ProxyError(408, "request_timeout", "the request body did not arrive in time")
+BODIES_BUSY = ProxyError(503, "proxy_busy", "too many request bodies are held at once; try again", retry_after=1)
+TOO_MANY_CONNECTIONS = ProxyError(429, "too_many_connections", "this address has too many connections open")
+
+#: Defaults of the client limits (the settings' defaults).
+DEFAULT_BODY_TIMEOUT = 60.0
+DEFAULT_MAX_BUFFERED_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 256
+NO_PEERS = ForwardTrust()
 
 
 def _peer(transport: ITransport | None) -> str:
@@ -52,10 +72,19 @@ def early_refusal(channel: http.HTTPChannel, error: ProxyError) -> tuple[bytes, 
 
 
 class _Sink:
-    """A file-like object that forgets what is written (the body of a refused request)."""
+    """A file-like object that forgets what is written (the body of a refused request).
+
+    Twisted may still complete a refused request (a body-less one, such as
+    ``Transfer-Encoding: identity`` with nothing after the head), which asks
+    its content for ``tell``, ``seek`` and ``read``.
+    """
 
     def write(self, data: bytes) -> None:
         """Drop ``data``."""
+
+    def tell(self) -> int:
+        """Always at the start."""
+        return 0
 
     def seek(self, *args: int) -> int:
         """Stay at the start."""
@@ -72,14 +101,22 @@ class _Sink:
 class ProxyRequest(server.Request):
     """A request that refuses an oversized body as soon as its size is known.
 
-    A declared ``Content-Length`` over the site's ``max_body_bytes`` is answered
+    A head with an ambiguous ``Transfer-Encoding`` or a header value holding a
+    control character is refused with the JSON 400 before anything else. A
+    declared ``Content-Length`` over the site's ``max_body_bytes`` is answered
     413 before the body is read; a chunked body is refused the moment it
-    passes the limit. Either way the connection closes and nothing is kept.
+    passes the limit. A body is held against the site's ``body_budget``
+    (``MAX_BUFFERED_BYTES``; 503 beyond it) until the request ends, and must
+    arrive whole within ``body_timeout`` seconds of the head (408 after).
+    Either way the connection closes and nothing is kept.
     """
 
     channel: ProxyChannel  # a ProxySite serves every request on one of its ProxyChannels
     _refused = False
     _received = 0
+    _budget: BodyBudget | None = None  # once the head is in: where the body's bytes are counted
+    _held = 0  # bytes counted against it
+    _body_deadline: IDelayedCall | None = None
 
     def gotLength(self, length: int | None) -> None:
         """The head is in: refuse an ambiguous framing or a declared length over the limit."""
@@ -88,6 +125,10 @@ class ProxyRequest(server.Request):
             # Twisted lets "identity" through beside "chunked": a framing two parsers may read two ways.
             self._refuse(AMBIGUOUS_FRAMING, "ambiguous Transfer-Encoding")
             return
+        unfit = unfit_request_headers(self.requestHeaders.getAllRawHeaders())
+        if unfit:
+            self._refuse(CONTROL_IN_HEADER, "a control character in " + unfit[0].decode("ascii", "replace"))
+            return
         site = self.channel.site
         if site.on_request is not None:
             site.on_request(self)
@@ -95,7 +136,11 @@ class ProxyRequest(server.Request):
         if length is not None and length > limit:
             self._refuse(body_too_large(limit), f"body over the {limit}-byte limit")
             return
+        if not self._hold(site.body_budget, length or 0):
+            return
         super().gotLength(length)
+        if length != 0:  # a body follows (None: chunked)
+            self._body_deadline = self.channel.callLater(site.body_timeout, self._body_too_slow)
 
     def handleContentChunk(self, data: bytes) -> None:
         """A piece of the body: kept, unless it takes the body over the limit."""
@@ -104,15 +149,60 @@ class ProxyRequest(server.Request):
         self._received += len(data)
         limit = self.channel.site.max_body_bytes
         if self._received > limit:
-            content = self.content
-            assert content is not None  # gotLength made it, before the first piece
-            content.close()
+            self._drop_body()
             self._refuse(body_too_large(limit), f"body over the {limit}-byte limit")
+            return
+        if self._received > self._held and not self._hold(self.channel.site.body_budget, len(data)):
+            self._drop_body()  # a chunked body, counted as it comes
             return
         super().handleContentChunk(data)
 
+    def _hold(self, budget: BodyBudget, count: int) -> bool:
+        """Count ``count`` body bytes against ``budget`` until the request ends; refuse 503 if they do not fit."""
+        if not count:
+            return True
+        if self._budget is None:
+            self._budget = budget
+            self.notifyFinish().addBoth(self._give_back)  # when it is answered, or the client goes
+        if not budget.take(count):
+            self._refuse(BODIES_BUSY, f"request bodies held at once would pass {budget.limit} bytes")
+            return False
+        self._held += count
+        return True
+
+    def _give_back(self, _: object) -> None:
+        if self._budget is not None:
+            self._budget.give_back(self._held)
+        self._held = 0
+
+    def _drop_body(self) -> None:
+        content = self.content
+        assert content is not None  # gotLength made it, before the first piece
+        content.close()
+
+    def _body_too_slow(self) -> None:
+        self._body_deadline = None
+        self._refuse(BODY_TIMEOUT, f"no complete body within {self.channel.site.body_timeout:g} s")
+
+    def _stop_body_deadline(self) -> None:
+        if self._body_deadline is not None and self._body_deadline.active():
+            self._body_deadline.cancel()
+        self._body_deadline = None
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        """The body is complete: its deadline ends."""
+        self._stop_body_deadline()
+        super().requestReceived(command, path, version)
+
+    def connectionLost(self, reason: Failure) -> None:
+        """The client went away: no deadline runs on (and the body is given back)."""
+        self._stop_body_deadline()
+        super().connectionLost(reason)
+
     def _refuse(self, error: ProxyError, why: str) -> None:
         self._refused = True
+        self._stop_body_deadline()
+        self._give_back(None)  # nothing of the body is kept from now on
         self.content = _Sink()
         # No "100 Continue" after the refusal: the channel reads Expect after gotLength.
         self.requestHeaders.removeHeader(b"expect")
@@ -130,12 +220,25 @@ class ProxyRequest(server.Request):
             super().process()
 
 
+def _plain_path(target: bytes) -> bool:
+    """False for a target whose path has a dot segment or a backslash (``core.check_path``)."""
+    try:
+        check_path(target)
+    except ProxyError:
+        return False
+    return True
+
+
 class RootResource(Resource):
     """Dispatch: the proxy's own endpoints by exact path, everything else to the forwarder.
 
     ``prefixes`` own a whole subtree (``/_admin/...``); ``exact`` answer only their
     own path (``/health``), so ``/health/x`` still goes to a node, and only the
-    methods in their ``only_methods`` when they have one. With a ``recorder``
+    methods in their ``only_methods`` when they have one. A path with a dot
+    segment or a backslash, raw or encoded (``core.check_path``), is never the
+    proxy's own: nginx may resolve it to another path than twisted.web does
+    (``/_admin/..%2Fstatus``), so it goes to the forwarder, which refuses it
+    with 400. With a ``recorder``
     (the end-of-request hook) each request the proxy answers itself is reported
     when it ends.
     """
@@ -152,6 +255,8 @@ class RootResource(Resource):
         """The resource for the first path segment ``name``: one of the proxy's own, or the forwarder."""
         # twisted.web announces its name and version; the proxy does not.
         request.responseHeaders.removeHeader(b"server")
+        if not _plain_path(request.uri):
+            return self._forwarder  # its route check answers the 400
         own = self._prefixes.get(name)
         if own is None and not request.postpath:
             own = self._exact.get(name)
@@ -187,10 +292,23 @@ class ProxyChannel(ChannelWithBadRequestHook):
 
     site: ProxySite  # set by the site, which builds the channel
     _head_deadline: IDelayedCall | None = None
+    _client: str | None = None  # the peer address, once admitted by the site's connection counts
 
     def connectionMade(self) -> None:
-        """The connection is ready for its first request head: the deadline starts."""
+        """The connection is ready for its first request head: the deadline starts.
+
+        Unless the client's address has ``MAX_CONNECTIONS_PER_CLIENT`` open
+        already: then it gets the JSON 429 and the connection closes.
+        """
         super().connectionMade()
+        client = _peer(self.transport)
+        if not self.site.connections.admit(client):
+            log.info("refused a connection from {client}: too many connections open", client=client)
+            self.write(early_refusal(self, TOO_MANY_CONNECTIONS)[0])  # the channel's write: straight to its transport
+            self.loseConnection()
+            self.dataReceived = lambda data: None  # type: ignore[method-assign]  # nothing more is read
+            return
+        self._client = client
         self._start_head_deadline()
 
     def allHeadersReceived(self) -> None:
@@ -205,8 +323,11 @@ class ProxyChannel(ChannelWithBadRequestHook):
         super().requestDone(request)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        """The connection closed: no deadline runs on."""
+        """The connection closed: no deadline runs on, and it no longer counts against its address."""
         self._stop_head_deadline()
+        if self._client is not None:
+            self.site.connections.closed(self._client)
+            self._client = None
         super().connectionLost(reason)
 
     def _start_head_deadline(self) -> None:
@@ -246,13 +367,20 @@ class ProxySite(server.Site):
     per-request log line.
 
     ``on_request``, when set, is called with each request once its head has
-    arrived (the graceful stop's ``ConnectionTracker``).
+    arrived (the graceful stop's ``ConnectionTracker``). The client limits:
+    ``max_body_bytes``, ``header_timeout`` and ``body_timeout`` (seconds),
+    ``max_buffered_bytes`` (request-body bytes held at once, all requests
+    together: ``body_budget``) and ``max_connections_per_client`` (0: no
+    limit; peers ``unlimited_peers`` trusts are not limited: ``connections``).
     """
 
     noisy = False
 
     def __init__(self, root: Resource, max_body_bytes: int, reactor: IReactorTime | None = None,
-                 header_timeout: float = 30.0) -> None:
+                 header_timeout: float = 30.0, body_timeout: float = DEFAULT_BODY_TIMEOUT,
+                 max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
+                 max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+                 unlimited_peers: ForwardTrust = NO_PEERS) -> None:
         # Request bodies are forwarded, never parsed as forms (Twisted >= 25.5).
         super().__init__(
             root, requestFactory=ProxyRequest, reactor=reactor, parsePOSTFormSubmission=False
@@ -260,6 +388,9 @@ class ProxySite(server.Site):
         self.max_body_bytes = max_body_bytes
         self.on_request: Callable[[server.Request], None] | None = None
         self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self.body_budget = BodyBudget(max_buffered_bytes)
+        self.connections = ConnectionCounts(max_connections_per_client, unlimited_peers)
 
     # Twisted types HTTPFactory.protocol as a factory of its private channel wrapper, which is what
     # this returns (``twistedinternals.channel_protocol``), under the public name of what it is.

@@ -5,7 +5,13 @@ from __future__ import annotations
 from blyanproxy.upstream.bodies import BodyTooLarge, read_capped
 from blyanproxy.upstream.client import BodyReceiver, UpstreamConnection, UpstreamPool, connect_quietly
 from blyanproxy.upstream.endpoints import NodeEndpoints, NodeTLSPolicy, load_trust_root
-from blyanproxy.upstream.http11 import ProtocolError, body_framing, parse_head, serialize_request_head
+from blyanproxy.upstream.http11 import (
+    ProtocolError,
+    body_framing,
+    parse_head,
+    serialize_request_head,
+    serialize_response_head,
+)
 from blyanproxy.upstream.sweeper import UpstreamPoolService
 from blyanproxy.upstream.writethrough import write_through
 
@@ -24,5 +30,6 @@ __all__ = [
     "parse_head",
     "read_capped",
     "serialize_request_head",
+    "serialize_response_head",
     "write_through",
 ]

@@ -6,7 +6,9 @@ and body, a response head parsed once into raw header pairs, and body bytes
 handed straight to a ``BodyReceiver`` without Deferreds on the way. Framing
 follows RFC 9112 (no body for HEAD, 1xx, 204 and 304; chunked; Content-Length;
 or until the connection closes). A connection goes back to the pool only after
-a complete, well-framed response that did not ask to close.
+a complete, well-framed response that did not ask to close; a ``101`` (this
+client never asks for an upgrade) fails the request as a ``ProtocolError`` and
+drops the connection.
 """
 
 from __future__ import annotations
@@ -143,7 +145,8 @@ class UpstreamConnection(Protocol):
             self._link.writeSequence((head, body))
 
     def pass_chunks_raw(self) -> None:
-        """Deliver a chunked body with its chunk framing, as received (called on seeing the head)."""
+        """Deliver a chunked body with its chunk framing, chunk for chunk as received but without
+        chunk extensions or trailers (called on seeing the head; see ``ChunkedBody``)."""
         self._raw_chunks = True
 
     def deliver_body(self, receiver: BodySink) -> None:
@@ -217,7 +220,11 @@ class UpstreamConnection(Protocol):
             head, rest = self._head[:end], self._head[end + 4:]
             try:
                 status, reason, headers = parse_head(head)
-                if 100 <= status < 200 and status != 101:
+                if status == 101:
+                    # Never asked for (no upgrade is sent on this client): the connection would
+                    # become a tunnel to the node, so it is a bad answer and the connection goes.
+                    raise ProtocolError("101 Switching Protocols to a request that asked for no upgrade")
+                if 100 <= status < 200:
                     self._head = rest  # an interim answer such as 100 Continue: skip it
                     continue
                 version = head[:8]
@@ -261,16 +268,15 @@ class UpstreamConnection(Protocol):
             receiver.body_data(data)
         elif framing == "chunked":
             chunks = cast(ChunkedBody, self._chunks)  # set with the chunked framing
-            pieces: list[bytes] | None = None if self._raw_chunks else []
+            pieces: list[bytes] = []
             try:
-                end = chunks.feed(data, pieces)
+                end = chunks.feed(data, pieces, framed=self._raw_chunks)
             except ProtocolError as exc:
                 self._broke(receiver, f"malformed chunked body: {exc}")
                 return
-            if pieces is None:
-                raw = data if end == -1 else data[:end]
-                if raw:
-                    receiver.body_data(raw)
+            if self._raw_chunks:
+                if pieces:
+                    receiver.body_data(b"".join(pieces))
             else:
                 for piece in pieces:
                     if self._receiver is None:

@@ -21,14 +21,23 @@ class ProtocolError(Exception):
     """The node's answer cannot be parsed as HTTP/1.1."""
 
 
-def serialize_request_head(method: bytes, target: bytes, headers: RawHeaders) -> bytes:
-    """The raw bytes of an HTTP/1.1 request head (values must already be free of CR and LF)."""
-    lines = [method + b" " + target + b" HTTP/1.1"]
+def _serialize_head(first_line: bytes, headers: RawHeaders) -> bytes:
+    lines = [first_line]
     for name, values in headers:
         for value in values:
             lines.append(name + b": " + value)
     lines.append(b"\r\n")
     return b"\r\n".join(lines)
+
+
+def serialize_request_head(method: bytes, target: bytes, headers: RawHeaders) -> bytes:
+    """The raw bytes of an HTTP/1.1 request head (values must already be free of CR and LF)."""
+    return _serialize_head(method + b" " + target + b" HTTP/1.1", headers)
+
+
+def serialize_response_head(status: int, reason: bytes, headers: RawHeaders) -> bytes:
+    """The raw bytes of an HTTP/1.1 response head (values must already be free of CR and LF)."""
+    return _serialize_head(b"HTTP/1.1 %d %s" % (status, reason), headers)
 
 
 def parse_head(head: bytes) -> tuple[int, bytes, RawHeaders]:
@@ -99,10 +108,12 @@ class ChunkedBody:
     """Follows the framing of a chunked body as its bytes arrive.
 
     ``feed(data, pieces)`` returns the index in ``data`` just past the end of
-    the body, or -1 while it goes on; with a list for ``pieces`` it also
-    collects the chunk data (decoding), without one it only finds the end, so
-    the raw bytes can be passed on as they are. Malformed framing raises
-    ``ProtocolError``.
+    the body, or -1 while it goes on, and appends the chunk data to
+    ``pieces`` (decoding). With ``framed`` it appends the body re-framed
+    instead, to be passed on chunk for chunk: each size line as its bare hex
+    digits (a node's chunk extensions are dropped) and the last chunk without
+    trailers, so nothing a node puts there reaches a client unchecked.
+    Malformed framing raises ``ProtocolError``.
     """
 
     def __init__(self) -> None:
@@ -116,18 +127,18 @@ class ChunkedBody:
         """True between chunks, where a whole new chunk may be inserted."""
         return self._state == 0 and not self._line
 
-    def feed(self, data: bytes, pieces: list | None = None) -> int:
+    def feed(self, data: bytes, pieces: list[bytes], framed: bool = False) -> int:
+        """Take the next bytes of the body (see the class docstring)."""
         i, n = 0, len(data)
         while i < n:
             state = self._state
             if state == 2 and not self._crlf_seen and data[i:i + 2] == b"\r\n":
                 i += 2  # the usual case: the whole CRLF after a chunk's data
-                self._state = 0
+                self._chunk_done(pieces, framed)
                 continue
             if state == 1:
                 take = min(self._remaining, n - i)
-                if pieces is not None:
-                    pieces.append(data[i:i + take])
+                pieces.append(data[i:i + take])
                 i += take
                 self._remaining -= take
                 if not self._remaining:
@@ -138,7 +149,7 @@ class ChunkedBody:
                 i += 1
                 self._crlf_seen += 1
                 if self._crlf_seen == 2:
-                    self._state = 0
+                    self._chunk_done(pieces, framed)
             else:
                 newline = data.find(b"\n", i)
                 if newline == -1:
@@ -153,11 +164,20 @@ class ChunkedBody:
                     raise ProtocolError("malformed chunk line")
                 if state == 3:
                     if len(line) == 2:
+                        if framed:
+                            pieces.append(b"\r\n")
                         return i  # the blank line after the last chunk and its trailers
-                    continue
+                    continue  # a trailer: never passed on
                 size = line[:-2].split(b";", 1)[0].strip()
                 if not _HEX_SIZE.match(size):
                     raise ProtocolError("malformed chunk size")
+                if framed:
+                    pieces.append(size + b"\r\n")
                 self._remaining = int(size, 16)
                 self._state = 1 if self._remaining else 3
         return -1
+
+    def _chunk_done(self, pieces: list[bytes], framed: bool) -> None:
+        self._state = 0
+        if framed:
+            pieces.append(b"\r\n")

@@ -72,3 +72,44 @@ def test_at_low_load_a_key_keeps_its_node_while_its_last_request_runs():
     for key in keys:
         loads = [1 if f"n{i}" == idle[key] else 0 for i in range(3)]
         assert choose_by_key(key, pool(3, loads), 1.25).node.id == idle[key]
+
+
+class QueryRequest:
+    """The request shape ``affinity_key`` reads, with only a target (no headers or cookies)."""
+
+    def __init__(self, uri):
+        self.uri = uri
+        self.received_cookies = {}
+
+    def getHeader(self, name):
+        return None
+
+
+def test_a_query_key_outside_latin_1_is_its_bytes():
+    source = parse_affinity_source("query:t")
+    assert affinity_key(source, QueryRequest(b"/x?t=%E2%80%A8")) == "\u2028".encode()
+    assert affinity_key(source, QueryRequest(b"/x?t=%FF%00")) == b"\xff\x00"  # not UTF-8: kept as bytes
+    assert affinity_key(source, QueryRequest(b"/x?t=a+b&t=c")) == b"a b"  # the first, form-decoded
+    assert affinity_key(source, QueryRequest(b"/x?t")) == b""  # present, empty
+    assert affinity_key(parse_affinity_source("query:\u00e9t\u00e9"), QueryRequest(b"/x?%C3%A9t%C3%A9=1")) == b"1"
+
+
+names = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=6)
+query_bytes = st.lists(st.one_of(st.sampled_from([b"&", b"=", b"+", b"%", b"%E2%80%A8", b"%FF", b"t", b"?"]),
+                                 st.binary(max_size=4)), max_size=10).map(b"".join)
+
+
+@given(st.sampled_from(["query", "header", "cookie"]), names, query_bytes)
+def test_affinity_key_is_total_bytes_in_bytes_out(kind, name, query):
+    request = QueryRequest(b"/x?" + query)
+    key = affinity_key(AffinitySource(kind, name), request)
+    assert key is None or isinstance(key, bytes)
+
+
+@given(names, st.binary(max_size=12))
+def test_a_query_key_round_trips_any_bytes(name, value):
+    from urllib.parse import quote_from_bytes
+
+    # The parameter is the first of its name: a later one of the same name (``a``) does not count.
+    target = b"/x?" + quote_from_bytes(name.encode()).encode() + b"=" + quote_from_bytes(value).encode() + b"&a=1"
+    assert affinity_key(AffinitySource("query", name), QueryRequest(target)) == value

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from blyanproxy.core.headers import (
     ClientFacts,
     downstream_response_headers,
+    unfit_request_headers,
     upstream_request_headers,
 )
 from blyanproxy.upstream.http11 import serialize_request_head
@@ -19,7 +20,7 @@ token = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01
 header_name = st.one_of(token, st.sampled_from(
     [b"Connection", b"connection", b"Host", b"HOST", b"Transfer-Encoding", b"Content-Length", b"Proxy-Authorization",
      b"proxy-connection", b"X-Forwarded-For", b"X-Forwarded-Host", b"Forwarded", b"X-Real-IP", b"Upgrade", b"TE",
-     b"Keep-Alive", b"X-Blyan-Node", b"X-Evil", b"Trailer"]))
+     b"Keep-Alive", b"X-Blyan-Node", b"X-Evil", b"Trailer", b"X-Admin-Token", b"X_Forwarded_For", b"x_real_ip"]))
 #: Values as Twisted hands them over: no CR, LF or NUL, trimmed.
 header_value = st.one_of(
     st.binary(max_size=12).map(lambda v: v.replace(b"\r", b"").replace(b"\n", b"").replace(b"\x00", b"").strip()),
@@ -50,6 +51,8 @@ def test_upstream_headers_carry_only_what_the_proxy_intends(incoming, facts, tru
             continue
         assert lowered not in HOP and not lowered.startswith(b"proxy-")
         assert lowered not in connection_listed or lowered in FORWARDING
+    assert b"x-admin-token" not in names and not any(b"_" in name for name in names)
+    assert not unfit_request_headers(out)
     assert names.count(b"x-forwarded-for") == 1 and names.count(b"x-forwarded-proto") == 1
     assert names.count(b"x-forwarded-host") <= 1
     forwarded_for = dict(out)[b"X-Forwarded-For"][0]
@@ -59,8 +62,10 @@ def test_upstream_headers_carry_only_what_the_proxy_intends(incoming, facts, tru
         assert not ({b"forwarded", b"x-real-ip"} & set(names))
         assert dict(out)[b"X-Forwarded-Proto"] == [facts.scheme]
     # Every end-to-end header the client sent arrives, values and order kept.
-    dropped = HOP | connection_listed | FORWARDING | ({b"origin"} if strip_origin else set())
-    kept = [(n, vs) for n, vs in incoming if n.lower() not in dropped and not n.lower().startswith(b"proxy-")]
+    dropped = HOP | connection_listed | FORWARDING | {b"x-admin-token"} | ({b"origin"} if strip_origin else set())
+    dropped |= {name.lower() for name in unfit_request_headers(incoming)}
+    kept = [(n, vs) for n, vs in incoming
+            if n.lower() not in dropped and not n.lower().startswith(b"proxy-") and b"_" not in n]
     assert [pair for pair in out if pair[0].lower() not in FORWARDING | {b"host", b"connection", b"upgrade"}] == [
         pair for pair in kept if pair[0].lower() not in {b"connection", b"upgrade"}]
     # Serialised, it is one request head: a blank line only at its end.

@@ -11,7 +11,8 @@ from blyanproxy.core.routing import parse_route, route_allows, take_node_paramet
 targets = st.lists(
     st.one_of(
         st.sampled_from([b"/", b"//", b"/api", b"api", b"?", b"&", b"=", b"%61pi", b"%2F", b"http://", b"https://",
-                         b"evil.example.com", b":80", b"@", b"#", b"_admin", b"target=", b"api=", b"+", b"%", b"\\"]),
+                         b"evil.example.com", b":80", b"@", b"#", b"_admin", b"target=", b"api=", b"+", b"%", b"\\",
+                         b"%5F", b"%5f", b"_ADMIN", b";", b"%20", b"%2e", b".", b"..", b"%25", b"tags/all/", b"0/"]),
         st.binary(max_size=4),
     ),
     max_size=12,
@@ -77,3 +78,64 @@ def test_a_node_choice_matches_only_an_exact_id_or_name(value):
         return
     allowed = [node for node in NODES if route_allows(route, node)]
     assert allowed == [node for node in NODES if value in (node.id, node.name)]
+
+
+def _spelled(text: bytes, draw) -> bytes:
+    """``text`` as a client may spell it: each character in either case, perhaps percent-encoded
+    once or twice (``%5F``, ``%255f``)."""
+    out = b""
+    for byte in text:
+        char = bytes([byte])
+        char = draw(st.sampled_from([char.lower(), char.upper()]))
+        encoding = draw(st.integers(0, 2))
+        if encoding:
+            char = b"%%%02X" % byte if draw(st.booleans()) else b"%%%02x" % byte
+            if encoding == 2:
+                char = b"%25" + char[1:]
+        out += char
+    return out
+
+
+@st.composite
+def admin_spellings(draw):
+    """A target whose path names /_admin behind /api, a tag, an index or an absolute form."""
+    prefix = draw(st.sampled_from([b"/", b"//", b"/api/", b"/api//", b"/0/", b"/12/", b"/tags/all/", b"/tags/gpu/",
+                                   b"/tags/all/api/", b"http://x/", b"http://x/api/", b"https://x:1/0/"]))
+    if b"api/" in prefix and draw(st.booleans()):
+        prefix = prefix.replace(b"api", _spelled(b"api", draw))
+    segment = _spelled(b"_admin", draw)
+    segment += draw(st.sampled_from([b"", b";", b";x=1", b"%20", b"%09", b"%00", b"%3Bx"]))
+    rest = draw(st.sampled_from([b"", b"/", b"/nodes", b"/status?x=1", b"?a=b", b"%2Fnodes"]))
+    return prefix + segment + rest
+
+
+@settings(max_examples=500)
+@given(admin_spellings())
+def test_no_spelling_of_the_admin_path_is_forwarded(target):
+    with pytest.raises(ProxyError) as raised:
+        parse_route(target)
+    assert raised.value.status == 404, target
+
+
+@st.composite
+def dot_segment_paths(draw):
+    """A path with a ``.`` or ``..`` segment (or a backslash), raw or encoded, somewhere in it."""
+    bad = draw(st.sampled_from([b".", b"..", b"\\"]))
+    spelled = b"".join(
+        bytes([byte]) if not draw(st.booleans()) else draw(st.sampled_from([b"%%%02X" % byte, b"%%25%02x" % byte]))
+        for byte in bad)
+    if bad != b"\\":
+        spelled += draw(st.sampled_from([b"", b";", b";x"]))
+    before = draw(st.lists(st.sampled_from([b"v1", b"api", b"tags", b"all", b"0", b"x%2Fy"]), max_size=3))
+    after = draw(st.lists(st.sampled_from([b"models", b"_admin", b"status"]), max_size=2))
+    slash = draw(st.sampled_from([b"/", b"%2F", b"%2f"])) if before else b"/"
+    path = b"/" + b"/".join(before) + (slash if before else b"") + spelled
+    return path + b"".join(b"/" + segment for segment in after) + draw(st.sampled_from([b"", b"?q=1"]))
+
+
+@settings(max_examples=500)
+@given(dot_segment_paths())
+def test_dot_segments_and_backslashes_are_refused_in_any_spelling(target):
+    with pytest.raises(ProxyError) as raised:
+        parse_route(target)
+    assert raised.value.status == 400, target

@@ -103,3 +103,34 @@ def test_no_hop_by_hop_header_ever_leaves(incoming):
         assert name not in out
     assert not any(name.startswith(b"proxy-") for name in out)
     assert out[b"host"] == [b"node"]
+
+
+def test_the_admin_token_and_underscore_spellings_never_reach_a_node():
+    incoming = [
+        (b"X-Admin-Token", [b"t" * 32]),
+        (b"X_forwarded_for", [b"6.6.6.6"]),  # WSGI servers read it as X-Forwarded-For
+        (b"X_Real_IP", [b"6.6.6.6"]),
+        (b"Content_Type", [b"text/plain"]),
+        (b"X-Kept", [b"1"]),
+    ]
+    out = as_dict(upstream_request_headers(incoming, b"node:8000", CLIENT, trust_forwarded=True))
+    assert b"x-admin-token" not in out
+    assert not [name for name in out if b"_" in name]
+    assert out[b"x-kept"] == [b"1"]
+    assert out[b"x-forwarded-for"] == [b"203.0.113.7"]
+
+
+def test_a_header_with_a_control_character_never_reaches_a_node():
+    for control in (b"\x0b", b"\x0c", b"\x1b", b"\x7f", b"\x01"):
+        incoming = [(b"X-Evil", [b"a" + control + b"b"]), (b"X-Split", [b"ok", b"x" + control]), (b"X-Ok", [b"a\tb"])]
+        out = as_dict(upstream_request_headers(incoming, b"node:8000", CLIENT))
+        assert b"x-evil" not in out and b"x-split" not in out
+        assert out[b"x-ok"] == [b"a\tb"]  # a tab is allowed inside a value
+
+
+def test_headers_unfit_for_a_node_are_named():
+    from blyanproxy.core.headers import unfit_request_headers
+
+    assert unfit_request_headers([(b"X-A", [b"1"]), (b"X-B", [b"\x1b[31m"]), (b"X-C", [b"ok", b"\x7f"])]) == [
+        b"X-B", b"X-C"]
+    assert unfit_request_headers([(b"X-A", [b"caf\xc3\xa9\t1"])]) == []

@@ -129,3 +129,30 @@ def test_the_api_prefix_is_kept_for_ollama_nodes_only():
     tagged = parse_route(b"/tags/gpu/api/generate")
     assert route_target(tagged, "blyan") == b"/api/generate" and names_model(tagged, b"POST")
     assert not names_model(parse_route(b"/v1/models"), b"POST")
+
+
+@pytest.mark.parametrize("target", [
+    b"/api/%5Fadmin/nodes", b"/0/%5Fadmin/nodes", b"/tags/all/%5fadmin/x", b"/api/_ADMIN/nodes",
+    b"http://x/%5Fadmin/status", b"/_ADMIN/nodes", b"/_Admin", b"/_admin;/status", b"/_admin%20/status",
+    b"/_admin%09/status", b"/_admin;x=1", b"/api/%255Fadmin/nodes", b"/_admin%2Fstatus", b"//_admin/nodes",
+    b"/api//_admin/nodes", b"/%41PI/_admin/nodes", b"/api;x/_admin", b"/tags/all/API/%5FADMIN",
+])
+def test_every_spelling_of_the_admin_segment_is_refused(target):
+    with pytest.raises(ProxyError) as raised:
+        parse_route(target)
+    assert (raised.value.status, raised.value.code) == (404, "not_found")
+
+
+@pytest.mark.parametrize("target", [
+    b"/_admin/..%2Fstatus", b"/x/../_admin", b"/x/./y", b"/x/%2e%2E/y", b"/x/%2e", b"/..", b"/x/..;/y",
+    b"/_admin\\status", b"/x%5Cy", b"/x/%255C", b"http://h/a/../b", b"/tags/t/%2E%2E/x", b"/x/..?q=1",
+])
+def test_dot_segments_and_backslashes_are_400_raw_or_encoded(target):
+    with pytest.raises(ProxyError) as raised:
+        parse_route(target)
+    assert (raised.value.status, raised.value.code) == (400, "bad_request_target")
+
+
+@pytest.mark.parametrize("target", [b"/x/...", b"/x/.y", b"/x/y.", b"/v1/a..b", b"/x?p=../y", b"/x?p=a\\b"])
+def test_dots_that_are_not_dot_segments_pass(target):
+    assert parse_route(target).upstream_target == target

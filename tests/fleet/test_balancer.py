@@ -394,3 +394,17 @@ def test_no_debug_line_is_built_at_info():
     finally:
         globalLogPublisher.removeObserver(seen.append)
     assert not [event for event in seen if event.get("log_namespace") == "blyanproxy.balancer"]
+
+
+def test_an_ejection_tells_whoever_watches_the_node_once():
+    _, registry, balancer = fleet(node(1), node(2))
+    told = []
+    stop = registry.stats("n1").watch_out(told.append)
+    balancer.acquire(route(), NONE).failed("reset")
+    assert told == []  # one failure does not eject
+    balancer.acquire(route(), NONE).failed("refused")
+    assert told == ["ejected"]
+    stop()
+    registry.stats("n1").health = after_probe(registry.stats("n1").health, True, 100.0, RULES)
+    balancer.acquire(route(), NONE)  # (the cooldown is not over: n2)
+    assert told == ["ejected"]

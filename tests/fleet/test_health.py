@@ -187,3 +187,20 @@ def test_a_node_moved_to_another_url_is_probed_at_once():
     assert [url for url, _ in http.calls] == ["http://10.0.0.99:8000/health"]
     http.answer_all(200)
     health.stopService()
+
+
+def test_a_node_going_down_tells_whoever_watches_it():
+    clock, http, registry, health = monitor()
+    told = []
+    registry.stats("n0").watch_out(told.append)
+    health.startService()
+    http.answer_all(200)
+    for _ in range(3):
+        clock.advance(5)
+        assert told == []
+        http.answer_all(503)
+    assert states(registry) == [DOWN, DOWN] and told == ["down"]
+    clock.advance(5)
+    http.answer_all(503)
+    assert told == ["down"]  # already down: not told again
+    health.stopService()

@@ -30,9 +30,13 @@ class Owner:
         self.errors = []
         self.failed_attempts = []
         self.events = []  # the attempt events, in order
+        self.abandoned = []
 
     def try_node(self, lease, fresh):
         self.tries.append((lease.node.name, fresh))
+
+    def abandon(self):
+        self.abandoned.append(self.tries[-1][0])
 
     def give_up(self, err):
         self.errors.append((err.status, err.code))
@@ -59,7 +63,7 @@ def failover(count=2, **rules):
     rules = AttemptRules(**{"max_attempts": 3, "retry_delay": 0.0, "retry_on_status": frozenset({503}),
                             "health_interval": 5.0, **rules})
     machine = Failover(Attempts(rules), balancer, parse_route(b"/v1/models"), clock, owner,
-                       owner.try_node, owner.give_up)
+                       owner.try_node, owner.give_up, owner.abandon)
     return machine, owner, registry, clock
 
 
@@ -209,3 +213,32 @@ def test_each_attempt_is_reported_when_it_starts_and_when_it_fails_in_order():
         ("started", "n1", 2), ("failed", "n1", "status_503"),
         ("started", "n2", 3),
     ]
+
+
+def test_an_attempt_whose_node_goes_out_is_abandoned_and_failed_over():
+    machine, owner, registry, _ = failover()
+    machine.start()
+    assert owner.tries == [("n0", False)]
+    registry.stats("id0").taken_out("down")
+    assert owner.abandoned == ["n0"] and owner.tries == [("n0", False), ("n1", False)]
+    assert owner.failed_attempts == [("n0", "node_out")] and in_flight(registry) == [0, 1]
+    registry.stats("id0").taken_out("down")  # the new attempt watches its own node only
+    assert owner.abandoned == ["n0"]
+    assert machine.answered(200)
+    registry.stats("id1").taken_out("ejected")  # answered: nothing is abandoned any more
+    assert owner.abandoned == ["n0"] and owner.errors == []
+
+
+def test_with_no_other_node_an_abandoned_attempt_is_the_answer():
+    machine, owner, registry, _ = failover(count=1)
+    machine.start()
+    registry.stats("id0").taken_out("ejected")
+    assert owner.errors == [(502, "upstream_failed")] and in_flight(registry) == [0]
+
+
+def test_a_cancelled_failover_no_longer_watches():
+    machine, owner, registry, _ = failover()
+    machine.start()
+    machine.cancel()
+    registry.stats("id0").taken_out("down")
+    assert owner.abandoned == [] and owner.tries == [("n0", False)]

@@ -171,3 +171,47 @@ def test_websocket_connect_timeout_tries_the_next_node_once():
     request.processingFailed(Failure(error.ConnectionLost("client gone")))
     assert registry.stats(second.id).in_flight == 0
     assert registry.stats(second.id).failures == 0
+
+
+def test_an_attempt_waiting_on_a_node_that_is_ejected_fails_over_at_once():
+    reactor = MemoryReactorClock()
+    root, registry = proxy_on(reactor, "http://10.1.1.1:8000", "http://10.1.1.2:8001", proxy_timeout=600.0)
+    waiting = render(root, Request(b"/v1/chat/completions", b"POST", b"{}"))
+    _, transport = connect(reactor, 0)
+    assert transport.value().startswith(b"POST /v1/chat/completions HTTP/1.1")  # sent; the node says nothing
+    connecting = render(root, Request(b"/v1/models"))  # another request, still connecting to the same node
+    assert [c[1] for c in reactor.tcpClients] == [8000, 8000]
+    other = render(root, Request(b"/v1/models"))
+    fail_connect(reactor, 2, error.ConnectionRefusedError())  # a third request's attempt ejects the node
+    assert transport.disconnected  # the waiting attempt's connection is dropped ...
+    assert [c[1] for c in reactor.tcpClients][3:] == [8001, 8001, 8001]  # ... and every attempt goes on
+    for index in (3, 4, 5):
+        protocol, _ = connect(reactor, index)
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    for request in (waiting, connecting, other):
+        assert request.code == 200 and request.written == [b"ok"]  # from the second node
+        assert request.responseHeaders.getRawHeaders(b"x-blyan-node") == [b"n1"]
+    first, second = registry.nodes()
+    assert registry.stats(first.id).in_flight == 0 and registry.stats(second.id).in_flight == 0
+    assert not any(call.active() for call in reactor.getDelayedCalls() if call.getTime() > 500)  # no PROXY_TIMEOUT left
+
+
+def test_a_websocket_handshake_waiting_on_a_node_that_goes_down_fails_over():
+    reactor = MemoryReactorClock()
+    root, registry = proxy_on(reactor, "http://10.1.1.1:8000", "http://10.1.1.2:8001", proxy_timeout=600.0)
+    request = Request(b"/ws")
+    request.clientproto = b"HTTP/1.1"
+    request.requestHeaders.setRawHeaders(b"upgrade", [b"websocket"])
+    request.requestHeaders.setRawHeaders(b"connection", [b"Upgrade"])
+    render(root, request)
+    _, transport = connect(reactor, 0)
+    assert transport.value().startswith(b"GET /ws HTTP/1.1")
+    other = render(root, Request(b"/v1/models"))
+    fail_connect(reactor, 1, error.ConnectionRefusedError())  # the node is ejected
+    assert transport.disconnected
+    assert [c[1] for c in reactor.tcpClients] == [8000, 8000, 8001, 8001]
+    first, second = registry.nodes()
+    assert registry.stats(first.id).in_flight == 0 and registry.stats(second.id).in_flight == 2
+    other.processingFailed(Failure(error.ConnectionLost("client gone")))
+    request.processingFailed(Failure(error.ConnectionLost("client gone")))
+    assert registry.stats(second.id).in_flight == 0

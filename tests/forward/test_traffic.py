@@ -5,6 +5,8 @@ import io
 
 import attrs
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -84,9 +86,29 @@ def test_the_access_line():
 
 
 def test_query_values_never_reach_the_line():
-    assert redacted_target(b"/v1/models?api_key=SECRET&x=1&flag") == "/v1/models?api_key=…&x=…&flag=…"
+    assert redacted_target(b"/v1/models?api_key=SECRET&x=1&=v") == "/v1/models?api_key=…&x=…&=…"
     assert redacted_target(b"/plain") == "/plain"
     assert "SECRET" not in access_line(record(target=b"/x?token=SECRET"))
+
+
+def test_a_parameter_without_a_name_is_redacted_whole():
+    # ``?sk-live-SECRET123`` has no ``=``: it is a bare value, as likely a key as a flag.
+    assert redacted_target(b"/v1/models?sk-live-SECRET123") == "/v1/models?…"
+    assert redacted_target(b"/x?a=1&sk-live-SECRET123&&b=2") == "/x?a=…&…&b=…"
+
+
+@pytest.mark.parametrize(("raw", "logged"), [
+    (b"%1B%5B31m", "\\x1b[31m"),  # ESC: no terminal escape reaches the log
+    (b"a%0D%0AX-Injected", "a\\x0d\\x0aX-Injected"),  # CR LF: no forged log line
+    (b"%E2%80%A8%E2%80%A9", "\\u2028\\u2029"),  # line and paragraph separators
+    (b"%E2%80%AE", "\\u202e"),  # a bidi override
+    (b"%7F%00%C2%85", "\\x7f\\x00\\x85"),
+    (b"%FF", "\\xff"),  # not UTF-8: the byte
+    (b"a+b%5C", "a\\x20b\\\\"),  # a space cannot split the line's fields; a backslash is doubled
+    (b"caf%C3%A9", "caf\u00e9"),  # printable text stays readable
+])
+def test_query_names_are_logged_decoded_but_escaped(raw, logged):
+    assert redacted_target(b"/x?" + raw + b"=v") == "/x?" + logged + "=…"
 
 
 def test_a_tally_becomes_one_record_when_it_ends(recorder, clock, ended):
@@ -304,3 +326,9 @@ def test_the_proxys_own_endpoints_are_not_watched(clock):
     recorder.watch(watcher)
     recorder.begin(request(b"/health"), own_endpoint=True).end(200, COMPLETE)
     assert watcher.heard == []
+
+
+@given(st.binary(max_size=60))
+def test_a_redacted_target_is_one_printable_field_for_any_query(query):
+    logged = redacted_target(b"/x?" + query)
+    assert all(char.isprintable() and char != " " for char in logged), logged

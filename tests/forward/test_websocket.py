@@ -19,7 +19,10 @@ from blyanproxy.tap import build_proxy
 
 UPGRADE = (b"GET /ws/echo HTTP/1.1\r\nHost: proxy\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+#: RFC 6455's own example: this key's accept value.
+ACCEPT = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+SWITCHING = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+             b"Sec-WebSocket-Accept: " + ACCEPT + b"\r\n\r\n")
 
 
 @attrs.define
@@ -245,3 +248,64 @@ def test_a_client_leaving_while_the_node_is_connecting_frees_the_node(access_lin
     assert proxy.stats(0).in_flight == 0 and proxy.stats(0).failures == 0
     assert " status=499 " in access_lines[-1] and " ended=client_gone request_id=" in access_lines[-1]
     assert not proxy.reactor.getDelayedCalls()
+
+
+def head_lines(answer):
+    return answer.partition(b"\r\n\r\n")[0].split(b"\r\n")
+
+
+def test_the_nodes_101_head_is_filtered_like_any_response_head():
+    proxy = proxy_on("http://10.1.1.1:8000")
+    _, client_transport = proxy.client()
+    node, _ = proxy.node(0)
+    node.dataReceived(b"HTTP/1.1 101 Whatever\r\nupgrade: WebSocket\r\nConnection: keep-alive, Upgrade, X-Hop\r\n"
+                      b"Sec-WebSocket-Accept: " + ACCEPT + b"\r\nSec-WebSocket-Protocol: chat\r\n"
+                      b"X-Blyan-Node: forged\r\nX-Blyan-Attempts: 9\r\nX-Hop: 1\r\nKeep-Alive: 5\r\n"
+                      b"Proxy-Agent: x\r\nSet-Cookie: a=1\r\n\r\nframe")
+    answer = client_transport.value()
+    lines = head_lines(answer)
+    assert lines[0] == b"HTTP/1.1 101 Switching Protocols"
+    assert [line for line in lines[1:] if line.startswith(b"X-Request-Id: ")]  # the proxy's id is on it
+    assert sorted(line for line in lines[1:] if not line.startswith(b"X-Request-Id: ")) == sorted([
+        b"Sec-WebSocket-Accept: " + ACCEPT, b"Sec-WebSocket-Protocol: chat", b"Set-Cookie: a=1",
+        b"Upgrade: websocket", b"Connection: Upgrade", b"X-Blyan-Node: n0"])
+    assert answer.endswith(b"\r\n\r\nframe")
+
+
+BAD_SWITCHES = {
+    "no accept": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    "wrong accept": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    b"Sec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n",
+    "two accepts": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   b"Sec-WebSocket-Accept: " + ACCEPT + b"\r\nSec-WebSocket-Accept: x\r\n\r\n",
+    "another protocol": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n"
+                        b"Sec-WebSocket-Accept: " + ACCEPT + b"\r\n\r\n",
+    "no upgrade": b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                  b"Sec-WebSocket-Accept: " + ACCEPT + b"\r\n\r\n",
+    "no connection": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     b"Sec-WebSocket-Accept: " + ACCEPT + b"\r\n\r\n",
+}
+
+
+def test_a_101_that_is_not_a_websocket_handshake_for_this_key_is_502(access_lines):
+    for why, answer in BAD_SWITCHES.items():
+        proxy = proxy_on("http://10.1.1.1:8000")
+        client, client_transport = proxy.client()
+        node, node_transport = proxy.node(0)
+        node.dataReceived(answer + b"tunnelled bytes")
+        assert client_transport.value().startswith(b"HTTP/1.1 502 "), why
+        assert b"tunnelled" not in client_transport.value(), why
+        assert node_transport.disconnected, why
+        assert proxy.stats(0).last_failure == "bad_handshake" and proxy.stats(0).in_flight == 0, why
+        assert " status=502 " in access_lines[-1], why
+        client.dataReceived(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b"GET /next" not in node_transport.value(), why  # the client's bytes never reach the node raw
+        assert len(proxy.reactor.tcpClients) == 2, why  # the next request is an HTTP request of its own
+
+
+def test_a_client_upgrade_without_a_key_cannot_be_spliced():
+    proxy = proxy_on("http://10.1.1.1:8000")
+    _, client_transport = proxy.client(UPGRADE.replace(b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", b""))
+    node, _ = proxy.node(0)
+    node.dataReceived(SWITCHING)
+    assert client_transport.value().startswith(b"HTTP/1.1 502 ")

@@ -10,6 +10,7 @@ from twisted.internet.interfaces import IListeningPort, IReactorTime
 from blyanproxy.devnode import DevNode, DevNodeConfig, listen_devnode
 
 from .capture import capture_node  # noqa: F401  (a fixture: nodes that record their raw bytes)
+from .rawnode import raw_node  # noqa: F401  (a fixture: nodes that answer bytes a test chooses)
 
 STOP_TIMEOUT = 5.0
 """Seconds the devnode_factory teardown waits for its nodes to stop."""

@@ -242,3 +242,49 @@ async def test_a_full_disk_refuses_admin_changes_in_a_real_process(reactor, devn
             transport.signalProcess(signal.SIGTERM)
         await process.ended.addTimeout(30, reactor)
     assert b"could not save the fleet" in process.output and b"Traceback" not in process.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_waiting_on_a_frozen_node_fail_over_once_health_marks_it_down(
+        reactor, devnode_factory, proxy_factory):
+    # A devnode in a process of its own, frozen with SIGSTOP: it still accepts connections (the
+    # kernel does) and never answers. PROXY_TIMEOUT stays at its 600 s default.
+    port = free_port()
+    argv = TWISTD + ["--pidfile=", "blyan-devnode", "--port", f"tcp:{port}:interface=127.0.0.1", "--name", "frozen",
+                     "--ttft-ms", "0"]
+    process = ProcessCapture()
+    transport = reactor.spawnProcess(process, argv[0], argv, env=dict(os.environ))
+    frozen_url = f"http://127.0.0.1:{port}"
+    spare = devnode_factory(name="spare", tokens_per_second=500.0, ttft_ms=0.0)
+    frozen = False
+    try:
+        for _ in range(300):
+            try:
+                await treq.get(frozen_url + "/health", timeout=5)
+                break
+            except ConnectionRefusedError:
+                await sleep(reactor, 0.1)
+        proxy = await proxy_factory([frozen_url, spare.url], selection_policy="active-first", health_checks=True,
+                                    health_interval=0.3, health_timeout=0.3, health_fall=2, health_rise=1)
+        frozen_id, spare_id = (node.id for node in proxy.registry.nodes())
+        await eventually(reactor, lambda: proxy.registry.stats(frozen_id).health.state == "up")
+        os.kill(transport.pid, signal.SIGSTOP)
+        frozen = True
+        clients = [await connect(reactor, proxy.url) for _ in range(4)]
+        for client in clients:  # sent at once: the frozen node is still the active one
+            client.transport.write(chat_request(max_tokens=3))
+        for client in clients:
+            received = await client.wait_for(b"data: [DONE]", timeout=20)
+            head = head_of(received)
+            assert head.startswith(b"HTTP/1.1 200") and b"X-Blyan-Node: node1" in head, head
+            assert b"X-Blyan-Attempts: 2" in head  # the frozen node's attempt, abandoned; then the spare's
+            client.transport.loseConnection()
+        assert proxy.registry.stats(frozen_id).health.state == "down"
+        assert proxy.registry.stats(spare_id).failures == 0
+        await eventually(reactor, lambda: in_flight(proxy) == 0)
+    finally:
+        if frozen:
+            os.kill(transport.pid, signal.SIGCONT)
+        if not process.ended.called:
+            os.kill(transport.pid, signal.SIGTERM)
+        await process.ended.addTimeout(30, reactor)

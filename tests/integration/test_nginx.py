@@ -289,3 +289,16 @@ def test_nginx_lets_idle_connections_go_before_the_proxy_closes_them():
     https = re.search(r"^server \{\n\s+listen @HTTPS_LISTEN@.*?^\}", site, re.M | re.S).group(0)
     assert _seconds(_directive(upstream, "keepalive_timeout")) < head_deadline
     assert _seconds(_directive(https, "keepalive_timeout")) < head_deadline
+
+
+@pytest.mark.parametrize("target", [
+    b"/_admin;/status", b"/_admin%20/status", b"/_admin\\status", b"/_admin/..%2Fstatus", b"/_admin%2Fstatus",
+    b"/api/_ADMIN%3B/nodes",
+])
+@pytest_twisted.ensureDeferred
+async def test_admin_spellings_nginx_lets_by_are_refused_by_the_proxy(stack, target):
+    node, proxy, nginx = await stack()
+    status, head, body = await nginx.fetch(target, source=OUTSIDER, headers=f"X-Admin-Token: {TOKEN}\r\n".encode())
+    assert status in (400, 403, 404), (status, body)
+    assert b'"nodes"' not in body and b'"policy"' not in body  # never the admin app's answer
+    assert node.node.stats.by_path == {}  # and never the node

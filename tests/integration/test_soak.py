@@ -101,6 +101,7 @@ async def test_two_thousand_streams_with_admin_changes_and_a_node_failure(reacto
         proxy_port = free_port()
         proxy_env = dict(env, ADMIN_TOKEN=TOKEN, STATE_FILE=str(tmp_path / "state.json"), ACCESS_LOG="false",
                          POOL_IDLE_TIMEOUT_MS="1000", HEALTH_INTERVAL_MS="1000",
+                         MAX_CONNECTIONS_PER_CLIENT="0",  # every stream comes from this one address
                          LISTEN=f"tcp:{proxy_port}:interface=127.0.0.1:backlog=4096",
                          SELECTION_POLICY="least-inflight",
                          **{f"NODE_{i}": f"soak-{i}|http://127.0.0.1:{port}" for i, port in enumerate(node_ports)})

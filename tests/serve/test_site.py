@@ -5,6 +5,7 @@ import json
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
 from blyanproxy.forward import TrafficRecorder
@@ -104,3 +105,146 @@ def test_a_head_too_slow_is_408_in_the_shape_of_the_path_it_named():
     assert json.loads(body_of(response)) == {
         "error": {"message": "the request head did not arrive in time", "type": "invalid_request_error",
                   "param": None, "code": "request_timeout"}, "request_id": "slow-1"}
+
+
+def test_transfer_encoding_identity_without_a_body_gets_the_json_400():
+    # Twisted reads "identity" as no body at all and completes the request at once: the refusal's
+    # stand-in body must behave like a file there (it once had no ``tell``, and the client got nothing).
+    response = exchange(site_with(), b"POST /v1/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\n\r\n")
+    assert response.startswith(b"HTTP/1.1 400 ")
+    assert code_of(response) == "malformed_request"
+
+
+def test_a_header_value_with_a_control_character_gets_the_json_400():
+    for control in (b"\x0b", b"\x0c", b"\x1b", b"\x7f", b"\x01"):
+        response = exchange(site_with(), b"GET /v1/x HTTP/1.1\r\nHost: x\r\nX-A: a" + control + b"b\r\n\r\n")
+        assert response.startswith(b"HTTP/1.1 400 "), control
+        assert code_of(response) == "malformed_request"
+        assert b"forwarder" not in response
+
+
+def test_a_dot_segment_never_reaches_the_proxys_own_endpoints():
+    # nginx resolves /_admin/..%2Fstatus to /status and lets it by; twisted.web would hand it to
+    # the admin app. It goes to the forwarder instead, whose route check refuses it (400).
+    site = site_with()
+    get = b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    for target in (b"/_admin/..%2Fstatus", b"/_admin/%2e%2e/nodes", b"/_admin/./nodes", b"/_admin/x%5C..%5Cstatus"):
+        assert body_of(exchange(site, get % target)) == b"forwarder", target
+    assert body_of(exchange(site, get % b"/_admin/nodes")) == b"admin"
+    assert body_of(exchange(site, get % b"/%5Fadmin/nodes")) == b"admin"  # as nginx reads it: its allow-list applies
+
+
+def code_of(response):
+    """The error code of a JSON refusal, in the plain shape or OpenAI's (``/v1`` paths)."""
+    body = json.loads(body_of(response))
+    return body["error"]["code"] if isinstance(body["error"], dict) else body["code"]
+
+
+def limited_site(clock, **limits):
+    root = RootResource(Answer("forwarder"), prefixes={}, exact={})
+    return ProxySite(root, max_body_bytes=limits.pop("max_body_bytes", 1000), reactor=clock, **limits)
+
+
+def connect(site, host="192.0.2.7", port=50000):
+    protocol = site.buildProtocol(IPv4Address("TCP", host, port))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_a_body_slower_than_the_body_deadline_gets_408_and_the_connection_closes():
+    clock = Clock()
+    site = limited_site(clock, body_timeout=2.0)
+    protocol, transport = connect(site)
+    protocol.dataReceived(b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+    for _ in range(19):  # a byte every 0.1 s: never idle, never done
+        clock.advance(0.1)
+        protocol.dataReceived(b"d")
+    assert transport.value() == b"" and not transport.disconnecting
+    clock.advance(0.2)
+    response = transport.value()
+    assert response.startswith(b"HTTP/1.1 408 ") and transport.disconnecting
+    assert code_of(response) == "request_timeout"
+    assert b"forwarder" not in response
+
+
+def test_a_body_within_the_deadline_is_served_and_the_deadline_ends_with_it():
+    clock = Clock()
+    site = limited_site(clock, body_timeout=2.0)
+    protocol, transport = connect(site)
+    protocol.dataReceived(b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nab")
+    clock.advance(1.5)
+    protocol.dataReceived(b"cd")
+    assert body_of(transport.value()) == b"forwarder"
+    clock.advance(5.0)
+    assert b"408" not in transport.value() and not transport.disconnecting
+    # A chunked body has the same deadline.
+    transport.clear()
+    protocol.dataReceived(b"POST /v1/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n")
+    clock.advance(2.1)
+    assert transport.value().startswith(b"HTTP/1.1 408 ")
+
+
+def test_request_bodies_held_at_once_are_capped_and_released_when_requests_end():
+    clock = Clock()
+    site = limited_site(clock, max_buffered_bytes=100)
+    first, first_transport = connect(site, port=1)
+    first.dataReceived(b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 60\r\n\r\n" + b"a" * 30)
+    second, second_transport = connect(site, port=2)
+    second.dataReceived(b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 60\r\n\r\n")
+    response = second_transport.value()
+    assert response.startswith(b"HTTP/1.1 503 ") and second_transport.disconnecting
+    assert code_of(response) == "proxy_busy"
+    # A chunked body is counted as it arrives, and refused the moment it passes the cap.
+    third, third_transport = connect(site, port=3)
+    third.dataReceived(b"POST /v1/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"14\r\n" + b"c" * 20 + b"\r\n")
+    assert third_transport.value() == b""
+    third.dataReceived(b"1e\r\n" + b"c" * 30 + b"\r\n")
+    assert third_transport.value().startswith(b"HTTP/1.1 503 ")
+    # The first ends (answered): what it held is free again.
+    first.dataReceived(b"a" * 30)
+    assert body_of(first_transport.value()) == b"forwarder"
+    fourth, fourth_transport = connect(site, port=4)
+    fourth.dataReceived(b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 90\r\n\r\n" + b"d" * 90)
+    assert body_of(fourth_transport.value()) == b"forwarder"
+
+
+def test_a_body_left_unfinished_by_a_vanished_client_is_released():
+    from twisted.internet.error import ConnectionLost
+
+    clock = Clock()
+    site = limited_site(clock, max_buffered_bytes=100)
+    first, _ = connect(site, port=1)
+    first.dataReceived(b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 90\r\n\r\nabc")
+    first.connectionLost(Failure(ConnectionLost()))
+    second, second_transport = connect(site, port=2)
+    second.dataReceived(b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 90\r\n\r\n" + b"d" * 90)
+    assert body_of(second_transport.value()) == b"forwarder"
+
+
+def test_connections_per_client_address_are_capped():
+    from twisted.internet.error import ConnectionDone
+
+    from blyanproxy.core import parse_forward_trust
+
+    clock = Clock()
+    site = limited_site(clock, max_connections_per_client=2, unlimited_peers=parse_forward_trust("192.0.2.99"))
+    get = b"GET /v1/x HTTP/1.1\r\nHost: x\r\n\r\n"
+    open_ = [connect(site, port=port) for port in (1, 2)]
+    extra, extra_transport = connect(site, port=3)
+    response = extra_transport.value()
+    assert response.startswith(b"HTTP/1.1 429 ") and extra_transport.disconnecting
+    assert code_of(response) == "too_many_connections"
+    extra.dataReceived(get)
+    assert b"forwarder" not in extra_transport.value()  # nothing it sends is served
+    other, other_transport = connect(site, host="192.0.2.8")  # another address is not held back
+    other.dataReceived(get)
+    assert body_of(other_transport.value()) == b"forwarder"
+    for port in range(10):  # nor is a trusted front proxy, which carries many clients
+        front, front_transport = connect(site, host="192.0.2.99", port=port)
+        assert front_transport.value() == b""
+    open_[0][0].connectionLost(Failure(ConnectionDone()))
+    again, again_transport = connect(site, port=4)
+    again.dataReceived(get)
+    assert body_of(again_transport.value()) == b"forwarder"

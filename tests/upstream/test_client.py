@@ -276,3 +276,35 @@ def test_close_aborts_idle_and_busy_connections_and_fires_once_all_are_closed():
     assert events == []  # one connection is still open
     busy.connectionLost(Failure(ConnectionLost()))
     assert events == ["request failed", "closed"]  # its receiver is told before close() fires
+
+
+def test_a_raw_chunked_body_loses_the_nodes_chunk_extensions_and_trailers():
+    _, endpoints, pool = make_pool()
+    conn = connected(pool, endpoints)
+
+    class Raw(Receiver):
+        def response_started(self, status, reason, headers, length):
+            super().response_started(status, reason, headers, length)
+            conn.pass_chunks_raw()
+
+    receiver = Raw()
+    conn.request(b"GET", serialize_request_head(b"GET", b"/x", [(b"Host", [b"n"])]), b"", receiver)
+    conn.dataReceived(b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext="a\rb"\r\nhello\r\n6 ; q\r\n wor')
+    conn.dataReceived(b'ld\r\n0;last\r\nX-Bad: \x01\r\nX-Ok: 1\r\n\r\n')
+    assert receiver.body == b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    assert receiver.ended == [None]
+    assert connected(pool, endpoints) is conn  # the framing was sound: the connection is reused
+
+
+def test_a_101_to_a_request_that_asked_for_no_upgrade_fails_and_the_connection_is_never_reused():
+    _, endpoints, pool = make_pool()
+    conn = connected(pool, endpoints)
+    receiver = send(conn)
+    conn.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo\r\nConnection: upgrade\r\n\r\ntunnel")
+    assert receiver.head is None and receiver.body == b""
+    [reason] = receiver.failed
+    assert isinstance(reason, ProtocolError)
+    assert conn.transport.disconnected  # aborted, not closed politely: nothing more goes over it
+    assert len(endpoints.connects) == 1
+    connected(pool, endpoints)
+    assert len(endpoints.connects) == 2  # the next request gets a new connection

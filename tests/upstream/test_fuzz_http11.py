@@ -54,22 +54,20 @@ def test_body_framing_is_total(method, status, headers):
 
 
 def run_chunked(data, cuts, decode):
-    """Feed ``data`` cut at ``cuts``: ('error'|'end'|'more', decoded or raw bytes, bytes after the end)."""
-    body, pieces, raw, position = ChunkedBody(), [], [], 0
+    """Feed ``data`` cut at ``cuts``: ('error'|'end'|'more', decoded or re-framed bytes, bytes after the end)."""
+    body, pieces, position = ChunkedBody(), [], 0
     for cut in sorted(set(c % (len(data) + 1) for c in cuts)) + [len(data)]:
         piece = data[position:cut]
         if not piece:
             continue
         try:
-            end = body.feed(piece, pieces if decode else None)
+            end = body.feed(piece, pieces, framed=not decode)
         except ProtocolError:
             return "error", None, None
         if end != -1:
-            raw.append(piece[:end])
-            return "end", b"".join(pieces if decode else raw), data[position + end:]
-        raw.append(piece)
+            return "end", b"".join(pieces), data[position + end:]
         position = cut
-    return "more", b"".join(pieces if decode else raw), b""
+    return "more", b"".join(pieces), b""
 
 
 @settings(max_examples=500)
@@ -79,3 +77,15 @@ def test_chunked_framing_is_total_and_independent_of_how_bytes_arrive(data, cuts
     whole = run_chunked(data, [], decode)
     split = run_chunked(data, cuts, decode)
     assert split == whole
+
+
+@settings(max_examples=300)
+@given(http_bytes)
+def test_a_re_framed_body_is_clean_chunked_framing_of_the_same_data(data):
+    status, framed, _ = run_chunked(data, [], decode=False)
+    if status != "end":
+        return
+    assert run_chunked(framed, [], decode=True)[1] == run_chunked(data, [], decode=True)[1]
+    assert run_chunked(framed, [], decode=False) == ("end", framed, b"")  # re-framing is idempotent
+    lines = framed.split(b"\r\n")
+    assert framed.endswith(b"0\r\n\r\n") and not any(b";" in line for line in lines[::2] if len(line) < 17)

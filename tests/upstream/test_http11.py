@@ -54,17 +54,13 @@ def test_bad_content_length_is_a_protocol_error(values):
 
 
 def feed_in_pieces(encoded, cuts, decode):
-    """Feed ``encoded`` cut into pieces; returns (collected data or raw bytes, end found, what follows)."""
+    """Feed ``encoded`` cut into pieces; returns (decoded data or the re-framed body, end found, what follows)."""
     body, collected, position = ChunkedBody(), [], 0
     for cut in cuts + [len(encoded)]:
         piece = encoded[position:position + cut]
-        end = body.feed(piece, collected if decode else None)
+        end = body.feed(piece, collected, framed=not decode)
         if end != -1:
-            if not decode:
-                collected.append(piece[:end])
             return b"".join(collected), True, piece[end:] + encoded[position + len(piece):]
-        if not decode:
-            collected.append(piece)
         position += len(piece)
     return b"".join(collected), False, b""
 
@@ -73,8 +69,9 @@ chunk_lists = st.lists(st.binary(min_size=1, max_size=50), max_size=6)
 cut_lists = st.lists(st.integers(1, 40), max_size=20)
 
 
-def encode(chunks, extension=b""):
-    return b"".join(b"%x%s\r\n%s\r\n" % (len(c), extension, c) for c in chunks) + b"0\r\nX-T: 1\r\n\r\n"
+def encode(chunks, extension=b"", trailers=b"X-T: 1\r\n"):
+    return b"".join(b"%x%s\r\n%s\r\n" % (len(c), extension, c) for c in chunks) + b"0%s\r\n%s\r\n" % (
+        extension, trailers)
 
 
 @given(chunk_lists, cut_lists)
@@ -84,10 +81,21 @@ def test_chunked_body_decodes_any_split(chunks, cuts):
 
 
 @given(chunk_lists, cut_lists)
-def test_chunked_body_finds_the_end_of_raw_bytes(chunks, cuts):
-    encoded = encode(chunks)
+def test_chunked_body_keeps_clean_framing_as_it_is(chunks, cuts):
+    encoded = encode(chunks, trailers=b"")
     raw, done, rest = feed_in_pieces(encoded + b"NEXT", cuts, decode=False)
     assert done and raw == encoded and rest == b"NEXT"
+
+
+EXTENSIONS = [b";ext=1", b';ext="a\rb"', b";a;b=c", b' ;x="\x01"', b";\x1b[31m"]
+TRAILERS = [b"X-T: 1\r\n", b"X-Bad: \x01\r\n", b"Set-Cookie: a=1\r\nX-Evil\x7f: 2\r\n", b"no colon at all\r\n"]
+
+
+@given(chunk_lists, cut_lists, st.sampled_from(EXTENSIONS), st.sampled_from(TRAILERS))
+def test_chunk_extensions_and_trailers_never_pass(chunks, cuts, extension, trailers):
+    """Re-framed, a node's chunked body keeps its chunks but loses every extension and trailer."""
+    raw, done, rest = feed_in_pieces(encode(chunks, extension, trailers) + b"NEXT", cuts, decode=False)
+    assert done and raw == encode(chunks, trailers=b"") and rest == b"NEXT"
 
 
 @pytest.mark.parametrize("bad", [b"zz\r\n", b"-5\r\nabc", b"5\r\nabcdeXX", b"0x5\r\n", b"1_0\r\n",
