@@ -152,6 +152,9 @@ async def test_what_the_proxy_forwards_means_the_same_to_h11(reactor, capture_no
         expected = expected_at_node(netloc, method, target, headers, body)
         assert got.pop(b"x-example") == [b"%d" % number]
         expected.pop(b"x-example")
+        # The proxy sets the request's id (the client's when usable, else its own): exactly one.
+        [request_id] = got.pop(b"x-request-id")
+        assert request_id and request_id in expected.pop(b"x-request-id", [request_id])
         assert got == expected
 
 

@@ -13,7 +13,7 @@ import pytest_twisted
 from twisted.logger import globalLogPublisher
 
 from .capture import strict_requests
-from .rawhttp import connect, sleep
+from .rawhttp import connect, error_code, sleep
 
 SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -150,7 +150,7 @@ async def test_slow_header_clients_get_408_and_others_are_served_meanwhile(react
     for client in slow:
         received = await client.wait_closed(timeout=5)
         assert statuses(received) == [408]
-        assert json.loads(received.partition(b"\r\n\r\n")[2])["code"] == "request_timeout"
+        assert error_code(json.loads(received.partition(b"\r\n\r\n")[2])) == "request_timeout"
     assert not any(line.startswith(b"GET /slow") for stream in node.received for line, _, _ in strict_requests(stream))
 
 
@@ -266,7 +266,7 @@ async def test_a_control_character_in_a_header_is_refused_before_the_node(reacto
     proxy = await proxy_factory([node.url])
     received = await send(reactor, proxy, b"GET /_devnode/stats HTTP/1.1\r\nHost: x\r\n" + line + b"\r\n\r\n")
     assert statuses(received) == [400]
-    assert json.loads(received.partition(b"\r\n\r\n")[2])["code"] == "malformed_request"
+    assert error_code(json.loads(received.partition(b"\r\n\r\n")[2])) == "malformed_request"
     assert node.received in ([], [b""])
     assert logged_failures == []
 
@@ -286,7 +286,7 @@ async def test_admin_spellings_reach_neither_the_node_nor_the_admin_app(reactor,
     received = await send(reactor, proxy, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nX-Admin-Token: " + b"t" * 32
                           + b"\r\nConnection: close\r\n\r\n")
     assert statuses(received) in ([400], [404]), received
-    assert json.loads(received.partition(b"\r\n\r\n")[2])["code"] in ("not_found", "bad_request_target")
+    assert error_code(json.loads(received.partition(b"\r\n\r\n")[2])) in ("not_found", "bad_request_target")
     assert node.received == []
 
 
@@ -367,7 +367,7 @@ async def test_slow_bodies_are_cut_at_the_body_deadline(reactor, capture_node, p
     for client in slow:
         received = await client.wait_closed(timeout=5)
         assert statuses(received) == [408]
-        assert json.loads(received.partition(b"\r\n\r\n")[2])["code"] == "request_timeout"
+        assert error_code(json.loads(received.partition(b"\r\n\r\n")[2])) == "request_timeout"
     assert node.received == []
     assert proxy.site.body_budget.held == 0  # what they declared is free again
 
@@ -381,7 +381,7 @@ async def test_request_bodies_held_at_once_are_capped(reactor, capture_node, pro
     await sleep(reactor, 0.1)
     refused = await send(reactor, proxy, b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 80000\r\n\r\n")
     assert statuses(refused) == [503] and b"Retry-After: 1" in refused
-    assert json.loads(refused.partition(b"\r\n\r\n")[2])["code"] == "proxy_busy"
+    assert error_code(json.loads(refused.partition(b"\r\n\r\n")[2])) == "proxy_busy"
     small = await send(reactor, proxy, b"POST /_devnode/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
                        b"Connection: close\r\n\r\nhello")
     assert statuses(small) == [200]  # what fits is still served
@@ -403,7 +403,7 @@ async def test_connections_per_client_address_are_capped(reactor, capture_node, 
     extra = await connect(reactor, proxy.url)
     received = await extra.wait_closed()
     assert statuses(received) == [429]
-    assert json.loads(received.partition(b"\r\n\r\n")[2])["code"] == "too_many_connections"
+    assert error_code(json.loads(received.partition(b"\r\n\r\n")[2])) == "too_many_connections"
     held[0].transport.loseConnection()
     await held[0].wait_closed()
     await sleep(reactor, 0.1)
