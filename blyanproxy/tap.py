@@ -51,6 +51,7 @@ from blyanproxy.forward import (
 from blyanproxy.logs import logger, set_log_format, set_log_level
 from blyanproxy.metrics import MetricsResource, ProxyMetrics
 from blyanproxy.serve import (
+    AdmissionSettings,
     ConnectionTracker,
     Drainer,
     ParentWatch,
@@ -60,6 +61,7 @@ from blyanproxy.serve import (
     RootResource,
     WorkerRole,
     WorkerSupervisor,
+    build_admission,
     load_settings,
     worker_endpoint,
     worker_role,
@@ -82,7 +84,8 @@ class Options(usage.Options):
     longdesc = (
         "Streaming reverse proxy and load balancer for GPU inference nodes. Settings come from "
         "built-in defaults, then environment variables, then these options. Nodes come from "
-        "NODE_<n>=name|url[|weight=N|tags=a,b|tls_verify=false|engine=vllm|models=a,b] variables and --node."
+        "NODE_<n>=name|url[|weight=N|tags=a,b|tls_verify=false|engine=vllm|models=a,b|max_inflight=N] "
+        "variables and --node."
     )
     optParameters = [[LISTEN_OPTION.option, "p", None, _option_help(LISTEN_OPTION)]] + [
         [setting.option, None, None, _option_help(setting)]
@@ -96,7 +99,7 @@ class Options(usage.Options):
         self.settings: Settings = Settings()
 
     def opt_node(self, value: str) -> None:
-        """Add a node: name|url[|weight=N|tags=a,b|tls_verify=false|engine=E|models=a,b] (repeatable)."""
+        """Add a node: name|url[|weight=N|tags=a,b|tls_verify=false|engine=E|models=a,b|max_inflight=N] (repeatable)."""
         self.node_options.append(value)
 
     def worker_arguments(self) -> list:
@@ -132,6 +135,7 @@ def node_from_spec(spec: NodeSpec, now: float) -> Node:
         tls_verify=spec.tls_verify,
         engine=spec.engine,
         models=spec.models,
+        max_inflight=spec.max_inflight,
         added_at=now,
         declared_by=spec.source,
     )
@@ -210,6 +214,7 @@ class ProxyParts:
     keeper: FleetKeeper
     metrics: ProxyMetrics
     store: StateStore
+    admission: AdmissionSettings
     directory: WorkloadDirectory | None = None
     store_service: EtcdStore | None = None  # started with the proxy when the fleet is in etcd
 
@@ -269,14 +274,19 @@ def build_proxy(settings: Settings, reactor, persist: bool = True, worker: int |
     recorder.subscribe(metrics.request_finished)
     recorder.subscribe(counters.count)
     directory = build_directory(settings, reactor, rules, trust_root, metrics) if settings.api_url else None
-    context = ForwardContext(reactor, pool, endpoints, recorder, forward_rules(settings))
+    pools = [balancer] + ([directory.balancer] if directory is not None else [])
+    admission = build_admission(settings, reactor, pools, metrics)
+    metrics.node_gauges.cap_of = balancer.cap_of
+    metrics.watch_queue(admission.admission.queue.depth_by_band)
+    recorder.subscribe(admission.admission.finished)
+    context = ForwardContext(reactor, pool, endpoints, recorder, forward_rules(settings), admission.admission)
     forwarder = ProxyResource(context, balancer, directory)
     if persist:
         token = load_or_create_token(settings.admin_token, settings.admin_token_file, settings.state_file)
     else:
         token = settings.admin_token or secrets.token_urlsafe(32)
     admin = AdminAPI(registry, balancer, keeper, health, counters, token, reactor,
-                     FailureThrottle(reactor))
+                     FailureThrottle(reactor), admission.admission)
     root = RootResource(
         forwarder,
         prefixes={b"_admin": admin.resource()},
@@ -292,7 +302,7 @@ def build_proxy(settings: Settings, reactor, persist: bool = True, worker: int |
     site = ProxySite(root, settings.max_body_bytes, reactor=reactor, header_timeout=settings.header_timeout)
     return ProxyParts(
         site=site, registry=registry, balancer=balancer, pool=pool, health=health, keeper=keeper,
-        metrics=metrics, store=store, directory=directory, store_service=store_service,
+        metrics=metrics, store=store, directory=directory, store_service=store_service, admission=admission,
     )
 
 
@@ -351,6 +361,7 @@ def make_proxy_service(settings: Settings, reactor, reload_settings=None,
         log.info("demo mode: the fleet is not saved to {path}", path=settings.state_file)
     connections = ConnectionTracker(parts.site)
     top = Drainer(connections, reactor, settings.drain_grace, parts.keeper.flush)
+    top.before_drain = parts.admission.admission.queue.close
     UpstreamPoolService(parts.pool, reactor, settings.pool_idle_timeout).setServiceParent(top)
     if parts.store_service is not None:
         parts.store_service.setServiceParent(top)
@@ -361,7 +372,7 @@ def make_proxy_service(settings: Settings, reactor, reload_settings=None,
         parts.directory.setServiceParent(top)
     if reload_settings is not None:
         reloader = Reloader(settings, reload_settings, parts.registry, parts.keeper,
-                            lambda spec: node_from_spec(spec, reactor.seconds()))
+                            lambda spec: node_from_spec(spec, reactor.seconds()), parts.admission.apply)
         ProcessSignals(reactor, reloader.reload).setServiceParent(top)
     if role is None:
         top.add_listener(strports.service(settings.listen, connections, reactor=reactor))

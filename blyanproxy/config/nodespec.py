@@ -7,7 +7,16 @@ from typing import Any
 
 import attrs
 
-from blyanproxy.core import node_engine, node_models, node_name, node_tags, node_weight, parse_base_url, parse_boolean
+from blyanproxy.core import (
+    node_engine,
+    node_max_inflight,
+    node_models,
+    node_name,
+    node_tags,
+    node_weight,
+    parse_base_url,
+    parse_boolean,
+)
 
 
 @attrs.frozen
@@ -22,10 +31,12 @@ class NodeSpec:
     tls_verify: bool = True
     engine: str = "auto"
     models: tuple[str, ...] = ()
+    max_inflight: int | None = None
 
 
 def parse_node(text: str, source: str) -> NodeSpec:
-    """Parse ``name|url[|key=value...]`` (keys: ``weight``, ``tags``, ``tls_verify``, ``engine``, ``models``)."""
+    """Parse ``name|url[|key=value...]`` (keys: ``weight``, ``tags``, ``tls_verify``, ``engine``, ``models``,
+    ``max_inflight``)."""
     fields = text.split("|")
     if len(fields) < 2:
         raise ValueError("expected name|url")
@@ -54,6 +65,8 @@ def parse_node(text: str, source: str) -> NodeSpec:
             extras["engine"] = node_engine(value.strip())
         elif key == "models":
             extras["models"] = node_models(tuple(m.strip() for m in value.split(",") if m.strip()))
+        elif key == "max_inflight":
+            extras["max_inflight"] = node_max_inflight(int(value) if re.fullmatch(r"\d+", value.strip()) else value)
         else:
-            raise ValueError(f"unknown key {key!r} (known: weight, tags, tls_verify, engine, models)")
+            raise ValueError(f"unknown key {key!r} (known: weight, tags, tls_verify, engine, models, max_inflight)")
     return NodeSpec(name=name, base_url=base.text, source=source, **extras)

@@ -33,7 +33,7 @@ from blyanproxy.core import (
     Route,
     Try,
 )
-from blyanproxy.fleet import Lease, LeasePool
+from blyanproxy.fleet import Caller, Lease, LeasePool, SlotQueue, Ticket
 from blyanproxy.logs import logger
 from blyanproxy.upstream import ProtocolError
 
@@ -69,11 +69,14 @@ class Failover:
     ``try_node(lease, fresh)`` sends the next attempt (``fresh``: on a new
     connection); ``give_up(error)`` answers the client. ``lease`` is the
     current attempt's (None before the first).
+    With a ``queue`` (``QUEUE_MAX`` > 0), a first pick that finds every
+    candidate at its cap waits there for a slot (``caller`` says whose turn).
     """
 
     def __init__(self, attempts: Attempts, pool: LeasePool, route: Route, clock: IReactorTime,
                  reporter: AttemptReporter, try_node: Callable[[Lease, bool], None],
-                 give_up: Callable[[ProxyError], None]) -> None:
+                 give_up: Callable[[ProxyError], None], queue: SlotQueue | None = None,
+                 caller: Caller | None = None) -> None:
         self._attempts = attempts
         self._pool = pool
         self._route = route
@@ -84,6 +87,9 @@ class Failover:
         self.lease: Lease | None = None
         self._number = 0  # the current attempt's
         self._delay: IDelayedCall | None = None
+        self._queue = queue
+        self._caller = caller
+        self._ticket: Ticket | None = None
 
     @property
     def count(self) -> int:
@@ -92,8 +98,8 @@ class Failover:
 
     @property
     def waiting(self) -> bool:
-        """True while the retry delay runs (no attempt is under way)."""
-        return self._delay is not None
+        """True while the retry delay runs or the request is queued (no attempt is under way)."""
+        return self._delay is not None or self._ticket is not None
 
     def start(self) -> None:
         """Make the first attempt."""
@@ -113,10 +119,13 @@ class Failover:
         self._carry_out(self._attempts.unusable(failure))
 
     def cancel(self) -> None:
-        """The client left: stop waiting out the retry delay."""
+        """The client left: stop waiting out the retry delay, or leave the queue."""
         if self._delay is not None:
             self._delay.cancel()
             self._delay = None
+        if self._ticket is not None:
+            ticket, self._ticket = self._ticket, None
+            ticket.leave()
 
     def _carry_out(self, decision: Decision, picked: Lease | None = None) -> bool:
         """Do what ``decision`` says (``picked``: the lease a ``Pick`` got); True for ``Relay``."""
@@ -142,7 +151,25 @@ class Failover:
     def _pick(self, pick: Pick) -> bool:
         self._delay = None
         lease = self._pool.acquire(self._route, pick.excluded)
+        if lease is None and self._may_queue(pick):
+            assert self._queue is not None and self._caller is not None
+            self._ticket = self._queue.wait(self._pool, self._route, pick.excluded, self._caller,
+                                            self._granted, self._queue_refused)
+            return False
         return self._carry_out(self._attempts.picked(lease.node.id if lease is not None else None), lease)
+
+    def _may_queue(self, pick: Pick) -> bool:
+        """Whether this pick waits for a slot: the first, with a queue, every candidate at its cap."""
+        return (self._queue is not None and self._caller is not None and self._attempts.count == 0
+                and self._pool.at_cap(self._route, pick.excluded))
+
+    def _granted(self, lease: Lease) -> None:
+        self._ticket = None
+        self._carry_out(self._attempts.picked(lease.node.id), lease)
+
+    def _queue_refused(self, err: ProxyError) -> None:
+        self._ticket = None
+        self._give_up(err)
 
     def _hold_against_node(self, reason: str) -> None:
         lease = self.lease

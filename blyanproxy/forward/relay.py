@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from blyanproxy.core import UsageTail
 from blyanproxy.upstream import write_through
 
 #: How a relayed body ended, passed to the ``on_end`` callback.
@@ -88,6 +89,7 @@ class BodyRelay:
         self._at_event_boundary = True
         self._timer: IDelayedCall | None = None
         self._forward: Callable[[bytes], None] = request.write
+        self.usage_tail = UsageTail()  # the body's end, for the token usage the node reports
         now = clock.seconds()
         self._last_data = now
         self._last_write = now
@@ -116,6 +118,7 @@ class BodyRelay:
             else:
                 self._at_event_boundary = data.endswith(b"\n\n") or data.endswith(b"\r\n\r\n")
         self._bytes_sent += len(data)
+        self.usage_tail.feed(data)
         self._forward(data)
 
     body_data = dataReceived

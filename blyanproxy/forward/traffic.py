@@ -55,6 +55,9 @@ class AccessRecord:
     client sent after the upgrade; ``bytes_out`` the response body, or what
     the node sent after the upgrade. ``own_endpoint`` marks a request the
     proxy answered itself (``/health``, ``/_admin`` …), never meant for a node.
+    ``caller`` is the caller key's short hash (or client address) when
+    admission is on; ``tokens_in``/``tokens_out`` the prompt and completion
+    tokens the node's answer reported (None: it reported none).
     """
 
     method: str
@@ -69,6 +72,10 @@ class AccessRecord:
     ended: str
     client: str
     own_endpoint: bool = False
+    model: str | None = None
+    caller: str | None = None
+    tokens_in: int | None = None
+    tokens_out: int | None = None
 
 
 def redacted_target(target: bytes) -> str:
@@ -88,8 +95,14 @@ def access_line(record: AccessRecord) -> str:
         f"{record.client} {record.method} {redacted_target(record.target)} status={record.status} "
         f"node={record.node or '-'} attempts={record.attempts} ttfb_ms={ttfb} "
         f"duration_ms={record.duration * 1000:.1f} bytes_in={record.bytes_in} bytes_out={record.bytes_out} "
-        f"ended={record.ended}"
+        f"ended={record.ended}{_token_fields(record)}"
     )
+
+
+def _token_fields(record: AccessRecord) -> str:
+    if record.tokens_in is None and record.tokens_out is None:
+        return ""
+    return f" tokens_in={record.tokens_in or 0} tokens_out={record.tokens_out or 0}"
 
 
 def write_access_line(record: AccessRecord) -> None:
@@ -148,6 +161,10 @@ class RequestTally:
     ttfb: float | None = None
     bytes_in: int = 0
     bytes_out: int = 0
+    model: str | None = None
+    caller: str | None = None
+    tokens_in: int | None = None
+    tokens_out: int | None = None
     _done: bool = attrs.field(default=False, init=False)
 
     def end(self, status: int, ended: str) -> None:
@@ -168,6 +185,10 @@ class RequestTally:
             ended=ended,
             client=self.client.origin,
             own_endpoint=self.own_endpoint,
+            model=self.model,
+            caller=self.caller,
+            tokens_in=self.tokens_in,
+            tokens_out=self.tokens_out,
         ))
 
 
