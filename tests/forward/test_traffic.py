@@ -79,6 +79,12 @@ def test_the_access_line():
         "127.0.0.1 POST /v1/chat/completions status=503 node=- attempts=0 ttfb_ms=- ")
 
 
+def test_the_access_line_has_the_tokens_the_node_reported():
+    line = access_line(record(tokens_in=12, tokens_out=7, caller="key-0123456789"))
+    assert line.endswith(" ended=complete tokens_in=12 tokens_out=7")
+    assert "key-" not in line
+
+
 def test_query_values_never_reach_the_line():
     assert redacted_target(b"/v1/models?api_key=SECRET&x=1&flag") == "/v1/models?api_key=…&x=…&flag=…"
     assert redacted_target(b"/plain") == "/plain"
