@@ -12,7 +12,6 @@ from blyanproxy.fleet import Balancer
 from blyanproxy.serve import build_admission
 from blyanproxy.serve.reload import restart_needed
 
-
 NODE = Node(id="n1", name="gpu", base_url="http://10.0.0.1:8000")
 
 
