@@ -10,6 +10,7 @@ from blyanproxy.config.parsers import (
     any_text,
     base_url_text,
     factor,
+    header_name,
     health_paths,
     log_level_name,
     milliseconds,
@@ -84,6 +85,7 @@ class Settings:
     rate_limit_rpm: int = 0  # 0: no limit
     rate_limit_tpm: int = 0
     rate_limit_file: str | None = None
+    caller_key_header: str | None = None
     ws_heartbeat: float = 30.0
     enable_metrics: bool = True
     metrics_token: str | None = attrs.field(default=None, repr=False)
@@ -199,6 +201,8 @@ SETTINGS = (
             "tokens per minute per caller key (0: no limit)"),
     Setting("rate_limit_file", "RATE_LIMIT_FILE", "rate-limit-file", "(none)", any_text,
             "JSON file of per-key limits by key hash, reloaded on SIGHUP"),
+    Setting("caller_key_header", "CALLER_KEY_HEADER", "caller-key-header", "(the API key)", header_name,
+            "header naming the caller for the queue and the rate limits, before the API key and the address"),
     Setting("strip_origin", "STRIP_ORIGIN", "strip-origin", "false", parse_boolean,
             "drop the client's Origin header before forwarding"),
     Setting("ws_heartbeat", "WS_HEARTBEAT_MS", "ws-heartbeat-ms", "30000", milliseconds(),

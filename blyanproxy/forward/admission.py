@@ -3,7 +3,7 @@
 ``Admission`` is built once by ``tap`` (with ``QUEUE_MAX``, ``QUEUE_TIMEOUT_MS``
 and the rate-limit settings). ``admit`` runs before a request is forwarded:
 it names the caller (the c3 key or Bearer token as its short hash, else the
-client address; the band from ``X-Priority``), and refuses it 429
+client address; a configured header first; the band from ``X-Priority``), and refuses it 429
 ``rate_limited`` with OpenAI-style ``x-ratelimit-*`` headers when over a
 limit. ``finished`` (a listener of the end-of-request hook) charges the
 tokens an answer reported to its caller and keeps the per-key totals the
@@ -28,12 +28,18 @@ from blyanproxy.forward.traffic import AccessRecord, RequestTally
 MAX_CALLERS = 1000
 
 
-def caller_of(request: Request, tally: RequestTally) -> Caller:
-    """Who ``request`` is for the queue and the limits (see the module docstring)."""
-    try:
-        key = api_key_of(request.requestHeaders)
-    except ProxyError:
-        key = None
+def caller_of(request: Request, tally: RequestTally, key_header: bytes | None = None) -> Caller:
+    """Who ``request`` is for the queue and the limits (see the module docstring); ``key_header``
+    (``CALLER_KEY_HEADER``), when the request has it, names the caller before its API key."""
+    headers = request.requestHeaders
+    named = headers.getRawHeaders(key_header) if key_header is not None else None
+    if named and named[0].strip():
+        key: bytes | None = named[0].strip()
+    else:
+        try:
+            key = api_key_of(headers)
+        except ProxyError:
+            key = None
     name = key_id(key) if key is not None else tally.client.origin
     values = request.requestHeaders.getRawHeaders(b"x-priority")
     return Caller(name, parse_priority(values[0] if values else None))
@@ -53,8 +59,10 @@ class Admission:
     """The queue for node slots (``QUEUE_MAX`` 0: every request that finds its nodes at their cap is
     refused ``queue_full``) and the per-key rate limiter."""
 
-    def __init__(self, clock: IReactorTime, queue: SlotQueue, limiter: RateLimiter) -> None:
+    def __init__(self, clock: IReactorTime, queue: SlotQueue, limiter: RateLimiter,
+                 key_header: bytes | None = None) -> None:
         self._clock = clock
+        self._key_header = key_header
         self.queue = queue
         self.limiter = limiter
         self._usage: OrderedDict[str, CallerUsage] = OrderedDict()
@@ -64,7 +72,7 @@ class Admission:
 
         The ``x-ratelimit-*`` headers go on the answer either way.
         """
-        caller = caller_of(request, tally)
+        caller = caller_of(request, tally, self._key_header)
         tally.caller = caller.key
         usage = self._usage_of(caller.key)
         usage.requests += 1

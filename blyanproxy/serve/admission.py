@@ -66,7 +66,8 @@ def build_admission(settings: Settings, clock: IReactorTime, pools: Sequence[Lea
                     observer: QueueObserver | None) -> AdmissionSettings:
     """The admission objects for ``settings``, hooked to ``pools``; ``ValueError`` for a bad overrides file."""
     queue = SlotQueue(clock, settings.queue_max, settings.queue_timeout, observer)
-    admission = Admission(clock, queue, RateLimiter(default_limit(settings)))
+    key_header = settings.caller_key_header.encode("ascii") if settings.caller_key_header else None
+    admission = Admission(clock, queue, RateLimiter(default_limit(settings)), key_header)
     for pool in pools:
         pool.on_slot_freed = queue.slot_freed
     keeper = AdmissionSettings(admission, pools)
