@@ -11,8 +11,9 @@ fixed set; model names come from the node or its declaration, at most
 
 from __future__ import annotations
 
+import functools
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -29,7 +30,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from blyanproxy.admin import presented_token, token_matches
-from blyanproxy.core import LOADING, UP, ProxyError, engine_of, served_models, usable, write_error
+from blyanproxy.core import BANDS, LOADING, UP, Node, ProxyError, engine_of, served_models, usable, write_error
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -41,6 +42,10 @@ if TYPE_CHECKING:
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 #: The most models per node that ``blyan_node_model_info`` shows (the label set stays bounded).
 MAX_MODEL_LABELS = 16
+#: The most models ``blyan_tokens`` names; further ones count as ``other`` (the label set stays bounded).
+MAX_TOKEN_MODELS = 32
+#: Seconds a request waited in the queue for a node slot.
+_QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _PROBE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -65,6 +70,19 @@ class FinishedRequest(typing.Protocol):
     @property
     def bytes_out(self) -> int: ...
 
+    @property
+    def model(self) -> str | None: ...
+
+    @property
+    def tokens_in(self) -> int | None: ...
+
+    @property
+    def tokens_out(self) -> int | None: ...
+
+
+def _band_depth(depth_by_band: Callable[[], dict[str, int]], band: str) -> float:
+    return depth_by_band()[band]
+
 
 class _NodeGauges:
     """A collector reading the live node figures at scrape time."""
@@ -72,12 +90,16 @@ class _NodeGauges:
     def __init__(self, registry: NodeRegistry, clock: IReactorTime) -> None:
         self._registry = registry
         self._clock = clock
+        self.cap_of: Callable[[Node], int | None] = lambda node: node.max_inflight
 
     def collect(self) -> list[GaugeMetricFamily]:
         """The node gauges as they are now."""
         now = self._clock.seconds()
         families = {
-            "in_flight": GaugeMetricFamily("blyan_node_in_flight", "Requests in flight on a node", labels=["node"]),
+            "in_flight": GaugeMetricFamily("blyan_node_in_flight", "Requests in flight on a node (slots in use)",
+                                           labels=["node"]),
+            "cap": GaugeMetricFamily("blyan_node_max_inflight", "A capped node's slots (NODE_MAX_INFLIGHT or its own)",
+                                     labels=["node"]),
             "up": GaugeMetricFamily("blyan_node_up", "1 when the node's health checks pass", labels=["node"]),
             "usable": GaugeMetricFamily("blyan_node_usable", "1 when the node can take new requests",
                                         labels=["node"]),
@@ -96,6 +118,9 @@ class _NodeGauges:
             stats = self._registry.stats(node.id)
             health = stats.health
             families["in_flight"].add_metric([node.name], stats.in_flight)
+            cap = self.cap_of(node)
+            if cap is not None:
+                families["cap"].add_metric([node.name], cap)
             families["up"].add_metric([node.name], 1 if health.state == UP else 0)
             families["usable"].add_metric([node.name], 1 if usable(health, now) and not node.draining else 0)
             families["ejected"].add_metric([node.name], 1 if health.probe_needed else 0)
@@ -157,9 +182,19 @@ class ProxyMetrics:
                                          "Per-key workloads lookups: answered from the cache, or not",
                                          ["result"], registry=r)
         self.workloads_keys = Gauge("blyan_workloads_cached_keys", "API keys in the workloads cache", registry=r)
+        self.tokens = Counter("blyan_tokens", "Prompt (in) and completion (out) tokens the nodes reported",
+                              ["node", "model", "kind"], registry=r)
+        self.queue_wait = Histogram("blyan_queue_wait_seconds", "Time requests waited for a node slot",
+                                    ["outcome"], buckets=_QUEUE_BUCKETS, registry=r)
+        self.rejections = Counter("blyan_admission_rejections", "Requests refused by admission, by reason",
+                                  ["reason"], registry=r)
+        self.queue_depth = Gauge("blyan_queue_depth", "Requests waiting for a node slot, by priority band",
+                                 ["band"], registry=r)
+        self._token_models: set[str] = set()
         for kind in ("sse", "websocket"):
             self.streams.labels(kind)
-        r.register(_NodeGauges(node_registry, clock))
+        self.node_gauges = _NodeGauges(node_registry, clock)
+        r.register(self.node_gauges)
 
     def request_finished(self, record: FinishedRequest) -> None:
         """Count one finished request (an ``AccessRecord``)."""
@@ -169,6 +204,30 @@ class ProxyMetrics:
             self.ttfb.labels(node).observe(record.ttfb)
         self.duration.labels(node).observe(record.duration)
         self.bytes_out.labels(node).inc(record.bytes_out)
+        if record.tokens_in is not None or record.tokens_out is not None:
+            model = self._token_model(record.model)
+            self.tokens.labels(node, model, "in").inc(record.tokens_in or 0)
+            self.tokens.labels(node, model, "out").inc(record.tokens_out or 0)
+
+    def _token_model(self, model: str | None) -> str:
+        if model is None:
+            return "-"
+        if model not in self._token_models and len(self._token_models) < MAX_TOKEN_MODELS:
+            self._token_models.add(model)
+        return model if model in self._token_models else "other"
+
+    def watch_queue(self, depth_by_band: Callable[[], dict[str, int]]) -> None:
+        """Read the queue's depth by band at every scrape."""
+        for band in BANDS:
+            self.queue_depth.labels(band).set_function(functools.partial(_band_depth, depth_by_band, band))
+
+    def queue_left(self, seconds: float, outcome: str) -> None:
+        """A request left the queue after ``seconds`` (``served``, ``timeout``, ``gone``, ``closed``)."""
+        self.queue_wait.labels(outcome).observe(seconds)
+
+    def queue_rejected(self, reason: str) -> None:
+        """A request was refused by admission (``queue_full``, ``queue_timeout``, ``rate_limited``)."""
+        self.rejections.labels(reason).inc()
 
     def attempt_failed(self, node: str, reason: str) -> None:
         """Count a failed attempt (``reason`` is one of the proxy's fixed words)."""

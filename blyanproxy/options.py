@@ -25,7 +25,8 @@ class Options(usage.Options):
     longdesc = (
         "Streaming reverse proxy and load balancer for GPU inference nodes. Settings come from "
         "built-in defaults, then environment variables, then these options. Nodes come from "
-        "NODE_<n>=name|url[|weight=N|tags=a,b|tls_verify=false|engine=vllm|models=a,b] variables and --node."
+        "NODE_<n>=name|url[|weight=N|tags=a,b|tls_verify=false|engine=vllm|models=a,b|max_inflight=N] "
+        "variables and --node."
     )
     optParameters = [[LISTEN_OPTION.option, "p", None, _option_help(LISTEN_OPTION)]] + [
         [setting.option, None, None, _option_help(setting)]
@@ -39,7 +40,7 @@ class Options(usage.Options):
         self.settings: Settings = Settings()
 
     def opt_node(self, value: str) -> None:
-        """Add a node: name|url[|weight=N|tags=a,b|tls_verify=false|engine=E|models=a,b] (repeatable)."""
+        """Add a node: name|url[|weight=N|tags=a,b|engine=E|models=a,b|max_inflight=N|...] (repeatable)."""
         self.node_options.append(value)
 
     def worker_arguments(self) -> list:

@@ -48,6 +48,7 @@ from blyanproxy.metrics import MetricsResource, ProxyMetrics
 from blyanproxy.options import Options
 from blyanproxy.otelenv import request_tracer
 from blyanproxy.serve import (
+    AdmissionSettings,
     ConnectionTracker,
     Drainer,
     Listener,
@@ -58,6 +59,7 @@ from blyanproxy.serve import (
     RootResource,
     WorkerRole,
     WorkerSupervisor,
+    build_admission,
     load_settings,
     worker_endpoint,
     worker_role,
@@ -80,6 +82,7 @@ def node_from_spec(spec: NodeSpec, now: float) -> Node:
         tls_verify=spec.tls_verify,
         engine=spec.engine,
         models=spec.models,
+        max_inflight=spec.max_inflight,
         added_at=now,
         declared_by=spec.source,
     )
@@ -98,6 +101,7 @@ class ProxyParts:
     metrics: ProxyMetrics
     store: StateStore
     recorder: TrafficRecorder
+    admission: AdmissionSettings
     directory: WorkloadDirectory | None = None
     store_service: EtcdStore | None = None  # started with the proxy when the fleet is in etcd
     store_note: str = "memory only (nothing is saved)"  # where the fleet is kept, for the start-up summary
@@ -172,7 +176,12 @@ def build_proxy(settings: Settings, reactor, persist: bool = True, worker: int |
     if tracer is not None:
         recorder.watch(tracer)
     directory = build_directory(settings, reactor, rules, trust_root, metrics) if settings.api_url else None
-    context = ForwardContext(reactor, pool, endpoints, recorder, forward_rules(settings))
+    pools = [balancer] + ([directory.balancer] if directory is not None else [])
+    admission = build_admission(settings, reactor, pools, metrics)
+    metrics.node_gauges.cap_of = balancer.cap_of
+    metrics.watch_queue(admission.admission.queue.depth_by_band)
+    recorder.subscribe(admission.admission.finished)
+    context = ForwardContext(reactor, pool, endpoints, recorder, forward_rules(settings), admission.admission)
     forwarder = ProxyResource(context, balancer, directory)
     if persist:
         token, token_note = admin_token(settings)
@@ -181,7 +190,7 @@ def build_proxy(settings: Settings, reactor, persist: bool = True, worker: int |
     else:
         token, token_note = secrets.token_urlsafe(32), "generated for this process only"
     admin = AdminAPI(registry, balancer, keeper, health, counters, token, reactor,
-                     FailureThrottle(reactor))
+                     FailureThrottle(reactor), admission.admission)
     root = RootResource(
         forwarder,
         prefixes={b"_admin": admin.resource()},
@@ -201,7 +210,7 @@ def build_proxy(settings: Settings, reactor, persist: bool = True, worker: int |
     return ProxyParts(
         site=site, registry=registry, balancer=balancer, pool=pool, health=health, keeper=keeper,
         metrics=metrics, store=store, recorder=recorder, directory=directory, store_service=store_service,
-        store_note=store_note, token_note=token_note,
+        store_note=store_note, token_note=token_note, admission=admission,
     )
 
 
@@ -288,6 +297,7 @@ def make_proxy_service(settings: Settings, reactor, reload_settings=None,
         raise SystemExit(f"blyan-proxy: {problem}") from None
     connections = ConnectionTracker(parts.site)
     top = Drainer(connections, reactor, settings.drain_grace, parts.keeper.flush)
+    top.before_drain = parts.admission.admission.queue.close
     UpstreamPoolService(parts.pool, reactor, settings.pool_idle_timeout).setServiceParent(top)
     if parts.store_service is not None:
         parts.store_service.setServiceParent(top)
@@ -298,7 +308,7 @@ def make_proxy_service(settings: Settings, reactor, reload_settings=None,
         parts.directory.setServiceParent(top)
     if reload_settings is not None:
         reloader = Reloader(settings, reload_settings, parts.registry, parts.keeper,
-                            lambda spec: node_from_spec(spec, reactor.seconds()))
+                            lambda spec: node_from_spec(spec, reactor.seconds()), parts.admission.apply)
         ProcessSignals(reactor, reloader.reload).setServiceParent(top)
     summary = partial(log_summary, startup_facts(settings, parts, role))  # logged once the port is open
     if role is None:

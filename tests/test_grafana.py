@@ -36,6 +36,9 @@ class Finished:
     ttfb: float | None = 0.05
     duration: float = 1.0
     bytes_out: int = 100
+    model: str | None = "llama"
+    tokens_in: int | None = 3
+    tokens_out: int | None = 5
 
 
 def exported_labels() -> dict[str, set[str]]:
@@ -50,6 +53,8 @@ def exported_labels() -> dict[str, set[str]]:
     metrics.workloads_event("api", "ok")
     metrics.workloads_event("cache", "hit")
     metrics.cached_keys(1)
+    metrics.queue_left(0.5, "served")
+    metrics.queue_rejected("queue_full")
     labels: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(metrics.render().decode()):
         for sample in family.samples:

@@ -36,6 +36,9 @@ class Finished:
     ttfb: float | None
     duration: float
     bytes_out: int
+    model: str | None = None
+    tokens_in: int | None = None
+    tokens_out: int | None = None
 
 
 def node(index, **fields):

@@ -31,7 +31,7 @@ from blyanproxy.admin.nodeinput import (
     strict_index,
 )
 from blyanproxy.admin.ui import STATUS_PAGE
-from blyanproxy.admin.views import active_index, node_view, nodes_view
+from blyanproxy.admin.views import active_index, node_view, nodes_view, with_slots
 from blyanproxy.core import Node, ProxyError, StoreConflict, StoreUnavailable, fleetedit, new_node_id
 from blyanproxy.logs import logger
 
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from twisted.web.iweb import IRequest
     from twisted.web.resource import Resource
 
-    from blyanproxy.admin.views import RequestTotals
+    from blyanproxy.admin.views import AdmissionView, RequestTotals
     from blyanproxy.core import Change, FleetState, NodeRegistry
     from blyanproxy.fleet import Balancer, FleetKeeper, HealthMonitor
 
@@ -58,8 +58,10 @@ class AdminAPI:
     app = Klein()
 
     def __init__(self, registry: NodeRegistry, balancer: Balancer, keeper: FleetKeeper, health: HealthMonitor,
-                 counters: RequestTotals, token: str, clock: IReactorTime, throttle: FailureThrottle) -> None:
+                 counters: RequestTotals, token: str, clock: IReactorTime, throttle: FailureThrottle,
+                 admission: AdmissionView | None = None) -> None:
         self._registry = registry
+        self._admission = admission
         self._balancer = balancer
         self._keeper = keeper
         self._health = health
@@ -182,7 +184,9 @@ class AdminAPI:
         self._authorize(request)
         now = self._clock.seconds()
         nodes = nodes_view(self._registry, now)
+        with_slots(nodes, self._registry, self._balancer.cap_of)
         return self._json(request, {
+            **({"admission": self._admission.view()} if self._admission is not None else {}),
             "policy": self._balancer.policy,
             "activeIndex": active_index(self._registry),
             "activeId": self._registry.active_id,
@@ -194,6 +198,13 @@ class AdminAPI:
                                         "inFlight": n["inFlight"]} for n in nodes},
             },
         })
+
+    @app.route("/admission", methods=["GET"])
+    def admission(self, request: IRequest) -> bytes:
+        """The queue for node slots, the rate limits, and each caller's totals (keys by hash only)."""
+        self._authorize(request)
+        view = self._admission.view() if self._admission is not None else {"queue": None, "callers": {}}
+        return self._json(request, view)
 
     @app.route("/nodes", methods=["GET"])
     def list_nodes(self, request: IRequest) -> bytes:

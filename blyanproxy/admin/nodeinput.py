@@ -11,6 +11,7 @@ from blyanproxy.core import (
     NodeFieldError,
     ProxyError,
     node_engine,
+    node_max_inflight,
     node_models,
     node_name,
     node_tags,
@@ -22,8 +23,8 @@ MAX_METADATA_BYTES = 16 * 1024
 #: ``metadata.healthPath``: a path on the node itself (never ``//host`` or ``@host``), printable ASCII.
 _HEALTH_PATH = re.compile(r"/(?!/)[!-~]{0,1023}\Z")
 
-_CREATE_FIELDS = {"name", "baseURL", "tags", "metadata", "weight", "tlsVerify", "engine", "models"}
-_PATCH_FIELDS = {"name", "tags", "metadata", "weight", "draining", "engine", "models"}
+_CREATE_FIELDS = {"name", "baseURL", "tags", "metadata", "weight", "tlsVerify", "engine", "models", "maxInflight"}
+_PATCH_FIELDS = {"name", "tags", "metadata", "weight", "draining", "engine", "models", "maxInflight"}
 
 
 def invalid(field: str, problem: str) -> ProxyError:
@@ -90,6 +91,7 @@ _OPTIONAL = {
     "draining": ("draining", lambda value: _boolean("draining", value)),
     "engine": ("engine", _node_field(node_engine)),
     "models": ("models", _node_field(node_models)),
+    "maxInflight": ("max_inflight", _node_field(node_max_inflight)),
 }
 
 
@@ -116,7 +118,8 @@ def new_node_fields(document: Any) -> dict[str, Any]:
     except ValueError as exc:
         raise invalid("baseURL", str(exc)) from None
     fields: dict[str, Any] = {"name": _name(data["name"]), "base_url": base_url}
-    fields.update(_optional(data, ("tags", "metadata", "weight", "tlsVerify", "engine", "models")))
+    fields.update(_optional(data, ("tags", "metadata", "weight", "tlsVerify", "engine", "models",
+                                 "maxInflight")))
     return fields
 
 
@@ -124,7 +127,7 @@ def node_changes(document: Any) -> dict[str, Any]:
     """The ``Node`` fields a PATCH changes (``name``, ``tags``, ``metadata``, ``weight``, ``draining``,
     ``engine``, ``models``)."""
     return _optional(_object(document, _PATCH_FIELDS), ("name", "tags", "metadata", "weight", "draining",
-                                                        "engine", "models"))
+                                                        "engine", "models", "maxInflight"))
 
 
 def policy_name(document: Any) -> str:

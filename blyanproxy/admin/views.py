@@ -91,3 +91,20 @@ def usable_count(registry: NodeRegistry, now: float) -> int:
     return sum(
         1 for node in registry.nodes() if not node.draining and usable(registry.stats(node.id).health, now)
     )
+
+
+class AdmissionView(typing.Protocol):
+    """What the admin API shows of admission (the data path's ``Admission``)."""
+
+    def view(self) -> dict:
+        """The queue, the rate limits and each caller's totals, keys by their hash only."""
+
+
+def with_slots(nodes: list[dict], registry: NodeRegistry, cap_of: typing.Callable[[Node], int | None]) -> None:
+    """Add each capped node's ``slots`` (in use and cap) and its ``queue`` text for the status page."""
+    for view in nodes:
+        node = registry.get(view["id"])
+        cap = cap_of(node) if node is not None else None
+        if cap is not None:
+            view["slots"] = {"inUse": view["inFlight"], "cap": cap}
+            view["queue"] = f"{view['inFlight']}/{cap} slots in use"

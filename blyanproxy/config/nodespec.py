@@ -11,6 +11,7 @@ from blyanproxy.config.parsers import mask_credentials
 from blyanproxy.core import (
     NodeFieldError,
     node_engine,
+    node_max_inflight,
     node_models,
     node_name,
     node_tags,
@@ -20,7 +21,7 @@ from blyanproxy.core import (
 )
 
 #: The form of a declaration, as error messages show it.
-FORM = "name|url[|weight=N|tags=a,b|tls_verify=false|engine=E|models=a,b]"
+FORM = "name|url[|weight=N|tags=a,b|tls_verify=false|engine=E|models=a,b|max_inflight=N]"
 
 
 @attrs.frozen
@@ -35,6 +36,7 @@ class NodeSpec:
     tls_verify: bool = True
     engine: str = "auto"
     models: tuple[str, ...] = ()
+    max_inflight: int | None = None
 
 
 class NodeSpecError(ValueError):
@@ -46,7 +48,8 @@ class NodeSpecError(ValueError):
 
 
 def parse_node(text: str, source: str) -> NodeSpec:
-    """Parse ``name|url[|key=value...]`` (keys: ``weight``, ``tags``, ``tls_verify``, ``engine``, ``models``).
+    """Parse ``name|url[|key=value...]`` (keys: ``weight``, ``tags``, ``tls_verify``, ``engine``, ``models``,
+    ``max_inflight``).
 
     ``NodeSpecError`` (a ``ValueError``) names the field that is wrong and shows
     its value, never a URL's credentials.
@@ -80,12 +83,15 @@ def parse_node(text: str, source: str) -> NodeSpec:
                 extras["engine"] = node_engine(value.strip())
             elif key == "models":
                 extras["models"] = node_models(tuple(m.strip() for m in value.split(",") if m.strip()))
+            elif key == "max_inflight":
+                extras["max_inflight"] = node_max_inflight(
+                    int(value) if re.fullmatch(r"\d+", value.strip()) else value)
             else:
-                raise ValueError(f"unknown key {key!r} (known: weight, tags, tls_verify, engine, models)")
+                raise ValueError(f"unknown key {key!r} (known: weight, tags, tls_verify, engine, models, max_inflight)")
         except NodeFieldError as exc:
             raise NodeSpecError(key, exc.problem, value) from None
         except ValueError as exc:
-            if key not in ("weight", "tags", "tls_verify", "engine", "models"):
+            if key not in ("weight", "tags", "tls_verify", "engine", "models", "max_inflight"):
                 raise
             raise NodeSpecError(key, str(exc), value) from None
     return NodeSpec(name=name, base_url=base.text, source=source, **extras)

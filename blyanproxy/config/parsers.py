@@ -143,6 +143,14 @@ def token(text: str) -> str:
     return text
 
 
+def header_name(text: str) -> str:
+    """An HTTP header name (letters, digits and ``-``), lower-cased."""
+    name = text.strip()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}", name):
+        raise ValueError("expected a header name such as X-Caller-Key")
+    return name.lower()
+
+
 def any_text(text: str) -> str:
     """The text as it is (a file name)."""
     return text

@@ -10,6 +10,7 @@ from blyanproxy.config.parsers import (
     any_text,
     base_url_text,
     factor,
+    header_name,
     health_paths,
     log_level_name,
     milliseconds,
@@ -81,6 +82,13 @@ class Settings:
     strip_origin: bool = False
     affinity_key: AffinitySource | None = None
     affinity_load_factor: float = 1.25
+    node_max_inflight: int = 0  # 0: no cap
+    queue_max: int = 100
+    queue_timeout: float = 30.0
+    rate_limit_rpm: int = 0  # 0: no limit
+    rate_limit_tpm: int = 0
+    rate_limit_file: str | None = None
+    caller_key_header: str | None = None
     ws_heartbeat: float = 30.0
     enable_metrics: bool = True
     metrics_token: str | None = attrs.field(default=None, repr=False)
@@ -191,6 +199,20 @@ SETTINGS = (
             "keep requests sharing this key on one node: header:NAME, cookie:NAME or query:NAME"),
     Setting("affinity_load_factor", "AFFINITY_LOAD_FACTOR", "affinity-load-factor", "1.25", factor,
             "a node above this multiple of the average in-flight count takes no new affinity keys"),
+    Setting("node_max_inflight", "NODE_MAX_INFLIGHT", "node-max-inflight", "0", whole_number(0, 100000),
+            "requests a node takes at once unless its max_inflight says otherwise (0: no cap)"),
+    Setting("queue_max", "QUEUE_MAX", "queue-max", "100", whole_number(0, 100000),
+            "requests that may wait for a slot when every node they may use is at its cap"),
+    Setting("queue_timeout", "QUEUE_TIMEOUT_MS", "queue-timeout-ms", "30000", milliseconds(0.01),
+            "how long a request waits for a slot before 503 queue_timeout"),
+    Setting("rate_limit_rpm", "RATE_LIMIT_RPM", "rate-limit-rpm", "0", whole_number(0, 10**9),
+            "requests per minute per caller key (0: no limit)"),
+    Setting("rate_limit_tpm", "RATE_LIMIT_TPM", "rate-limit-tpm", "0", whole_number(0, 10**12),
+            "tokens per minute per caller key (0: no limit)"),
+    Setting("rate_limit_file", "RATE_LIMIT_FILE", "rate-limit-file", "(none)", any_text,
+            "JSON file of per-key limits by key hash, reloaded on SIGHUP"),
+    Setting("caller_key_header", "CALLER_KEY_HEADER", "caller-key-header", "(the API key)", header_name,
+            "header naming the caller for the queue and the rate limits, before the API key and the address"),
     Setting("strip_origin", "STRIP_ORIGIN", "strip-origin", "false", parse_boolean,
             "drop the client's Origin header before forwarding"),
     Setting("ws_heartbeat", "WS_HEARTBEAT_MS", "ws-heartbeat-ms", "30000", milliseconds(),

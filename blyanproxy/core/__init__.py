@@ -3,6 +3,18 @@ with no I/O and no Twisted. See docs/architecture.rst."""
 
 from __future__ import annotations
 
+from blyanproxy.core.admission import (
+    BANDS,
+    FairQueue,
+    SlotRate,
+    Waiter,
+    at_cap,
+    node_cap,
+    parse_priority,
+    queue_closed_error,
+    queue_full_error,
+    queue_timeout_error,
+)
 from blyanproxy.core.affinity import AffinitySource, affinity_key, choose_by_key, parse_affinity_source
 from blyanproxy.core.attempts import (
     BAD_RESPONSE,
@@ -74,6 +86,7 @@ from blyanproxy.core.modelfield import model_of
 from blyanproxy.core.noderules import (
     NodeFieldError,
     node_engine,
+    node_max_inflight,
     node_models,
     node_name,
     node_tags,
@@ -83,12 +96,32 @@ from blyanproxy.core.noderules import (
 from blyanproxy.core.nodes import Node, NodeRegistry, NodeStats, new_node_id
 from blyanproxy.core.nodeurl import parse_base_url
 from blyanproxy.core.query import form_decoded, query_parameters
+from blyanproxy.core.ratelimit import RateLimit, RateLimiter, Verdict, parse_overrides
 from blyanproxy.core.requestid import RequestId, new_request_id, replace_headers, request_id_for
 from blyanproxy.core.routing import Route, check_path, names_model, parse_route, route_allows, route_target
 from blyanproxy.core.selection import POLICIES, Candidate, Policy, Turn, route_members
 from blyanproxy.core.trust import ForwardTrust, parse_forward_trust
+from blyanproxy.core.usage import Usage, UsageTail, usage_in
 
 __all__ = [
+    "Usage",
+    "UsageTail",
+    "usage_in",
+    "BANDS",
+    "FairQueue",
+    "SlotRate",
+    "Waiter",
+    "at_cap",
+    "node_cap",
+    "parse_priority",
+    "queue_closed_error",
+    "queue_full_error",
+    "queue_timeout_error",
+    "RateLimit",
+    "RateLimiter",
+    "Verdict",
+    "parse_overrides",
+
     "AffinitySource",
     "AttemptFailure",
     "AttemptRules",
@@ -165,6 +198,7 @@ __all__ = [
     "node_name",
     "node_tags",
     "node_to_json",
+    "node_max_inflight",
     "node_weight",
     "openai_error_type",
     "parse_affinity_source",

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import attrs
 
-from blyanproxy.core.noderules import NodeFieldError, node_engine, node_models, node_weight
+from blyanproxy.core.noderules import NodeFieldError, node_engine, node_max_inflight, node_models, node_weight
 from blyanproxy.core.nodes import Node, new_node_id
 from blyanproxy.core.nodeurl import parse_base_url
 from blyanproxy.core.selection import POLICIES
@@ -81,6 +81,7 @@ def node_to_json(node: Node) -> dict[str, Any]:
         "declaredBy": node.declared_by,
         "engine": node.engine,
         "models": list(node.models),
+        "maxInflight": node.max_inflight,
     }
 
 
@@ -106,6 +107,7 @@ def node_from_json(data: object) -> Node:
         weight = node_weight(data.get("weight", 1))
         engine = node_engine(data.get("engine", "auto"))
         models = node_models(data.get("models", []))
+        max_inflight = node_max_inflight(data.get("maxInflight"))
     except NodeFieldError as broken:
         raise ValueError(f"node {name!r}: {broken}") from None
     added = data.get("addedAt", 0.0)
@@ -122,6 +124,7 @@ def node_from_json(data: object) -> Node:
         declared_by=data.get("declaredBy") if isinstance(data.get("declaredBy"), str) else None,
         engine=engine,
         models=models,
+        max_inflight=max_inflight,
     )
 
 
@@ -198,7 +201,7 @@ def merge(declared: Iterable[Node], saved: FleetState | None) -> FleetState:
             nodes[index] = attrs.evolve(
                 nodes[index], name=node.name, base_url=node.base_url, weight=node.weight,
                 tags=node.tags, tls_verify=node.tls_verify, declared_by=node.declared_by,
-                engine=node.engine, models=node.models,
+                engine=node.engine, models=node.models, max_inflight=node.max_inflight,
             )
         elif node.base_url not in removed:
             nodes.append(node)

@@ -84,6 +84,19 @@ def node_weight(value: object) -> int:
     return value
 
 
+MAX_INFLIGHT_LIMIT = 100000
+MAX_INFLIGHT_PROBLEM = f"must be null or a whole number from 1 to {MAX_INFLIGHT_LIMIT}"
+
+
+def node_max_inflight(value: object) -> int | None:
+    """``value`` when it is a node's concurrency cap (None, or 1 to 100000, not a bool), else ``NodeFieldError``."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_INFLIGHT_LIMIT:
+        raise NodeFieldError("maxInflight", MAX_INFLIGHT_PROBLEM)
+    return value
+
+
 def node_engine(value: object) -> str:
     """``value`` when it names an engine kind (``core.engines.ENGINES``), else ``NodeFieldError``."""
     if not isinstance(value, str) or value not in ENGINES:

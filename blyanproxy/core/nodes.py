@@ -25,6 +25,7 @@ class Node:
     ``tls_verify`` false skips certificate checks (only when set explicitly).
     ``engine`` is the declared kind (``auto``: detected); ``models``, when not
     empty, are the models it serves as declared (else they are learned).
+    ``max_inflight`` caps the requests it has at once (None: ``NODE_MAX_INFLIGHT``).
     """
 
     id: str
@@ -39,6 +40,7 @@ class Node:
     declared_by: str | None = None  # "NODE_3" or "--node" for nodes named in settings
     engine: str = "auto"
     models: tuple[str, ...] = ()
+    max_inflight: int | None = None
     url: BaseURL = attrs.field(init=False, eq=False, repr=False)
     name_bytes: bytes = attrs.field(init=False, eq=False, repr=False)
 

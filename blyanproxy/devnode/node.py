@@ -65,6 +65,7 @@ class DevNodeStats:
     connections_made: int = 0
     connections_lost: int = 0
     open_streams: int = 0
+    most_open_streams: int = 0  # the most open at once so far
     streams_started: int = 0
     streams_completed: int = 0
     streams_dropped: int = 0

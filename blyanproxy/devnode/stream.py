@@ -94,6 +94,7 @@ class TokenStream:
         self._open = True
         self._started = self._clock.seconds()
         self._stats.open_streams += 1
+        self._stats.most_open_streams = max(self._stats.most_open_streams, self._stats.open_streams)
         self._stats.streams_started += 1
         self._request.setHeader(b"content-type", self._fmt.content_type)
         self._request.setHeader(b"cache-control", b"no-cache")

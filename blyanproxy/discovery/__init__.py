@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from blyanproxy.discovery.apikeys import api_key_of, missing_key_error
+from blyanproxy.discovery.apikeys import api_key_of, key_id, missing_key_error
 from blyanproxy.discovery.directory import KeyRecord, WorkloadDirectory
 from blyanproxy.discovery.keycache import CacheLimits
 from blyanproxy.discovery.nodeallow import NodeAllowList, parse_node_allow
@@ -18,6 +18,7 @@ __all__ = [
     "NodeAllowList",
     "WorkloadDirectory",
     "api_key_of",
+    "key_id",
     "missing_key_error",
     "parse_node_allow",
     "workloads_client",

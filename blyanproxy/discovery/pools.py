@@ -46,6 +46,14 @@ class KeyedBalancer(LeaseMaker):
             return None
         return self.lease_among(members, route, excluded, self.stats, self._choose, unprobed=True)
 
+    def at_cap(self, nodes: Sequence[Node], route: Route, excluded: frozenset[str]) -> bool:
+        """Whether the nodes of ``nodes`` that ``route`` may use are all at their cap."""
+        try:
+            members = route_members(nodes, route)
+        except ProxyError:
+            return False
+        return self.all_at_cap(members, route, excluded, self.stats, unprobed=True)
+
 
 class KeyPool(LeasePool):
     """One API key's usable nodes (in the API's order), as a pool the data path takes leases from."""
@@ -61,6 +69,10 @@ class KeyPool(LeasePool):
     def acquire(self, route: Route, excluded: frozenset[str]) -> Lease | None:
         """A lease on the node chosen for ``route``, or ``None`` when none can take it."""
         return self._balancer.acquire(self.nodes, route, excluded)
+
+    def at_cap(self, route: Route, excluded: frozenset[str]) -> bool:
+        """Whether this key's nodes that ``route`` may use are all at their cap."""
+        return self._balancer.at_cap(self.nodes, route, excluded)
 
     def listing(self, route: Route) -> list[tuple[Node, NodeStats]]:
         """This key's usable nodes ``route`` may go to, with their figures (shared per node URL)."""

@@ -29,9 +29,11 @@ from blyanproxy.core import (
     Turn,
     after_traffic_failure,
     after_traffic_success,
+    at_cap,
     choose_by_key,
     engine_of,
     model_not_found,
+    node_cap,
     readmit_after_cooldown,
     route_allows,
     route_members,
@@ -56,6 +58,7 @@ class Lease:
     clock: IReactorTime
     rules: HealthRules
     released: bool = False
+    on_release: Callable[[], None] | None = None
 
     @property
     def engine(self) -> str | None:
@@ -93,6 +96,8 @@ class Lease:
         if not self.released:
             self.released = True
             self.stats.in_flight -= 1
+            if self.on_release is not None:
+                self.on_release()
 
 
 def _served(entry: tuple[Node, NodeStats]) -> tuple[str, ...] | None:
@@ -126,12 +131,18 @@ class LeasePool(Protocol):
     def listing(self, route: Route) -> list[tuple[Node, NodeStats]]:
         """The usable nodes ``route`` may go to, with their live figures (for the model list)."""
 
+    def at_cap(self, route: Route, excluded: frozenset[str]) -> bool:
+        """Whether ``acquire`` found no node only because every candidate is at its cap
+        (the request may then wait in the queue for a slot)."""
+
 
 class LeaseMaker:
     """What both pools share: choose one of the usable nodes and count it in flight, in one step.
 
     A route with an affinity key goes to that key's node
     (``affinity.choose_by_key``), any other to the given policy's choice.
+    A node at its cap (``max_inflight``, else ``default_cap``) is no candidate;
+    ``on_slot_freed`` is called whenever a lease is given back.
     """
 
     def __init__(self, clock, rules: HealthRules, affinity_load_factor: float) -> None:
@@ -139,6 +150,12 @@ class LeaseMaker:
         self._rules = rules
         self._turn = Turn()
         self.affinity_load_factor = affinity_load_factor
+        self.default_cap: int | None = None
+        self.on_slot_freed: Callable[[], None] | None = None
+
+    def cap_of(self, node: Node) -> int | None:
+        """The number of requests ``node`` may have at once (None: no cap)."""
+        return node_cap(node.max_inflight, self.default_cap)
 
     def usable_among(self, members: Sequence[Node],
                      stats_of: Callable[[Node], NodeStats]) -> list[tuple[Node, NodeStats]]:
@@ -156,21 +173,13 @@ class LeaseMaker:
         A route naming a model chooses among the usable nodes known to serve it,
         else among those whose models are not known yet (``engines.serving``).
         """
-        now = self._clock.seconds()
-        usable_nodes = []
-        for node in members:
-            if node.id not in excluded:
-                stats = stats_of(node)
-                if unprobed:
-                    stats.health = readmit_after_cooldown(stats.health, now)
-                if usable(stats.health, now):
-                    usable_nodes.append((node, stats))
-        if route.model is not None:
-            usable_nodes = serving(usable_nodes, route.model, _served)
+        usable_nodes = [(node, stats) for node, stats in self._eligible(members, route, excluded, stats_of, unprobed)
+                        if not at_cap(stats.in_flight, self.cap_of(node))]
         if not usable_nodes:
             if debugging("balancer"):
-                log.debug("route {path}: no usable node; not usable: {excluded}", path=_path_of(route),
-                          excluded=_not_usable(members, excluded, stats_of, now))
+                log.debug("route {path}: no usable node; not usable: {excluded}",
+                          path=_path_of(route),
+                          excluded=_not_usable(members, excluded, stats_of, self._clock.seconds()))
             return None
         candidates = [Candidate(node, stats.in_flight, stats.latency_ms) for node, stats in usable_nodes]
         if route.affinity_key is not None:
@@ -182,10 +191,32 @@ class LeaseMaker:
             log.debug("route {path}: {node} chosen by {reason} among {candidates}; not usable: {excluded}",
                       path=_path_of(route), node=node.name, reason=_reason(route, choose),
                       candidates=", ".join(_figures(c) for c in candidates),
-                      excluded=_not_usable(members, excluded, stats_of, now))
+                      excluded=_not_usable(members, excluded, stats_of, self._clock.seconds()))
         stats.in_flight += 1
         stats.requests += 1
-        return Lease(node=node, stats=stats, clock=self._clock, rules=self._rules)
+        return Lease(node=node, stats=stats, clock=self._clock, rules=self._rules, on_release=self.on_slot_freed)
+
+    def _eligible(self, members: Sequence[Node], route: Route, excluded: frozenset[str],
+                  stats_of: Callable[[Node], NodeStats], unprobed: bool) -> list[tuple[Node, NodeStats]]:
+        """The usable ``members`` outside ``excluded`` that may serve the route's model, caps aside."""
+        now = self._clock.seconds()
+        usable_nodes = []
+        for node in members:
+            if node.id not in excluded:
+                stats = stats_of(node)
+                if unprobed:
+                    stats.health = readmit_after_cooldown(stats.health, now)
+                if usable(stats.health, now):
+                    usable_nodes.append((node, stats))
+        if route.model is not None:
+            usable_nodes = serving(usable_nodes, route.model, _served)
+        return usable_nodes
+
+    def all_at_cap(self, members: Sequence[Node], route: Route, excluded: frozenset[str],
+                   stats_of: Callable[[Node], NodeStats], unprobed: bool = False) -> bool:
+        """Whether some of ``members`` could take ``route`` but every one of them is at its cap."""
+        eligible = self._eligible(members, route, excluded, stats_of, unprobed)
+        return bool(eligible) and all(at_cap(stats.in_flight, self.cap_of(node)) for node, stats in eligible)
 
 
 def _path_of(route: Route) -> str:
@@ -282,6 +313,15 @@ class Balancer(LeaseMaker, LeasePool):
         except ProxyError:
             return []
         return self.usable_among(members, lambda node: registry.stats(node.id))
+
+    def at_cap(self, route: Route, excluded: frozenset[str]) -> bool:
+        """Whether the registry nodes ``route`` may use are all at their cap."""
+        registry = self._registry
+        try:
+            members = self._members(route)
+        except ProxyError:
+            return False
+        return self.all_at_cap(members, route, excluded, lambda node: registry.stats(node.id))
 
     def acquire(self, route: Route, excluded: frozenset[str]) -> Lease | None:
         """A lease on the node chosen for ``route``, or ``None`` when no node can take it."""

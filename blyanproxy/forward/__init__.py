@@ -3,6 +3,7 @@ WebSocket splice, and the end-of-request hook."""
 
 from __future__ import annotations
 
+from blyanproxy.forward.admission import Admission, CallerUsage
 from blyanproxy.forward.context import ForwardContext, ForwardRules
 from blyanproxy.forward.resource import ProxyResource
 from blyanproxy.forward.traffic import (
@@ -20,6 +21,8 @@ from blyanproxy.forward.traffic import (
 
 __all__ = [
     "AccessRecord",
+    "Admission",
+    "CallerUsage",
     "CLIENT_CLOSED_STATUS",
     "CLIENT_GONE",
     "COMPLETE",

@@ -6,6 +6,7 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 
 from blyanproxy.core import AffinitySource, AttemptRules, ForwardTrust
+from blyanproxy.forward.admission import Admission
 from blyanproxy.forward.traffic import TrafficRecorder
 from blyanproxy.upstream import NodeEndpoints, UpstreamPool
 
@@ -39,7 +40,8 @@ class ForwardContext:
     ``clock`` (the reactor, or a test ``Clock``), ``upstream`` (the pooled HTTP
     connections to nodes), ``endpoints`` (raw connections to nodes, for
     WebSockets), ``traffic`` (the end-of-request hook, failed attempts, open
-    streams) and ``rules``.
+    streams), ``rules``, and ``admission`` (the slot queue and the rate limits;
+    None: no admission control).
     """
 
     clock: IReactorTime
@@ -47,3 +49,4 @@ class ForwardContext:
     endpoints: NodeEndpoints
     traffic: TrafficRecorder
     rules: ForwardRules
+    admission: Admission | None = None

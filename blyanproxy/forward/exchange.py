@@ -31,7 +31,7 @@ from blyanproxy.core import (
     upstream_request_headers,
     write_error,
 )
-from blyanproxy.fleet import Lease, LeasePool
+from blyanproxy.fleet import Caller, Lease, LeasePool
 from blyanproxy.forward import traffic
 from blyanproxy.forward.context import ForwardContext
 from blyanproxy.forward.failover import Failover, classify_failure
@@ -62,7 +62,7 @@ class Exchange:
     """
 
     def __init__(self, context: ForwardContext, request: Request, tally: traffic.RequestTally, route: Route,
-                 pool: LeasePool) -> None:
+                 pool: LeasePool, caller: Caller | None = None) -> None:
         self._context = context
         self._rules = context.rules
         self._request = request
@@ -73,7 +73,9 @@ class Exchange:
         content.seek(0)
         self._body = content.read()
         self._failover = Failover(Attempts(context.rules.attempts), pool, route, context.clock,
-                                  tally, self._try_node, self._fail, self._abandon_attempt)
+                                  tally, self._try_node, self._fail, self._abandon_attempt,
+                                  queue=context.admission.queue if context.admission is not None else None,
+                                  caller=caller)
         self._lease: Lease | None = None  # the latest attempt's; ``_head`` is its request head
         self._head = b""
         self._pending: defer.Deferred[UpstreamConnection] | None = None
@@ -219,6 +221,10 @@ class Exchange:
         if how not in (COMPLETE, CLIENT_GONE):
             log.warn("stream from node {node} ended: {how}", node=lease.node.name, how=how)
         self._tally.bytes_out = bytes_sent
+        if self._relay is not None:
+            usage = self._relay.usage_tail.usage()
+            if usage is not None:
+                self._tally.tokens_in, self._tally.tokens_out = usage.tokens_in, usage.tokens_out
         self._tally.end(self._request.code, _ENDINGS[how])
 
     def _fail(self, err: ProxyError) -> None:

@@ -43,7 +43,7 @@ from blyanproxy.core import (
     Route,
     Try,
 )
-from blyanproxy.fleet import Lease, LeasePool
+from blyanproxy.fleet import Caller, Lease, LeasePool, SlotQueue, Ticket
 from blyanproxy.logs import debugging, logger
 from blyanproxy.upstream import ProtocolError
 
@@ -87,11 +87,14 @@ class Failover:
     connection); ``give_up(error)`` answers the client; ``abandon()`` drops
     the current attempt, whose node went out while it waited (nothing of it is
     reported afterwards). ``lease`` is the current attempt's (None before the first).
+    With a ``queue`` (``QUEUE_MAX`` > 0), a first pick that finds every
+    candidate at its cap waits there for a slot (``caller`` says whose turn).
     """
 
     def __init__(self, attempts: Attempts, pool: LeasePool, route: Route, clock: IReactorTime,
                  reporter: AttemptReporter, try_node: Callable[[Lease, bool], None],
-                 give_up: Callable[[ProxyError], None], abandon: Callable[[], None]) -> None:
+                 give_up: Callable[[ProxyError], None], abandon: Callable[[], None],
+                 queue: SlotQueue | None = None, caller: Caller | None = None) -> None:
         self._attempts = attempts
         self._pool = pool
         self._route = route
@@ -104,6 +107,9 @@ class Failover:
         self._number = 0  # the current attempt's
         self._delay: IDelayedCall | None = None
         self._unwatch: Callable[[], None] | None = None  # while the current attempt waits for its answer
+        self._queue = queue
+        self._caller = caller
+        self._ticket: Ticket | None = None
 
     @property
     def count(self) -> int:
@@ -112,8 +118,8 @@ class Failover:
 
     @property
     def waiting(self) -> bool:
-        """True while the retry delay runs (no attempt is under way)."""
-        return self._delay is not None
+        """True while the retry delay runs or the request is queued (no attempt is under way)."""
+        return self._delay is not None or self._ticket is not None
 
     def start(self) -> None:
         """Make the first attempt."""
@@ -144,11 +150,14 @@ class Failover:
         self._carry_out(self._attempts.unusable(failure))
 
     def cancel(self) -> None:
-        """The client left: stop waiting out the retry delay, and watching the current node."""
+        """The client left: stop waiting out the retry delay or leave the queue, and stop watching the node."""
         self._stop_watching()
         if self._delay is not None:
             self._delay.cancel()
             self._delay = None
+        if self._ticket is not None:
+            ticket, self._ticket = self._ticket, None
+            ticket.leave()
 
     def _watch(self, lease: Lease) -> None:
         self._stop_watching()
@@ -198,6 +207,11 @@ class Failover:
     def _pick(self, pick: Pick) -> bool:
         self._delay = None
         lease = self._pool.acquire(self._route, pick.excluded)
+        if lease is None and self._may_queue(pick):
+            assert self._queue is not None and self._caller is not None
+            self._ticket = self._queue.wait(self._pool, self._route, pick.excluded, self._caller,
+                                            self._granted, self._queue_refused)
+            return False
         return self._carry_out(self._attempts.picked(lease.node.id if lease is not None else None), lease)
 
     def _tell(self, decision: Decision, picked: Lease | None) -> None:
@@ -215,6 +229,19 @@ class Failover:
         elif isinstance(decision, GiveUp):
             log.debug("giving up after {count} attempt(s): {status} {code}", count=self.count,
                       status=decision.error.status, code=decision.error.code)
+
+    def _may_queue(self, pick: Pick) -> bool:
+        """Whether this pick waits for a slot: the first, with a queue, every candidate at its cap."""
+        return (self._queue is not None and self._caller is not None and self._attempts.count == 0
+                and self._pool.at_cap(self._route, pick.excluded))
+
+    def _granted(self, lease: Lease) -> None:
+        self._ticket = None
+        self._carry_out(self._attempts.picked(lease.node.id), lease)
+
+    def _queue_refused(self, err: ProxyError) -> None:
+        self._ticket = None
+        self._give_up(err)
 
     def _hold_against_node(self, reason: str) -> None:
         lease = self.lease

@@ -28,7 +28,7 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from blyanproxy.core import ProxyError
+from blyanproxy.core import ProxyError, UsageTail
 from blyanproxy.upstream import write_through
 
 #: How a relayed body ended, passed to the ``on_end`` callback.
@@ -106,6 +106,7 @@ class BodyRelay:
         self._at_event_boundary = True
         self._timer: IDelayedCall | None = None
         self._forward: Callable[[bytes], None] = request.write
+        self.usage_tail = UsageTail()  # the body's end, for the token usage the node reports
         now = clock.seconds()
         self._last_data = now
         self._last_write = now
@@ -136,6 +137,7 @@ class BodyRelay:
         elif self._ndjson:
             self._at_event_boundary = data.endswith(b"\n\r\n" if self._raw_chunks is not None else b"\n")
         self._bytes_sent += len(data)
+        self.usage_tail.feed(data)
         self._forward(data)
 
     body_data = dataReceived

@@ -16,7 +16,7 @@ from blyanproxy.core import (
     write_error,
 )
 from blyanproxy.discovery import KeyRecord, WorkloadDirectory, api_key_of, missing_key_error
-from blyanproxy.fleet import Balancer, LeasePool
+from blyanproxy.fleet import Balancer, Caller, LeasePool
 from blyanproxy.forward import traffic
 from blyanproxy.forward.context import ForwardContext
 from blyanproxy.forward.exchange import Exchange
@@ -72,13 +72,22 @@ class ProxyResource(Resource):
         if affinity is not None:
             route = attrs.evolve(route, affinity_key=affinity)
         route = with_model(route, request)
+        tally.model = route.model
+        caller = None
+        if self._context.admission is not None:
+            try:
+                caller = self._context.admission.admit(request, tally)
+            except ProxyError as err:
+                self._refuse(request, tally, err)
+                return NOT_DONE_YET
         if directory is None or key is None:
-            self._forward(request, tally, route, self._balancer)
+            self._forward(request, tally, route, self._balancer, caller)
         else:
-            self._forward_keyed(directory, request, tally, route, key)
+            self._forward_keyed(directory, request, tally, route, key, caller)
         return NOT_DONE_YET
 
-    def _forward(self, request: Request, tally: traffic.RequestTally, route: Route, pool: LeasePool) -> None:
+    def _forward(self, request: Request, tally: traffic.RequestTally, route: Route, pool: LeasePool,
+                 caller: Caller | None = None) -> None:
         """Send the request to a node of ``pool`` (the registry's ``Balancer`` or a ``KeyPool``)."""
         try:
             pool.check(route)
@@ -90,10 +99,10 @@ class ProxyResource(Resource):
         if is_websocket_upgrade(request):
             forward_websocket(self._context, request, tally, route, pool)
         else:
-            Exchange(self._context, request, tally, route, pool).start()
+            Exchange(self._context, request, tally, route, pool, caller).start()
 
     def _forward_keyed(self, directory: WorkloadDirectory, request: Request, tally: traffic.RequestTally, route: Route,
-                       key: bytes) -> None:
+                       key: bytes, caller: Caller | None = None) -> None:
         """Find the key's workloads (perhaps asking the API), then forward among them."""
 
         def found(record: KeyRecord) -> None:
@@ -104,7 +113,7 @@ class ProxyResource(Resource):
                 return
             directory.started(record)
             request.notifyFinish().addBoth(record.finished)
-            self._forward(request, tally, route, pool)
+            self._forward(request, tally, route, pool, caller)
 
         def gone() -> None:
             tally.end(traffic.CLIENT_CLOSED_STATUS, traffic.CLIENT_GONE)

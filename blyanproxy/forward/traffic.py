@@ -75,6 +75,9 @@ class AccessRecord:
     the node sent after the upgrade. ``own_endpoint`` marks a request the
     proxy answered itself (``/health``, ``/_admin`` …), never meant for a node.
     ``request_id`` is the id the answer's ``X-Request-Id`` carried.
+    ``caller`` is the caller key's short hash (or client address) when
+    admission is on; ``tokens_in``/``tokens_out`` the prompt and completion
+    tokens the node's answer reported (None: it reported none).
     """
 
     method: str
@@ -90,6 +93,10 @@ class AccessRecord:
     client: str
     own_endpoint: bool = False
     request_id: str | None = None
+    model: str | None = None
+    caller: str | None = None
+    tokens_in: int | None = None
+    tokens_out: int | None = None
 
 
 def log_escaped(raw: bytes) -> str:
@@ -140,7 +147,7 @@ def access_line(record: AccessRecord) -> str:
         f"{record.client} {record.method} {redacted_target(record.target)} status={record.status} "
         f"node={record.node or '-'} attempts={record.attempts} ttfb_ms={ttfb} "
         f"duration_ms={record.duration * 1000:.1f} bytes_in={record.bytes_in} bytes_out={record.bytes_out} "
-        f"ended={record.ended} request_id={record.request_id or '-'}"
+        f"ended={record.ended}{_token_fields(record)} request_id={record.request_id or '-'}"
     )
 
 
@@ -163,6 +170,12 @@ def access_fields(record: AccessRecord) -> dict[str, object]:
         name, shown = _EVENT_FIELDS.get(field.name, (field.name, lambda value: value))
         fields[name] = shown(getattr(record, field.name))
     return fields
+
+
+def _token_fields(record: AccessRecord) -> str:
+    if record.tokens_in is None and record.tokens_out is None:
+        return ""
+    return f" tokens_in={record.tokens_in or 0} tokens_out={record.tokens_out or 0}"
 
 
 def write_access_line(record: AccessRecord) -> None:
@@ -231,6 +244,10 @@ class RequestTally:
     bytes_in: int = 0
     bytes_out: int = 0
     node_headers: list[tuple[bytes, bytes]] = attrs.field(factory=list)
+    model: str | None = None
+    caller: str | None = None
+    tokens_in: int | None = None
+    tokens_out: int | None = None
     _done: bool = attrs.field(default=False, init=False)
 
     def attempt_started(self, node: Node, number: int) -> None:
@@ -271,6 +288,10 @@ class RequestTally:
             client=self.client.origin,
             own_endpoint=self.own_endpoint,
             request_id=self.request_id,
+            model=self.model,
+            caller=self.caller,
+            tokens_in=self.tokens_in,
+            tokens_out=self.tokens_out,
         ))
 
 

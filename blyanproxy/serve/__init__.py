@@ -3,6 +3,7 @@ signals and reload."""
 
 from __future__ import annotations
 
+from blyanproxy.serve.admission import AdmissionSettings, build_admission
 from blyanproxy.serve.drain import ConnectionTracker, Drainer
 from blyanproxy.serve.envfile import load_settings
 from blyanproxy.serve.listening import Listener, cannot_listen
@@ -12,6 +13,7 @@ from blyanproxy.serve.site import ProxySite, RootResource
 from blyanproxy.serve.workers import ParentWatch, WorkerRole, WorkerSupervisor, worker_endpoint, worker_role
 
 __all__ = [
+    "AdmissionSettings",
     "ConnectionTracker",
     "Drainer",
     "Listener",
@@ -23,6 +25,7 @@ __all__ = [
     "WorkerRole",
     "WorkerSupervisor",
     "cannot_listen",
+    "build_admission",
     "load_settings",
     "worker_endpoint",
     "worker_role",

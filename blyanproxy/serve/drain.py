@@ -126,6 +126,7 @@ class Drainer(MultiService):
         self._grace = grace
         self._save = save
         self.listener: IService | None = None
+        self.before_drain: Callable[[], object] | None = None  # called as the drain begins
 
     def add_listener(self, listener: IService) -> None:
         """Add the listening service: started last, stopped first."""
@@ -139,6 +140,8 @@ class Drainer(MultiService):
         return stopping.addBoth(lambda _: self._drain()).addBoth(self._after_drain)
 
     def _drain(self) -> defer.Deferred[None]:
+        if self.before_drain is not None:
+            self.before_drain()  # requests still queued for a node slot are answered 503 now
         busy, connections = self._tracker.busy(), len(self._tracker.protocols)
         started = self._clock.seconds()
         log.info("draining {busy} request(s) on {connections} connection(s), up to {grace:g} s",

@@ -22,9 +22,13 @@ from blyanproxy.logs import logger, set_log_level
 log = logger("reload")
 
 #: Settings a reload applies; every other change waits for a restart.
-LIVE = frozenset({"nodes", "selection_policy", "log_level"})
+LIVE = frozenset({"nodes", "selection_policy", "log_level", "node_max_inflight", "rate_limit_rpm", "rate_limit_tpm",
+                  "rate_limit_file"})
+#: The admission settings SIGHUP applies through the ``on_reload`` hook (and RATE_LIMIT_FILE is read again).
+_ADMISSION_FIELDS = ("node_max_inflight", "rate_limit_rpm", "rate_limit_tpm", "rate_limit_file")
 #: The node fields a declaration owns (the rest: id, metadata, drain flag, stay).
-_DECLARED_FIELDS = ("name", "base_url", "weight", "tags", "tls_verify", "declared_by", "engine", "models")
+_DECLARED_FIELDS = ("name", "base_url", "weight", "tags", "tls_verify", "declared_by", "engine", "models",
+                    "max_inflight")
 
 
 @attrs.frozen
@@ -97,12 +101,15 @@ class Reloader:
 
     ``make_node`` turns a ``NodeSpec`` into a new registry ``Node``; ``keeper``
     (the ``FleetKeeper``) knows the runtime removals and policy, and carries
-    the node changes out through the state store.
+    the node changes out through the state store. ``on_reload`` gets the new
+    settings to apply the admission ones (``serve.admission``).
     """
 
     def __init__(self, settings: Settings, load: Callable[[], Settings], registry: NodeRegistry,
-                 keeper, make_node: Callable[[NodeSpec], Node]) -> None:
+                 keeper, make_node: Callable[[NodeSpec], Node],
+                 on_reload: Callable[[Settings], object] | None = None) -> None:
         self.settings = settings
+        self._on_reload = on_reload
         self._load = load
         self._registry = registry
         self._keeper = keeper
@@ -129,8 +136,11 @@ class Reloader:
         if new.log_level != self.settings.log_level:
             set_log_level(new.log_level)
             log.info("reload: log level {name}", name=new.log_level)
+        if self._on_reload is not None:
+            self._on_reload(new)
         self.settings = attrs.evolve(
-            self.settings, nodes=new.nodes, selection_policy=new.selection_policy, log_level=new.log_level
+            self.settings, nodes=new.nodes, selection_policy=new.selection_policy, log_level=new.log_level,
+            **{name: getattr(new, name) for name in _ADMISSION_FIELDS},
         )
         log.info("reloaded {source}: {added} node(s) added, {updated} updated, {removed} removed",
                  source=source, added=len(plan.add), updated=len(plan.update), removed=len(plan.remove))

@@ -97,7 +97,7 @@ def node(index, **fields):
     return Node(id=f"n{index}", name=f"node{index}", base_url=f"http://10.0.0.{index}:8000", **fields)
 
 
-def build(nodes=(), counters=None, health=None):
+def build(nodes=(), counters=None, health=None, admission=None):
     clock = Clock()
     clock.advance(1000)
     registry = NodeRegistry()
@@ -110,7 +110,7 @@ def build(nodes=(), counters=None, health=None):
         health = HealthMonitor(registry, StubTreq(node_health), clock, 5.0, 1.0, ("/health",),
                                frozenset({200}), HealthRules())
     counters = counters or types.SimpleNamespace(requests=0, failures=0)
-    api = AdminAPI(registry, balancer, keeper, health, counters, TOKEN, clock, FailureThrottle(clock))
+    api = AdminAPI(registry, balancer, keeper, health, counters, TOKEN, clock, FailureThrottle(clock), admission)
     return Admin(clock, registry, balancer, store, node_health, StubTreq(api.resource()), health)
 
 
@@ -134,6 +134,7 @@ ROUTES = [
     ("POST", "/health-check", None),
     ("GET", "/policy", None),
     ("PUT", "/policy", {"policy": "round-robin"}),
+    ("GET", "/admission", None),
 ]
 
 
@@ -203,6 +204,23 @@ def test_status_shows_the_fleet_and_the_request_counters():
         "nodeStats": {"n1": {"requests": 0, "failures": 0, "inFlight": 0},
                       "n2": {"requests": 5, "failures": 0, "inFlight": 1}},
     }
+
+
+class AdmissionFigures:
+    def view(self):
+        return {"queue": {"depth": 2}, "callers": {"key-0123456789": {"requests": 3}}}
+
+
+def test_status_and_admission_show_caps_slots_and_the_queue():
+    admin = build([node(1, max_inflight=4), node(2)], admission=AdmissionFigures())
+    admin.registry.stats("n1").in_flight = 3
+    code, _, status = admin.call("GET", "/status")
+    assert code == 200 and status["admission"]["queue"] == {"depth": 2}
+    first, second = status["nodes"]
+    assert (first["maxInflight"], first["slots"], first["queue"]) == (4, {"inUse": 3, "cap": 4}, "3/4 slots in use")
+    assert "slots" not in second and second["maxInflight"] is None
+    assert admin.call("GET", "/admission")[2] == AdmissionFigures().view()
+    assert build([node(1)]).call("GET", "/admission")[2] == {"queue": None, "callers": {}}
 
 
 def test_nodes_are_listed_in_registry_order_with_live_figures(admin):

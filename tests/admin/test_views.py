@@ -42,7 +42,7 @@ def test_a_node_view_has_the_stored_fields_and_the_live_ones():
         "healthy": True, "usable": True, "state": "up", "ejected": False, "lastCheck": 990000, "lastError": None,
         "responseTime": 120.0, "consecutiveFailures": 1, "inFlight": 1, "requests": 9, "failures": 2,
         "ejectedUntil": None, "ejectReason": None, "ejections": 0,
-        "engine": "auto", "models": [], "detectedEngine": None, "servedModels": None,
+        "engine": "auto", "models": [], "detectedEngine": None, "servedModels": None, "maxInflight": None,
     }
 
 

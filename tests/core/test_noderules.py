@@ -202,3 +202,20 @@ def test_models_and_engine_refusals_name_the_field():
     assert models.value.field == "models"
     assert node_models(("meta-llama/Llama-3.1-8B-Instruct", "llama3:latest")) == (
         "meta-llama/Llama-3.1-8B-Instruct", "llama3:latest")
+
+
+@given(st.integers(-5, 100005))
+def test_the_settings_the_admin_api_and_the_stored_fleet_accept_the_same_caps(cap):
+    declared = _settings_accept(f"gpu|http://h:1|max_inflight={cap}")
+    admitted = _admin_accepts({"name": "gpu", "baseURL": "http://h:1", "maxInflight": cap})
+    stored = _stored({"maxInflight": cap})
+    assert (declared is None) == (admitted is None) == (stored is None) == (not 1 <= cap <= 100000)
+    if stored is not None:
+        assert declared.max_inflight == admitted["max_inflight"] == stored.max_inflight == cap
+
+
+def test_no_cap_is_null_and_a_bool_is_no_cap_value():
+    assert _stored({"maxInflight": None}).max_inflight is None
+    assert _stored({}).max_inflight is None
+    assert _stored({"maxInflight": True}) is None
+    assert _admin_accepts({"name": "gpu", "baseURL": "http://h:1", "maxInflight": None})["max_inflight"] is None

@@ -242,3 +242,52 @@ def test_a_cancelled_failover_no_longer_watches():
     machine.cancel()
     registry.stats("id0").taken_out("down")
     assert owner.abandoned == [] and owner.tries == [("n0", False)]
+
+
+def queued_failover(clock, balancer, owner):
+    from blyanproxy.fleet import Caller, SlotQueue
+
+    queue = SlotQueue(clock, 10, 5.0)
+    balancer.on_slot_freed = queue.slot_freed
+    machine = Failover(Attempts(AttemptRules()), balancer, parse_route(b"/v1/models"), clock, owner,
+                       owner.try_node, owner.give_up, owner.abandon, queue=queue, caller=Caller("key-a"))
+    return machine, queue
+
+
+def test_a_first_pick_with_every_node_at_its_cap_waits_for_a_slot():
+    clock = Clock()
+    registry, balancer = fleet(1, clock)
+    balancer.default_cap = 1
+    owner = Owner()
+    machine, queue = queued_failover(clock, balancer, owner)
+    held = balancer.acquire(parse_route(b"/v1/models"), frozenset())
+    machine.start()
+    assert machine.waiting and len(queue) == 1 and owner.tries == [] and owner.errors == []
+    held.release()
+    clock.advance(0)
+    assert owner.tries == [("n0", False)] and not machine.waiting
+
+
+def test_a_client_that_leaves_the_queue_is_never_tried():
+    clock = Clock()
+    registry, balancer = fleet(1, clock)
+    balancer.default_cap = 1
+    owner = Owner()
+    machine, queue = queued_failover(clock, balancer, owner)
+    held = balancer.acquire(parse_route(b"/v1/models"), frozenset())
+    machine.start()
+    machine.cancel()
+    assert len(queue) == 0
+    held.release()  # the freed slot finds nobody waiting
+    clock.advance(10)
+    assert owner.tries == [] and owner.errors == [] and registry.stats("id0").in_flight == 0
+
+
+def test_without_caps_nothing_waits():
+    clock = Clock()
+    registry, balancer = fleet(1, clock)
+    registry.update("id0", draining=True)
+    owner = Owner()
+    machine, queue = queued_failover(clock, balancer, owner)
+    machine.start()
+    assert len(queue) == 0 and owner.errors == [(503, "no_healthy_nodes")]

@@ -85,6 +85,12 @@ def test_the_access_line():
         "127.0.0.1 POST /v1/chat/completions status=503 node=- attempts=0 ttfb_ms=- ")
 
 
+def test_the_access_line_has_the_tokens_the_node_reported():
+    line = access_line(record(tokens_in=12, tokens_out=7, caller="key-0123456789"))
+    assert line.endswith(" ended=complete tokens_in=12 tokens_out=7 request_id=-")
+    assert "key-" not in line
+
+
 def test_query_values_never_reach_the_line():
     assert redacted_target(b"/v1/models?api_key=SECRET&x=1&=v") == "/v1/models?api_key=…&x=…&=…"
     assert redacted_target(b"/plain") == "/plain"
@@ -195,6 +201,7 @@ def test_the_access_event_names_every_field_of_the_record():
         "method": "POST", "path": "/v1/x?api_key=…&n=…", "status": 200, "node": "gpu-a", "attempts": 1,
         "ttfb_ms": 12.3, "duration_ms": 1500.0, "bytes_in": 312, "bytes_out": 5120, "ended": "complete",
         "client": "127.0.0.1", "own_endpoint": False, "request_id": None,
+        "model": None, "caller": None, "tokens_in": None, "tokens_out": None,
     }
     assert access_fields(record(ttfb=None, node=None))["ttfb_ms"] is None
     assert set(access_fields(record())) == {

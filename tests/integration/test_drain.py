@@ -66,12 +66,13 @@ def draining_proxy(reactor):
     """``draining_proxy(node_url, grace=10.0)``: a started proxy; stopped (and its pool closed) at teardown."""
     made = []
 
-    def start(node_url, grace=10.0):
-        settings = attrs.evolve(Settings(), nodes=(NodeSpec("node0", node_url, "test"),))
+    def start(node_url, grace=10.0, **overrides):
+        settings = attrs.evolve(Settings(), nodes=(NodeSpec("node0", node_url, "test"),), **overrides)
         parts = build_proxy(settings, reactor, persist=False)
         tracker = ConnectionTracker(parts.site)
         events, clock = [], Clock()
         drainer = Drainer(tracker, clock, grace, save=lambda: events.append("saved"))
+        drainer.before_drain = parts.admission.admission.queue.close  # as tap.make_proxy_service wires it
         Recorder(events).setServiceParent(drainer)
         listener = Listening(reactor, tracker)
         drainer.add_listener(listener)
@@ -166,3 +167,22 @@ async def test_after_the_grace_streams_and_websockets_are_cut(reactor, devnode_f
     assert b"data: [DONE]" not in stream.received
     assert proxy.events == ["saved", "stopped", "all stopped"]
     assert proxy.tracker.busy() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_still_queued_are_answered_503_before_the_grace(reactor, devnode_factory, draining_proxy):
+    node = devnode_factory(tokens_per_second=50.0, ttft_ms=0.0)
+    proxy = draining_proxy(node.url, node_max_inflight=1)
+    streaming = await connect(reactor, proxy.url)
+    streaming.transport.write(chat_request(max_tokens=100000))
+    await streaming.wait_for(b"chat.completion.chunk")
+    queued = await connect(reactor, proxy.url)
+    queued.transport.write(chat_request(max_tokens=3))
+    queue = proxy.parts.admission.admission.queue
+    await eventually(reactor, lambda: len(queue) == 1)
+    stopped = stop(proxy)
+    received = await queued.wait_closed()  # the grace has not begun to run out: the clock stands still
+    assert received.startswith(b"HTTP/1.1 503") and b'"shutting_down"' in received
+    assert node.node.stats.by_path["/v1/chat/completions"] == 1
+    proxy.clock.advance(10.0)
+    await stopped
