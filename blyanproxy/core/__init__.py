@@ -59,7 +59,9 @@ from blyanproxy.core.healthstate import (
     readmit_after_cooldown,
     usable,
 )
+from blyanproxy.core.loadfigures import LoadFigures, figures_from, fresh, load_paths
 from blyanproxy.core.modelfield import model_of
+from blyanproxy.core.prefixkey import prefix_key
 from blyanproxy.core.noderules import (
     NodeFieldError,
     node_engine,
@@ -72,7 +74,7 @@ from blyanproxy.core.noderules import (
 from blyanproxy.core.nodes import Node, NodeRegistry, NodeStats, new_node_id
 from blyanproxy.core.nodeurl import parse_base_url
 from blyanproxy.core.routing import Route, names_model, parse_route, route_allows, route_target
-from blyanproxy.core.selection import POLICIES, Candidate, Policy, Turn, route_members
+from blyanproxy.core.selection import POLICIES, Candidate, Policy, Turn, cache_aware, load_rank, route_members
 from blyanproxy.core.trust import ForwardTrust, parse_forward_trust
 
 __all__ = [
@@ -94,6 +96,7 @@ __all__ = [
     "GiveUp",
     "HealthRules",
     "LOADING",
+    "LoadFigures",
     "NO_RESPONSE",
     "Node",
     "NodeFieldError",
@@ -124,6 +127,12 @@ __all__ = [
     "after_traffic_failure",
     "after_traffic_success",
     "bad_handshake",
+    "cache_aware",
+    "figures_from",
+    "fresh",
+    "load_paths",
+    "load_rank",
+    "prefix_key",
     "boolean_word",
     "choose_by_key",
     "client_facts",

@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl
 import attrs
 
 from blyanproxy.core.requestview import RequestView
-from blyanproxy.core.selection import Candidate
+from blyanproxy.core.candidate import Candidate
 
 _KINDS = ("header", "cookie", "query")
 #: Below this many requests in flight a node always keeps its keys: at low load the

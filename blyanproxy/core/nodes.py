@@ -8,6 +8,7 @@ from typing import Any, Callable
 import attrs
 
 from blyanproxy.core.healthstate import Health
+from blyanproxy.core.loadfigures import LoadFigures
 from blyanproxy.core.noderules import check_url_free
 from blyanproxy.core.nodeurl import BaseURL, parse_base_url
 
@@ -64,6 +65,10 @@ class NodeStats:
     health: Health = attrs.Factory(Health)
     engine: str | None = None
     models: tuple[str, ...] | None = None
+    #: The engine's own load figures as last read (``fleet.LoadMonitor``), and this process's
+    #: dispatches to the node since then.
+    load: LoadFigures | None = None
+    dispatched: int = 0
 
     def observe_latency(self, milliseconds: float) -> None:
         """Fold one measurement into the moving average (weight 0.3 for the newest)."""

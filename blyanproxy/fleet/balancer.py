@@ -28,8 +28,10 @@ from blyanproxy.core import (
     Turn,
     after_traffic_failure,
     after_traffic_success,
+    cache_aware,
     choose_by_key,
     engine_of,
+    fresh,
     model_not_found,
     readmit_after_cooldown,
     route_allows,
@@ -133,6 +135,14 @@ class LeaseMaker:
         self._rules = rules
         self._turn = Turn()
         self.affinity_load_factor = affinity_load_factor
+        #: Seconds between load scrapes (``LOAD_INTERVAL_MS``): figures older than three count as unknown.
+        self.load_interval = 1.0
+
+    def candidates(self, usable_nodes: Sequence[tuple[Node, NodeStats]]) -> list[Candidate]:
+        """The policies' view of ``usable_nodes``: live counts, and the engine's figures while fresh."""
+        now = self._clock.seconds()
+        return [Candidate(node, stats.in_flight, stats.latency_ms, fresh(stats.load, now, self.load_interval),
+                          stats.dispatched) for node, stats in usable_nodes]
 
     def usable_among(self, members: Sequence[Node],
                      stats_of: Callable[[Node], NodeStats]) -> list[tuple[Node, NodeStats]]:
@@ -163,14 +173,17 @@ class LeaseMaker:
             usable_nodes = serving(usable_nodes, route.model, _served)
         if not usable_nodes:
             return None
-        candidates = [Candidate(node, stats.in_flight, stats.latency_ms) for node, stats in usable_nodes]
+        candidates = self.candidates(usable_nodes)
         if route.affinity_key is not None:
             chosen = choose_by_key(route.affinity_key, candidates, self.affinity_load_factor)
+        elif choose is cache_aware:
+            chosen = cache_aware(candidates, self._turn, active_id, route.prefix_key)
         else:
             chosen = choose(candidates, self._turn, active_id)
         node, stats = usable_nodes[candidates.index(chosen)]
         stats.in_flight += 1
         stats.requests += 1
+        stats.dispatched += 1
         return Lease(node=node, stats=stats, clock=self._clock, rules=self._rules)
 
 
