@@ -61,7 +61,6 @@ from blyanproxy.core.healthstate import (
 )
 from blyanproxy.core.loadfigures import LoadFigures, figures_from, fresh, load_paths
 from blyanproxy.core.modelfield import model_of
-from blyanproxy.core.prefixkey import prefix_key
 from blyanproxy.core.noderules import (
     NodeFieldError,
     node_engine,
@@ -73,6 +72,7 @@ from blyanproxy.core.noderules import (
 )
 from blyanproxy.core.nodes import Node, NodeRegistry, NodeStats, new_node_id
 from blyanproxy.core.nodeurl import parse_base_url
+from blyanproxy.core.prefixkey import prefix_key
 from blyanproxy.core.routing import Route, names_model, parse_route, route_allows, route_target
 from blyanproxy.core.selection import POLICIES, Candidate, Policy, Turn, cache_aware, load_rank, route_members
 from blyanproxy.core.trust import ForwardTrust, parse_forward_trust

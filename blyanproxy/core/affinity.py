@@ -17,8 +17,8 @@ from urllib.parse import parse_qsl
 
 import attrs
 
-from blyanproxy.core.requestview import RequestView
 from blyanproxy.core.candidate import Candidate
+from blyanproxy.core.requestview import RequestView
 
 _KINDS = ("header", "cookie", "query")
 #: Below this many requests in flight a node always keeps its keys: at low load the

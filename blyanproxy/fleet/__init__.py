@@ -6,6 +6,7 @@ from __future__ import annotations
 from blyanproxy.fleet.balancer import Balancer, Lease, LeaseMaker, LeasePool, check_model
 from blyanproxy.fleet.health import HealthMonitor, probe_client
 from blyanproxy.fleet.keeper import FleetKeeper
+from blyanproxy.fleet.loadmonitor import LoadMonitor
 
 __all__ = [
     "Balancer",
@@ -14,6 +15,7 @@ __all__ = [
     "Lease",
     "LeaseMaker",
     "LeasePool",
+    "LoadMonitor",
     "check_model",
     "probe_client",
 ]
