@@ -5,9 +5,9 @@ prompt, each up to ``PREFIX_BYTES`` of the value's JSON text: requests that shar
 prompt, or one conversation's later turns, share a key. Only the body's first ``SCAN_BYTES`` are
 searched, as ``modelfield`` searches for ``"model"``: an occurrence counts when it is a key of the
 top-level object (its brackets balance to depth 1, strings aside), at most ``MAX_KEYS`` of them.
-The key hashes the JSON strings of that leading part (keys and values, in order), so spacing
-between tokens does not change it; a value with no string (token ids) hashes its text without
-whitespace. ``None`` when the body has neither. Same bytes, same key, in every process. Pure.
+The key hashes that leading part's JSON text without the whitespace between tokens, so the
+spacing of a prompt shorter than the bound does not change it. ``None`` when the body has
+neither. Same bytes, same key, in every process and on every host. Pure.
 """
 
 from __future__ import annotations
@@ -33,11 +33,23 @@ def prefix_key(body: bytes) -> bytes | None:
     for needle in _NEEDLES:
         start = _value_start(window, needle)
         if start is not None:
-            segment = window[start:start + PREFIX_BYTES]
-            strings = _STRING.findall(segment)
-            text = b"\x00".join(strings) if strings else _SPACE.sub(b"", segment)
+            text = _compact(window[start:start + PREFIX_BYTES])
             return hashlib.blake2b(needle + b"\x00" + text, digest_size=16).digest()
     return None
+
+
+def _compact(segment: bytes) -> bytes:
+    """``segment`` of JSON text without the whitespace between its tokens (a string cut off at the
+    segment's end is kept as it is)."""
+    parts = []
+    position = 0
+    for token in _STRING.finditer(segment):
+        parts += [_SPACE.sub(b"", segment[position:token.start()]), token.group(0)]
+        position = token.end()
+    tail = segment[position:]
+    quote = tail.find(b'"')
+    parts.append(_SPACE.sub(b"", tail) if quote == -1 else _SPACE.sub(b"", tail[:quote]) + tail[quote:])
+    return b"".join(parts)
 
 
 def _value_start(window: bytes, needle: bytes) -> int | None:
