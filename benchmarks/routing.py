@@ -46,7 +46,7 @@ WORKLOADS = ("shared-prefix", "noisy-neighbour", "uniform")
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
 
 #: The simulated GPU of every node.
-NODE = dict(engine="vllm", models=("sim",), ttft_ms=40.0, prompt_token_ms=0.5, tokens_per_second=100.0,
+NODE = dict(engine="vllm", models=("sim",), ttft_ms=100.0, prompt_token_ms=1.0, tokens_per_second=100.0,
             max_tokens=20, max_num_seqs=8, prefix_cache_blocks=64)
 
 

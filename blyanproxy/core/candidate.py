@@ -13,7 +13,7 @@ from blyanproxy.core.nodes import Node
 class Candidate:
     """A usable node as a policy sees it: this process's in-flight count and latency average, the
     engine's own figures while fresh (``None``: unknown), and this process's dispatches to it since
-    those figures were read."""
+    those figures were read, less those that ended since (``NodeStats.dispatched_since_read``)."""
 
     node: Node
     in_flight: int = 0

@@ -66,9 +66,15 @@ class NodeStats:
     engine: str | None = None
     models: tuple[str, ...] | None = None
     #: The engine's own load figures as last read (``fleet.LoadMonitor``), and this process's
-    #: dispatches to the node since then.
+    #: in-flight count at that moment (the policies add what changed since).
     load: LoadFigures | None = None
-    dispatched: int = 0
+    in_flight_at_read: int = 0
+
+    @property
+    def dispatched_since_read(self) -> int:
+        """This process's requests sent to the node since its figures were read, less those that
+        ended since (negative when more ended)."""
+        return self.in_flight - self.in_flight_at_read if self.load is not None else 0
 
     def observe_latency(self, milliseconds: float) -> None:
         """Fold one measurement into the moving average (weight 0.3 for the newest)."""

@@ -13,7 +13,8 @@ does I/O or reads a clock.
 - ``least-inflight``: the fewest requests in flight; ties rotate, so equal
   nodes share load evenly instead of the first one taking every tie.
 - ``least-load``: the lowest ``load_rank``: the engine's own queue, then its
-  running requests plus this process's dispatches since the figures were read,
+  running requests plus this process's dispatches since the figures were read
+  (less those that ended since),
   then its KV-cache use; a node without fresh figures ranks as
   ``(0, in flight, 0)``. Ties rotate.
 - ``cache-aware``: requests whose prompts share a leading part (``Route.prefix_key``)
@@ -124,7 +125,7 @@ def load_rank(candidate: Candidate) -> tuple[float, float, float]:
     if load is None:
         return (0.0, float(candidate.in_flight), 0.0)
     running = load.running if load.running is not None else float(candidate.in_flight)
-    return (load.waiting or 0.0, running + candidate.dispatched, load.kv_use or 0.0)
+    return (load.waiting or 0.0, max(0.0, running + candidate.dispatched), load.kv_use or 0.0)
 
 
 def load_total(candidate: Candidate) -> float:

@@ -142,7 +142,7 @@ class LeaseMaker:
         """The policies' view of ``usable_nodes``: live counts, and the engine's figures while fresh."""
         now = self._clock.seconds()
         return [Candidate(node, stats.in_flight, stats.latency_ms, fresh(stats.load, now, self.load_interval),
-                          stats.dispatched) for node, stats in usable_nodes]
+                          stats.dispatched_since_read) for node, stats in usable_nodes]
 
     def usable_among(self, members: Sequence[Node],
                      stats_of: Callable[[Node], NodeStats]) -> list[tuple[Node, NodeStats]]:
@@ -183,7 +183,6 @@ class LeaseMaker:
         node, stats = usable_nodes[candidates.index(chosen)]
         stats.in_flight += 1
         stats.requests += 1
-        stats.dispatched += 1
         return Lease(node=node, stats=stats, clock=self._clock, rules=self._rules)
 
 

@@ -5,7 +5,7 @@ Each run reads every node concurrently and never overlaps the previous one. A no
 (``core.load_paths``: vLLM, SGLang and TGI ``/metrics``, llama.cpp ``/metrics`` else ``/slots``,
 Ollama ``/api/ps``); a node whose engine reports nothing, or is not known yet, is not asked.
 Each answer has ``timeout`` seconds and at most ``MAX_LOAD_BODY`` bytes. New figures replace the
-node's ``NodeStats.load`` and reset its ``dispatched`` count; a failed read leaves the old figures
+node's ``NodeStats.load`` with this process's in-flight count then; a failed read leaves the old figures
 to go stale (older than three intervals: unknown to the policies). A failure, or a bug in one
 node's read, is logged and never stops the loop.
 """
@@ -80,7 +80,7 @@ class LoadMonitor(Service):
                 if figures is not None:
                     if self._registry.get(node.id) is not None and self._registry.stats(node.id) is stats:
                         stats.load = figures
-                        stats.dispatched = 0
+                        stats.in_flight_at_read = stats.in_flight
                     return
         except Exception:  # a bug in reading one node must not stop the others
             log.failure("load read of node {node} crashed", node=node.name)

@@ -33,7 +33,7 @@ def test_a_node_view_shows_the_engine_load_figures_and_their_age():
 
     registry = registry_of(node(1))
     stats = registry.stats("n1")
-    stats.load, stats.dispatched = LoadFigures(waiting=2.0, running=5.0, kv_use=None, at=NOW - 1.5), 3
+    stats.load, stats.in_flight = LoadFigures(waiting=2.0, running=5.0, kv_use=None, at=NOW - 1.5), 3
     assert node_view(registry.get("n1"), stats, NOW)["load"] == {
         "waiting": 2.0, "running": 5.0, "kvCacheUse": None, "ageSeconds": 1.5, "dispatchedSince": 3}
 

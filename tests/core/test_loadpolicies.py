@@ -30,6 +30,8 @@ def test_dispatches_since_the_last_scrape_count_as_running():
     idle_but_busy = loaded(0, running=0, dispatched=5)
     assert least_load([idle_but_busy, loaded(1, running=3)], Turn(), None).node.id == "n1"
     assert load_rank(idle_but_busy) == (0.0, 5.0, 0.0)
+    ended_since = loaded(1, running=2, dispatched=-3)  # more of ours ended than the engine showed
+    assert load_rank(ended_since) == (0.0, 0.0, 0.0)
 
 
 def test_nodes_without_figures_rank_by_in_flight():

@@ -59,10 +59,12 @@ def test_a_scrape_resets_the_dispatches_and_the_balancer_prefers_the_idle_engine
     registry.stats("n0").load = LoadFigures(waiting=4.0, running=8.0, at=0.0)
     registry.stats("n1").load = LoadFigures(waiting=0.0, running=1.0, at=0.0)
     lease = balancer.acquire(parse_route(b"/v1/chat/completions"), NONE)
-    assert lease is not None and lease.node.id == "n1" and registry.stats("n1").dispatched == 1
+    assert lease is not None and lease.node.id == "n1" and registry.stats("n1").dispatched_since_read == 1
     node = simulated("vllm")
     LoadMonitor(registry, StubTreq(node.resource()), clock, 1.0, 0.5).read_now()
-    assert registry.stats("n1").dispatched == 0
+    assert registry.stats("n1").dispatched_since_read == 0 and registry.stats("n1").in_flight == 1
+    lease.release()
+    assert registry.stats("n1").dispatched_since_read == -1  # ended since the read: one fewer running
 
 
 def test_figures_older_than_three_intervals_count_as_unknown():

@@ -52,7 +52,7 @@ async def test_the_figures_of_vllm_and_sglang_nodes_are_read_and_shown(reactor, 
         second = registry.nodes()[1]
         await eventually(reactor, lambda: (registry.stats(second.id).load.running or 0) == 3)
         response = await treq.get(proxy.url + "/metrics", timeout=5)
-        families = {f.name: f for f in text_string_to_metric_families((await response.text()))}
+        families = {f.name: f for f in text_string_to_metric_families(await response.text())}
         running = {s.labels["node"]: s.value for s in families["blyan_node_engine_running"].samples}
         assert running == {"node0": 0.0, "node1": 3.0}
         assert {s.labels["node"] for s in families["blyan_node_load_age_seconds"].samples} == {"node0", "node1"}
