@@ -142,7 +142,7 @@ def least_load(candidates: Sequence[Candidate], turn: Turn, active_id: str | Non
 
 #: The key's node is passed over for ``least-load`` while its load exceeds the least loaded
 #: node's by more than this many requests…
-BALANCE_ABS = 4.0
+BALANCE_ABS = 2.0
 #: …and by more than this factor (sglang-router's ``--balance-abs-threshold`` and ``-rel-``).
 BALANCE_REL = 1.5
 #: The load bound of the rendezvous choice (as ``AFFINITY_LOAD_FACTOR``).
