@@ -120,12 +120,15 @@ def least_inflight(candidates: Sequence[Candidate], turn: Turn, active_id: str |
 
 def load_rank(candidate: Candidate) -> tuple[float, float, float]:
     """How loaded a node is, lowest first: ``(waiting, running + dispatched, kv use)`` from its
-    fresh engine figures, or ``(0, in flight, 0)`` without them."""
+    fresh engine figures (running never below this process's in-flight requests not waiting),
+    or ``(0, in flight, 0)`` without them."""
     load = candidate.load
     if load is None:
         return (0.0, float(candidate.in_flight), 0.0)
+    waiting = load.waiting or 0.0
     running = load.running if load.running is not None else float(candidate.in_flight)
-    return (load.waiting or 0.0, max(0.0, running + candidate.dispatched), load.kv_use or 0.0)
+    # the engine holds at least this process's requests in flight (running or waiting)
+    return (waiting, max(running + candidate.dispatched, candidate.in_flight - waiting, 0.0), load.kv_use or 0.0)
 
 
 def load_total(candidate: Candidate) -> float:
