@@ -132,6 +132,37 @@ class _NodeGauges:
         return list(families.values())
 
 
+class _LoadGauges:
+    """A collector of the engines' own load figures as last read, and their age."""
+
+    def __init__(self, registry: NodeRegistry, clock: IReactorTime) -> None:
+        self._registry = registry
+        self._clock = clock
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        """One sample per node and figure its engine reported."""
+        now = self._clock.seconds()
+        families = {
+            "waiting": GaugeMetricFamily("blyan_node_engine_waiting", "Requests queued, as the node's engine says",
+                                         labels=["node"]),
+            "running": GaugeMetricFamily("blyan_node_engine_running", "Requests running, as the node's engine says",
+                                         labels=["node"]),
+            "kv_use": GaugeMetricFamily("blyan_node_engine_kv_cache_usage",
+                                        "KV-cache use from 0 to 1, as the node's engine says", labels=["node"]),
+            "age": GaugeMetricFamily("blyan_node_load_age_seconds", "Seconds since the node's load was read",
+                                     labels=["node"]),
+        }
+        for node in self._registry.nodes():
+            load = self._registry.stats(node.id).load
+            if load is None:
+                continue
+            for name, value in (("waiting", load.waiting), ("running", load.running), ("kv_use", load.kv_use)):
+                if value is not None:
+                    families[name].add_metric([node.name], value)
+            families["age"].add_metric([node.name], max(0.0, now - load.at))
+        return list(families.values())
+
+
 class _WorkerLabel:
     """Adds a ``worker`` label to every sample of a registry (one scrape shows one worker)."""
 
@@ -195,6 +226,7 @@ class ProxyMetrics:
             self.streams.labels(kind)
         self.node_gauges = _NodeGauges(node_registry, clock)
         r.register(self.node_gauges)
+        r.register(_LoadGauges(node_registry, clock))
 
     def request_finished(self, record: FinishedRequest) -> None:
         """Count one finished request (an ``AccessRecord``)."""

@@ -34,7 +34,7 @@ from blyanproxy.config import (
 from blyanproxy.core import AttemptRules, HealthRules, Node, NodeRegistry, StateError, StateStore, new_node_id
 from blyanproxy.demo import DemoNodesService, demo_node_name
 from blyanproxy.discovery import CacheLimits, KeyedBalancer, NodeAddressing, WorkloadDirectory, workloads_client
-from blyanproxy.fleet import Balancer, FleetKeeper, HealthMonitor, probe_client
+from blyanproxy.fleet import Balancer, FleetKeeper, HealthMonitor, LoadMonitor, probe_client
 from blyanproxy.forward import (
     ForwardContext,
     ForwardRules,
@@ -97,6 +97,7 @@ class ProxyParts:
     balancer: Balancer
     pool: UpstreamPool
     health: HealthMonitor
+    load: LoadMonitor
     keeper: FleetKeeper
     metrics: ProxyMetrics
     store: StateStore
@@ -164,6 +165,9 @@ def build_proxy(settings: Settings, reactor, persist: bool = True, worker: int |
         registry, probe_client(reactor, endpoints), reactor, settings.health_interval, settings.health_timeout,
         settings.health_paths, settings.health_statuses, rules,
     )
+    balancer.load_interval = settings.load_interval
+    load = LoadMonitor(registry, probe_client(reactor, endpoints), reactor, settings.load_interval,
+                       min(settings.health_timeout, settings.load_interval))
     metrics = ProxyMetrics(registry, reactor, worker, os.getpid())
     health.on_probe = metrics.probe
     counters = RequestCounters()
@@ -208,7 +212,7 @@ def build_proxy(settings: Settings, reactor, persist: bool = True, worker: int |
                      max_connections_per_client=settings.max_connections_per_client,
                      unlimited_peers=settings.trust_forwarded)
     return ProxyParts(
-        site=site, registry=registry, balancer=balancer, pool=pool, health=health, keeper=keeper,
+        site=site, registry=registry, balancer=balancer, pool=pool, health=health, load=load, keeper=keeper,
         metrics=metrics, store=store, recorder=recorder, directory=directory, store_service=store_service,
         store_note=store_note, token_note=token_note, admission=admission,
     )
@@ -304,6 +308,7 @@ def make_proxy_service(settings: Settings, reactor, reload_settings=None,
     if settings.demo:
         DemoNodesService(reactor, parts.registry, settings.demo).setServiceParent(top)
     parts.health.setServiceParent(top)
+    parts.load.setServiceParent(top)
     if parts.directory is not None:
         parts.directory.setServiceParent(top)
     if reload_settings is not None:

@@ -22,7 +22,8 @@ FAMILIES = {
     "blyan_health_probe_duration_seconds", "blyan_workloads_api_calls", "blyan_workloads_cache_lookups",
     "blyan_workloads_cached_keys", "blyan_node_in_flight", "blyan_node_up", "blyan_node_usable",
     "blyan_node_ejected", "blyan_node_draining", "blyan_node_loading", "blyan_node_engine_info",
-    "blyan_node_model_info",
+    "blyan_node_model_info", "blyan_node_engine_waiting", "blyan_node_engine_running",
+    "blyan_node_engine_kv_cache_usage", "blyan_node_load_age_seconds",
 }
 
 
@@ -176,6 +177,19 @@ def test_node_gauges_are_read_from_the_registry_at_scrape_time(metrics, registry
     assert [value(families, name, node="node1") for name in gauges] == [1, 1, 0, 0, 1]
     assert value(families, "blyan_node_up", node="node2") is None  # removed nodes leave the scrape
     assert value(families, "blyan_node_usable", node="node3") == 1
+
+
+def test_the_engines_load_figures_and_their_age(metrics, registry, clock):
+    from blyanproxy.core import LoadFigures
+
+    registry.stats("n1").load = LoadFigures(waiting=3.0, running=7.0, kv_use=0.5, at=0.0)
+    registry.stats("n2").load = LoadFigures(running=1.0, at=0.0)  # an engine that shows no queue
+    clock.advance(2.5)
+    families = scrape(metrics)
+    names = ("blyan_node_engine_waiting", "blyan_node_engine_running", "blyan_node_engine_kv_cache_usage",
+             "blyan_node_load_age_seconds")
+    assert [value(families, name, node="node1") for name in names] == [3.0, 7.0, 0.5, 2.5]
+    assert [value(families, name, node="node2") for name in names] == [None, 1.0, None, 2.5]
 
 
 def test_a_worker_labels_every_sample_and_names_its_pid(registry, clock):

@@ -64,7 +64,18 @@ def node_view(node: Node, stats: NodeStats, now: float) -> dict:
         ejections=health.ejections,
     )
     view.update(engine_view(node, stats))
+    view.update(load_view(stats, now))
     return view
+
+
+def load_view(stats: NodeStats, now: float) -> dict:
+    """The engine's own load figures as last read (``None`` where it does not say, or never read),
+    their age in seconds, and this process's dispatches to the node since, less those ended."""
+    load = stats.load
+    if load is None:
+        return {"load": None}
+    return {"load": {"waiting": load.waiting, "running": load.running, "kvCacheUse": load.kv_use,
+                     "ageSeconds": round(now - load.at, 3), "dispatchedSince": stats.dispatched_since_read}}
 
 
 def engine_view(node: Node, stats: NodeStats) -> dict:

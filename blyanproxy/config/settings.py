@@ -50,6 +50,7 @@ class Settings:
     selection_policy: str = "active-first"
     health_interval: float = 5.0
     health_timeout: float = 3.0
+    load_interval: float = 1.0
     health_paths: tuple = ()  # (): each engine's own probe
     health_statuses: frozenset = frozenset(range(200, 300))
     health_rise: int = 2
@@ -138,6 +139,8 @@ SETTINGS = (
             milliseconds(0.1), "milliseconds between active health check runs"),
     Setting("health_timeout", "HEALTH_TIMEOUT_MS", "health-timeout-ms", "3000",
             milliseconds(0.01), "timeout of one health probe, in milliseconds"),
+    Setting("load_interval", "LOAD_INTERVAL_MS", "load-interval-ms", "1000",
+            milliseconds(0.1), "milliseconds between reads of the engines' load figures"),
     Setting("health_paths", "HEALTH_PATHS", "health-paths", "auto", health_paths,
             "comma-separated paths probed in order, the first 2xx wins; auto: each engine's own probe"),
     Setting("health_statuses", "HEALTH_STATUSES", "health-statuses", "200-299", status_ranges,

@@ -82,6 +82,7 @@ from blyanproxy.core.healthstate import (
     readmit_after_cooldown,
     usable,
 )
+from blyanproxy.core.loadfigures import LoadFigures, figures_from, fresh, load_paths
 from blyanproxy.core.modelfield import model_of
 from blyanproxy.core.noderules import (
     NodeFieldError,
@@ -95,11 +96,12 @@ from blyanproxy.core.noderules import (
 )
 from blyanproxy.core.nodes import Node, NodeRegistry, NodeStats, new_node_id
 from blyanproxy.core.nodeurl import parse_base_url
+from blyanproxy.core.prefixkey import prefix_key
 from blyanproxy.core.query import form_decoded, query_parameters
 from blyanproxy.core.ratelimit import RateLimit, RateLimiter, Verdict, parse_overrides
 from blyanproxy.core.requestid import RequestId, new_request_id, replace_headers, request_id_for
 from blyanproxy.core.routing import Route, check_path, names_model, parse_route, route_allows, route_target
-from blyanproxy.core.selection import POLICIES, Candidate, Policy, Turn, route_members
+from blyanproxy.core.selection import POLICIES, Candidate, Policy, Turn, cache_aware, load_rank, route_members
 from blyanproxy.core.trust import ForwardTrust, parse_forward_trust
 from blyanproxy.core.usage import Usage, UsageTail, usage_in
 
@@ -144,6 +146,7 @@ __all__ = [
     "GiveUp",
     "HealthRules",
     "LOADING",
+    "LoadFigures",
     "NO_RESPONSE",
     "Node",
     "NodeFieldError",
@@ -176,6 +179,12 @@ __all__ = [
     "after_traffic_failure",
     "after_traffic_success",
     "bad_handshake",
+    "cache_aware",
+    "figures_from",
+    "fresh",
+    "load_paths",
+    "load_rank",
+    "prefix_key",
     "boolean_word",
     "check_path",
     "choose_by_key",

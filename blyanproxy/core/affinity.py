@@ -16,9 +16,9 @@ from collections.abc import Sequence
 
 import attrs
 
+from blyanproxy.core.candidate import Candidate
 from blyanproxy.core.query import form_decoded, query_parameters
 from blyanproxy.core.requestview import RequestView
-from blyanproxy.core.selection import Candidate
 
 _KINDS = ("header", "cookie", "query")
 #: Below this many requests in flight a node always keeps its keys: at low load the

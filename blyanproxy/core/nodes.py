@@ -8,6 +8,7 @@ from typing import Any, Callable
 import attrs
 
 from blyanproxy.core.healthstate import Health
+from blyanproxy.core.loadfigures import LoadFigures
 from blyanproxy.core.noderules import check_url_free
 from blyanproxy.core.nodeurl import BaseURL, parse_base_url
 
@@ -69,6 +70,17 @@ class NodeStats:
     health: Health = attrs.Factory(Health)
     engine: str | None = None
     models: tuple[str, ...] | None = None
+    #: The engine's own load figures as last read (``fleet.LoadMonitor``), and this process's
+    #: in-flight count at that moment (the policies add what changed since).
+    load: LoadFigures | None = None
+    in_flight_at_read: int = 0
+
+    @property
+    def dispatched_since_read(self) -> int:
+        """This process's requests sent to the node since its figures were read, less those that
+        ended since (negative when more ended)."""
+        return self.in_flight - self.in_flight_at_read if self.load is not None else 0
+
     _out_watchers: list[Callable[[str], None]] = attrs.field(factory=list, init=False, repr=False, eq=False)
 
     def watch_out(self, watcher: Callable[[str], None]) -> Callable[[], None]:

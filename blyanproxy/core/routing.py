@@ -49,7 +49,8 @@ class Route:
     requests that share it on one node. ``node``, when set, is the id or name of
     the one registered node the request may go to (``?api=``). ``api_target``,
     when set, is the target with its ``/api`` kept (for Ollama nodes);
-    ``model``, when set, is the model the body names.
+    ``model``, when set, is the model the body names; ``prefix_key``, when set, is
+    the hash of its prompt's leading part (``prefixkey``, for ``cache-aware``).
     """
 
     upstream_target: bytes
@@ -59,6 +60,7 @@ class Route:
     node: str | None = None
     api_target: bytes | None = None
     model: str | None = None
+    prefix_key: bytes | None = None
 
     @property
     def client_path(self) -> bytes:

@@ -80,6 +80,9 @@ class DevNodeConfig:
     diagnostic ``/_devnode/`` endpoints are never failed, so a node can always be reconfigured.
     ``engine`` is the engine whose paths and answers the node imitates (``devnode.engines``);
     for ``loading_ms`` after it starts, the node answers as that engine does while loading.
+    Like a GPU (``devnode.gpu``) it runs at most ``max_num_seqs`` generations at once (the rest
+    wait), and its time to first token is ``ttft_ms`` plus ``prompt_token_ms`` per prompt token
+    not in its prefix cache of ``prefix_cache_blocks`` blocks.
     """
 
     name: str = attrs.field(default="devnode", validator=_text)
@@ -98,6 +101,9 @@ class DevNodeConfig:
     health_delay_ms: float = attrs.field(default=0.0, validator=_number(0, above=False))
     engine: str = attrs.field(default="blyan", validator=_engine)
     loading_ms: float = attrs.field(default=0.0, validator=_number(0, above=False))
+    max_num_seqs: int = attrs.field(default=256, validator=_integer(1))
+    prompt_token_ms: float = attrs.field(default=0.0, validator=_number(0, above=False))
+    prefix_cache_blocks: int = attrs.field(default=1024, validator=_integer(0))
 
 
 @attrs.frozen
@@ -147,6 +153,9 @@ _TEXT_PARSERS: Mapping[str, Callable[[str], Any]] = {
     "health_delay_ms": float,
     "engine": str.strip,
     "loading_ms": float,
+    "max_num_seqs": int,
+    "prompt_token_ms": float,
+    "prefix_cache_blocks": int,
 }
 
 KNOBS: Mapping[str, str] = {

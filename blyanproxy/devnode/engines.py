@@ -58,11 +58,13 @@ def is_engine(value: object) -> bool:
 
 @attrs.frozen
 class Load:
-    """What a node is doing now: requests generating, requests waiting, and whether it still loads."""
+    """What a node is doing now: requests generating, requests waiting, whether it still loads, and
+    how many it runs at once (its KV-cache use is ``running / min(capacity, KV_CAPACITY)``)."""
 
     running: int = 0
     waiting: int = 0
     loading: bool = False
+    capacity: int = KV_CAPACITY
 
 
 def loading_answer(engine: str) -> tuple[int, object]:
@@ -127,7 +129,7 @@ def _gauge(name: str, help_text: str, samples: Sequence[tuple[str, float]]) -> l
 
 def metrics(engine: str, models: Sequence[str], load: Load) -> str:
     """``GET /metrics`` in the Prometheus text format, with ``engine``'s own metric names and labels."""
-    usage = min(1.0, load.running / KV_CAPACITY)
+    usage = min(1.0, load.running / min(load.capacity, KV_CAPACITY))
     lines: list[str] = []
     if engine == VLLM:
         labels = f'{{engine="0",model_name="{models[0]}"}}'

@@ -17,6 +17,7 @@ from twisted.web.websocket import WebSocketResource
 from blyanproxy.devnode import engines
 from blyanproxy.devnode.config import SettingError, apply_knobs, parse_flag
 from blyanproxy.devnode.echo import EchoFactory
+from blyanproxy.devnode.gpu import prompt_words
 from blyanproxy.devnode.stream import (
     PatternBody,
     TokenSchedule,
@@ -131,14 +132,56 @@ class DevNodeResource(Resource):
         return _json(request, ollama_tags(config.models))
 
     def _chat(self, request: Request, record: RequestRecord, config: DevNodeConfig) -> Rendered:
-        return self._complete(request, config, parse_chat_request(record.body, config.models), ChatFormat)
+        return self._complete(request, record, config, parse_chat_request(record.body, config.models), ChatFormat)
 
     def _generate(self, request: Request, record: RequestRecord, config: DevNodeConfig) -> Rendered:
         return self._complete(
-            request, config, parse_generate_request(record.body, config.models), GenerateFormat
+            request, record, config, parse_generate_request(record.body, config.models), GenerateFormat
         )
 
     def _complete(
+        self,
+        request: Request,
+        record: RequestRecord,
+        config: DevNodeConfig,
+        completion: CompletionRequest,
+        wire: type[ChatFormat] | type[GenerateFormat],
+    ) -> Rendered:
+        """Generate once the GPU has a slot (``devnode.gpu``): at once, or later from its queue."""
+        gpu = self._node.gpu
+        answered: list[Rendered] = []
+
+        def start() -> None:
+            uncached = gpu.prefill(prompt_words(record.body), config.prefix_cache_blocks)
+            timed = attrs.evolve(config, ttft_ms=config.ttft_ms + config.prompt_token_ms * uncached)
+            rendered = self._generate_now(request, timed, completion, wire)
+            if answered:  # started from the queue: the request already returned NOT_DONE_YET
+                if rendered is not NOT_DONE_YET:
+                    request.write(rendered)
+                    request.finish()
+            else:
+                answered.append(rendered)
+
+        started = [False]
+
+        def ended(_: object) -> None:
+            if started[0]:
+                gpu.release(config.max_num_seqs)
+            else:
+                leave()
+
+        def admitted() -> None:
+            started[0] = True
+            start()
+
+        request.notifyFinish().addBoth(ended)
+        leave = gpu.admit(config.max_num_seqs, admitted)
+        if answered:
+            return answered[0]
+        answered.append(NOT_DONE_YET)
+        return NOT_DONE_YET
+
+    def _generate_now(
         self,
         request: Request,
         config: DevNodeConfig,

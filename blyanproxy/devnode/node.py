@@ -10,6 +10,7 @@ from twisted.logger import Logger
 
 from blyanproxy.devnode.config import DevNodeConfig
 from blyanproxy.devnode.engines import Load
+from blyanproxy.devnode.gpu import Gpu
 from blyanproxy.devnode.http import DevNodeResource
 from blyanproxy.devnode.site import DevNodeSite, header_lines
 
@@ -95,6 +96,7 @@ class DevNode:
         self.config = config
         self.clock = clock
         self.stats = DevNodeStats()
+        self.gpu = Gpu()
         self.started = clock.seconds()
         self._connections: set[TrackedConnection] = set()
         self._idle_waiters: list[Deferred[None]] = []
@@ -116,7 +118,8 @@ class DevNode:
 
     def load(self) -> Load:
         """What the node is doing now, as its engine's metrics show it."""
-        return Load(running=self.stats.open_streams, waiting=0, loading=self.loading())
+        return Load(running=self.gpu.running, waiting=self.gpu.waiting, loading=self.loading(),
+                    capacity=self.config.max_num_seqs)
 
     def resource(self) -> IResource:
         """A twisted.web resource serving this node (mount it anywhere, or wrap it in StubTreq)."""

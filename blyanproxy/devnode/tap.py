@@ -36,6 +36,9 @@ _SETTINGS = (
     ("health-delay-ms", "health_delay_ms", "Milliseconds before /health answers."),
     ("engine", "engine", "Engine to speak like: blyan, vllm, sglang, llamacpp, ollama or tgi."),
     ("loading-ms", "loading_ms", "Milliseconds after start during which the model is still loading."),
+    ("max-num-seqs", "max_num_seqs", "Generations run at once; more wait in a queue."),
+    ("prompt-token-ms", "prompt_token_ms", "Milliseconds of first-token time per prompt token not cached."),
+    ("prefix-cache-blocks", "prefix_cache_blocks", "Prompt blocks (16 words each) the prefix cache holds."),
 )
 
 

@@ -8,6 +8,7 @@ from blyanproxy.fleet.admission import Caller, QueueObserver, SlotQueue, Ticket
 from blyanproxy.fleet.balancer import Balancer, Lease, LeaseMaker, LeasePool, check_model
 from blyanproxy.fleet.health import HealthMonitor, probe_client
 from blyanproxy.fleet.keeper import FleetKeeper
+from blyanproxy.fleet.loadmonitor import LoadMonitor
 
 __all__ = [
     "Balancer",
@@ -17,6 +18,7 @@ __all__ = [
     "Lease",
     "LeaseMaker",
     "LeasePool",
+    "LoadMonitor",
     "QueueObserver",
     "SlotQueue",
     "Ticket",

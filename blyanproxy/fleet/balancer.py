@@ -30,8 +30,10 @@ from blyanproxy.core import (
     after_traffic_failure,
     after_traffic_success,
     at_cap,
+    cache_aware,
     choose_by_key,
     engine_of,
+    fresh,
     model_not_found,
     node_cap,
     readmit_after_cooldown,
@@ -152,10 +154,18 @@ class LeaseMaker:
         self.affinity_load_factor = affinity_load_factor
         self.default_cap: int | None = None
         self.on_slot_freed: Callable[[], None] | None = None
+        #: Seconds between load scrapes (``LOAD_INTERVAL_MS``): figures older than three count as unknown.
+        self.load_interval: float = 1.0
 
     def cap_of(self, node: Node) -> int | None:
         """The number of requests ``node`` may have at once (None: no cap)."""
         return node_cap(node.max_inflight, self.default_cap)
+
+    def candidates(self, usable_nodes: Sequence[tuple[Node, NodeStats]]) -> list[Candidate]:
+        """The policies' view of ``usable_nodes``: live counts, and the engine's figures while fresh."""
+        now = self._clock.seconds()
+        return [Candidate(node, stats.in_flight, stats.latency_ms, fresh(stats.load, now, self.load_interval),
+                          stats.dispatched_since_read) for node, stats in usable_nodes]
 
     def usable_among(self, members: Sequence[Node],
                      stats_of: Callable[[Node], NodeStats]) -> list[tuple[Node, NodeStats]]:
@@ -181,9 +191,11 @@ class LeaseMaker:
                           path=_path_of(route),
                           excluded=_not_usable(members, excluded, stats_of, self._clock.seconds()))
             return None
-        candidates = [Candidate(node, stats.in_flight, stats.latency_ms) for node, stats in usable_nodes]
+        candidates = self.candidates(usable_nodes)
         if route.affinity_key is not None:
             chosen = choose_by_key(route.affinity_key, candidates, self.affinity_load_factor)
+        elif choose is cache_aware:
+            chosen = cache_aware(candidates, self._turn, active_id, route.prefix_key)
         else:
             chosen = choose(candidates, self._turn, active_id)
         node, stats = usable_nodes[candidates.index(chosen)]

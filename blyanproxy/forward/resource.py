@@ -13,6 +13,7 @@ from blyanproxy.core import (
     model_of,
     names_model,
     parse_route,
+    prefix_key,
     write_error,
 )
 from blyanproxy.discovery import KeyRecord, WorkloadDirectory, api_key_of, missing_key_error
@@ -25,12 +26,13 @@ from blyanproxy.forward.websocket import forward_websocket, is_websocket_upgrade
 
 
 def with_model(route: Route, request) -> Route:
-    """``route`` with the model its JSON body names, for a POST to an inference path (``names_model``)."""
+    """``route`` with the model its JSON body names and its prompt's prefix key (``core.prefix_key``),
+    for a POST to an inference path (``names_model``)."""
     if not names_model(route, request.method):
         return route
     request.content.seek(0)
-    model = model_of(request.content.read())
-    return attrs.evolve(route, model=model) if model is not None else route
+    body = request.content.read()
+    return attrs.evolve(route, model=model_of(body), prefix_key=prefix_key(body))
 
 
 class ProxyResource(Resource):

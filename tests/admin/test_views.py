@@ -28,6 +28,16 @@ def ejected(registry, node_id, now=NOW):
     stats.health = after_traffic_failure(stats.health, "refused", now, RULES)
 
 
+def test_a_node_view_shows_the_engine_load_figures_and_their_age():
+    from blyanproxy.core import LoadFigures
+
+    registry = registry_of(node(1))
+    stats = registry.stats("n1")
+    stats.load, stats.in_flight = LoadFigures(waiting=2.0, running=5.0, kv_use=None, at=NOW - 1.5), 3
+    assert node_view(registry.get("n1"), stats, NOW)["load"] == {
+        "waiting": 2.0, "running": 5.0, "kvCacheUse": None, "ageSeconds": 1.5, "dispatchedSince": 3}
+
+
 def test_a_node_view_has_the_stored_fields_and_the_live_ones():
     registry = registry_of(node(1, tags=("a100",), metadata={"gpu": "A100"}, weight=2, added_at=5.0,
                                 declared_by="NODE_1"))
@@ -42,7 +52,7 @@ def test_a_node_view_has_the_stored_fields_and_the_live_ones():
         "healthy": True, "usable": True, "state": "up", "ejected": False, "lastCheck": 990000, "lastError": None,
         "responseTime": 120.0, "consecutiveFailures": 1, "inFlight": 1, "requests": 9, "failures": 2,
         "ejectedUntil": None, "ejectReason": None, "ejections": 0,
-        "engine": "auto", "models": [], "detectedEngine": None, "servedModels": None, "maxInflight": None,
+        "engine": "auto", "models": [], "detectedEngine": None, "servedModels": None, "maxInflight": None, "load": None,
     }
 
 
