@@ -130,8 +130,10 @@ async def test_a_flapping_node_under_steady_load_fails_no_request_that_had_an_al
     flapper = Flapper(reactor)
     try:
         proxy = await proxy_factory(
+            # The flapper refuses at once when it is down; the timeout is long so that a slow probe of
+            # the steady node on a loaded machine never counts as a failure (health_fall=1).
             [f"http://127.0.0.1:{flapper.port}", steady.url], health_checks=True, health_interval=0.2,
-            health_timeout=0.2, health_rise=1, health_fall=1, eject_cooldown=0.3, eject_cooldown_max=0.5,
+            health_timeout=2.0, health_rise=1, health_fall=1, eject_cooldown=0.3, eject_cooldown_max=0.5,
             selection_policy="round-robin", connect_timeout=0.5,
         )
         until = reactor.seconds() + 4.0
@@ -264,8 +266,10 @@ async def test_requests_waiting_on_a_frozen_node_fail_over_once_health_marks_it_
                 break
             except ConnectionRefusedError:
                 await sleep(reactor, 0.1)
+        # Health needs about 2 × (1 s + 1 s) to mark the frozen node down: the requests below are
+        # sent to it well before that, however loaded the machine (they then fail over, not wait 600 s).
         proxy = await proxy_factory([frozen_url, spare.url], selection_policy="active-first", health_checks=True,
-                                    health_interval=0.3, health_timeout=0.3, health_fall=2, health_rise=1)
+                                    health_interval=1.0, health_timeout=1.0, health_fall=2, health_rise=1)
         frozen_id, spare_id = (node.id for node in proxy.registry.nodes())
         await eventually(reactor, lambda: proxy.registry.stats(frozen_id).health.state == "up")
         os.kill(transport.pid, signal.SIGSTOP)
