@@ -272,7 +272,7 @@ def build_proxy(settings: Settings, reactor, persist: bool = True, worker: int |
             b"health": HealthView(registry, reactor),
             b"_status": StatusView(registry, balancer, counters, reactor),
             **({b"metrics": MetricsResource(metrics, settings.metrics_token)} if settings.enable_metrics else {}),
-            **({b"": LivenessView(reactor), b"workloads": WorkloadsView(directory)}
+            **({b"": LivenessView(reactor), b"workloads": WorkloadsView(directory, settings.trust_forwarded)}
                if directory is not None else {}),
         },
         recorder=recorder,
@@ -319,6 +319,7 @@ def build_directory(settings: Settings, reactor, rules: HealthRules, trust_root,
         limits,
         NodeAddressing(settings.workloads_node_scheme, settings.workloads_node_port, settings.workloads_node_allow),
         settings.workloads_max_keys, settings.workloads_max_calls, metrics, settings.workloads_timeout,
+        settings.workloads_lookups_per_client,
     )
 
 

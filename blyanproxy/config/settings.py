@@ -94,6 +94,7 @@ class Settings:
     workloads_stale_max: float = 300.0
     workloads_max_keys: int = 10000
     workloads_max_calls: int = 8
+    workloads_lookups_per_client: int = 4
     log_level: str = "INFO"
     log_format: str = "text"
     access_log: bool = True
@@ -218,6 +219,9 @@ SETTINGS = (
             "most API keys cached at once (the least recently used is forgotten)"),
     Setting("workloads_max_calls", "WORKLOADS_MAX_CALLS", "workloads-max-calls", "8", whole_number(1, 1000),
             "most workloads API calls in progress at once"),
+    Setting("workloads_lookups_per_client", "WORKLOADS_LOOKUPS_PER_CLIENT", "workloads-lookups-per-client", "4",
+            whole_number(1, 1000), "most first lookups of unknown API keys under way at once for one client "
+            "address (429 beyond)"),
     Setting("log_level", "LOG_LEVEL", "log-level", "INFO", log_level_name,
             "DEBUG, INFO, WARN or ERROR"),
     Setting("log_format", "LOG_FORMAT", "log-format", "text", one_of(("text", "json")),
