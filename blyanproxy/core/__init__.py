@@ -56,7 +56,7 @@ from blyanproxy.core.healthstate import (
     readmit_after_cooldown,
     usable,
 )
-from blyanproxy.core.noderules import NodeFieldError, node_name, node_tags, node_weight, url_taken
+from blyanproxy.core.noderules import NodeFieldError, node_metadata, node_name, node_tags, node_weight, url_taken
 from blyanproxy.core.nodes import Node, NodeRegistry, NodeStats, new_node_id
 from blyanproxy.core.nodeurl import parse_base_url
 from blyanproxy.core.routing import Route, parse_route, route_allows
@@ -116,6 +116,7 @@ __all__ = [
     "new_node_id",
     "no_node_error",
     "node_from_json",
+    "node_metadata",
     "node_name",
     "node_tags",
     "node_to_json",

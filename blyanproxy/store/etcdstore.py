@@ -19,6 +19,13 @@ as a service:
   missed; if etcd compacted that revision away, the whole prefix is read again.
 - **Writes** (``commit``) are one transaction each, with the etcd timeout;
   etcd down or slow means ``StoreUnavailable`` and nothing changes here.
+- **Bad keys.** Every value read is checked as admin input is
+  (``etcdkeys.state_from_keys``). A key that breaks a rule (a node whose name
+  has a line break, an unknown policy, a value that is not JSON) is never
+  applied: it is skipped with an error line naming it (once per version of
+  the key) and the rest of the fleet is applied. This process's writes leave
+  such a key alone (another version of the proxy may have written it): mend
+  or delete it with ``etcdctl``.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from blyanproxy.store.etcdkeys import (
     b64,
     kvs_from_range,
     range_end,
+    shown_key,
     state_from_keys,
     state_keys,
     unb64,
@@ -79,6 +87,7 @@ class EtcdStore(Service):
         self._stream: WatchStream | None = None
         self._compacted = False
         self._retry = None
+        self._skipped: dict[bytes, int] = {}  # keys left out of the fleet, with the revision told of
 
     def load(self) -> FleetState | None:
         """Nothing at once: the fleet arrives through the watcher once etcd has answered."""
@@ -92,8 +101,20 @@ class EtcdStore(Service):
         """Nothing to write: every change was committed as it was made."""
 
     def state(self) -> FleetState | None:
-        """The fleet as etcd held it at the mirror's revision (``None``: nothing stored yet)."""
-        return state_from_keys(self._kvs, self._prefix)
+        """The fleet as etcd held it at the mirror's revision (``None``: nothing stored yet).
+
+        Keys that break a rule are left out, each logged once per version.
+        """
+        skipped: dict[bytes, int] = {}
+
+        def skip(key: bytes, problem: str) -> None:
+            revision = skipped[key] = self._kvs[key].mod_revision
+            if self._skipped.get(key) != revision:
+                log.error("etcd key {key} skipped, not applied: {problem}", key=shown_key(key), problem=problem)
+
+        state = state_from_keys(self._kvs, self._prefix, skip)
+        self._skipped = skipped
+        return state
 
     # -- writes -------------------------------------------------------------------
 
@@ -104,7 +125,8 @@ class EtcdStore(Service):
         return self._write(wanted)
 
     def _write(self, wanted: FleetState) -> Deferred:
-        held = {key: kv for key, kv in self._kvs.items() if key != self._lock}
+        self.state()  # which keys are skipped now: they are left alone
+        held = {key: kv for key, kv in self._kvs.items() if key != self._lock and key not in self._skipped}
         operations = write_operations(held, state_keys(wanted, self._prefix), self._lock)
         stamp = json.dumps({"by": self._identity, "at": self._reactor.seconds()}).encode()
         operations.append({"request_put": {"key": b64(self._lock), "value": b64(stamp)}})
@@ -211,12 +233,7 @@ class EtcdStore(Service):
             self._publish()
 
     def _publish(self) -> None:
-        try:
-            state = self.state() or FleetState()
-        except ValueError as problem:
-            log.error("etcd holds an unusable fleet, not applied: {problem}", problem=str(problem))
-            return
-        self._on_change(state)
+        self._on_change(self.state() or FleetState())
 
     def _watch_ended(self, failure) -> None:
         self._stream = None

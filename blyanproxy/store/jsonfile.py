@@ -2,10 +2,22 @@
 
 Writes are atomic (temporary file, fsync, rename, fsync of the directory); the
 file is always present, and the previous good version is kept as
-``<file>.bak``. A file that cannot be read or parsed is never overwritten:
-loading raises ``StateError`` naming the file and the problem, unless a
-readable backup exists, which is used (and said so) after the damaged file is
-moved aside. The document's form and the merge rule are ``core.fleetstate``'s.
+``<file>.bak``. The document's form, its checks and the merge rule are
+``core.fleetstate``'s; what is loaded (the file or its backup, ours or
+Blyan's) is checked with the admin input rules, never trusted.
+
+- **A damaged file** (not readable, not JSON, not an object with a list of
+  nodes, or not one usable node record among those it lists) is never
+  overwritten: loading raises ``StateError`` naming the file and the problem,
+  unless a readable backup exists, which is used (and said so) after the
+  damaged file is moved aside (``<file>.damaged-<time>``).
+- **A bad record in a good file** (a node breaking a rule, such as a name
+  with a line break; a base URL listed twice; an unknown policy; an entry of
+  ``removed`` that is no URL) is skipped with an error line naming it, and
+  the rest is loaded. The file is then kept as it is on disk — not rewritten
+  at start-up or at exit — until the next change of the fleet is saved, so
+  the record can still be read and mended; that save (which makes the old
+  file the backup) leaves it out.
 """
 
 from __future__ import annotations
@@ -52,6 +64,7 @@ class JsonFileStore:
         self.backup = path + ".bak"
         self._clock = clock
         self._primary_good = False  # True once the file at ``path`` is known to be a good save
+        self._keep_as_loaded = False  # True while the file loaded had records skipped and nothing was saved
 
     def load(self) -> FleetState | None:
         """The saved state, ``None`` on a first start, or ``StateError``.
@@ -60,6 +73,7 @@ class JsonFileStore:
         and the backup is used; without a backup it is left alone and loading fails.
         """
         self._primary_good = False
+        self._keep_as_loaded = False
         if not os.path.exists(self.path):
             if os.path.exists(self.backup):
                 log.warn("state file {path} is missing; using its backup", path=self.path)
@@ -80,17 +94,24 @@ class JsonFileStore:
         return state
 
     def _read(self, path: str) -> FleetState:
+        skipped: list[str] = []
         try:
             with open(path, "rb") as source:
                 document = json.loads(source.read().decode("utf-8"))
-            return state_from_json(document, lambda note: log.warn("state file {path}: {note}", path=path,
-                                                                   note=note))
+            state = state_from_json(document, skipped.append)
         except OSError as exc:
             raise StateError(f"state file {path} cannot be read: {exc.strerror}") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise StateError(f"state file {path} is not valid JSON: {exc}") from None
         except ValueError as exc:
             raise StateError(f"state file {path} cannot be used: {exc}") from None
+        for note in skipped:
+            log.error("state file {path}: {note}; not loaded", path=path, note=note)
+        if skipped:
+            self._keep_as_loaded = True
+            log.error("state file {path} is kept as it is until the fleet next changes: mend or remove the "
+                      "skipped record(s) meanwhile", path=path)
+        return state
 
     def commit(self, state: FleetState) -> Deferred:
         """Save ``state``; fails with ``StoreUnavailable`` when the file cannot be written."""
@@ -105,8 +126,10 @@ class JsonFileStore:
         """No other process writes this file."""
 
     def flush(self, state: FleetState) -> None:
-        """Save ``state`` (``OSError`` if the directory refuses)."""
-        self.save(state)
+        """Save ``state`` (``OSError`` if the directory refuses), unless the file loaded had records
+        skipped and no change was saved since: it is then kept as it is (see the module docstring)."""
+        if not self._keep_as_loaded:
+            self.save(state)
 
     def save(self, state: FleetState) -> None:
         """Write ``state`` atomically; ``OSError`` if the directory refuses (nothing half-written).
@@ -131,6 +154,7 @@ class JsonFileStore:
             if os.path.exists(temporary):
                 os.unlink(temporary)
         self._primary_good = True
+        self._keep_as_loaded = False
         _fsync_directory(directory)
 
     def _keep_as_backup(self) -> None:

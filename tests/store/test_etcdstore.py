@@ -14,9 +14,10 @@ import attrs
 import pytest
 from twisted.internet import task
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
-from blyanproxy.core import FleetState, Node, StoreConflict, StoreUnavailable, node_to_json
+from blyanproxy.core import FleetState, Node, NodeRegistry, StoreConflict, StoreUnavailable, node_to_json
+from blyanproxy.fleet import Balancer, FleetKeeper
 from blyanproxy.store import EtcdStore, parse_state_store
 from blyanproxy.store.etcdstore import RETRY_DELAY
 
@@ -274,15 +275,61 @@ def test_keys_outside_the_prefix_are_not_heard(etcd, proxy):
     assert len(started.announced) == before
 
 
-def test_an_unusable_fleet_in_etcd_is_not_announced(etcd, proxy):
+@pytest.fixture
+def etcd_errors():
+    """The etcd store's error lines written during the test, formatted."""
+    lines = []
+
+    def observe(event):
+        if event.get("log_namespace") == "blyanproxy.etcd" and event["log_level"] == LogLevel.error:
+            lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+
+
+def test_a_bad_key_is_never_applied_is_told_once_and_is_left_alone_by_writes(etcd, proxy, etcd_errors):
     started = proxy([node(1)])
-    before = len(started.announced)
+    evil = json.loads(node_value(node(2)))
+    evil["name"] = "evil\r\nSet-Cookie: injected=1"
+    etcd.put(PREFIX + b"nodes/n2", json.dumps(evil).encode())
     etcd.put(PREFIX + b"nodes/bad", b"{not json")
     started.network.settle()
-    assert len(started.announced) == before
+    assert [n.id for n in started.announced[-1].nodes] == ["n1"]
+    assert len(etcd_errors) == 2 and all("\r" not in line and "\n" not in line for line in etcd_errors)
+    assert "/fleet/nodes/n2" in etcd_errors[0] and "'evil\\r\\nSet-Cookie: injected=1'" in etcd_errors[0]
+    assert started.commit(FleetState(nodes=(node(1), node(3)))).nodes == (node(1), node(3))
+    assert held_nodes(etcd) == ["/fleet/nodes/bad", "/fleet/nodes/n1", "/fleet/nodes/n2", "/fleet/nodes/n3"]
+    assert len(etcd_errors) == 2  # told once, however often the fleet is read
     etcd.put(PREFIX + b"nodes/bad", node_value(Node(id="bad", name="fixed", base_url="http://10.0.0.5:8000")))
     started.network.settle()
-    assert [n.id for n in started.announced[-1].nodes] == ["n1", "bad"]
+    assert [n.id for n in started.announced[-1].nodes] == ["n1", "bad", "n3"]  # in the order the keys were made
+
+
+def test_an_unknown_policy_from_etcd_is_skipped_and_the_watch_goes_on(memory, network, etcd, etcd_errors):
+    registry = NodeRegistry()
+    balancer = Balancer(registry, memory, "round-robin")
+    store = EtcdStore(memory, parse_state_store("etcd://127.0.0.1:2379/fleet"), TIMEOUT, (node(1),),
+                      identity="proxy-a:1")
+    keeper = FleetKeeper(registry, balancer, store)
+    keeper.restore((node(1),))
+    failures = []
+    globalLogPublisher.addObserver(failures.append)
+    try:
+        store.startService()
+        network.settle()
+        etcd.put(PREFIX + b"policy", b"fastest")
+        network.settle()
+        etcd.put(PREFIX + b"nodes/n2", node_value(node(2)))  # the watch still delivers
+        network.settle()
+    finally:
+        globalLogPublisher.removeObserver(failures.append)
+        store.stopService()
+        network.settle()
+    assert not [event for event in failures if event.get("log_failure") is not None]
+    assert balancer.policy == "round-robin" and [n.id for n in registry.nodes()] == ["n1", "n2"]
+    assert any("/fleet/policy" in line and "'fastest' is not one of" in line for line in etcd_errors)
 
 
 def test_a_broken_watch_is_reopened_from_where_it_was_so_nothing_is_missed(network, etcd, proxy):
