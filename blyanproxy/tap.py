@@ -64,7 +64,7 @@ from blyanproxy.serve import (
     worker_endpoint,
     worker_role,
 )
-from blyanproxy.store import EtcdStore, JsonFileStore, MemoryStore
+from blyanproxy.store import EtcdAccess, EtcdStore, JsonFileStore, MemoryStore
 from blyanproxy.upstream import NodeEndpoints, NodeTLSPolicy, UpstreamPool, load_trust_root
 
 log = logger("tap")
@@ -114,11 +114,13 @@ class Options(usage.Options):
             serverFromString(None, self.settings.listen)  # parse only: twistd picks the reactor later
         except (ValueError, KeyError, TypeError) as exc:
             raise usage.UsageError(f"--port: {self.settings.listen!r} is not usable ({exc})") from None
-        if self.settings.tls_ca_file:
+        for variable, ca_file in (("TLS_CA_FILE", self.settings.tls_ca_file),
+                                  ("ETCD_CA_FILE", self.settings.etcd_ca_file)):
             try:
-                load_trust_root(self.settings.tls_ca_file)
+                if ca_file:
+                    load_trust_root(ca_file)
             except ValueError as exc:
-                raise usage.UsageError(f"TLS_CA_FILE: {exc}") from None
+                raise usage.UsageError(f"{variable}: {exc}") from None
 
 
 def node_from_spec(spec: NodeSpec, now: float) -> Node:
@@ -241,6 +243,8 @@ def build_proxy(settings: Settings, reactor, persist: bool = True, worker: int |
         store = store_service = EtcdStore(
             reactor, settings.state_store, settings.etcd_timeout, declared,
             identity=f"{socket.gethostname()}:{os.getpid()}",
+            access=EtcdAccess(settings.etcd_user, settings.etcd_password_file,
+                              load_trust_root(settings.etcd_ca_file) if settings.etcd_ca_file else None),
         )
     keeper = FleetKeeper(registry, balancer, store)
     keeper.restore(declared)

@@ -59,6 +59,9 @@ class Settings:
     state_file: str = "./data/proxy_state.json"
     state_store: EtcdLocation | None = None  # None: the JSON state file
     etcd_timeout: float = 2.0
+    etcd_user: str | None = None
+    etcd_password_file: str | None = None
+    etcd_ca_file: str | None = None
     workers: int = 1
     worker_stop_timeout: float = 30.0
     nodes: tuple = ()
@@ -145,9 +148,17 @@ SETTINGS = (
     Setting("state_file", "STATE_FILE", "state-file", "./data/proxy_state.json", any_text,
             "JSON file holding nodes, active node and policy across restarts"),
     Setting("state_store", "STATE_STORE", "state-store", "file", parse_state_store,
-            "where the fleet is kept: file (STATE_FILE, one process) or etcd://host:port/prefix (shared)"),
+            "where the fleet is kept: file (STATE_FILE, one process) or etcd://host:port/prefix, "
+            "etcd+https://host:port/prefix (shared)",
+            secret=True),  # never echoed: a password pasted into the URL must not reach an error
     Setting("etcd_timeout", "ETCD_TIMEOUT_MS", "etcd-timeout-ms", "2000", milliseconds(0.01),
             "timeout of every etcd call, in milliseconds (an admin write past it gets 503)"),
+    Setting("etcd_user", "ETCD_USER", "etcd-user", "(none)", any_text,
+            "etcd user to log in as (with ETCD_PASSWORD_FILE); unset: no login"),
+    Setting("etcd_password_file", "ETCD_PASSWORD_FILE", "etcd-password-file", "(none)", any_text,
+            "file holding the etcd user's password (read at each login, never logged)"),
+    Setting("etcd_ca_file", "ETCD_CA_FILE", "etcd-ca-file", "(the system's)", any_text,
+            "PEM CA bundle trusted for etcd+https instead of the system's"),
     Setting("workers", "WORKERS", "workers", "1", whole_number(1, 64),
             "proxy processes accepting on the listening port (above 1 needs STATE_STORE=etcd://...)"),
     Setting("worker_stop_timeout", "WORKER_STOP_TIMEOUT_MS", "worker-stop-timeout-ms", "30000",

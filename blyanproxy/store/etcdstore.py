@@ -39,7 +39,7 @@ from twisted.internet.defer import Deferred, fail
 
 from blyanproxy.core import FleetState, Node, StoreConflict, StoreUnavailable, merge
 from blyanproxy.logs import logger
-from blyanproxy.store.etcdclient import EtcdGateway, WatchStream
+from blyanproxy.store.etcdclient import EtcdAccess, EtcdGateway, WatchStream
 from blyanproxy.store.etcdkeys import (
     CHANGED,
     KeyValue,
@@ -71,12 +71,13 @@ class EtcdStore(Service):
     """The ``StateStore`` under one etcd prefix; the watcher is called with every state to apply."""
 
     def __init__(self, reactor, location: EtcdLocation, timeout: float, declared: Iterable[Node],
-                 identity: str) -> None:
+                 identity: str, access: EtcdAccess | None = None) -> None:
+        """``access``: the login and the CA certificates for etcd (``etcdclient.EtcdAccess``; none: neither)."""
         self._reactor = reactor
         self._location = location
         self._prefix = location.prefix
         self._lock = location.prefix + CHANGED.encode()
-        self._gateway = EtcdGateway(reactor, location.base_url, timeout)
+        self._gateway = EtcdGateway(reactor, location.base_url, timeout, access or EtcdAccess())
         self._declared = tuple(declared)
         self._identity = identity
         self._on_change: Callable[[FleetState], None] = _nobody
@@ -86,6 +87,7 @@ class EtcdStore(Service):
         self._reachable = True  # for logging each outage once
         self._stream: WatchStream | None = None
         self._compacted = False
+        self._cancel_reason: str | None = None
         self._retry = None
         self._skipped: dict[bytes, int] = {}  # keys left out of the fleet, with the revision told of
 
@@ -202,7 +204,7 @@ class EtcdStore(Service):
             self._watch()
 
         def failed(failure):
-            self._outage("could not read the fleet from etcd", failure)
+            self._outage("could not read the fleet from etcd", failure.getErrorMessage())
             self._later(self._sync)
 
         read = self._read_all().addCallback(merge_in)
@@ -219,11 +221,12 @@ class EtcdStore(Service):
 
     def _on_message(self, message: dict) -> None:
         result = message.get("result") or {}
-        if result.get("created") and not self._reachable:
+        if result.get("created") and not result.get("canceled") and not self._reachable:
             log.info("watching etcd again from revision {revision}", revision=self._revision + 1)
             self._reachable = True
         if result.get("canceled"):
             self._compacted = bool(result.get("compact_revision"))
+            self._cancel_reason = result.get("cancel_reason") or None  # a refused login, a denied range
             if self._stream is not None:
                 self._stream.stop()
             return
@@ -245,7 +248,8 @@ class EtcdStore(Service):
                      revision=self._revision + 1)
             self._later(self._reload)
             return
-        self._outage("the etcd watch stopped; the last known fleet keeps serving", failure)
+        why, self._cancel_reason = self._cancel_reason or failure.getErrorMessage(), None
+        self._outage("the etcd watch stopped; the last known fleet keeps serving", why)
         self._later(self._watch)
 
     def _reload(self) -> None:
@@ -254,16 +258,15 @@ class EtcdStore(Service):
             self._watch()
 
         def failed(failure):
-            self._outage("could not read the fleet from etcd", failure)
+            self._outage("could not read the fleet from etcd", failure.getErrorMessage())
             self._later(self._reload)
 
         self._read_all().addCallbacks(read, failed)
 
-    def _outage(self, what: str, failure) -> None:
+    def _outage(self, what: str, why: str) -> None:
         if self._reachable:
             self._reachable = False
-            log.warn("{what} ({why}); retrying every {delay:g} s", what=what,
-                     why=failure.getErrorMessage(), delay=RETRY_DELAY)
+            log.warn("{what} ({why}); retrying every {delay:g} s", what=what, why=why, delay=RETRY_DELAY)
 
     def _later(self, action) -> None:
         if self.running:

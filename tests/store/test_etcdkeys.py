@@ -111,13 +111,22 @@ def test_range_end_covers_exactly_the_prefix():
     ("etcd://127.0.0.1:2379/blyanproxy", EtcdLocation("http://127.0.0.1:2379", b"/blyanproxy/")),
     ("etcd://etcd.internal/a/b/", EtcdLocation("http://etcd.internal:2379", b"/a/b/")),
     ("etcd://[::1]:2380/p", EtcdLocation("http://[::1]:2380", b"/p/")),
+    ("etcd+https://etcd.internal/blyanproxy", EtcdLocation("https://etcd.internal:2379", b"/blyanproxy/")),
 ])
 def test_state_store_values(text, expected):
     assert parse_state_store(text) == expected
 
 
 @pytest.mark.parametrize("text", ["etcd://host", "http://host/p", "etcd://u:pw@host/p", "etcd://host:0x/p",
-                                  "etcd://host/p?x=1", "files"])
+                                  "etcd://host/p?x=1", "files", "etcd+http://host/p", "https://host/p"])
 def test_unusable_state_store_values(text):
     with pytest.raises(ValueError):
         parse_state_store(text)
+
+
+@pytest.mark.parametrize("text", ["etcd+https://root:Hunter2-secret@host/p", "etcd://:Hunter2-secret@host/p",
+                                  "etcd://Hunter2-secret@host/p"])
+def test_credentials_in_the_state_store_are_refused_without_repeating_them(text):
+    with pytest.raises(ValueError) as caught:
+        parse_state_store(text)
+    assert "ETCD_USER and ETCD_PASSWORD_FILE" in str(caught.value) and "Hunter2" not in str(caught.value)

@@ -18,7 +18,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from blyanproxy.core import FleetState, Node, NodeRegistry, StoreConflict, StoreUnavailable, node_to_json
 from blyanproxy.fleet import Balancer, FleetKeeper
-from blyanproxy.store import EtcdStore, parse_state_store
+from blyanproxy.store import EtcdAccess, EtcdStore, parse_state_store
 from blyanproxy.store.etcdstore import RETRY_DELAY
 
 from .fakeetcd import FakeEtcd, Network
@@ -57,11 +57,11 @@ def network(memory, etcd):
 class Proxy:
     """One store as a proxy process uses it: started, its watcher recording every fleet announced."""
 
-    def __init__(self, memory, network, declared=()):
+    def __init__(self, memory, network, declared=(), access=None):
         self.network = network
         self.announced = []
         self.store = EtcdStore(memory, parse_state_store("etcd://127.0.0.1:2379/fleet"), TIMEOUT, declared,
-                               identity="proxy-a:1")
+                               identity="proxy-a:1", access=access)
         self.store.watch(self.announced.append)
 
     def start(self):
@@ -87,8 +87,8 @@ class Proxy:
 def proxy(memory, network):
     started = []
 
-    def make(declared=()):
-        made = Proxy(memory, network, declared)
+    def make(declared=(), access=None):
+        made = Proxy(memory, network, declared, access)
         started.append(made)
         return made.start()
 
@@ -395,3 +395,88 @@ def test_a_store_stopped_while_waiting_to_ask_etcd_again_stops_asking(network, e
     for _ in range(4):
         network.advance(RETRY_DELAY)
     assert etcd.calls == ["/v3/kv/range"] and started.announced == []
+
+
+# -- logging in ------------------------------------------------------------------------------
+
+PASSWORD = "s3cret-Pa55word"
+
+
+@pytest.fixture
+def login(tmp_path, etcd):
+    """etcd with authentication on, and the ``EtcdAccess`` of its user (the password in a file)."""
+    etcd.require_login("blyan", PASSWORD)
+    password_file = tmp_path / "etcd-password"
+    password_file.write_text(PASSWORD + "\n")
+    return EtcdAccess("blyan", str(password_file))
+
+
+@pytest.fixture
+def etcd_lines():
+    """Every log line written during the test, formatted, with its fields."""
+    lines = []
+    observer = lines.append
+    globalLogPublisher.addObserver(observer)
+    yield lambda: "\n".join(formatEvent(event) + repr(event) for event in lines)
+    globalLogPublisher.removeObserver(observer)
+
+
+def test_the_store_logs_in_once_and_sends_its_token_with_every_call(etcd, proxy, login):
+    started = proxy([node(1)], access=login)
+    assert etcd.calls[0] == "/v3/auth/authenticate" and etcd.logins == 1
+    assert held_nodes(etcd) == ["/fleet/nodes/n1"] and etcd.open_watches == 1
+    assert started.commit(FleetState(nodes=(node(1), node(2)))).nodes == (node(1), node(2))
+    assert etcd.logins == 1 and set(etcd.authorizations) == {"token-1.1"}
+
+
+def test_an_expired_token_is_renewed_and_the_call_made_once_more(etcd, proxy, login):
+    started = proxy([node(1)], access=login)
+    etcd.expire_tokens()
+    assert started.commit(FleetState(nodes=(node(1), node(2)))).nodes == (node(1), node(2))
+    assert etcd.logins == 2 and held_nodes(etcd) == ["/fleet/nodes/n1", "/fleet/nodes/n2"]
+
+
+def test_a_watch_canceled_for_its_token_is_reopened_with_a_fresh_login(network, etcd, proxy, login):
+    started = proxy([node(1)], access=login)
+    etcd.expire_tokens()
+    etcd.end_watches()
+    network.settle()
+    network.advance(RETRY_DELAY)  # reopened with the stale token: etcd cancels it as Unauthenticated
+    assert etcd.open_watches == 0 and etcd.logins == 1
+    network.advance(RETRY_DELAY)
+    assert etcd.open_watches == 1 and etcd.logins == 2
+    etcd.put(PREFIX + b"nodes/n2", node_value(node(2)))
+    network.settle()
+    assert [n.id for n in started.announced[-1].nodes] == ["n1", "n2"]
+
+
+def test_a_wrong_password_is_an_outage_naming_the_login_never_the_password(tmp_path, network, etcd, proxy,
+                                                                           etcd_lines):
+    etcd.require_login("blyan", PASSWORD)
+    wrong = tmp_path / "etcd-password"
+    wrong.write_text("not-" + PASSWORD)
+    started = proxy([node(1)], access=EtcdAccess("blyan", str(wrong)))
+    failure = started.commit(FleetState())
+    assert failure.check(StoreUnavailable) and not started.announced
+    network.advance(RETRY_DELAY)
+    logged = etcd_lines()
+    assert "auth/authenticate" in logged and "invalid user ID or password" in logged
+    assert PASSWORD not in logged and PASSWORD not in str(failure.value)
+
+
+def test_an_unreadable_password_file_is_an_outage_naming_the_file(tmp_path, etcd, proxy, etcd_lines):
+    etcd.require_login("blyan", PASSWORD)
+    missing = str(tmp_path / "nowhere")
+    started = proxy([node(1)], access=EtcdAccess("blyan", missing))
+    assert not started.announced and etcd.calls == []
+    assert f"the etcd password file {missing} cannot be read" in etcd_lines()
+
+
+def test_calls_waiting_for_a_login_share_it(etcd, proxy, login, memory, network):
+    started = proxy([node(1)], access=login)
+    etcd.expire_tokens()
+    outcomes = []
+    for index in (2, 3):
+        started.store.commit(FleetState(nodes=(node(1), node(index)))).addBoth(outcomes.append)
+    network.settle()
+    assert etcd.logins == 2 and len(outcomes) == 2
