@@ -306,7 +306,7 @@ async def test_first_lookups_are_limited_per_forwarded_client_address(
         assert response.headers.getRawHeaders("Retry-After") == ["1"]
     newcomer = from_address("7.7.7.7", KEY)
     await eventually(reactor, lambda: len(workloads_api.hung) == 3)
-    assert workloads_api.calls == ["random-0", "random-1", KEY]
+    assert sorted(workloads_api.calls[:2]) == ["random-0", "random-1"] and workloads_api.calls[2:] == [KEY]
     workloads_api.mode = fakeworkloads.ANSWER
     for hung in workloads_api.hung:
         key = hung.getHeader(b"x-c3-api-key").decode()
