@@ -268,7 +268,7 @@ def build_proxy(settings: Settings, reactor, persist: bool = True, worker: int |
     else:
         token = settings.admin_token or secrets.token_urlsafe(32)
     admin = AdminAPI(registry, balancer, keeper, health, counters, token, reactor,
-                     FailureThrottle(reactor))
+                     FailureThrottle(reactor, trust=settings.trust_forwarded))
     root = RootResource(
         forwarder,
         prefixes={b"_admin": admin.resource()},

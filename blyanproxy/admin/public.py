@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -149,15 +149,11 @@ class WorkloadsView(Resource):
 
         ended = request.notifyFinish()  # asked first: a cached list is answered at once
         leave = self._directory.lookup_for(key, answer, lambda err: write_error(request, err), lambda: None,
-                                           client=self._client_origin(request))
+                                           client=client_facts(request, self._trust).origin)
         ended.addErrback(lambda _: leave())
         return NOT_DONE_YET
 
     render_HEAD = render_GET
-
-    def _client_origin(self, request: Any) -> str:
-        # Any: twisted's overloaded Headers.getRawHeaders does not match core's RequestView Protocol.
-        return client_facts(request, self._trust).origin
 
     def render(self, request: Request) -> bytes | int:
         """GET and HEAD answer; other methods get 405."""

@@ -6,13 +6,14 @@ shapes, and so does any test double with the same few members.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 
 class RequestHeaders(Protocol):
     """The header lookups the rules use on twisted.web's ``Headers``."""
 
-    def getRawHeaders(self, name: bytes, default: list[bytes]) -> list[bytes]:
+    def getRawHeaders(self, name: bytes, default: list[bytes]) -> Sequence[bytes]:
         """Every value of ``name``, or ``default``."""
 
 
