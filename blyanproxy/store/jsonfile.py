@@ -2,9 +2,14 @@
 
 Writes are atomic (temporary file, fsync, rename, fsync of the directory); the
 file is always present, and the previous good version is kept as
-``<file>.bak``. The document's form, its checks and the merge rule are
-``core.fleetstate``'s; what is loaded (the file or its backup, ours or
-Blyan's) is checked with the admin input rules, never trusted.
+``<file>.bak``. The temporary files are made as ``mkstemp`` makes them: in
+the file's directory, under a random hidden name, created exclusively
+(``O_CREAT|O_EXCL|O_NOFOLLOW``, so a planted symlink is never followed) and
+with mode 0600 whatever the umask; the file and its backup are therefore 0600
+too. Temporary files a killed save left behind are removed at the next load.
+The document's form, its checks and the merge rule are ``core.fleetstate``'s;
+what is loaded (the file or its backup, ours or Blyan's) is checked with the
+admin input rules, never trusted.
 
 - **A damaged file** (not readable, not JSON, not an object with a list of
   nodes, or not one usable node record among those it lists) is never
@@ -24,7 +29,9 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
+import tempfile
 from typing import Callable
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -74,6 +81,7 @@ class JsonFileStore:
         """
         self._primary_good = False
         self._keep_as_loaded = False
+        self._remove_leftovers()
         if not os.path.exists(self.path):
             if os.path.exists(self.backup):
                 log.warn("state file {path} is missing; using its backup", path=self.path)
@@ -141,9 +149,9 @@ class JsonFileStore:
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
         payload = json.dumps(state_to_json(state, self._clock.seconds()), indent=2).encode("utf-8")
-        temporary = f"{self.path}.tmp-{os.getpid()}"
+        descriptor, temporary = _private_file(self.path)
         try:
-            with open(temporary, "wb") as target:
+            with os.fdopen(descriptor, "wb") as target:
                 target.write(payload)
                 target.flush()
                 os.fsync(target.fileno())
@@ -151,21 +159,54 @@ class JsonFileStore:
                 self._keep_as_backup()
             os.replace(temporary, self.path)
         finally:
-            if os.path.exists(temporary):
+            if os.path.lexists(temporary):
                 os.unlink(temporary)
         self._primary_good = True
         self._keep_as_loaded = False
         _fsync_directory(directory)
 
     def _keep_as_backup(self) -> None:
-        staged = self.backup + ".tmp"
-        if os.path.exists(staged):
-            os.unlink(staged)
+        """Link (or copy) the file to the backup, through a private temporary name, and make it 0600."""
+        staged = _temporary_name(self.backup)
         try:
-            os.link(self.path, staged)
+            os.link(self.path, staged)  # never follows or replaces what is at ``staged``
         except OSError:  # no hard links here: copy instead
-            shutil.copyfile(self.path, staged)
-        os.replace(staged, self.backup)
+            descriptor, staged = _private_file(self.backup)
+            with open(self.path, "rb") as source, os.fdopen(descriptor, "wb") as target:
+                shutil.copyfileobj(source, target)
+        try:
+            os.chmod(staged, 0o600)  # a file saved by an older version may have taken the umask
+            os.replace(staged, self.backup)
+        finally:
+            if os.path.lexists(staged):
+                os.unlink(staged)
+
+    def _remove_leftovers(self) -> None:
+        """Remove temporary files of saves that never ended (the process was killed)."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            return
+        prefixes = tuple(_temporary_prefix(path) for path in (self.path, self.backup))
+        for name in names:
+            if name.startswith(prefixes):
+                os.unlink(os.path.join(directory, name))
+
+
+def _temporary_prefix(path: str) -> str:
+    return f".{os.path.basename(path)}.tmp-"
+
+
+def _temporary_name(path: str) -> str:
+    """A random hidden name beside ``path`` for one of its temporary files."""
+    return os.path.join(os.path.dirname(os.path.abspath(path)), _temporary_prefix(path) + secrets.token_hex(8))
+
+
+def _private_file(path: str) -> tuple[int, str]:
+    """A new temporary file beside ``path``: ``(descriptor, name)``, made as ``tempfile.mkstemp`` makes
+    one (a random name, ``O_CREAT|O_EXCL|O_NOFOLLOW``, mode 0600)."""
+    return tempfile.mkstemp(prefix=_temporary_prefix(path), dir=os.path.dirname(os.path.abspath(path)))
 
 
 def _fsync_directory(directory: str) -> None:

@@ -368,3 +368,64 @@ def test_the_backup_and_blyans_format_are_checked_too(tmp_path, state_errors):
     state = JsonFileStore(str(blyan), Clock()).load()
     assert [n.id for n in state.nodes] == ["n1"] and state.active_id is None
     assert len([line for line in state_errors if "evil" in line]) == 2
+
+
+@pytest.fixture
+def umask_022():
+    """The usual umask, whatever the test runner had."""
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def mode(path):
+    return os.stat(path).st_mode & 0o777
+
+
+def test_a_symlink_planted_at_the_old_temporary_name_is_not_followed(tmp_path):
+    path = tmp_path / "state.json"
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / f"state.json.tmp-{os.getpid()}").symlink_to(victim)  # where saves used to write
+    (tmp_path / "state.json.bak.tmp").symlink_to(victim)
+    keeper, _, _ = keeper_on(path, [node(1)])
+    edited(keeper, add_node(node(2)))  # a second save: the first becomes the backup
+    assert victim.read_text() == "precious"
+    assert [n["id"] for n in json.loads(path.read_text())["nodes"]] == ["n1", "n2"]
+    assert not path.is_symlink() and not (tmp_path / "state.json.bak").is_symlink()
+
+
+def test_the_file_and_its_backup_are_0600_under_umask_022(tmp_path, umask_022):
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps({"version": 1, "nodes": [node_json(1)]}))  # as an older version left it
+    path.chmod(0o644)
+    keeper, _, _ = keeper_on(path)
+    edited(keeper, add_node(node(2)))
+    assert mode(path) == 0o600 and mode(tmp_path / "state.json.bak") == 0o600
+    fresh = tmp_path / "fresh" / "state.json"
+    keeper_on(fresh, [node(1)])
+    assert mode(fresh) == 0o600
+
+
+def test_the_backup_is_copied_privately_where_hard_links_fail(tmp_path, umask_022, monkeypatch):
+    path = tmp_path / "state.json"
+    keeper, _, _ = keeper_on(path, [node(1)])
+
+    def no_links(*args):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    edited(keeper, add_node(node(2)))
+    backup = tmp_path / "state.json.bak"
+    assert [n["id"] for n in json.loads(backup.read_text())["nodes"]] == ["n1"] and mode(backup) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "state.json.bak"]
+
+
+def test_temporary_files_of_a_killed_save_are_removed_at_the_next_load(tmp_path):
+    path = tmp_path / "state.json"
+    keeper_on(path, [node(1)])
+    for leftover in (".state.json.tmp-3f9a0c2b", ".state.json.bak.tmp-77aa01"):
+        (tmp_path / leftover).write_text("half a save")
+    (tmp_path / "unrelated.tmp-1").write_text("not ours")
+    keeper_on(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "state.json.bak", "unrelated.tmp-1"]
