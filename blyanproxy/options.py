@@ -59,10 +59,12 @@ class Options(usage.Options):
             serverFromString(None, self.settings.listen)  # parse only: twistd picks the reactor later
         except (ValueError, KeyError, TypeError) as exc:
             raise SystemExit(f"blyan-proxy: --port: {self.settings.listen!r} is not usable ({exc})") from None
-        if self.settings.tls_ca_file:
+        for variable, ca_file in (("TLS_CA_FILE", self.settings.tls_ca_file),
+                                  ("ETCD_CA_FILE", self.settings.etcd_ca_file)):
             try:
-                load_trust_root(self.settings.tls_ca_file)
+                if ca_file:
+                    load_trust_root(ca_file)
             except ValueError as exc:
-                raise SystemExit(f"blyan-proxy: TLS_CA_FILE: {exc}") from None
+                raise SystemExit(f"blyan-proxy: {variable}: {exc}") from None
         # Read now, before twistd starts its log: LOG_FORMAT=json makes that log JSON lines.
         choose_process_log(getattr(self, "parent", None), self.settings.log_format)

@@ -65,7 +65,7 @@ from blyanproxy.serve import (
     worker_role,
 )
 from blyanproxy.startup import StartupFacts, log_summary, package_version
-from blyanproxy.store import EtcdStore, JsonFileStore, MemoryStore
+from blyanproxy.store import EtcdAccess, EtcdStore, JsonFileStore, MemoryStore
 from blyanproxy.upstream import NodeEndpoints, NodeTLSPolicy, UpstreamPool, UpstreamPoolService, load_trust_root
 
 log = logger("tap")
@@ -153,6 +153,8 @@ def build_proxy(settings: Settings, reactor, persist: bool = True, worker: int |
         store = store_service = EtcdStore(
             reactor, settings.state_store, settings.etcd_timeout, declared,
             identity=f"{socket.gethostname()}:{os.getpid()}",
+            access=EtcdAccess(settings.etcd_user, settings.etcd_password_file,
+                              load_trust_root(settings.etcd_ca_file) if settings.etcd_ca_file else None),
         )
         store_note = (f"etcd at {settings.state_store.base_url}, keys under {settings.state_store.prefix.decode()} "
                       "(the declared nodes serve until it answers)")
@@ -194,7 +196,7 @@ def build_proxy(settings: Settings, reactor, persist: bool = True, worker: int |
     else:
         token, token_note = secrets.token_urlsafe(32), "generated for this process only"
     admin = AdminAPI(registry, balancer, keeper, health, counters, token, reactor,
-                     FailureThrottle(reactor), admission.admission)
+                     FailureThrottle(reactor, trust=settings.trust_forwarded), admission.admission)
     root = RootResource(
         forwarder,
         prefixes={b"_admin": admin.resource()},
@@ -202,7 +204,7 @@ def build_proxy(settings: Settings, reactor, persist: bool = True, worker: int |
             b"health": HealthView(registry, reactor),
             b"_status": StatusView(registry, balancer, counters, reactor),
             **({b"metrics": MetricsResource(metrics, settings.metrics_token)} if settings.enable_metrics else {}),
-            **({b"": LivenessView(reactor), b"workloads": WorkloadsView(directory)}
+            **({b"": LivenessView(reactor), b"workloads": WorkloadsView(directory, settings.trust_forwarded)}
                if directory is not None else {}),
         },
         recorder=recorder,
@@ -284,6 +286,7 @@ def build_directory(settings: Settings, reactor, rules: HealthRules, trust_root,
         limits,
         NodeAddressing(settings.workloads_node_scheme, settings.workloads_node_port, settings.workloads_node_allow),
         settings.workloads_max_keys, settings.workloads_max_calls, metrics, settings.workloads_timeout,
+        settings.workloads_lookups_per_client,
     )
 
 

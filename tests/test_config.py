@@ -1,5 +1,7 @@
 """Settings parsing: defaults, environment, options, precedence and every refusal."""
 
+import re
+
 import attrs
 import pytest
 from hypothesis import given
@@ -183,3 +185,30 @@ def test_the_config_package_face_keeps_every_name_its_importers_use():
         assert name in config.__all__ and hasattr(config, name), name
     assert set(config.SETTINGS_BY_FIELD) == {s.field for s in config.SETTINGS}
     assert {s.field for s in config.SETTINGS} | {"listen", "nodes"} == set(attrs.fields_dict(Settings))
+
+
+def test_a_password_pasted_into_the_state_store_never_reaches_the_error():
+    with pytest.raises(ConfigError) as caught:
+        build({"STATE_STORE": "etcd+https://root:Hunter2-secret@etcd:2379/blyan"})
+    assert str(caught.value).startswith("STATE_STORE: credentials do not go in STATE_STORE")
+    assert "Hunter2" not in str(caught.value)
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"STATE_STORE": "etcd://h/p", "ETCD_USER": "blyan"}, "ETCD_USER and ETCD_PASSWORD_FILE go together"),
+    ({"STATE_STORE": "etcd://h/p", "ETCD_PASSWORD_FILE": "/pw"}, "ETCD_USER and ETCD_PASSWORD_FILE go together"),
+    ({"ETCD_USER": "blyan", "ETCD_PASSWORD_FILE": "/pw"}, "ETCD_USER: needs STATE_STORE=etcd://"),
+    ({"ETCD_CA_FILE": "/ca.pem"}, "ETCD_CA_FILE: needs STATE_STORE=etcd://"),
+    ({"STATE_STORE": "etcd://h/p", "ETCD_CA_FILE": "/ca.pem"}, "ETCD_CA_FILE: needs STATE_STORE=etcd+https://"),
+])
+def test_the_etcd_login_and_ca_need_each_other_and_an_etcd_store(env, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        build(env)
+
+
+def test_etcd_over_tls_with_a_login():
+    found = build({"STATE_STORE": "etcd+https://etcd:2379/blyan", "ETCD_USER": "blyan",
+                      "ETCD_PASSWORD_FILE": "/etc/blyan-proxy/etcd-password", "ETCD_CA_FILE": "/ca.pem"})
+    assert found.state_store.base_url == "https://etcd:2379"
+    assert (found.etcd_user, found.etcd_password_file, found.etcd_ca_file) == (
+        "blyan", "/etc/blyan-proxy/etcd-password", "/ca.pem")

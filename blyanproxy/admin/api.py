@@ -77,7 +77,7 @@ class AdminAPI:
     # -- plumbing -------------------------------------------------------------
 
     def _client(self, request: IRequest) -> str:
-        return getattr(request.getClientAddress(), "host", "unknown")
+        return self._throttle.address_of(request)
 
     def _authorize(self, request: IRequest) -> None:
         client = self._client(request)

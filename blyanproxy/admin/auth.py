@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import hmac
+import math
 import os
 import secrets
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
+from blyanproxy.core import ForwardTrust, client_facts
 from blyanproxy.logs import logger
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
     from twisted.web.iweb import IRequest
+    from twisted.web.server import Request
 
 log = logger("admin")
 
@@ -66,19 +69,32 @@ def token_matches(presented: bytes | None, token: str) -> bool:
 
 
 class FailureThrottle:
-    """Refuses an address for ``window`` seconds after ``limit`` failed attempts within it.
+    """Refuses a client address while ``limit`` failed attempts from it are under ``window`` seconds old.
 
-    At most ``max_addresses`` addresses are remembered (the oldest are forgotten).
+    The address is the client's as ``trust`` (``TRUST_FORWARDED``) reads it
+    (``address_of``): behind a trusted reverse proxy, the forwarded client, so
+    one client's wrong tokens never lock every admin out. The refusal ends
+    when the oldest of those failures is ``window`` seconds old. At most
+    ``max_addresses`` addresses are remembered (the oldest are forgotten).
+    Each process (each worker) keeps its own throttle.
     """
 
     def __init__(
-        self, clock: IReactorTime, limit: int = 10, window: float = 60.0, max_addresses: int = 10000
+        self, clock: IReactorTime, limit: int = 10, window: float = 60.0, max_addresses: int = 10000,
+        trust: bool | ForwardTrust = False,
     ) -> None:
         self._clock = clock
         self._limit = limit
         self._window = window
         self._max = max_addresses
+        self._trust = trust
         self._failures: OrderedDict[str, list[float]] = OrderedDict()
+
+    def address_of(self, request: IRequest) -> str:
+        """The address ``request``'s failures are counted against."""
+        # Klein hands over twisted.web's Request, which has all that client_facts reads (IRequest
+        # does not declare received_cookies).
+        return client_facts(cast("Request", request), self._trust).origin
 
     def _recent(self, address: str) -> list[float]:
         now = self._clock.seconds()
@@ -94,7 +110,9 @@ class FailureThrottle:
         times = self._recent(address)
         if len(times) < self._limit:
             return None
-        return max(1, int(times[-1] + self._window - self._clock.seconds() + 0.999))
+        # Refused until fewer than ``limit`` remain: until this one ages out (the oldest, at ``limit``).
+        ages_out = times[len(times) - self._limit] + self._window
+        return max(1, math.ceil(ages_out - self._clock.seconds()))
 
     def failed(self, address: str) -> None:
         """Record a failed attempt from ``address``."""

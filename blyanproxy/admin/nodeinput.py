@@ -12,16 +12,13 @@ from blyanproxy.core import (
     ProxyError,
     node_engine,
     node_max_inflight,
+    node_metadata,
     node_models,
     node_name,
     node_tags,
     node_weight,
     parse_base_url,
 )
-
-MAX_METADATA_BYTES = 16 * 1024
-#: ``metadata.healthPath``: a path on the node itself (never ``//host`` or ``@host``), printable ASCII.
-_HEALTH_PATH = re.compile(r"/(?!/)[!-~]{0,1023}\Z")
 
 _CREATE_FIELDS = {"name", "baseURL", "tags", "metadata", "weight", "tlsVerify", "engine", "models", "maxInflight"}
 _PATCH_FIELDS = {"name", "tags", "metadata", "weight", "draining", "engine", "models", "maxInflight"}
@@ -64,17 +61,6 @@ def _node_field(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
 _name = _node_field(node_name)
 
 
-def _metadata(value: Any) -> dict:
-    if not isinstance(value, dict):
-        raise invalid("metadata", "must be an object")
-    if len(json.dumps(value)) > MAX_METADATA_BYTES:
-        raise invalid("metadata", f"must be at most {MAX_METADATA_BYTES} bytes as JSON")
-    path = value.get("healthPath")
-    if path is not None and not (isinstance(path, str) and _HEALTH_PATH.match(path)):
-        raise invalid("metadata", "healthPath must be a path on the node such as /health (printable ASCII)")
-    return value
-
-
 def _boolean(field: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise invalid(field, "must be true or false")
@@ -85,7 +71,7 @@ def _boolean(field: str, value: Any) -> bool:
 _OPTIONAL = {
     "name": ("name", _name),
     "tags": ("tags", _node_field(node_tags)),
-    "metadata": ("metadata", _metadata),
+    "metadata": ("metadata", _node_field(node_metadata)),
     "weight": ("weight", _node_field(node_weight)),
     "tlsVerify": ("tls_verify", lambda value: _boolean("tlsVerify", value)),
     "draining": ("draining", lambda value: _boolean("draining", value)),

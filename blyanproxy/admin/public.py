@@ -11,7 +11,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from blyanproxy.admin.views import usable_count
-from blyanproxy.core import ProxyError, write_error
+from blyanproxy.core import ForwardTrust, ProxyError, client_facts, write_error
 from blyanproxy.discovery import api_key_of, missing_key_error
 
 if TYPE_CHECKING:
@@ -118,13 +118,18 @@ class LivenessView(_JSONView):
 
 
 class WorkloadsView(Resource):
-    """``GET /workloads``: the caller's workloads as the API listed them (running or not)."""
+    """``GET /workloads``: the caller's workloads as the API listed them (running or not).
+
+    ``trust`` (``TRUST_FORWARDED``) says which client address a first lookup
+    of an unknown key is counted against.
+    """
 
     isLeaf = True
 
-    def __init__(self, directory: WorkloadDirectory) -> None:
+    def __init__(self, directory: WorkloadDirectory, trust: bool | ForwardTrust = False) -> None:
         super().__init__()
         self._directory = directory
+        self._trust = trust
 
     def render_GET(self, request: Request) -> int:
         """Look the caller's key up, then answer with its workloads (or the JSON error)."""
@@ -143,7 +148,8 @@ class WorkloadsView(Resource):
             request.finish()
 
         ended = request.notifyFinish()  # asked first: a cached list is answered at once
-        leave = self._directory.lookup_for(key, answer, lambda err: write_error(request, err), lambda: None)
+        leave = self._directory.lookup_for(key, answer, lambda err: write_error(request, err), lambda: None,
+                                           client=client_facts(request, self._trust).origin)
         ended.addErrback(lambda _: leave())
         return NOT_DONE_YET
 

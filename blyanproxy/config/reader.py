@@ -107,7 +107,27 @@ def settings_from(
     _max_attempts(env, options, values)
     values["listen"] = _listen_value(env, options)
     values["nodes"] = _nodes(env, option_nodes)
-    return _check_workers(Settings(**values), sources.get("workers", "WORKERS"))
+    return _check_etcd(_check_workers(Settings(**values), sources.get("workers", "WORKERS")), sources)
+
+
+def _check_etcd(settings: Settings, sources: Mapping[str, str]) -> Settings:
+    """The etcd login comes as a pair, and the etcd settings need an etcd ``STATE_STORE``.
+
+    ``sources`` says where each setting came from, so the error names what the operator typed.
+    """
+
+    def named(field: str) -> str:
+        return sources.get(field) or str(SETTINGS_BY_FIELD[field].env)
+
+    if (settings.etcd_user is None) != (settings.etcd_password_file is None):
+        raise ConfigError(f"{named('etcd_user')} and {named('etcd_password_file')} go together: set both or neither")
+    for field in ("etcd_user", "etcd_ca_file"):
+        if getattr(settings, field) is not None and settings.state_store is None:
+            raise ConfigError(f"{named(field)}: needs STATE_STORE=etcd://... or etcd+https://...")
+    if settings.etcd_ca_file is not None and settings.state_store is not None and \
+            not settings.state_store.base_url.startswith("https:"):
+        raise ConfigError(f"{named('etcd_ca_file')}: needs STATE_STORE=etcd+https://host:port/prefix")
+    return settings
 
 
 def _check_workers(settings: Settings, source: str) -> Settings:

@@ -61,6 +61,9 @@ class Settings:
     state_file: str = "./data/proxy_state.json"
     state_store: EtcdLocation | None = None  # None: the JSON state file
     etcd_timeout: float = 2.0
+    etcd_user: str | None = None
+    etcd_password_file: str | None = None
+    etcd_ca_file: str | None = None
     workers: int = 1
     worker_stop_timeout: float = 30.0
     nodes: tuple = ()
@@ -106,6 +109,7 @@ class Settings:
     workloads_stale_max: float = 300.0
     workloads_max_keys: int = 10000
     workloads_max_calls: int = 8
+    workloads_lookups_per_client: int = 4
     log_level: str = "INFO"
     log_format: str = "text"
     access_log: bool = True
@@ -158,9 +162,17 @@ SETTINGS = (
     Setting("state_file", "STATE_FILE", "state-file", "./data/proxy_state.json", any_text,
             "JSON file holding nodes, active node and policy across restarts"),
     Setting("state_store", "STATE_STORE", "state-store", "file", parse_state_store,
-            "where the fleet is kept: file (STATE_FILE, one process) or etcd://host:port/prefix (shared)"),
+            "where the fleet is kept: file (STATE_FILE, one process) or etcd://host:port/prefix, "
+            "etcd+https://host:port/prefix (shared)",
+            secret=True),  # never echoed: a password pasted into the URL must not reach an error
     Setting("etcd_timeout", "ETCD_TIMEOUT_MS", "etcd-timeout-ms", "2000", milliseconds(0.01),
             "timeout of every etcd call, in milliseconds (an admin write past it gets 503)"),
+    Setting("etcd_user", "ETCD_USER", "etcd-user", "(none)", any_text,
+            "etcd user to log in as (with ETCD_PASSWORD_FILE); unset: no login"),
+    Setting("etcd_password_file", "ETCD_PASSWORD_FILE", "etcd-password-file", "(none)", any_text,
+            "file holding the etcd user's password (read at each login, never logged)"),
+    Setting("etcd_ca_file", "ETCD_CA_FILE", "etcd-ca-file", "(the system's)", any_text,
+            "PEM CA bundle trusted for etcd+https instead of the system's"),
     Setting("workers", "WORKERS", "workers", "1", whole_number(1, 64),
             "proxy processes accepting on the listening port (above 1 needs STATE_STORE=etcd://...)"),
     Setting("worker_stop_timeout", "WORKER_STOP_TIMEOUT_MS", "worker-stop-timeout-ms", "30000",
@@ -253,6 +265,9 @@ SETTINGS = (
             "most API keys cached at once (the least recently used is forgotten)"),
     Setting("workloads_max_calls", "WORKLOADS_MAX_CALLS", "workloads-max-calls", "8", whole_number(1, 1000),
             "most workloads API calls in progress at once"),
+    Setting("workloads_lookups_per_client", "WORKLOADS_LOOKUPS_PER_CLIENT", "workloads-lookups-per-client", "4",
+            whole_number(1, 1000), "most first lookups of unknown API keys under way at once for one client "
+            "address (429 beyond)"),
     Setting("log_level", "LOG_LEVEL", "log-level", "INFO", log_level_name,
             "DEBUG, INFO, WARN or ERROR"),
     Setting("log_format", "LOG_FORMAT", "log-format", "text", one_of(("text", "json")),

@@ -21,12 +21,24 @@ The merge rule at start-up (``merge``):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import attrs
 
-from blyanproxy.core.noderules import NodeFieldError, node_engine, node_max_inflight, node_models, node_weight
+from blyanproxy.core.noderules import (
+    NodeFieldError,
+    node_declaration,
+    node_engine,
+    node_id,
+    node_max_inflight,
+    node_metadata,
+    node_models,
+    node_name,
+    node_tags,
+    node_weight,
+)
 from blyanproxy.core.nodes import Node, new_node_id
 from blyanproxy.core.nodeurl import parse_base_url
 from blyanproxy.core.selection import POLICIES
@@ -86,46 +98,63 @@ def node_to_json(node: Node) -> dict[str, Any]:
 
 
 def node_from_json(data: object) -> Node:
-    """A node from its JSON form; ``ValueError`` naming the field when it is unusable."""
+    """A node from its JSON form, every field checked by the node field rules as admin input is.
+
+    ``ValueError`` naming the node (its name escaped) and the field when it
+    is unusable. A missing or non-text id gets a fresh one (Blyan's files);
+    fields this version does not know are ignored.
+    """
     if not isinstance(data, dict):
         raise ValueError("a node must be an object")
     name, base_url = data.get("name"), data.get("baseURL")
     if not isinstance(name, str) or not name:
         raise ValueError("node name missing")
+    label = f"node {_shown(name)}"
     if not isinstance(base_url, str):
-        raise ValueError(f"node {name!r}: baseURL missing")
-    parse_base_url(base_url)
-    given_id = data.get("id")
-    node_id = given_id if isinstance(given_id, str) and given_id else new_node_id()
-    tags = data.get("tags") or []
-    metadata = data.get("metadata") or {}
-    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-        raise ValueError(f"node {name!r}: tags must be a list of strings")
-    if not isinstance(metadata, dict):
-        raise ValueError(f"node {name!r}: metadata must be an object")
+        raise ValueError(f"{label}: baseURL missing")
     try:
-        weight = node_weight(data.get("weight", 1))
-        engine = node_engine(data.get("engine", "auto"))
-        models = node_models(data.get("models", []))
-        max_inflight = node_max_inflight(data.get("maxInflight"))
-    except NodeFieldError as broken:
-        raise ValueError(f"node {name!r}: {broken}") from None
+        url = parse_base_url(base_url)
+    except ValueError as broken:
+        raise ValueError(f"{label}: baseURL {broken}") from None
+    given_id = data.get("id")
     added = data.get("addedAt", 0.0)
-    return Node(
-        id=node_id,
-        name=name,
-        base_url=parse_base_url(base_url).text,
-        tags=tuple(tags),
-        metadata=metadata,
-        weight=weight,
-        draining=bool(data.get("draining", False)),
-        tls_verify=data.get("tlsVerify", True) is not False,
-        added_at=float(added) if isinstance(added, (int, float)) else 0.0,
-        declared_by=data.get("declaredBy") if isinstance(data.get("declaredBy"), str) else None,
-        engine=engine,
-        models=models,
-        max_inflight=max_inflight,
-    )
+    try:
+        return Node(
+            id=node_id(given_id) if isinstance(given_id, str) and given_id else new_node_id(),
+            name=node_name(name),
+            base_url=url.text,
+            tags=node_tags(_given(data, "tags", [])),
+            metadata=node_metadata(_given(data, "metadata", {})),
+            weight=node_weight(data.get("weight", 1)),
+            draining=_flag(data, "draining", False),
+            tls_verify=_flag(data, "tlsVerify", True),
+            added_at=float(added) if isinstance(added, (int, float)) and math.isfinite(added) else 0.0,
+            declared_by=node_declaration(data.get("declaredBy")),
+            engine=node_engine(_given(data, "engine", "auto")),
+            models=node_models(_given(data, "models", [])),
+            max_inflight=node_max_inflight(data.get("maxInflight")),
+        )
+    except NodeFieldError as broken:
+        raise ValueError(f"{label}: {broken}") from None
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    """``text`` quoted for a log line or an error: control and line-breaking characters escaped, cut at ``limit``."""
+    quoted = repr(text[:limit])
+    return quoted + "..." if len(text) > limit else quoted
+
+
+def _given(data: dict[str, Any], field: str, default: object) -> object:
+    """``data[field]``, or ``default`` when it is missing or null."""
+    value = data.get(field)
+    return default if value is None else value
+
+
+def _flag(data: dict[str, Any], field: str, default: bool) -> bool:
+    value = data.get(field, default)
+    if not isinstance(value, bool):
+        raise NodeFieldError(field, "must be true or false")
+    return value
 
 
 def state_to_json(state: FleetState, saved_at: float) -> dict[str, Any]:
@@ -145,46 +174,86 @@ def _ignore(message: str) -> None:
 
 
 def state_from_json(document: object, on_skip: Callable[[str], None] = _ignore) -> FleetState:
-    """Read our format or Blyan's; ``ValueError`` when the document cannot be used.
+    """Read our format or Blyan's; ``ValueError`` when the document as a whole cannot be used.
 
-    A record that is left out (a base URL listed twice) is told to ``on_skip``.
+    A document that is not an object with a list of nodes (and, in our
+    format, a list ``removed``) cannot be used, nor one whose node records
+    are all unusable. Otherwise each record that breaks a rule — a node (see
+    ``node_from_json``), a base URL listed twice, an entry of ``removed``, the
+    policy, the active id — is left out and told to ``on_skip``, naming it.
     """
     if not isinstance(document, dict) or not isinstance(document.get("nodes"), list):
         raise ValueError("expected an object with a list of nodes")
     nodes: list[Node] = []
     seen = set()
+    refused: list[str] = []
     blyan_active_url = None
     index = document.get("activeIndex")
     if "version" not in document and isinstance(index, int) and 0 <= index < len(document["nodes"]):
         entry = document["nodes"][index]
         if isinstance(entry, dict) and isinstance(entry.get("baseURL"), str):
             blyan_active_url = entry["baseURL"]
-    for data in document["nodes"]:
-        node = node_from_json(data)
+    for place, data in enumerate(document["nodes"], 1):
+        try:
+            node = node_from_json(data)
+        except ValueError as broken:
+            refused.append(f"node record {place}: {broken}")
+            on_skip(f"skipped node record {place}: {broken}")
+            continue
         if node.url in seen:
-            on_skip(f"skipped node {node.name}: its base URL is listed twice")
+            on_skip(f"skipped node {_shown(node.name)}: its base URL is listed twice")
             continue
         if node.id in {n.id for n in nodes}:
             node = attrs.evolve(node, id=new_node_id())
         seen.add(node.url)
         nodes.append(node)
+    if refused and not nodes:
+        raise ValueError(f"no node record is usable ({refused[0]})")
     if "version" not in document:  # Blyan's file: the active node by its place in the list
-        active_url = parse_base_url(blyan_active_url).text if blyan_active_url else None
+        try:
+            active_url = parse_base_url(blyan_active_url).text if blyan_active_url else None
+        except ValueError:
+            active_url = None  # that record was skipped
         active = next((n.id for n in nodes if n.base_url == active_url), None)
         return FleetState(nodes=tuple(nodes), active_id=active)
-    active_id = document.get("activeId")
-    policy = document.get("policy")
-    if policy is not None and policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}")
     removed = document.get("removed") or []
-    if not isinstance(removed, list) or not all(isinstance(r, str) for r in removed):
+    if not isinstance(removed, list):
         raise ValueError("removed must be a list of URLs")
     return FleetState(
         nodes=tuple(nodes),
-        active_id=active_id if any(n.id == active_id for n in nodes) else None,
-        policy=policy if isinstance(policy, str) else None,
-        removed=tuple(removed),
+        active_id=_active_id(document.get("activeId"), nodes, on_skip),
+        policy=_policy_or_none(document.get("policy"), on_skip),
+        removed=tuple(url for url in removed if _removed_url(url, on_skip)),
     )
+
+
+def _policy_or_none(value: object, on_skip: Callable[[str], None]) -> str | None:
+    """A stored policy when it is one of ``POLICIES``; anything else is told to ``on_skip`` and is none."""
+    if value is None or (isinstance(value, str) and value in POLICIES):
+        return value
+    on_skip(f"skipped the policy {_shown(str(value))}: not one of {', '.join(POLICIES)}")
+    return None
+
+
+def _removed_url(value: object, on_skip: Callable[[str], None]) -> bool:
+    """Whether a stored entry of ``removed`` is a node base URL (else it is told to ``on_skip``)."""
+    try:
+        if not isinstance(value, str):
+            raise ValueError("must be text")
+        parse_base_url(value)
+    except ValueError as broken:
+        on_skip(f"skipped the removed entry {_shown(str(value))}: {broken}")
+        return False
+    return True
+
+
+def _active_id(value: object, nodes: list[Node], on_skip: Callable[[str], None]) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        on_skip("skipped the active id: it must be text")
+        return None
+    return value if any(n.id == value for n in nodes) else None
 
 
 def merge(declared: Iterable[Node], saved: FleetState | None) -> FleetState:

@@ -1,10 +1,12 @@
-"""The rules a node's settings follow, each written once: its name, tags, weight, engine,
-models and base URL.
+"""The rules a node's settings follow, each written once: its id, name, tags, weight, metadata,
+engine, models, concurrency cap and base URL.
 
 The settings (``NODE_<n>``, ``--node``) and the admin API check name, tags,
-weight, engine and models with these; the stored fleet (state file, etcd)
-checks the weight, engine and models and takes names and tags as they were stored; the registry, the fleet edits and the
-settings keep base URLs unique with ``check_url_free`` and ``url_taken``. A
+weight, metadata, engine, models and cap with these; the stored fleet (state file, its backup,
+etcd, Blyan's file) checks every field with them, the id and the declaration
+(``declaredBy``) too, so a stored record is never trusted more than admin
+input; the registry, the fleet edits and the settings keep base URLs unique
+with ``check_url_free`` and ``url_taken``. A
 check that fails raises ``NodeFieldError``: ``field`` names the setting and
 ``problem`` says what is wrong, so each caller puts the words its users know in
 front (``name: must be ...`` for the admin API, ``node 'gpu-a': weight must
@@ -13,6 +15,7 @@ be ...`` for a stored node). Pure, no I/O.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -25,7 +28,13 @@ if TYPE_CHECKING:
 NAME_MAX_LENGTH = 128
 MIN_WEIGHT = 1
 MAX_WEIGHT = 1000
+MAX_METADATA_BYTES = 16 * 1024
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\Z")
+_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
+#: ``metadata.healthPath``: a path on the node itself (never ``//host`` or ``@host``), printable ASCII.
+_HEALTH_PATH = re.compile(r"/(?!/)[!-~]{0,1023}\Z")
+#: ``declaredBy``: the setting that declared a node (``NODE_3``, ``--node``).
+_DECLARATION = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 
 NAME_PROBLEM = f"must be 1 to {NAME_MAX_LENGTH} printable characters, without '|'"
 TAGS_PROBLEM = "must be a list of tags (letters, digits, '.', '_', ':', '-')"
@@ -35,6 +44,8 @@ MAX_MODELS = 64
 MODEL_MAX_LENGTH = 256
 MODELS_PROBLEM = (f"must be a list of at most {MAX_MODELS} model names (1 to {MODEL_MAX_LENGTH} "
                   "printable characters, without ',' or '|')")
+ID_PROBLEM = "must be 1 to 64 letters, digits, '.', '_', ':' or '-'"
+DECLARATION_PROBLEM = "must name a setting such as NODE_3 or --node"
 
 
 class NodeFieldError(ValueError):
@@ -125,6 +136,42 @@ def node_models(values: object) -> tuple[str, ...]:
         if model not in models:
             models.append(model)
     return tuple(models)
+
+
+def node_id(value: object) -> str:
+    """``value`` when it is a node id (1 to 64 letters, digits, ``.``, ``_``, ``:`` or ``-``), else ``NodeFieldError``.
+
+    Ids the proxy makes are 16 hex digits; stored ones (Blyan's too) may be
+    any such word. An id ends up in URLs, logs and etcd keys.
+    """
+    if not isinstance(value, str) or _ID.match(value) is None:
+        raise NodeFieldError("id", ID_PROBLEM)
+    return value
+
+
+def node_metadata(value: object) -> dict[str, object]:
+    """``value`` when it is a node's metadata, else ``NodeFieldError``.
+
+    An object of at most 16 KiB as JSON; its ``healthPath``, when given, is a
+    path on the node (``/ready``): printable ASCII, never ``//host``.
+    """
+    if not isinstance(value, dict):
+        raise NodeFieldError("metadata", "must be an object")
+    if len(json.dumps(value)) > MAX_METADATA_BYTES:
+        raise NodeFieldError("metadata", f"must be at most {MAX_METADATA_BYTES} bytes as JSON")
+    path = value.get("healthPath")
+    if path is not None and not (isinstance(path, str) and _HEALTH_PATH.match(path)):
+        raise NodeFieldError("metadata", "healthPath must be a path on the node such as /health (printable ASCII)")
+    return value
+
+
+def node_declaration(value: object) -> str | None:
+    """``value`` (``None``, or the setting that declared a node: ``NODE_3``, ``--node``), else ``NodeFieldError``."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or _DECLARATION.match(value) is None:
+        raise NodeFieldError("declaredBy", DECLARATION_PROBLEM)
+    return value
 
 
 def url_taken(base_url: str, owner: str) -> str:

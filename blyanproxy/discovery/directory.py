@@ -1,10 +1,12 @@
 """Per-API-key workload discovery: the cache of each key's nodes, fetched, refreshed and forgotten.
 
-``WorkloadDirectory.lookup(key)`` answers from the cache or asks the API
-(concurrent first requests for a key share one call); a ``LoopingCall``
+``WorkloadDirectory.lookup(key, client)`` answers from the cache or asks the
+API (concurrent first requests for a key share one call); a ``LoopingCall``
 refreshes the keys in use and forgets idle ones. The timing rules are the
-pure functions of ``keycache``. Keys are held in memory only to ask the API
-again; logs and metrics name a key by ``apikeys.key_id``.
+pure functions of ``keycache``; which call gets a slot is ``callslots``'
+rule (known keys first, first lookups of unknown keys limited per client
+address and shared fairly among addresses). Keys are held in memory only to
+ask the API again; logs and metrics name a key by ``apikeys.key_id``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from twisted.python.failure import Failure
 from blyanproxy.core import ProxyError
 from blyanproxy.discovery import keycache
 from blyanproxy.discovery.apikeys import key_id
+from blyanproxy.discovery.callslots import CallSlots
 from blyanproxy.discovery.pools import KeyedBalancer, KeyPool
 from blyanproxy.discovery.workloads import NodeAddressing, workload_nodes
 from blyanproxy.discovery.workloadsapi import KeyRefused
@@ -30,7 +33,7 @@ log = logger("discovery")
 
 #: Seconds between two passes of the refresh loop (each pass refreshes only what is due).
 SWEEP_SECONDS = 1.0
-#: First requests waiting for a call slot, per slot, before new keys are refused 503.
+#: First lookups waiting for a call slot, per slot, before new keys are refused 503.
 QUEUE_PER_CALL = 8
 #: Records looked at from the least recently used end when one must be forgotten.
 EVICTION_SCAN = 64
@@ -42,6 +45,11 @@ class _NobodyWaits(Exception):
 
 def _busy_error() -> ProxyError:
     return ProxyError(503, "workloads_busy", "too many API keys are being looked up; try again", retry_after=1)
+
+
+def _client_limited_error() -> ProxyError:
+    return ProxyError(429, "too_many_new_keys", "too many new API keys are being looked up from this address; "
+                      "try again", retry_after=1)
 
 
 @attrs.define(eq=False)
@@ -69,14 +77,17 @@ class WorkloadDirectory(Service):
     connections when the service stops (``workloadsapi.WorkloadsClient``).
     At most ``max_keys`` keys are cached (the least recently used idle key
     goes, keys without a usable list first) and at most ``max_fetches`` API
-    calls run at once; a request waits at most ``wait_limit`` seconds for its
-    key's list, and background refreshes only use free call slots.
+    calls run at once (``callslots.CallSlots``: refreshes and other calls of
+    keys the API has listed go first; a client address has at most
+    ``lookups_per_client`` first lookups of unknown keys under way); a
+    request waits at most ``wait_limit`` seconds for its key's list.
     """
 
     def __init__(self, client, clock, balancer: KeyedBalancer,
                  limits: keycache.CacheLimits = keycache.CacheLimits(),
                  addressing: NodeAddressing = NodeAddressing(), max_keys: int = 10000,
-                 max_fetches: int = 8, metrics=None, wait_limit: float = 10.0) -> None:
+                 max_fetches: int = 8, metrics=None, wait_limit: float = 10.0,
+                 lookups_per_client: int = 4) -> None:
         self._client = client
         self._clock = clock
         self.balancer = balancer
@@ -84,7 +95,7 @@ class WorkloadDirectory(Service):
         self._addressing = addressing
         self._max_keys = max_keys
         self._wait_limit = wait_limit
-        self._calls = defer.DeferredSemaphore(max_fetches)
+        self._calls = CallSlots(max_fetches, lookups_per_client)
         self._max_queue = max_fetches * QUEUE_PER_CALL
         self._metrics = metrics
         self._records: OrderedDict[bytes, KeyRecord] = OrderedDict()
@@ -105,12 +116,15 @@ class WorkloadDirectory(Service):
 
     # -- lookups --------------------------------------------------------------
 
-    def lookup(self, key: bytes) -> defer.Deferred:
+    def lookup(self, key: bytes, client: str | None = None) -> defer.Deferred:
         """The key's ``KeyRecord`` once its list can be used (it may list no running workload).
 
-        Fails with ``ProxyError``: 401 when the API refused the key, 502 when
-        the API failed, took too long, and nothing recent enough is cached; 503
-        when too many first lookups wait for a call slot.
+        ``client`` is the address asking; without it (the proxy's own use) a
+        first lookup is not limited per address. Fails with ``ProxyError``:
+        401 when the API refused the key, 502 when the API failed, took too
+        long, and nothing recent enough is cached; 429 when ``client`` already
+        has ``lookups_per_client`` first lookups under way; 503 when too many
+        first lookups wait for a call slot.
         """
         try:
             record = self._record_for(key)
@@ -120,11 +134,15 @@ class WorkloadDirectory(Service):
         self._count("cache", "miss" if decision == keycache.FETCH else "hit")
         if decision != keycache.FETCH:
             return defer.maybeDeferred(self._answer, record, decision)
-        if not record.fetching and len(self._calls.waiting) >= self._max_queue:
-            return defer.fail(_busy_error())
+        first = not keycache.is_known(record.state)
+        if first and not record.fetching:
+            if client is not None and not self._calls.admits(client):
+                return defer.fail(_client_limited_error())
+            if self._calls.queued_first() >= self._max_queue:
+                return defer.fail(_busy_error())
         waiter: defer.Deferred = defer.Deferred()
         record.waiters.append(waiter)
-        self._start_fetch(record)
+        self._start_fetch(record, for_client=(client or "") if first else None)
         waiter.addTimeout(self._wait_limit, self._clock)
         waiter.addCallbacks(
             lambda _: self._answer(record, keycache.decide(record.state, self._clock.seconds(), self._limits,
@@ -133,9 +151,11 @@ class WorkloadDirectory(Service):
         return waiter
 
     def lookup_for(self, key: bytes, found: Callable[[KeyRecord], None],
-                   refused: Callable[[ProxyError], None], gone: Callable[[], None]) -> Callable[[], None]:
-        """``lookup(key)`` on behalf of a client: then ``found(record)`` or ``refused(error)``
-        (every failure as a ``ProxyError``). Returns ``leave``, to call when the client goes
+                   refused: Callable[[ProxyError], None], gone: Callable[[], None], *,
+                   client: str) -> Callable[[], None]:
+        """``lookup(key, client)`` on behalf of a client: then ``found(record)`` or ``refused(error)``
+        (every failure as a ``ProxyError``). ``client`` is its address as forwarding trust reads
+        it (``RequestTally.client.origin``). Returns ``leave``, to call when the client goes
         away: ``gone()`` follows unless an answer came first, and no answer comes after it.
         A bug in the callbacks is logged, never left unhandled."""
         settled: list[bool] = []
@@ -158,7 +178,7 @@ class WorkloadDirectory(Service):
                     failure = Failure(ProxyError(502, "workloads_unavailable", "the workloads API is unavailable"))
                 refused(failure.value)
 
-        self.lookup(key).addCallbacks(answer, refuse).addErrback(
+        self.lookup(key, client).addCallbacks(answer, refuse).addErrback(
             lambda failure: log.failure("answering a request for {key} failed", failure, key=key_id(key)))
         return leave
 
@@ -217,17 +237,17 @@ class WorkloadDirectory(Service):
 
     # -- fetching -------------------------------------------------------------
 
-    def _start_fetch(self, record: KeyRecord, background: bool = False) -> None:
+    def _start_fetch(self, record: KeyRecord, background: bool = False, for_client: str | None = None) -> None:
         """Ask the API for this key unless a call is already under way; never fails.
 
-        A background refresh starts only in a free call slot (else the next
-        sweep tries again); a first-request call still queued when all its
-        requests gave up is not made.
+        ``for_client``: a first lookup of an unknown key, for that address
+        (else known work, which goes first). A call for requests, still queued
+        when all of them gave up, is not made; a background refresh always is.
         """
-        if record.fetching or (background and self._calls.tokens == 0):
+        if record.fetching:
             return
         record.fetching = True
-        call = self._calls.run(self._call, record, background)
+        call = self._calls.run(lambda: self._call(record, background), for_client)
         call.addCallbacks(self._fetched, self._fetch_failed, callbackArgs=(record,), errbackArgs=(record,))
         call.addErrback(lambda failure: log.failure("workloads refresh of {key} crashed", failure,
                                                     key=record.name))

@@ -88,6 +88,14 @@ def after_fetch(state: KeyState, outcome: str, now: float,
     return attrs.evolve(state, checked_at=now, last_outcome=FAILED)
 
 
+def is_known(state: KeyState) -> bool:
+    """Whether the API has listed this key's workloads: its calls are known work, not first lookups.
+
+    A key the API refused last is not known (it may be a guess).
+    """
+    return state.fetched_at is not None
+
+
 def refresh_due(state: KeyState, now: float, limits: CacheLimits) -> bool:
     """Whether the background loop should ask again: a key with a list, last asked ``refresh`` ago.
 

@@ -121,7 +121,8 @@ class ProxyResource(Resource):
             tally.end(traffic.CLIENT_CLOSED_STATUS, traffic.CLIENT_GONE)
 
         ended = request.notifyFinish()  # asked first: the lookup may answer, and end the request, at once
-        leave = directory.lookup_for(key, found, lambda err: self._refuse(request, tally, err), gone)
+        leave = directory.lookup_for(key, found, lambda err: self._refuse(request, tally, err), gone,
+                                     client=tally.client.origin)
         ended.addErrback(lambda _: leave())
 
     def _refuse(self, request: Request, tally: traffic.RequestTally, err: ProxyError) -> None:

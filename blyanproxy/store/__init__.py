@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from blyanproxy.store.etcdclient import EtcdAccess
 from blyanproxy.store.etcdstore import EtcdStore
 from blyanproxy.store.jsonfile import JsonFileStore, MemoryStore
 from blyanproxy.store.storeurl import EtcdLocation, parse_state_store
 
 __all__ = [
+    "EtcdAccess",
     "EtcdLocation",
     "EtcdStore",
     "JsonFileStore",

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import Callable
 
 import attrs
 
-from blyanproxy.core import FleetState, node_from_json, node_to_json
+from blyanproxy.core import POLICIES, FleetState, Node, node_from_json, node_to_json, parse_base_url
 
 CHANGED = "changed"
 
@@ -67,30 +68,60 @@ def state_keys(state: FleetState, prefix: bytes) -> dict[bytes, bytes]:
     return keys
 
 
-def state_from_keys(kvs: dict[bytes, KeyValue], prefix: bytes) -> FleetState | None:
-    """The fleet held by ``kvs`` (``None`` when the prefix is empty); ``ValueError`` if a key is unusable."""
+def _no_note(key: bytes, problem: str) -> None:
+    """Drop a note about a skipped key."""
+
+
+def state_from_keys(kvs: dict[bytes, KeyValue], prefix: bytes,
+                    on_skip: Callable[[bytes, str], None] = _no_note) -> FleetState | None:
+    """The fleet held by ``kvs`` (``None`` when the prefix is empty).
+
+    Every value is checked as admin input is (``core.node_from_json`` for a
+    node, whose id must be its key's; a policy of ``POLICIES``; a removed
+    entry that is a base URL; an active id that is text). A key that breaks a
+    rule is left out and told to ``on_skip(key, problem)``; the rest is the fleet.
+    """
     if not kvs:
         return None
     nodes, active, policy, removed = [], None, None, []
     for key, kv in sorted(kvs.items(), key=lambda item: (item[1].create_revision, item[0])):
         name = key[len(prefix):]
-        if name.startswith(b"nodes/"):
-            try:
-                nodes.append(node_from_json(json.loads(kv.value)))
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise ValueError(f"key {key.decode(errors='replace')}: {exc}") from None
-        elif name == b"active":
-            active = kv.value.decode()
-        elif name == b"policy":
-            policy = kv.value.decode()
-        elif name.startswith(b"removed/"):
-            removed.append(kv.value.decode())
+        try:
+            if name.startswith(b"nodes/"):
+                nodes.append(_node(name[len(b"nodes/"):], kv.value))
+            elif name == b"active":
+                active = kv.value.decode("utf-8")
+            elif name == b"policy":
+                policy = _policy(kv.value)
+            elif name.startswith(b"removed/"):
+                removed.append(parse_base_url(kv.value.decode("utf-8")).text)
+        except (ValueError, UnicodeDecodeError) as exc:
+            on_skip(key, str(exc))
     return FleetState(
         nodes=tuple(nodes),
         active_id=active if any(node.id == active for node in nodes) else None,
         policy=policy,
         removed=tuple(sorted(removed)),
     )
+
+
+def _node(key_id: bytes, value: bytes) -> Node:
+    node = node_from_json(json.loads(value))
+    if node.id.encode() != key_id:
+        raise ValueError(f"the node's id {node.id} is not its key's")
+    return node
+
+
+def _policy(value: bytes) -> str:
+    policy = value.decode("utf-8")
+    if policy not in POLICIES:
+        raise ValueError(f"{policy!r} is not one of {', '.join(POLICIES)}")
+    return policy
+
+
+def shown_key(key: bytes) -> str:
+    """An etcd key as a log line may show it: anything but printable ASCII escaped."""
+    return repr(key)[2:-1]
 
 
 def write_operations(held: dict[bytes, KeyValue], wanted: dict[bytes, bytes], lock: bytes) -> list:

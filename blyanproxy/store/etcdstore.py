@@ -19,6 +19,13 @@ as a service:
   missed; if etcd compacted that revision away, the whole prefix is read again.
 - **Writes** (``commit``) are one transaction each, with the etcd timeout;
   etcd down or slow means ``StoreUnavailable`` and nothing changes here.
+- **Bad keys.** Every value read is checked as admin input is
+  (``etcdkeys.state_from_keys``). A key that breaks a rule (a node whose name
+  has a line break, an unknown policy, a value that is not JSON) is never
+  applied: it is skipped with an error line naming it (once per version of
+  the key) and the rest of the fleet is applied. This process's writes leave
+  such a key alone (another version of the proxy may have written it): mend
+  or delete it with ``etcdctl``.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from twisted.internet.defer import Deferred, fail
 
 from blyanproxy.core import FleetState, Node, StoreConflict, StoreUnavailable, merge
 from blyanproxy.logs import logger
-from blyanproxy.store.etcdclient import EtcdGateway, WatchStream
+from blyanproxy.store.etcdclient import EtcdAccess, EtcdGateway, WatchStream
 from blyanproxy.store.etcdkeys import (
     CHANGED,
     KeyValue,
@@ -40,6 +47,7 @@ from blyanproxy.store.etcdkeys import (
     b64,
     kvs_from_range,
     range_end,
+    shown_key,
     state_from_keys,
     state_keys,
     unb64,
@@ -63,12 +71,13 @@ class EtcdStore(Service):
     """The ``StateStore`` under one etcd prefix; the watcher is called with every state to apply."""
 
     def __init__(self, reactor, location: EtcdLocation, timeout: float, declared: Iterable[Node],
-                 identity: str) -> None:
+                 identity: str, access: EtcdAccess | None = None) -> None:
+        """``access``: the login and the CA certificates for etcd (``etcdclient.EtcdAccess``; none: neither)."""
         self._reactor = reactor
         self._location = location
         self._prefix = location.prefix
         self._lock = location.prefix + CHANGED.encode()
-        self._gateway = EtcdGateway(reactor, location.base_url, timeout)
+        self._gateway = EtcdGateway(reactor, location.base_url, timeout, access or EtcdAccess())
         self._declared = tuple(declared)
         self._identity = identity
         self._on_change: Callable[[FleetState], None] = _nobody
@@ -78,7 +87,9 @@ class EtcdStore(Service):
         self._reachable = True  # for logging each outage once
         self._stream: WatchStream | None = None
         self._compacted = False
+        self._cancel_reason: str | None = None
         self._retry = None
+        self._skipped: dict[bytes, int] = {}  # keys left out of the fleet, with the revision told of
 
     def load(self) -> FleetState | None:
         """Nothing at once: the fleet arrives through the watcher once etcd has answered."""
@@ -92,8 +103,20 @@ class EtcdStore(Service):
         """Nothing to write: every change was committed as it was made."""
 
     def state(self) -> FleetState | None:
-        """The fleet as etcd held it at the mirror's revision (``None``: nothing stored yet)."""
-        return state_from_keys(self._kvs, self._prefix)
+        """The fleet as etcd held it at the mirror's revision (``None``: nothing stored yet).
+
+        Keys that break a rule are left out, each logged once per version.
+        """
+        skipped: dict[bytes, int] = {}
+
+        def skip(key: bytes, problem: str) -> None:
+            revision = skipped[key] = self._kvs[key].mod_revision
+            if self._skipped.get(key) != revision:
+                log.error("etcd key {key} skipped, not applied: {problem}", key=shown_key(key), problem=problem)
+
+        state = state_from_keys(self._kvs, self._prefix, skip)
+        self._skipped = skipped
+        return state
 
     # -- writes -------------------------------------------------------------------
 
@@ -104,7 +127,8 @@ class EtcdStore(Service):
         return self._write(wanted)
 
     def _write(self, wanted: FleetState) -> Deferred:
-        held = {key: kv for key, kv in self._kvs.items() if key != self._lock}
+        self.state()  # which keys are skipped now: they are left alone
+        held = {key: kv for key, kv in self._kvs.items() if key != self._lock and key not in self._skipped}
         operations = write_operations(held, state_keys(wanted, self._prefix), self._lock)
         stamp = json.dumps({"by": self._identity, "at": self._reactor.seconds()}).encode()
         operations.append({"request_put": {"key": b64(self._lock), "value": b64(stamp)}})
@@ -180,7 +204,7 @@ class EtcdStore(Service):
             self._watch()
 
         def failed(failure):
-            self._outage("could not read the fleet from etcd", failure)
+            self._outage("could not read the fleet from etcd", failure.getErrorMessage())
             self._later(self._sync)
 
         read = self._read_all().addCallback(merge_in)
@@ -197,11 +221,12 @@ class EtcdStore(Service):
 
     def _on_message(self, message: dict) -> None:
         result = message.get("result") or {}
-        if result.get("created") and not self._reachable:
+        if result.get("created") and not result.get("canceled") and not self._reachable:
             log.info("watching etcd again from revision {revision}", revision=self._revision + 1)
             self._reachable = True
         if result.get("canceled"):
             self._compacted = bool(result.get("compact_revision"))
+            self._cancel_reason = result.get("cancel_reason") or None  # a refused login, a denied range
             if self._stream is not None:
                 self._stream.stop()
             return
@@ -211,12 +236,7 @@ class EtcdStore(Service):
             self._publish()
 
     def _publish(self) -> None:
-        try:
-            state = self.state() or FleetState()
-        except ValueError as problem:
-            log.error("etcd holds an unusable fleet, not applied: {problem}", problem=str(problem))
-            return
-        self._on_change(state)
+        self._on_change(self.state() or FleetState())
 
     def _watch_ended(self, failure) -> None:
         self._stream = None
@@ -228,7 +248,8 @@ class EtcdStore(Service):
                      revision=self._revision + 1)
             self._later(self._reload)
             return
-        self._outage("the etcd watch stopped; the last known fleet keeps serving", failure)
+        why, self._cancel_reason = self._cancel_reason or failure.getErrorMessage(), None
+        self._outage("the etcd watch stopped; the last known fleet keeps serving", why)
         self._later(self._watch)
 
     def _reload(self) -> None:
@@ -237,16 +258,15 @@ class EtcdStore(Service):
             self._watch()
 
         def failed(failure):
-            self._outage("could not read the fleet from etcd", failure)
+            self._outage("could not read the fleet from etcd", failure.getErrorMessage())
             self._later(self._reload)
 
         self._read_all().addCallbacks(read, failed)
 
-    def _outage(self, what: str, failure) -> None:
+    def _outage(self, what: str, why: str) -> None:
         if self._reachable:
             self._reachable = False
-            log.warn("{what} ({why}); retrying every {delay:g} s", what=what,
-                     why=failure.getErrorMessage(), delay=RETRY_DELAY)
+            log.warn("{what} ({why}); retrying every {delay:g} s", what=what, why=why, delay=RETRY_DELAY)
 
     def _later(self, action) -> None:
         if self.running:

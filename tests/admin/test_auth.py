@@ -3,10 +3,12 @@
 import os
 
 import pytest
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.web.test.requesthelper import DummyRequest
 
 from blyanproxy.admin import FailureThrottle, load_or_create_token, presented_token, token_matches
+from blyanproxy.core import parse_forward_trust
 
 TOKEN = "admin-token-for-tests-0123456789"
 
@@ -89,6 +91,19 @@ def test_only_failures_within_the_window_count():
     assert wait >= 4  # Retry-After never promises less than the refusal lasts
 
 
+def test_retry_after_is_when_the_oldest_counted_failure_ages_out_not_the_newest():
+    clock = Clock()
+    throttle = FailureThrottle(clock, limit=3, window=60.0)
+    for at in (0, 30, 50):
+        clock.advance(at - clock.seconds())
+        throttle.failed("a")
+    assert throttle.retry_after("a") == 10  # the failure at 0 ages out at 60
+    clock.advance(9.5)
+    assert throttle.retry_after("a") == 1
+    clock.advance(0.5)
+    assert throttle.retry_after("a") is None  # let in exactly when Retry-After said
+
+
 def test_the_oldest_addresses_are_forgotten_beyond_the_limit_of_addresses():
     throttle = FailureThrottle(Clock(), limit=1, window=60.0, max_addresses=2)
     throttle.failed("a")
@@ -127,3 +142,24 @@ def test_a_token_file_without_a_usable_token_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no usable token"):
         load_or_create_token(None, str(path), str(tmp_path / "state.json"))
     assert path.read_text() == "short\n"  # never overwritten
+
+
+def from_peer(peer, forwarded_for=None):
+    request = DummyRequest([b"status"])
+    request.client = IPv4Address("TCP", peer, 40000)
+    request.isSecure = lambda: False  # what twisted.web's Request has and DummyRequest lacks
+    if forwarded_for:
+        request.requestHeaders.setRawHeaders(b"x-forwarded-for", [forwarded_for])
+    return request
+
+
+def test_failures_are_counted_against_the_trusted_client_address_not_the_reverse_proxy():
+    throttle = FailureThrottle(Clock(), limit=2, trust=parse_forward_trust("127.0.0.1"))
+    guesser, admin = from_peer("127.0.0.1", b"6.6.6.6"), from_peer("127.0.0.1", b"10.1.1.1")
+    for _ in range(2):
+        throttle.failed(throttle.address_of(guesser))
+    assert throttle.retry_after(throttle.address_of(guesser)) == 60
+    assert throttle.retry_after(throttle.address_of(admin)) is None  # behind the same nginx
+    # A peer that is not trusted is its own address, whatever it writes in X-Forwarded-For.
+    assert throttle.address_of(from_peer("203.0.113.5", b"10.1.1.1")) == "203.0.113.5"
+    assert FailureThrottle(Clock()).address_of(guesser) == "127.0.0.1"  # no trust: the TCP peer

@@ -34,6 +34,7 @@ def render(resource, method=b"GET", **headers):
     """``(request, body)``: the body returned, or written so far when the answer is not done yet."""
     request = DummyRequest([b""])
     request.method = method
+    request.isSecure = lambda: False  # what twisted.web's Request has and DummyRequest lacks
     for name, value in headers.items():
         request.requestHeaders.setRawHeaders(name.replace("_", "-"), [value])
     body = resource.render(request)

@@ -219,3 +219,29 @@ def test_no_cap_is_null_and_a_bool_is_no_cap_value():
     assert _stored({}).max_inflight is None
     assert _stored({"maxInflight": True}) is None
     assert _admin_accepts({"name": "gpu", "baseURL": "http://h:1", "maxInflight": None})["max_inflight"] is None
+
+
+@pytest.mark.parametrize("metadata", [
+    {"gpu": "A100"}, {"healthPath": "/ready"}, [], "x", {"healthPath": "/h\r\nX: 1"}, {"healthPath": "//evil/"},
+    {"healthPath": 5}, {"blob": "x" * 17000},
+])
+def test_the_admin_api_and_the_stored_fleet_accept_the_same_metadata(metadata):
+    admitted = _admin_accepts({"name": "gpu", "baseURL": "http://h:1", "metadata": metadata})
+    try:
+        stored = node_from_json({"name": "gpu", "baseURL": "http://h:1", "metadata": metadata})
+    except ValueError:
+        stored = None
+    assert (admitted is None) == (stored is None)
+
+
+@pytest.mark.parametrize("text, accepted", [
+    ("a1b2c3d4e5f60708", True), ("node-1.x:y_z", True), ("x" * 64, True),
+    ("", False), ("x" * 65, False), ("n 1", False), ("n1\r\n", False), ("ü", False), ("a/b", False),
+])
+def test_a_stored_node_id_is_a_word_for_urls_logs_and_etcd_keys(text, accepted):
+    try:
+        stored = node_from_json({"id": text, "name": "gpu", "baseURL": "http://h:1"})
+    except ValueError as refused:
+        assert "id must be" in str(refused) and not accepted
+    else:
+        assert accepted == (stored.id == text)

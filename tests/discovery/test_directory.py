@@ -261,7 +261,7 @@ class Asker:
 
 def test_lookup_for_answers_found_once_the_list_comes(directory, client):
     asker = Asker()
-    leave = directory.lookup_for(b"k", asker.found, asker.refused, asker.gone)
+    leave = directory.lookup_for(b"k", asker.found, asker.refused, asker.gone, client="10.0.0.9")
     assert asker.heard == []
     client.answer([running("a")])
     leave()  # the client leaving after its answer changes nothing
@@ -270,7 +270,7 @@ def test_lookup_for_answers_found_once_the_list_comes(directory, client):
 
 def test_lookup_for_a_client_that_leaves_first_is_gone_and_hears_no_answer(directory, client):
     asker = Asker()
-    leave = directory.lookup_for(b"k", asker.found, asker.refused, asker.gone)
+    leave = directory.lookup_for(b"k", asker.found, asker.refused, asker.gone, client="10.0.0.9")
     leave()
     client.answer([running("a")])
     leave()
@@ -279,9 +279,9 @@ def test_lookup_for_a_client_that_leaves_first_is_gone_and_hears_no_answer(direc
 
 def test_lookup_for_turns_every_failure_into_a_proxy_error(directory, client):
     refused, failed = Asker(), Asker()
-    directory.lookup_for(b"refused-key", refused.found, refused.refused, refused.gone)
+    directory.lookup_for(b"refused-key", refused.found, refused.refused, refused.gone, client="10.0.0.9")
     client.answer(KeyRefused("no such key"))
-    directory.lookup_for(b"other-key", failed.found, failed.refused, failed.gone)
+    directory.lookup_for(b"other-key", failed.found, failed.refused, failed.gone, client="10.0.0.9")
     client.answer(WorkloadsUnavailable("down"))
     assert refused.heard == [("refused", 401, "api_key_rejected")]
     assert failed.heard == [("refused", 502, "workloads_unavailable")]
@@ -293,7 +293,7 @@ def test_lookup_for_logs_a_bug_in_a_callback_instead_of_leaving_it_unhandled(dir
     events = []
     globalLogPublisher.addObserver(events.append)
     try:
-        directory.lookup_for(b"k", lambda record: 1 / 0, Asker().refused, Asker().gone)
+        directory.lookup_for(b"k", lambda record: 1 / 0, Asker().refused, Asker().gone, client="10.0.0.9")
         client.answer([running("a")])
     finally:
         globalLogPublisher.removeObserver(events.append)

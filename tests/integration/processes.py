@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import sys
 
 from twisted.internet.defer import Deferred
+from twisted.internet.defer import TimeoutError as GaveUpWaiting
 from twisted.internet.protocol import ProcessProtocol
 
 #: ``twistd -n`` run by this interpreter (the venv's, with the plugins installed).
@@ -26,6 +28,49 @@ class ProcessCapture(ProcessProtocol):
 
     def processEnded(self, reason) -> None:
         self.ended.callback((reason.value.exitCode, getattr(reason.value, "signal", None)))
+
+
+class Child:
+    """A twistd child process: started, signalled, waited for."""
+
+    def __init__(self, reactor, argv: list[str], env: dict, cwd: str) -> None:
+        self._reactor = reactor
+        self._argv, self._env, self._cwd = argv, env, cwd
+        self.process: ProcessCapture | None = None
+        self._transport = None
+
+    def start(self) -> None:
+        """Start it (again: a fresh process with the same command)."""
+        self.process = ProcessCapture()
+        self._transport = self._reactor.spawnProcess(self.process, self._argv[0], self._argv, env=self._env,
+                                                     path=self._cwd)
+
+    @property
+    def pid(self) -> int:
+        """The process id of the latest start."""
+        return self._transport.pid
+
+    @property
+    def running(self) -> bool:
+        """Whether it was started and has not ended."""
+        return self.process is not None and not self.process.ended.called
+
+    def signal(self, name: int) -> None:
+        """Send it a signal, if it runs."""
+        if self.running:
+            self._transport.signalProcess(name)
+
+    async def stop(self, timeout: float = 30.0):
+        """SIGCONT (it may be frozen) and SIGTERM, then wait; its ``(exit code, signal)``."""
+        if not self.running:
+            return None
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        try:
+            return await self.process.ended.addTimeout(timeout, self._reactor)
+        except GaveUpWaiting:
+            self.signal(signal.SIGKILL)
+            return await self.process.ended
 
 
 def free_port() -> int:

@@ -50,6 +50,22 @@ async def test_repeated_failures_are_refused_for_a_while(admin_proxy):
 
 
 @pytest_twisted.ensureDeferred
+async def test_behind_a_trusted_forwarder_one_clients_failures_lock_out_only_that_client(admin_proxy):
+    from blyanproxy.core import parse_forward_trust
+
+    proxy = await admin_proxy(trust_forwarded=parse_forward_trust("127.0.0.1"))
+    for _ in range(10):
+        await call(proxy, "GET", "/_admin/status", headers={"X-Admin-Token": "guess", "X-Forwarded-For": "6.6.6.6"})
+    refused, body = await call(proxy, "GET", "/_admin/status", headers={"X-Admin-Token": TOKEN,
+                                                                        "X-Forwarded-For": "6.6.6.6"})
+    assert (refused.code, body["code"]) == (429, "too_many_failures")
+    assert 0 < int(refused.headers.getRawHeaders("Retry-After")[0]) <= 60
+    admin, _ = await call(proxy, "GET", "/_admin/status", headers={"X-Admin-Token": TOKEN,
+                                                                   "X-Forwarded-For": "10.1.1.1"})
+    assert admin.code == 200
+
+
+@pytest_twisted.ensureDeferred
 async def test_node_lifecycle_and_persistence(admin_proxy, devnode_factory, tmp_path):
     node = devnode_factory()
     proxy = await admin_proxy()

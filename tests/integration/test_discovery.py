@@ -29,10 +29,10 @@ async def discovery_proxy(proxy_factory, api, nodes=(), **settings):
     return await proxy_factory(list(nodes), api_url=api.url, **settings)
 
 
-async def get(proxy, path, key=KEY, bearer=False, **kwargs):
-    headers = {}
+async def get(proxy, path, key=KEY, bearer=False, headers=None, **kwargs):
+    headers = dict(headers or {})
     if key is not None:
-        headers = {"Authorization": f"Bearer {key}"} if bearer else {"X-C3-API-KEY": key}
+        headers.update({"Authorization": f"Bearer {key}"} if bearer else {"X-C3-API-KEY": key})
     response = await treq.get(proxy.url + path, headers=headers, timeout=10, **kwargs)
     body = await response.content()
     return response, body
@@ -304,3 +304,39 @@ async def test_workloads_api_calls_write_no_factory_lines(reactor, devnode_facto
     api = workloads_api.url.split("/")[2]  # 127.0.0.1:port: the test's own client logs its factories
     assert [line for line in lines if "Starting factory" in line and "127.0.0.1:" in line]  # the check can see
     assert not [line for line in lines if "factory" in line and api in line], lines
+
+
+@pytest_twisted.ensureDeferred
+async def test_first_lookups_are_limited_per_forwarded_client_address(
+        reactor, devnode_factory, proxy_factory, workloads_api):
+    from blyanproxy.core import parse_forward_trust
+
+    node = devnode_factory(name="gpu")
+    workloads_api.set(KEY, [workload(hostport(node))])
+    workloads_api.mode = fakeworkloads.HANG  # every first lookup stays under way
+    proxy = await discovery_proxy(proxy_factory, workloads_api, trust_forwarded=parse_forward_trust("127.0.0.1"),
+                                  workloads_lookups_per_client=2)
+
+    def from_address(address, key, path="/v1/models"):
+        return defer.ensureDeferred(get(proxy, path, key=key, headers={"X-Forwarded-For": address}))
+
+    flooding = [from_address("6.6.6.6", f"random-{n}") for n in range(2)]
+    await eventually(reactor, lambda: len(workloads_api.hung) == 2)
+    for path in ("/v1/models", "/workloads"):
+        response, body = await from_address("6.6.6.6", "random-more", path)
+        assert response.code == 429 and error_code(json.loads(body)) == "too_many_new_keys", path
+        assert response.headers.getRawHeaders("Retry-After") == ["1"]
+    newcomer = from_address("7.7.7.7", KEY)
+    await eventually(reactor, lambda: len(workloads_api.hung) == 3)
+    assert sorted(workloads_api.calls[:2]) == ["random-0", "random-1"] and workloads_api.calls[2:] == [KEY]
+    workloads_api.mode = fakeworkloads.ANSWER
+    for hung in workloads_api.hung:
+        key = hung.getHeader(b"x-c3-api-key").decode()
+        if key == KEY:
+            hung.write(json.dumps(workloads_api.answers[KEY]).encode())
+        else:
+            hung.setResponseCode(401)
+        hung.finish()
+    response, _ = await newcomer
+    assert response.code == 200
+    assert [response.code for response, _ in await defer.gatherResults(flooding)] == [401, 401]

@@ -37,6 +37,9 @@ class FakeEtcd(Resource):
     one; ``holding_watches`` keeps watch events back until ``release_watches()``.
     A watch starting at an old revision gets the events since, unless that
     revision was compacted away (then it is canceled, as etcd does).
+    ``require_login`` turns authentication on: calls without a valid token get
+    what etcd answers (401; a watch canceled as Unauthenticated), and
+    ``expire_tokens`` makes every token given so far invalid.
     """
 
     isLeaf = True
@@ -52,6 +55,10 @@ class FakeEtcd(Resource):
         self.holding_watches = False
         self._history: list[tuple[int, list]] = []  # (revision, events), for watches that start back in time
         self._watches: list[_Watch] = []
+        self.users: dict[str, str] = {}  # with a user: authentication is on
+        self.tokens: set[str] = set()
+        self.logins = 0
+        self.authorizations: list[str | None] = []  # the Authorization header of every call but logins
 
     # -- what a test does to etcd directly ---------------------------------------------
 
@@ -83,6 +90,14 @@ class FakeEtcd(Resource):
         for watch in self._watches:
             watch.flush()
 
+    def require_login(self, user: str, password: str) -> None:
+        """Authentication on, with this one user."""
+        self.users[user] = password
+
+    def expire_tokens(self) -> None:
+        """Every token handed out so far is no longer valid (as after etcd's token TTL, or a restart)."""
+        self.tokens.clear()
+
     def value(self, key: bytes) -> bytes | None:
         entry = self.keys.get(key)
         return entry["value"] if entry else None
@@ -97,9 +112,16 @@ class FakeEtcd(Resource):
         path = request.path.decode()
         self.calls.append(path)
         body = json.loads(request.content.read())
+        request.setHeader(b"content-type", b"application/json")
+        if path == "/v3/auth/authenticate":
+            return self._authenticate(request, body)
+        if self.users:
+            token = request.getHeader(b"authorization")
+            self.authorizations.append(token.decode() if token else None)
+            if token is None or token.decode() not in self.tokens:
+                return self._unauthenticated(request, path)
         if path == "/v3/watch":
             return self._watch(request, body["create_request"])
-        request.setHeader(b"content-type", b"application/json")
         if self.stalling:
             return NOT_DONE_YET
         if self.refusing:
@@ -107,6 +129,26 @@ class FakeEtcd(Resource):
             return json.dumps({"error": "etcdserver: request timed out", "code": 14}).encode()
         answer = {"/v3/kv/range": self._range, "/v3/kv/txn": self._txn}[path](body)
         return json.dumps(answer).encode()
+
+    def _authenticate(self, request, body: dict) -> bytes:
+        if not self.users or self.users.get(body.get("name")) != body.get("password"):
+            request.setResponseCode(400)
+            reason = ("etcdserver: authentication is not enabled" if not self.users
+                      else "etcdserver: authentication failed, invalid user ID or password")
+            return json.dumps({"error": reason, "message": reason, "code": 3}).encode()
+        self.logins += 1
+        token = f"token-{self.logins}.{self.revision}"
+        self.tokens.add(token)
+        return json.dumps({"header": self._header(), "token": token}).encode()
+
+    def _unauthenticated(self, request, path: str) -> bytes:
+        reason = "etcdserver: invalid auth token"
+        if path == "/v3/watch":  # the gateway answers 200 and cancels the watch at once
+            return json.dumps({"result": {"header": self._header(), "watch_id": "-1", "created": True,
+                                          "canceled": True, "cancel_reason":
+                                          f"rpc error: code = Unauthenticated desc = {reason}"}}).encode() + b"\n"
+        request.setResponseCode(401)
+        return json.dumps({"error": reason, "message": reason, "code": 16}).encode()
 
     def _header(self) -> dict:
         return {"cluster_id": "1", "member_id": "1", "revision": str(self.revision), "raft_term": "2"}

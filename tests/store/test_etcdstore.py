@@ -14,10 +14,11 @@ import attrs
 import pytest
 from twisted.internet import task
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
-from blyanproxy.core import FleetState, Node, StoreConflict, StoreUnavailable, node_to_json
-from blyanproxy.store import EtcdStore, parse_state_store
+from blyanproxy.core import FleetState, Node, NodeRegistry, StoreConflict, StoreUnavailable, node_to_json
+from blyanproxy.fleet import Balancer, FleetKeeper
+from blyanproxy.store import EtcdAccess, EtcdStore, parse_state_store
 from blyanproxy.store.etcdstore import RETRY_DELAY
 
 from .fakeetcd import FakeEtcd, Network
@@ -56,11 +57,11 @@ def network(memory, etcd):
 class Proxy:
     """One store as a proxy process uses it: started, its watcher recording every fleet announced."""
 
-    def __init__(self, memory, network, declared=()):
+    def __init__(self, memory, network, declared=(), access=None):
         self.network = network
         self.announced = []
         self.store = EtcdStore(memory, parse_state_store("etcd://127.0.0.1:2379/fleet"), TIMEOUT, declared,
-                               identity="proxy-a:1")
+                               identity="proxy-a:1", access=access)
         self.store.watch(self.announced.append)
 
     def start(self):
@@ -86,8 +87,8 @@ class Proxy:
 def proxy(memory, network):
     started = []
 
-    def make(declared=()):
-        made = Proxy(memory, network, declared)
+    def make(declared=(), access=None):
+        made = Proxy(memory, network, declared, access)
         started.append(made)
         return made.start()
 
@@ -274,15 +275,61 @@ def test_keys_outside_the_prefix_are_not_heard(etcd, proxy):
     assert len(started.announced) == before
 
 
-def test_an_unusable_fleet_in_etcd_is_not_announced(etcd, proxy):
+@pytest.fixture
+def etcd_errors():
+    """The etcd store's error lines written during the test, formatted."""
+    lines = []
+
+    def observe(event):
+        if event.get("log_namespace") == "blyanproxy.etcd" and event["log_level"] == LogLevel.error:
+            lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+
+
+def test_a_bad_key_is_never_applied_is_told_once_and_is_left_alone_by_writes(etcd, proxy, etcd_errors):
     started = proxy([node(1)])
-    before = len(started.announced)
+    evil = json.loads(node_value(node(2)))
+    evil["name"] = "evil\r\nSet-Cookie: injected=1"
+    etcd.put(PREFIX + b"nodes/n2", json.dumps(evil).encode())
     etcd.put(PREFIX + b"nodes/bad", b"{not json")
     started.network.settle()
-    assert len(started.announced) == before
+    assert [n.id for n in started.announced[-1].nodes] == ["n1"]
+    assert len(etcd_errors) == 2 and all("\r" not in line and "\n" not in line for line in etcd_errors)
+    assert "/fleet/nodes/n2" in etcd_errors[0] and "'evil\\r\\nSet-Cookie: injected=1'" in etcd_errors[0]
+    assert started.commit(FleetState(nodes=(node(1), node(3)))).nodes == (node(1), node(3))
+    assert held_nodes(etcd) == ["/fleet/nodes/bad", "/fleet/nodes/n1", "/fleet/nodes/n2", "/fleet/nodes/n3"]
+    assert len(etcd_errors) == 2  # told once, however often the fleet is read
     etcd.put(PREFIX + b"nodes/bad", node_value(Node(id="bad", name="fixed", base_url="http://10.0.0.5:8000")))
     started.network.settle()
-    assert [n.id for n in started.announced[-1].nodes] == ["n1", "bad"]
+    assert [n.id for n in started.announced[-1].nodes] == ["n1", "bad", "n3"]  # in the order the keys were made
+
+
+def test_an_unknown_policy_from_etcd_is_skipped_and_the_watch_goes_on(memory, network, etcd, etcd_errors):
+    registry = NodeRegistry()
+    balancer = Balancer(registry, memory, "round-robin")
+    store = EtcdStore(memory, parse_state_store("etcd://127.0.0.1:2379/fleet"), TIMEOUT, (node(1),),
+                      identity="proxy-a:1")
+    keeper = FleetKeeper(registry, balancer, store)
+    keeper.restore((node(1),))
+    failures = []
+    globalLogPublisher.addObserver(failures.append)
+    try:
+        store.startService()
+        network.settle()
+        etcd.put(PREFIX + b"policy", b"fastest")
+        network.settle()
+        etcd.put(PREFIX + b"nodes/n2", node_value(node(2)))  # the watch still delivers
+        network.settle()
+    finally:
+        globalLogPublisher.removeObserver(failures.append)
+        store.stopService()
+        network.settle()
+    assert not [event for event in failures if event.get("log_failure") is not None]
+    assert balancer.policy == "round-robin" and [n.id for n in registry.nodes()] == ["n1", "n2"]
+    assert any("/fleet/policy" in line and "'fastest' is not one of" in line for line in etcd_errors)
 
 
 def test_a_broken_watch_is_reopened_from_where_it_was_so_nothing_is_missed(network, etcd, proxy):
@@ -348,3 +395,88 @@ def test_a_store_stopped_while_waiting_to_ask_etcd_again_stops_asking(network, e
     for _ in range(4):
         network.advance(RETRY_DELAY)
     assert etcd.calls == ["/v3/kv/range"] and started.announced == []
+
+
+# -- logging in ------------------------------------------------------------------------------
+
+PASSWORD = "s3cret-Pa55word"
+
+
+@pytest.fixture
+def login(tmp_path, etcd):
+    """etcd with authentication on, and the ``EtcdAccess`` of its user (the password in a file)."""
+    etcd.require_login("blyan", PASSWORD)
+    password_file = tmp_path / "etcd-password"
+    password_file.write_text(PASSWORD + "\n")
+    return EtcdAccess("blyan", str(password_file))
+
+
+@pytest.fixture
+def etcd_lines():
+    """Every log line written during the test, formatted, with its fields."""
+    lines = []
+    observer = lines.append
+    globalLogPublisher.addObserver(observer)
+    yield lambda: "\n".join(formatEvent(event) + repr(event) for event in lines)
+    globalLogPublisher.removeObserver(observer)
+
+
+def test_the_store_logs_in_once_and_sends_its_token_with_every_call(etcd, proxy, login):
+    started = proxy([node(1)], access=login)
+    assert etcd.calls[0] == "/v3/auth/authenticate" and etcd.logins == 1
+    assert held_nodes(etcd) == ["/fleet/nodes/n1"] and etcd.open_watches == 1
+    assert started.commit(FleetState(nodes=(node(1), node(2)))).nodes == (node(1), node(2))
+    assert etcd.logins == 1 and set(etcd.authorizations) == {"token-1.1"}
+
+
+def test_an_expired_token_is_renewed_and_the_call_made_once_more(etcd, proxy, login):
+    started = proxy([node(1)], access=login)
+    etcd.expire_tokens()
+    assert started.commit(FleetState(nodes=(node(1), node(2)))).nodes == (node(1), node(2))
+    assert etcd.logins == 2 and held_nodes(etcd) == ["/fleet/nodes/n1", "/fleet/nodes/n2"]
+
+
+def test_a_watch_canceled_for_its_token_is_reopened_with_a_fresh_login(network, etcd, proxy, login):
+    started = proxy([node(1)], access=login)
+    etcd.expire_tokens()
+    etcd.end_watches()
+    network.settle()
+    network.advance(RETRY_DELAY)  # reopened with the stale token: etcd cancels it as Unauthenticated
+    assert etcd.open_watches == 0 and etcd.logins == 1
+    network.advance(RETRY_DELAY)
+    assert etcd.open_watches == 1 and etcd.logins == 2
+    etcd.put(PREFIX + b"nodes/n2", node_value(node(2)))
+    network.settle()
+    assert [n.id for n in started.announced[-1].nodes] == ["n1", "n2"]
+
+
+def test_a_wrong_password_is_an_outage_naming_the_login_never_the_password(tmp_path, network, etcd, proxy,
+                                                                           etcd_lines):
+    etcd.require_login("blyan", PASSWORD)
+    wrong = tmp_path / "etcd-password"
+    wrong.write_text("not-" + PASSWORD)
+    started = proxy([node(1)], access=EtcdAccess("blyan", str(wrong)))
+    failure = started.commit(FleetState())
+    assert failure.check(StoreUnavailable) and not started.announced
+    network.advance(RETRY_DELAY)
+    logged = etcd_lines()
+    assert "auth/authenticate" in logged and "invalid user ID or password" in logged
+    assert PASSWORD not in logged and PASSWORD not in str(failure.value)
+
+
+def test_an_unreadable_password_file_is_an_outage_naming_the_file(tmp_path, etcd, proxy, etcd_lines):
+    etcd.require_login("blyan", PASSWORD)
+    missing = str(tmp_path / "nowhere")
+    started = proxy([node(1)], access=EtcdAccess("blyan", missing))
+    assert not started.announced and etcd.calls == []
+    assert f"the etcd password file {missing} cannot be read" in etcd_lines()
+
+
+def test_calls_waiting_for_a_login_share_it(etcd, proxy, login, memory, network):
+    started = proxy([node(1)], access=login)
+    etcd.expire_tokens()
+    outcomes = []
+    for index in (2, 3):
+        started.store.commit(FleetState(nodes=(node(1), node(index)))).addBoth(outcomes.append)
+    network.settle()
+    assert etcd.logins == 2 and len(outcomes) == 2

@@ -9,6 +9,7 @@ import time
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from blyanproxy.core.fleetedit import (
@@ -32,6 +33,25 @@ from blyanproxy.store.jsonfile import JsonFileStore
 
 def node(index, **kwargs):
     return Node(id=f"n{index}", name=f"node{index}", base_url=f"http://10.0.0.{index}:8000", **kwargs)
+
+
+def node_json(index, **fields):
+    """A node record as the file holds it."""
+    return {"id": f"n{index}", "name": f"node{index}", "baseURL": f"http://10.0.0.{index}:8000", **fields}
+
+
+@pytest.fixture
+def state_errors():
+    """The state store's error lines written during the test, formatted."""
+    lines = []
+
+    def observe(event):
+        if event.get("log_namespace") == "blyanproxy.state" and event["log_level"] == LogLevel.error:
+            lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
 
 
 def keeper_on(path, declared=(), policy="active-first"):
@@ -194,6 +214,7 @@ def test_a_full_disk_keeps_the_last_good_file(tmp_path, monkeypatch):
 SAVER = """
 import sys
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from blyanproxy.core.nodes import Node
 from blyanproxy.core.fleetstate import FleetState
 from blyanproxy.store.jsonfile import JsonFileStore
@@ -243,12 +264,12 @@ def test_falling_back_to_the_backup_keeps_both_the_damaged_file_and_the_backup(t
     assert [n["id"] for n in json.loads(path.read_bytes())["nodes"]] == ["n1", "n5", "n6"]
 
 
-def test_an_unknown_policy_in_the_file_is_a_state_error(tmp_path):
+def test_an_unknown_policy_in_the_file_is_skipped_and_the_default_is_used(tmp_path, state_errors):
     path = tmp_path / "state.json"
-    path.write_text(json.dumps({"version": 1, "nodes": [], "policy": "fastest"}))
-    with pytest.raises(StateError) as caught:
-        keeper_on(path)
-    assert "unknown policy 'fastest'" in str(caught.value)
+    path.write_text(json.dumps({"version": 1, "nodes": [node_json(1)], "policy": "fastest"}))
+    _, registry, balancer = keeper_on(path, policy="round-robin")
+    assert balancer.policy == "round-robin" and [n.id for n in registry.nodes()] == ["n1"]
+    assert any("skipped the policy 'fastest'" in line for line in state_errors)
 
 
 def test_a_declared_node_given_a_new_url_is_the_same_node_moved():
@@ -268,3 +289,143 @@ def test_blyan_active_index_points_at_the_same_node_despite_duplicates(tmp_path)
     }))
     state = JsonFileStore(str(path), Clock()).load()
     assert [n.id for n in state.nodes] == ["a", "c"] and state.active_id == "c"
+
+
+EVIL_NAME = "evil\r\nSet-Cookie: injected=1"
+
+
+def test_a_node_named_with_a_line_break_is_not_loaded_and_the_file_is_kept_until_the_next_change(
+        tmp_path, state_errors):
+    path = tmp_path / "state.json"
+    document = {"version": 1, "nodes": [node_json(1), node_json(2, name=EVIL_NAME), node_json(3)], "activeId": "n2"}
+    path.write_text(json.dumps(document))
+    original = path.read_bytes()
+    keeper, registry, _ = keeper_on(path, [node(4, declared_by="NODE_4")])
+    assert [n.id for n in registry.nodes()] == ["n1", "n3", "n4"] and registry.active_id is None
+    [skipped, kept] = state_errors
+    assert "node record 2" in skipped and "'evil\\r\\nSet-Cookie: injected=1'" in skipped
+    assert "\r" not in skipped and "\n" not in skipped
+    assert "kept as it is" in kept
+    keeper.flush()  # at exit too: the file stays as it was, the record still there to mend
+    assert path.read_bytes() == original
+    edited(keeper, set_policy("round-robin"))  # the next change is saved without the record
+    assert [n["id"] for n in json.loads(path.read_text())["nodes"]] == ["n1", "n3", "n4"]
+    assert (tmp_path / "state.json.bak").read_bytes() == original
+    _, restored, balancer = keeper_on(path)
+    assert [n.id for n in restored.nodes()] == ["n1", "n3", "n4"] and balancer.policy == "round-robin"
+
+
+@pytest.mark.parametrize("record, problem", [
+    (node_json(2, name="x\x1b[31m"), "name must be"),
+    (node_json(2, name="a\u2028b"), "name must be"),
+    (node_json(2, name="x" * 200), "name must be"),
+    (node_json(2, id="n2\r\nX: 1"), "id must be"),
+    (node_json(2, tags=["ok", "bad tag"]), "tags must be"),
+    (node_json(2, metadata={"healthPath": "/health\r\nX-Injected: 1"}), "healthPath must be"),
+    (node_json(2, metadata={"healthPath": "//evil.example/"}), "healthPath must be"),
+    (node_json(2, metadata={"blob": "x" * 20000}), "metadata must be at most"),
+    (node_json(2, metadata=[1]), "metadata must be an object"),
+    (node_json(2, weight=0), "weight must be"),
+    (node_json(2, weight=True), "weight must be"),
+    (node_json(2, tlsVerify="no"), "tlsVerify must be true or false"),
+    (node_json(2, draining=1), "draining must be true or false"),
+    (node_json(2, declaredBy="NODE_2\r\n"), "declaredBy must name a setting"),
+    (node_json(2, baseURL="http://user:pw@10.0.0.2:8000"), "baseURL must not carry credentials"),
+    ("a string", "a node must be an object"),
+])
+def test_a_record_breaking_an_admin_input_rule_is_skipped_with_an_error_naming_it(
+        tmp_path, state_errors, record, problem):
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps({"version": 1, "nodes": [node_json(1), record]}))
+    state = JsonFileStore(str(path), Clock()).load()
+    assert [n.id for n in state.nodes] == ["n1"]
+    assert "node record 2" in state_errors[0] and problem in state_errors[0]
+
+
+def test_a_bad_removed_entry_is_skipped_and_the_good_ones_kept(tmp_path, state_errors):
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps({"version": 1, "nodes": [node_json(1)],
+                                "removed": ["http://10.0.0.9:8000", "ftp://x", 7]}))
+    assert JsonFileStore(str(path), Clock()).load().removed == ("http://10.0.0.9:8000",)
+    assert len([line for line in state_errors if "skipped the removed entry" in line]) == 2
+
+
+def test_a_file_whose_every_node_record_is_bad_is_refused_whole(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps({"version": 1, "nodes": [node_json(1, name=EVIL_NAME)]}))
+    with pytest.raises(StateError, match="no node record is usable"):
+        keeper_on(path)
+
+
+def test_the_backup_and_blyans_format_are_checked_too(tmp_path, state_errors):
+    path = tmp_path / "state.json"
+    path.write_bytes(b"garbage")
+    (tmp_path / "state.json.bak").write_text(json.dumps({"version": 1, "nodes": [node_json(1),
+                                                                                  node_json(2, name=EVIL_NAME)]}))
+    assert [n.id for n in JsonFileStore(str(path), Clock()).load().nodes] == ["n1"]
+    blyan = tmp_path / "proxy_state.json"
+    blyan.write_text(json.dumps({"nodes": [node_json(1), node_json(2, name=EVIL_NAME)], "activeIndex": 1}))
+    state = JsonFileStore(str(blyan), Clock()).load()
+    assert [n.id for n in state.nodes] == ["n1"] and state.active_id is None
+    assert len([line for line in state_errors if "evil" in line]) == 2
+
+
+@pytest.fixture
+def umask_022():
+    """The usual umask, whatever the test runner had."""
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def mode(path):
+    return os.stat(path).st_mode & 0o777
+
+
+def test_a_symlink_planted_at_the_old_temporary_name_is_not_followed(tmp_path):
+    path = tmp_path / "state.json"
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / f"state.json.tmp-{os.getpid()}").symlink_to(victim)  # where saves used to write
+    (tmp_path / "state.json.bak.tmp").symlink_to(victim)
+    keeper, _, _ = keeper_on(path, [node(1)])
+    edited(keeper, add_node(node(2)))  # a second save: the first becomes the backup
+    assert victim.read_text() == "precious"
+    assert [n["id"] for n in json.loads(path.read_text())["nodes"]] == ["n1", "n2"]
+    assert not path.is_symlink() and not (tmp_path / "state.json.bak").is_symlink()
+
+
+def test_the_file_and_its_backup_are_0600_under_umask_022(tmp_path, umask_022):
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps({"version": 1, "nodes": [node_json(1)]}))  # as an older version left it
+    path.chmod(0o644)
+    keeper, _, _ = keeper_on(path)
+    edited(keeper, add_node(node(2)))
+    assert mode(path) == 0o600 and mode(tmp_path / "state.json.bak") == 0o600
+    fresh = tmp_path / "fresh" / "state.json"
+    keeper_on(fresh, [node(1)])
+    assert mode(fresh) == 0o600
+
+
+def test_the_backup_is_copied_privately_where_hard_links_fail(tmp_path, umask_022, monkeypatch):
+    path = tmp_path / "state.json"
+    keeper, _, _ = keeper_on(path, [node(1)])
+
+    def no_links(*args):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    edited(keeper, add_node(node(2)))
+    backup = tmp_path / "state.json.bak"
+    assert [n["id"] for n in json.loads(backup.read_text())["nodes"]] == ["n1"] and mode(backup) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "state.json.bak"]
+
+
+def test_temporary_files_of_a_killed_save_are_removed_at_the_next_load(tmp_path):
+    path = tmp_path / "state.json"
+    keeper_on(path, [node(1)])
+    for leftover in (".state.json.tmp-3f9a0c2b", ".state.json.bak.tmp-77aa01"):
+        (tmp_path / leftover).write_text("half a save")
+    (tmp_path / "unrelated.tmp-1").write_text("not ours")
+    keeper_on(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "state.json.bak", "unrelated.tmp-1"]
