@@ -32,6 +32,31 @@ def access_lines():
 
 
 @pytest.fixture
+def debug_log():
+    """``debug_log(namespace)``: the list of that namespace's DEBUG lines, rendered, while LOG_LEVEL is DEBUG."""
+    from blyanproxy.logs import set_log_level
+
+    observers = []
+
+    def lines_of(namespace):
+        lines = []
+
+        def observe(event):
+            if event.get("log_namespace") == namespace and event["log_level"].name == "debug":
+                lines.append(formatEvent(event))
+
+        observers.append(observe)
+        globalLogPublisher.addObserver(observe)
+        return lines
+
+    set_log_level("DEBUG")
+    yield lines_of
+    for observe in observers:
+        globalLogPublisher.removeObserver(observe)
+    set_log_level("INFO")
+
+
+@pytest.fixture
 def reactor():
     """The global reactor that pytest-twisted runs for the whole session."""
     from twisted.internet import reactor as global_reactor

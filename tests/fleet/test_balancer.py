@@ -333,23 +333,9 @@ def test_a_model_served_only_by_a_draining_node_is_unavailable_not_unknown():
 # -- DEBUG lines ---------------------------------------------------------------------------
 
 @pytest.fixture
-def debug_lines():
-    """The balancer's DEBUG lines, rendered, while LOG_LEVEL is DEBUG."""
-    from twisted.logger import formatEvent, globalLogPublisher
-
-    from blyanproxy.logs import set_log_level
-
-    lines = []
-
-    def observe(event):
-        if event.get("log_namespace") == "blyanproxy.balancer" and event["log_level"].name == "debug":
-            lines.append(formatEvent(event))
-
-    set_log_level("DEBUG")
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
-    set_log_level("INFO")
+def debug_lines(debug_log):
+    """The balancer's DEBUG lines (namespace blyanproxy.balancer)."""
+    return debug_log("blyanproxy.balancer")
 
 
 def test_debug_tells_each_routing_decision_and_why_nodes_were_passed_over(debug_lines):

@@ -153,23 +153,9 @@ def test_an_unusable_answer_gives_up_at_once():
 
 
 @pytest.fixture
-def debug_lines():
-    """The data path's DEBUG lines (namespace blyanproxy.proxy), rendered, while LOG_LEVEL is DEBUG."""
-    from twisted.logger import formatEvent, globalLogPublisher
-
-    from blyanproxy.logs import set_log_level
-
-    lines = []
-
-    def observe(event):
-        if event.get("log_namespace") == "blyanproxy.proxy" and event["log_level"].name == "debug":
-            lines.append(formatEvent(event))
-
-    set_log_level("DEBUG")
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
-    set_log_level("INFO")
+def debug_lines(debug_log):
+    """The data path's DEBUG lines (namespace blyanproxy.proxy)."""
+    return debug_log("blyanproxy.proxy")
 
 
 def test_debug_tells_each_attempt_retry_and_giving_up(debug_lines):
