@@ -63,6 +63,9 @@ class AttemptReporter(Protocol):
     def attempt_failed(self, node: str, reason: str) -> None:
         """One attempt on ``node`` failed for ``reason`` before any byte reached the client."""
 
+    def queue_waited(self, since: float) -> None:
+        """The request waited in the admission queue from ``since`` until now."""
+
 
 def classify_failure(failure: Failure) -> AttemptFailure:
     """The ``AttemptFailure`` for a connection that failed before the node's answer began."""
@@ -110,6 +113,7 @@ class Failover:
         self._queue = queue
         self._caller = caller
         self._ticket: Ticket | None = None
+        self._queued_at = 0.0  # when the request joined the admission queue
 
     @property
     def count(self) -> int:
@@ -209,6 +213,7 @@ class Failover:
         lease = self._pool.acquire(self._route, pick.excluded)
         if lease is None and self._may_queue(pick):
             assert self._queue is not None and self._caller is not None
+            self._queued_at = self._clock.seconds()
             self._ticket = self._queue.wait(self._pool, self._route, pick.excluded, self._caller,
                                             self._granted, self._queue_refused)
             return False
@@ -237,10 +242,12 @@ class Failover:
 
     def _granted(self, lease: Lease) -> None:
         self._ticket = None
+        self._reporter.queue_waited(self._queued_at)
         self._carry_out(self._attempts.picked(lease.node.id), lease)
 
     def _queue_refused(self, err: ProxyError) -> None:
         self._ticket = None
+        self._reporter.queue_waited(self._queued_at)
         self._give_up(err)
 
     def _hold_against_node(self, reason: str) -> None:

@@ -48,6 +48,9 @@ class Owner:
         self.failed_attempts.append((node, reason))
         self.events.append(("failed", node, reason))
 
+    def queue_waited(self, since):
+        self.events.append(("queued", since))
+
 
 def fleet(count, clock):
     registry = NodeRegistry()
@@ -247,11 +250,14 @@ def test_a_first_pick_with_every_node_at_its_cap_waits_for_a_slot():
     owner = Owner()
     machine, queue = queued_failover(clock, balancer, owner)
     held = balancer.acquire(parse_route(b"/v1/models"), frozenset())
+    clock.advance(5)
     machine.start()
     assert machine.waiting and len(queue) == 1 and owner.tries == [] and owner.errors == []
+    clock.advance(1.5)
     held.release()
     clock.advance(0)
     assert owner.tries == [("n0", False)] and not machine.waiting
+    assert owner.events[0] == ("queued", 5.0)  # the wait, from when it joined, reported (the tracing hook)
 
 
 def test_a_client_that_leaves_the_queue_is_never_tried():
