@@ -38,6 +38,7 @@ import itertools
 import json
 import os
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -53,7 +54,7 @@ from blyanproxy.store.etcdkeys import b64, kvs_from_range, range_end, state_from
 from .etcdserver import EtcdServer, location
 from .processes import TWISTD, Child, free_port
 from .rawhttp import sleep
-from .soakclients import chat_body, exchange, request_bytes
+from .soakclients import ERROR, chat_body, exchange, request_bytes
 from .soakreport import Figures, Report, proxy_figures
 
 TOKEN = "soak-admin-token-0123456789abcdef"
@@ -156,7 +157,8 @@ class Soak:
                 self.report.admin[type(exc).__name__] += 1
             return None
         if count:
-            self.report.admin[str(response.code)] += 1
+            route = re.sub(r"/nodes/[^/]+", "/nodes/{id}", path)
+            self.report.admin[f"{method} {route} {response.code}"] += 1
         return json.loads(answer) if response.code == 200 else None
 
     # -- traffic ----------------------------------------------------------------------------
@@ -173,8 +175,8 @@ class Soak:
             self.report.outcomes[(kind, ended.outcome)] += 1
             if ended.code is not None:
                 self.report.error_codes[ended.code] += 1
-            if pause:
-                await sleep(self.reactor, pause)
+            if pause or ended.outcome == ERROR:
+                await sleep(self.reactor, pause or 0.1)  # a client backs off after an error
 
     def _stream(self):
         return exchange(self.reactor, self.port, [request_bytes("POST", "/v1/chat/completions",
@@ -266,8 +268,10 @@ class Soak:
         else:
             node = self.random.choice(declared)
             if await self.admin("POST", f"/_admin/nodes/{node['id']}/drain") is not None:
-                await sleep(self.reactor, 0.5)
-                await self.admin("PATCH", f"/_admin/nodes/{node['id']}", {"draining": False})
+                for _ in range(40):  # undrained once the store takes it (etcd may be away a moment)
+                    await sleep(self.reactor, 0.5)
+                    if await self.admin("PATCH", f"/_admin/nodes/{node['id']}", {"draining": False}) is not None:
+                        break
 
     async def _toggle_extra_node(self) -> None:
         """Add a node (node 0 again, by another name of its host), or remove it if it is there."""

@@ -29,7 +29,7 @@ class Report:
     outcomes: Counter = attrs.Factory(Counter)  # (kind, outcome) -> count
     error_codes: Counter = attrs.Factory(Counter)  # the proxy's error code -> count
     faults: Counter = attrs.Factory(Counter)
-    admin: Counter = attrs.Factory(Counter)  # status -> count
+    admin: Counter = attrs.Factory(Counter)  # "METHOD route status" -> count
     fleet_problems: list[str] = attrs.Factory(list)
     proxy_exit: tuple | None = None
     proxy_tracebacks: int = 0
@@ -52,7 +52,7 @@ class Report:
             lines.append(f"  {kind:>12}: " + ", ".join(f"{how} {n}" for how, n in sorted(counts.items())))
         lines.append("  errors by code: " + ", ".join(f"{code} {n}" for code, n in self.error_codes.most_common()))
         lines.append("  faults: " + ", ".join(f"{kind} {n}" for kind, n in sorted(self.faults.items())))
-        lines.append("  admin answers: " + ", ".join(f"{code} {n}" for code, n in sorted(self.admin.items())))
+        lines.append("  admin answers: " + ", ".join(f"{call} {n}" for call, n in sorted(self.admin.items())))
         lines.append(f"  false successes: {self.count('false_success')}; "
                      f"timeouts (frozen node, item 3): {self.count('timeout')}")
         lines.append("  fleet in etcd: " + ("intact" if not self.fleet_problems else "; ".join(self.fleet_problems)))
