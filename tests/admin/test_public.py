@@ -12,22 +12,13 @@ from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
 from blyanproxy.admin import HealthView, LivenessView, StatusView, WorkloadsView
-from blyanproxy.core import HealthRules, Node, NodeRegistry, after_probe
+from blyanproxy.core import HealthRules, NodeRegistry, after_probe
 from blyanproxy.discovery import KeyedBalancer, WorkloadDirectory
 from blyanproxy.discovery.workloads import Workload
 from blyanproxy.discovery.workloadsapi import KeyRefused, WorkloadsUnavailable
 from blyanproxy.fleet import Balancer
 
-
-def node(index, **fields):
-    return Node(id=f"n{index}", name=f"node{index}", base_url=f"http://10.0.0.{index}:8000", **fields)
-
-
-def registry_of(*nodes):
-    registry = NodeRegistry()
-    for each in nodes:
-        registry.add(each)
-    return registry
+from .fleet import node, registry_of
 
 
 def render(resource, method=b"GET", **headers):

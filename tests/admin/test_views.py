@@ -1,21 +1,14 @@
 """The JSON views of the fleet: one node with its live figures, the list, the active place, the usable count."""
 
 from blyanproxy.admin.views import active_index, node_view, nodes_view, usable_count
-from blyanproxy.core import HealthRules, Node, NodeRegistry, after_probe, after_traffic_failure
+from blyanproxy.core import HealthRules, NodeRegistry, after_probe, after_traffic_failure
+
+from .fleet import node, registry_of
 
 RULES = HealthRules(cooldown=10.0)
 NOW = 1000.0
 
 
-def node(index, **fields):
-    return Node(id=f"n{index}", name=f"node{index}", base_url=f"http://10.0.0.{index}:8000", **fields)
-
-
-def registry_of(*nodes):
-    registry = NodeRegistry()
-    for each in nodes:
-        registry.add(each)
-    return registry
 
 
 def probed(registry, node_id, passed, now=NOW, error=None):
