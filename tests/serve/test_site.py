@@ -177,7 +177,7 @@ def test_a_body_within_the_deadline_is_served_and_the_deadline_ends_with_it():
     protocol.dataReceived(b"cd")
     assert body_of(transport.value()) == b"forwarder"
     clock.advance(5.0)
-    assert b"408" not in transport.value() and not transport.disconnecting
+    assert b"HTTP/1.1 408" not in transport.value() and not transport.disconnecting
     # A chunked body has the same deadline.
     transport.clear()
     protocol.dataReceived(b"POST /v1/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n")
