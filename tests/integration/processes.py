@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
 import signal
 import socket
 import sys
+from pathlib import Path
 
 from twisted.internet.defer import Deferred
 from twisted.internet.defer import TimeoutError as GaveUpWaiting
@@ -73,8 +75,29 @@ class Child:
             return await self.process.ended
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out for outgoing connections and ``bind(0)``."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A loopback port that was free a moment ago."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A loopback port that was free a moment ago, below the kernel's ephemeral range.
+
+    A child process binds it a little later. A port from ``bind(0)`` could meanwhile
+    become the local end of some outgoing connection (those come from the same range),
+    and the child's bind would fail; ports below the range are never handed out so.
+    """
+    low = max(_ephemeral_low(), 2048)
+    for _ in range(200):
+        port = random.randrange(low // 2, low)
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free loopback port below the ephemeral range")

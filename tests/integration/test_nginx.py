@@ -81,15 +81,21 @@ class Nginx:
     def check(self) -> subprocess.CompletedProcess:
         return subprocess.run(self.argv[:-2] + ["-t"], capture_output=True, text=True, timeout=30)
 
-    async def start(self):
+    async def start(self) -> bool:
+        """Run it; whether it came up (False: it ended, e.g. a port was taken meanwhile)."""
         self.process = self.reactor.spawnProcess(self.capture, self.program, self.argv, env=dict(os.environ))
-        for _ in range(100):
-            try:
-                client = await self.connect()
-                client.transport.loseConnection()
-                return
-            except ConnectionRefusedError:
-                await sleep(self.reactor, 0.05)
+        pid_file = self.directory / "nginx.pid"
+        for _ in range(200):
+            if self.capture.ended.called:
+                return False
+            if pid_file.exists():  # written once every listening socket is open
+                try:
+                    client = await self.connect()
+                    client.transport.loseConnection()
+                    return True
+                except ConnectionRefusedError:
+                    pass
+            await sleep(self.reactor, 0.05)
         raise AssertionError("nginx did not start: " + self.capture.output.decode(errors="replace"))
 
     async def stop(self):
@@ -120,12 +126,16 @@ def nginx_factory(reactor, tmp_path):
     started = []
 
     async def start(upstream_port: int) -> Nginx:
-        nginx = Nginx(reactor, tmp_path, upstream_port)
-        checked = nginx.check()
-        assert checked.returncode == 0, checked.stderr
-        started.append(nginx)
-        await nginx.start()
-        return nginx
+        for attempt in range(3):  # fresh ports if one was taken between choosing and binding it
+            directory = tmp_path / f"nginx{attempt}"
+            directory.mkdir()
+            nginx = Nginx(reactor, directory, upstream_port)
+            checked = nginx.check()
+            assert checked.returncode == 0, checked.stderr
+            started.append(nginx)
+            if await nginx.start():
+                return nginx
+        raise AssertionError("nginx ended at start three times: " + (directory / "error.log").read_text())
 
     yield start
     for nginx in started:
@@ -162,13 +172,13 @@ async def test_an_sse_stream_arrives_event_by_event_through_nginx_and_the_proxy(
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_websocket_echoes_through_nginx_and_the_proxy(stack, tmp_path):
+async def test_a_websocket_echoes_through_nginx_and_the_proxy(stack):
     node, proxy, nginx = await stack()
 
     def talk():
         from websockets.sync.client import connect as ws_connect
 
-        context = stdlib_ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+        context = stdlib_ssl.create_default_context(cafile=str(nginx.directory / "cert.pem"))
         url = f"wss://localhost:{nginx.port}/api/ws/echo"
         with ws_connect(url, ssl=context, open_timeout=5, close_timeout=2) as ws:
             ws.send("hello through nginx")
