@@ -61,6 +61,7 @@ from blyanproxy.serve import (
     WorkerSupervisor,
     build_admission,
     load_settings,
+    with_backlog,
     worker_endpoint,
     worker_role,
 )
@@ -320,7 +321,8 @@ def make_proxy_service(settings: Settings, reactor, reload_settings=None,
         ProcessSignals(reactor, reloader.reload).setServiceParent(top)
     summary = partial(log_summary, startup_facts(settings, parts, role))  # logged once the port is open
     if role is None:
-        top.add_listener(Listener(serverFromString(reactor, settings.listen), connections, settings.listen, summary))
+        endpoint = serverFromString(reactor, with_backlog(settings.listen, settings.listen_backlog))
+        top.add_listener(Listener(endpoint, connections, settings.listen, summary))
     else:
         top.add_listener(Listener(worker_endpoint(reactor, role), connections, "the supervisor's socket", summary))
         reactor.addReader(ParentWatch(reactor))
@@ -355,8 +357,8 @@ def make_supervisor_service(settings: Settings, reactor, arguments: list) -> Wor
              version=package_version(), workers=settings.workers, listen=settings.listen, token=token_note)
     # The console script's way in, not twistd's: it finds the plugin in every install mode.
     argv = [sys.executable, "-c", "from blyanproxy.scripts import proxy; proxy()", *arguments]
-    return WorkerSupervisor(reactor, settings.listen, settings.workers, argv, os.environ,
-                            settings.worker_stop_timeout)
+    listen = with_backlog(settings.listen, settings.listen_backlog)
+    return WorkerSupervisor(reactor, listen, settings.workers, argv, os.environ, settings.worker_stop_timeout)
 
 
 def makeService(options: Options):

@@ -79,6 +79,7 @@ class Settings:
     max_body_bytes: int = 32 * 1024 * 1024
     max_buffered_bytes: int = 256 * 1024 * 1024
     max_connections_per_client: int = 256
+    listen_backlog: int = 4096
     pool_max_idle: int = 128
     pool_idle_timeout: float = 4.0
     tls_ca_file: str | None = None
@@ -202,6 +203,8 @@ SETTINGS = (
     Setting("max_connections_per_client", "MAX_CONNECTIONS_PER_CLIENT", "max-connections-per-client", "256",
             whole_number(0, 1000000),
             "open connections per client address (429 above; 0: no limit; TRUST_FORWARDED peers are not limited)"),
+    Setting("listen_backlog", "LISTEN_BACKLOG", "listen-backlog", "4096", whole_number(1, 65535),
+            "connections the kernel queues before the proxy accepts them (capped by net.core.somaxconn)"),
     Setting("pool_max_idle", "POOL_MAX_IDLE", "pool-max-idle", "128", whole_number(0, 10000),
             "idle keep-alive connections kept per node"),
     Setting("pool_idle_timeout", "POOL_IDLE_TIMEOUT_MS", "pool-idle-timeout-ms", "4000",

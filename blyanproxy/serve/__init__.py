@@ -6,7 +6,7 @@ from __future__ import annotations
 from blyanproxy.serve.admission import AdmissionSettings, build_admission
 from blyanproxy.serve.drain import ConnectionTracker, Drainer
 from blyanproxy.serve.envfile import load_settings
-from blyanproxy.serve.listening import Listener, cannot_listen
+from blyanproxy.serve.listening import Listener, cannot_listen, with_backlog
 from blyanproxy.serve.reload import Reloader
 from blyanproxy.serve.signals import ProcessSignals
 from blyanproxy.serve.site import ProxySite, RootResource
@@ -27,6 +27,7 @@ __all__ = [
     "cannot_listen",
     "build_admission",
     "load_settings",
+    "with_backlog",
     "worker_endpoint",
     "worker_role",
 ]

@@ -32,6 +32,22 @@ def cannot_listen(description: str, failure: Failure) -> SystemExit:
     return SystemExit(1)
 
 
+#: strports endpoint types whose description takes a ``backlog=`` (TCP, TLS and UNIX listeners).
+_BACKLOG_TYPES = ("tcp", "tcp6", "ssl", "unix")
+
+
+def with_backlog(description: str, backlog: int) -> str:
+    """``description`` (strports) listening with ``backlog``, unless it names a backlog itself.
+
+    Twisted listens with a backlog of 50 unless told; endpoint types that take
+    no backlog (adopted descriptors, systemd's) are left as they are.
+    """
+    kind = description.partition(":")[0].lower()
+    if kind not in _BACKLOG_TYPES or any(part.startswith("backlog=") for part in description.split(":")[1:]):
+        return description
+    return f"{description}:backlog={backlog}"
+
+
 def address_text(port: IListeningPort) -> str:
     """Where a listening port is: ``host:port`` for TCP (``[::1]:9000`` for IPv6), the path for UNIX."""
     address = port.getHost()

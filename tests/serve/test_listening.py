@@ -1,14 +1,17 @@
 """The proxy's Listener: it listens before the reactor runs, tells its address, and a taken port ends start-up."""
 
 import socket
+import subprocess
 
 import pytest
 import pytest_twisted
-from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint, serverFromString
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import formatEvent, globalLogPublisher
 
-from blyanproxy.serve import Listener
+from blyanproxy.serve import Listener, with_backlog
+
+from ..integration.tools import require_program
 
 
 @pytest.fixture
@@ -71,3 +74,30 @@ def test_a_port_in_use_is_one_critical_line_and_exit_status_1(reactor, critical_
     assert critical_lines == [
         ("critical", f"cannot listen on tcp:{port}:interface=127.0.0.1: Address already in use")]
     assert told == [] and listener.port is None
+
+
+@pytest.mark.parametrize(("description", "expected"), [
+    ("tcp:9000:interface=127.0.0.1", "tcp:9000:interface=127.0.0.1:backlog=4096"),
+    ("ssl:443:privateKey=k.pem:certKey=c.pem", "ssl:443:privateKey=k.pem:certKey=c.pem:backlog=4096"),
+    ("unix:/run/blyan.sock", "unix:/run/blyan.sock:backlog=4096"),
+    ("TCP:9000", "TCP:9000:backlog=4096"),
+    ("tcp:9000:backlog=10", "tcp:9000:backlog=10"),  # the operator's own wins
+    ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),  # takes no backlog
+    ("adopt:fileno=3:addressFamily=INET", "adopt:fileno=3:addressFamily=INET"),
+])
+def test_a_listening_description_gets_the_backlog_unless_it_names_one(description, expected):
+    assert with_backlog(description, 4096) == expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_kernel_queues_as_many_connections_as_the_backlog_asks(reactor):
+    ss = require_program("ss")
+    endpoint = serverFromString(reactor, with_backlog("tcp:0:interface=127.0.0.1", 777))
+    port = await endpoint.listen(quiet_factory())
+    try:
+        number = port.getHost().port
+        shown = subprocess.run([ss, "-Hltn", f"sport = :{number}"], capture_output=True, text=True, timeout=10)
+        state, queued, backlog = shown.stdout.split()[:3]
+        assert (state, backlog) == ("LISTEN", "777")  # ss shows a listening socket's backlog as its Send-Q
+    finally:
+        await port.stopListening()
