@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import MutableMapping
 from datetime import datetime, timezone
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 from twisted.logger import (
     FilteringLogObserver,
@@ -29,7 +30,10 @@ from twisted.logger import (
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
+    formatEventAsClassicLogText,
+    formatTime,
     globalLogPublisher,
+    timeFormatRFC3339,
 )
 from zope.interface import implementer
 
@@ -55,12 +59,99 @@ def logger(name: str) -> Logger:
 
 def debugging(name: str) -> bool:
     """Whether DEBUG events of ``logger(name)`` are written now: callers skip building costly fields when not."""
-    return _PREDICATE.logLevelForNamespace(f"{NAMESPACE}.{name}") <= LogLevel.debug
+    written = _DEBUG_WRITTEN.get(name)
+    if written is None:
+        written = _DEBUG_WRITTEN[name] = _PREDICATE.logLevelForNamespace(f"{NAMESPACE}.{name}") <= LogLevel.debug
+    return written
+
+
+#: Whether DEBUG events of a part are written, as last worked out (cleared when the level changes).
+_DEBUG_WRITTEN: dict[str, bool] = {}
 
 
 def set_log_level(name: str) -> None:
     """Write blyanproxy events at ``name`` (DEBUG, INFO, WARN, ERROR) and above."""
     _PREDICATE.setLogLevelForNamespace(NAMESPACE, LOG_LEVELS[name.upper()])
+    _INFO_WRITTEN.clear()
+    _DEBUG_WRITTEN.clear()
+
+
+#: Whether INFO events of a namespace are written, as last worked out (cleared when the level changes).
+_INFO_WRITTEN: dict[str, bool] = {}
+
+
+def log_info_line(log: Logger, line: str, fields: Callable[[], dict[str, object]]) -> None:
+    """Log the INFO event whose message is ``line`` (taken as it is) and whose fields are ``fields()``.
+
+    When the process log is a ``ClassicTextObserver`` (twistd's text log on
+    standard output) the line is written to it straight, in the same format,
+    without building an event: the access log's way, once per request.
+    """
+    direct = _DIRECT_TEXT
+    namespace = log.namespace
+    if direct is not None:
+        written = _INFO_WRITTEN.get(namespace)
+        if written is None:
+            written = _INFO_WRITTEN[namespace] = _PREDICATE.logLevelForNamespace(namespace) <= LogLevel.info
+        if written:
+            direct.write_line(namespace, line)
+        return
+    log.info(line.replace("{", "{{").replace("}", "}}"), **fields())  # the line is the event's format
+
+
+# -- twistd's text log ------------------------------------------------------------------------------
+
+
+@implementer(ILogObserver)
+class ClassicTextObserver:
+    """Writes every event to ``stream`` as twistd's text log does (``textFileLogObserver``), cheaper.
+
+    The time stamp (``2026-05-01T12:00:00+0000``, local time) is formatted
+    once a second, not once an event; ``write_line`` writes an INFO line
+    built elsewhere with one ``write``.
+    """
+
+    def __init__(self, stream: TextIO, clock: Callable[[], float] = time.time) -> None:
+        self._stream = stream
+        self._clock = clock
+        self._second: int | None = None
+        self._stamp = "-"
+
+    def _time_text(self, when: float | None) -> str:
+        if when is None:
+            return "-"
+        second = int(when)
+        if second != self._second:
+            self._second, self._stamp = second, formatTime(when, timeFormatRFC3339)
+        return self._stamp
+
+    def __call__(self, event: LogEvent) -> None:
+        """Write ``event`` in twistd's format and flush."""
+        text = formatEventAsClassicLogText(event, formatTime=self._time_text)
+        if text:
+            self._stream.write(text)
+            self._stream.flush()
+
+    def write_line(self, namespace: str, line: str) -> None:
+        """Write the INFO event of ``namespace`` whose message is ``line`` (one line, no newline) and flush."""
+        self._stream.write(f"{self._time_text(self._clock())} [{namespace}#info] {line}\n")
+        self._stream.flush()
+
+
+#: The process log when it is a ``ClassicTextObserver`` (``log_info_line`` writes to it straight).
+_DIRECT_TEXT: ClassicTextObserver | None = None
+
+
+def text_log_observer(stream: TextIO) -> ClassicTextObserver:
+    """The process log's observer writing twistd's text format to ``stream`` (``log_info_line`` uses it)."""
+    global _DIRECT_TEXT
+    _DIRECT_TEXT = ClassicTextObserver(stream)
+    return _DIRECT_TEXT
+
+
+def text_stdout_observer() -> ClassicTextObserver:
+    """twistd's ``--logger`` factory for its text log on standard output."""
+    return text_log_observer(sys.stdout)
 
 
 # -- LOG_FORMAT=json -------------------------------------------------------------------------------
@@ -145,24 +236,28 @@ def json_stdout_observer() -> JsonLinesObserver:
     return JsonLinesObserver(sys.stdout)
 
 
-#: The ``--logger`` value ``choose_process_log`` gives twistd.
+#: The ``--logger`` values ``choose_process_log`` gives twistd.
 TWISTD_JSON_LOGGER = f"{__name__}.json_stdout_observer"
+TWISTD_TEXT_LOGGER = f"{__name__}.text_stdout_observer"
 
 
 def choose_process_log(runner: MutableMapping[str, Any] | None, log_format: str) -> None:
-    """With ``log_format`` ``json``, have the runner's own log on standard output written as JSON lines.
+    """Have the runner's own log on standard output written by our observer: JSON lines for
+    ``log_format`` ``json``, else twistd's text format (``ClassicTextObserver``).
 
     ``runner`` is the parsed options of the program running the plugin (the
     plugin options' ``parent``): twistd's, which take a ``--logger`` factory
     (used when the log goes to standard output: ``--nodaemon`` without
-    ``--logfile``, or ``--logfile=-``, and no ``--logger`` of the operator's),
-    or twist's, which take a ``fileLogObserverFactory``. Others are left alone.
+    ``--logfile``, or ``--logfile=-``, no ``--syslog`` and no ``--logger`` of
+    the operator's), or twist's, which take a ``fileLogObserverFactory``.
+    Others are left alone, and so is a log file twistd writes itself.
     """
-    if log_format != "json" or runner is None:
+    if runner is None:
         return
+    json_log = log_format == "json"
     if "logger" in runner:
         on_stdout = runner.get("logfile") == "-" or (not runner.get("logfile") and runner.get("nodaemon"))
-        if runner["logger"] is None and on_stdout:
-            runner["logger"] = TWISTD_JSON_LOGGER
+        if runner["logger"] is None and on_stdout and not runner.get("syslog"):
+            runner["logger"] = TWISTD_JSON_LOGGER if json_log else TWISTD_TEXT_LOGGER
     elif "fileLogObserverFactory" in runner:
-        runner["fileLogObserverFactory"] = JsonLinesObserver
+        runner["fileLogObserverFactory"] = JsonLinesObserver if json_log else text_log_observer

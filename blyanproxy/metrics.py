@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import typing
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -222,24 +222,36 @@ class ProxyMetrics:
         self.queue_depth = Gauge("blyan_queue_depth", "Requests waiting for a node slot, by priority band",
                                  ["band"], registry=r)
         self._token_models: set[str] = set()
+        # Bound children by metric and label values: ``labels()`` looks them up under a lock each time.
+        # As bounded as the children themselves (Prometheus keeps every one it made).
+        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
         for kind in ("sse", "websocket"):
             self.streams.labels(kind)
         self.node_gauges = _NodeGauges(node_registry, clock)
         r.register(self.node_gauges)
         r.register(_LoadGauges(node_registry, clock))
 
+    def _child(self, metric: Counter | Histogram, *values: str) -> Any:
+        """``metric.labels(*values)``, looked up once."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     def request_finished(self, record: FinishedRequest) -> None:
         """Count one finished request (an ``AccessRecord``)."""
         node = record.node or "-"
-        self.requests.labels(node, f"{record.status // 100}xx", record.ended).inc()
+        child = self._child
+        child(self.requests, node, f"{record.status // 100}xx", record.ended).inc()
         if record.ttfb is not None:
-            self.ttfb.labels(node).observe(record.ttfb)
-        self.duration.labels(node).observe(record.duration)
-        self.bytes_out.labels(node).inc(record.bytes_out)
+            child(self.ttfb, node).observe(record.ttfb)
+        child(self.duration, node).observe(record.duration)
+        child(self.bytes_out, node).inc(record.bytes_out)
         if record.tokens_in is not None or record.tokens_out is not None:
             model = self._token_model(record.model)
-            self.tokens.labels(node, model, "in").inc(record.tokens_in or 0)
-            self.tokens.labels(node, model, "out").inc(record.tokens_out or 0)
+            child(self.tokens, node, model, "in").inc(record.tokens_in or 0)
+            child(self.tokens, node, model, "out").inc(record.tokens_out or 0)
 
     def _token_model(self, model: str | None) -> str:
         if model is None:

@@ -5,20 +5,25 @@ import json
 import math
 
 import pytest
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python import log as legacy_log
 from twisted.python.failure import Failure
 from twisted.python.reflect import namedAny
 
+from blyanproxy import logs
 from blyanproxy.logs import (
     TWISTD_JSON_LOGGER,
+    TWISTD_TEXT_LOGGER,
+    ClassicTextObserver,
     JsonLinesObserver,
     choose_process_log,
     debugging,
     json_event,
     json_line,
+    log_info_line,
     logger,
     set_log_level,
+    text_log_observer,
 )
 
 
@@ -101,17 +106,22 @@ def test_twisted_python_log_events_keep_only_their_own_fields():
     ({"logger": None, "logfile": "proxy.log", "nodaemon": True}, "json", None),  # the log is not on stdout
     ({"logger": None, "logfile": None, "nodaemon": False}, "json", None),  # a daemon's twistd.log
     ({"logger": "my.observer", "logfile": None, "nodaemon": True}, "json", "my.observer"),  # the operator's
-    ({"logger": None, "logfile": None, "nodaemon": True}, "text", None),
+    ({"logger": None, "logfile": None, "nodaemon": True}, "text", TWISTD_TEXT_LOGGER),
+    ({"logger": None, "logfile": "proxy.log", "nodaemon": True}, "text", None),  # twistd writes its own file
+    ({"logger": None, "logfile": None, "nodaemon": True, "syslog": True}, "json", None),  # to syslog
+    ({"logger": None, "logfile": None, "nodaemon": True, "syslog": True}, "text", None),
 ])
-def test_twistd_is_given_the_json_logger_when_its_log_is_on_standard_output(runner, log_format, expected):
+def test_twistd_is_given_our_logger_when_its_log_is_on_standard_output(runner, log_format, expected):
     choose_process_log(runner, log_format)
     assert runner["logger"] == expected
 
 
-def test_twist_is_given_the_json_observer_and_a_lone_options_object_is_left_alone():
+def test_twist_is_given_our_observer_and_a_lone_options_object_is_left_alone():
     runner = {"fileLogObserverFactory": object()}
     choose_process_log(runner, "json")
     assert runner["fileLogObserverFactory"] is JsonLinesObserver
+    choose_process_log(runner, "text")
+    assert runner["fileLogObserverFactory"] is text_log_observer
     choose_process_log(None, "json")
 
 
@@ -127,3 +137,69 @@ def test_debugging_follows_the_level():
         assert not debugging("balancer")
     finally:
         set_log_level("INFO")
+
+
+def classic_events():
+    """Events of every shape the text log meets: fields, braces, a legacy one, a failure, no time."""
+    failure = Failure(ZeroDivisionError("division by zero"))
+    return [
+        {"log_format": "node {name} is {state}", "name": "n0", "state": "up", "log_level": LogLevel.info,
+         "log_namespace": "blyanproxy.health", "log_time": 1767225600.75},
+        {"log_format": "a {{literal}} brace", "log_level": LogLevel.warn, "log_namespace": "blyanproxy.x",
+         "log_time": 1767225601.0, "log_system": "ProxySite,0,127.0.0.1"},
+        {"log_format": "it broke", "log_level": LogLevel.error, "log_namespace": "blyanproxy.x",
+         "log_time": 1767225601.5, "log_failure": failure},
+        {"log_format": "two\nlines", "log_level": LogLevel.info, "log_namespace": "blyanproxy.x",
+         "log_time": None},
+        {"log_format": "", "log_level": LogLevel.info, "log_namespace": "blyanproxy.x", "log_time": 1.0},
+    ]
+
+
+def test_the_text_observer_writes_exactly_what_twistds_own_does():
+    from twisted.logger import textFileLogObserver
+
+    ours, theirs = io.StringIO(), io.StringIO()
+    observer, twistds = ClassicTextObserver(ours), textFileLogObserver(theirs)
+    for event in classic_events():
+        observer(dict(event))
+        twistds(dict(event))
+    assert ours.getvalue() == theirs.getvalue()
+    assert ours.getvalue().count("\n") >= 6 and "Traceback" in ours.getvalue()
+
+
+def test_a_direct_line_reads_as_the_same_info_event_would(monkeypatch):
+    from twisted.logger import textFileLogObserver
+
+    moment = [1767225600.25]
+    direct, theirs = io.StringIO(), io.StringIO()
+    observer = ClassicTextObserver(direct, clock=lambda: moment[0])
+    monkeypatch.setattr(logs, "_DIRECT_TEXT", observer)
+    access = logger("access")
+    log_info_line(access, "127.0.0.1 GET /x?{a}=… status=200", lambda: {"status": 200})
+    moment[0] += 1.0  # the next second: the stamp is formatted anew
+    log_info_line(access, "second line", lambda: {})
+    for line, at in (("127.0.0.1 GET /x?{{a}}=… status=200", 1767225600.25), ("second line", 1767225601.25)):
+        textFileLogObserver(theirs)({"log_format": line, "log_level": LogLevel.info,
+                                     "log_namespace": "blyanproxy.access", "log_time": at})
+    assert direct.getvalue() == theirs.getvalue()
+
+
+def test_a_direct_line_follows_the_level_and_without_the_observer_is_an_event(monkeypatch, captured):
+    direct = io.StringIO()
+    monkeypatch.setattr(logs, "_DIRECT_TEXT", ClassicTextObserver(direct))
+    access = logger("access")
+    set_log_level("WARN")
+    log_info_line(access, "not written", lambda: {})
+    set_log_level("INFO")
+    log_info_line(access, "written", lambda: {})
+    assert direct.getvalue().endswith(" [blyanproxy.access#info] written\n") and "not written" not in direct.getvalue()
+    assert captured == []  # written straight, not as an event
+    monkeypatch.setattr(logs, "_DIRECT_TEXT", None)
+    log_info_line(access, "as an {event}", lambda: {"status": 200})
+    assert [(formatEvent(e), e["status"]) for e in captured] == [("as an {event}", 200)]
+
+
+def test_the_twistd_text_logger_name_is_the_text_observer_factory(monkeypatch):
+    monkeypatch.setattr(logs, "_DIRECT_TEXT", None)
+    observer = namedAny(TWISTD_TEXT_LOGGER)()
+    assert isinstance(observer, ClassicTextObserver) and logs._DIRECT_TEXT is observer

@@ -181,8 +181,15 @@ T = TypeVar("T")
 def serving(entries: Sequence[T], model: str, served: Callable[[T], tuple[str, ...] | None]) -> list[T]:
     """The entries that may take a request for ``model``: those known to serve it, else those whose
     models are not known yet (``served`` gives ``None``); never one known not to serve it."""
-    known = [entry for entry in entries if model in (served(entry) or ())]
-    return known if known else [entry for entry in entries if served(entry) is None]
+    known: list[T] = []
+    unknown: list[T] = []
+    for entry in entries:
+        models = served(entry)
+        if models is None:
+            unknown.append(entry)
+        elif model in models:
+            known.append(entry)
+    return known or unknown
 
 
 def model_not_found(model: str) -> ProxyError:

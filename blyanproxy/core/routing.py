@@ -33,6 +33,7 @@ import attrs
 
 from blyanproxy.core.engines import strips_api
 from blyanproxy.core.errors import ProxyError
+from blyanproxy.core.prefixkey import prefix_key
 from blyanproxy.core.query import form_decoded
 
 if TYPE_CHECKING:
@@ -49,8 +50,8 @@ class Route:
     requests that share it on one node. ``node``, when set, is the id or name of
     the one registered node the request may go to (``?api=``). ``api_target``,
     when set, is the target with its ``/api`` kept (for Ollama nodes);
-    ``model``, when set, is the model the body names; ``prefix_key``, when set, is
-    the hash of its prompt's leading part (``prefixkey``, for ``cache-aware``).
+    ``model``, when set, is the model the body names; ``body`` is the JSON body
+    of a request that names one (an inference POST), read for ``prefix_key``.
     """
 
     upstream_target: bytes
@@ -60,7 +61,15 @@ class Route:
     node: str | None = None
     api_target: bytes | None = None
     model: str | None = None
-    prefix_key: bytes | None = None
+    body: bytes | None = attrs.field(default=None, repr=False)
+
+    @property
+    def prefix_key(self) -> bytes | None:
+        """The hash of the body's prompt's leading part (``core.prefix_key``, for ``cache-aware``), or ``None``.
+
+        Worked out when a policy asks, not for every request.
+        """
+        return None if self.body is None else prefix_key(self.body)
 
     @property
     def client_path(self) -> bytes:

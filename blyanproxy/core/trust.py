@@ -9,6 +9,7 @@ nginx on the same host). Pure functions, no I/O.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 
@@ -33,6 +34,8 @@ class ForwardTrust:
         """True when forwarding headers from ``peer`` (an IP address as text) are believed."""
         if self.everyone:
             return True
+        if not self.networks:
+            return False
         address = _address(peer)
         return address is not None and any(address in network for network in self.networks)
 
@@ -42,6 +45,7 @@ class ForwardTrust:
         return ",".join(str(network) for network in self.networks)
 
 
+@functools.lru_cache(maxsize=4096)  # the same few peers (a proxy in front) come again and again
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         address = ipaddress.ip_address(text.strip().strip("[]"))

@@ -308,9 +308,10 @@ class Balancer(LeaseMaker, LeasePool):
         names a model none of them serves."""
         if route.tag is not None or route.index is not None or route.model is not None:
             registry = self._registry
-            members = self._members(route)
             if route.index is None:  # a draining node still serves its model: 503 while it drains, not 404
                 members = route_members([node for node in registry.nodes() if route_allows(route, node)], route)
+            else:
+                members = self._members(route)
             check_model(members, route, lambda node: registry.stats(node.id))
 
     def serves(self, route: Route) -> bool:

@@ -62,16 +62,13 @@ class Exchange:
     """
 
     def __init__(self, context: ForwardContext, request: Request, tally: traffic.RequestTally, route: Route,
-                 pool: LeasePool, caller: Caller | None = None) -> None:
+                 body: bytes, pool: LeasePool, caller: Caller | None = None) -> None:
         self._context = context
         self._rules = context.rules
         self._request = request
         self._route = route
         self._method = request.method
-        content = request.content
-        assert content is not None  # twisted.web has read the whole body into it before the resource renders
-        content.seek(0)
-        self._body = content.read()
+        self._body = body
         self._failover = Failover(Attempts(context.rules.attempts), pool, route, context.clock,
                                   tally, self._try_node, self._fail, self._abandon_attempt,
                                   queue=context.admission.queue if context.admission is not None else None,

@@ -13,7 +13,6 @@ from blyanproxy.core import (
     model_of,
     names_model,
     parse_route,
-    prefix_key,
     write_error,
 )
 from blyanproxy.discovery import KeyRecord, WorkloadDirectory, api_key_of, missing_key_error
@@ -25,14 +24,20 @@ from blyanproxy.forward.models import answer_models
 from blyanproxy.forward.websocket import forward_websocket, is_websocket_upgrade
 
 
-def with_model(route: Route, request) -> Route:
-    """``route`` with the model its JSON body names and its prompt's prefix key (``core.prefix_key``),
-    for a POST to an inference path (``names_model``)."""
-    if not names_model(route, request.method):
+def body_of(request: Request) -> bytes:
+    """The whole body of ``request`` (twisted.web has read it before the resource renders)."""
+    content = request.content
+    assert content is not None
+    content.seek(0)
+    return content.read()
+
+
+def with_model(route: Route, method: bytes, body: bytes) -> Route:
+    """``route`` with the model its JSON ``body`` names, and the body for its prefix key
+    (``Route.prefix_key``), for a POST to an inference path (``names_model``)."""
+    if not names_model(route, method):
         return route
-    request.content.seek(0)
-    body = request.content.read()
-    return attrs.evolve(route, model=model_of(body), prefix_key=prefix_key(body))
+    return attrs.evolve(route, model=model_of(body), body=body)
 
 
 class ProxyResource(Resource):
@@ -73,7 +78,8 @@ class ProxyResource(Resource):
         affinity = affinity_key(self._context.rules.affinity_key, request)
         if affinity is not None:
             route = attrs.evolve(route, affinity_key=affinity)
-        route = with_model(route, request)
+        body = body_of(request)
+        route = with_model(route, request.method, body)
         tally.model = route.model
         caller = None
         if self._context.admission is not None:
@@ -83,12 +89,12 @@ class ProxyResource(Resource):
                 self._refuse(request, tally, err)
                 return NOT_DONE_YET
         if directory is None or key is None:
-            self._forward(request, tally, route, self._balancer, caller)
+            self._forward(request, tally, route, body, self._balancer, caller)
         else:
-            self._forward_keyed(directory, request, tally, route, key, caller)
+            self._forward_keyed(directory, request, tally, route, body, key, caller)
         return NOT_DONE_YET
 
-    def _forward(self, request: Request, tally: traffic.RequestTally, route: Route, pool: LeasePool,
+    def _forward(self, request: Request, tally: traffic.RequestTally, route: Route, body: bytes, pool: LeasePool,
                  caller: Caller | None = None) -> None:
         """Send the request to a node of ``pool`` (the registry's ``Balancer`` or a ``KeyPool``)."""
         try:
@@ -101,10 +107,10 @@ class ProxyResource(Resource):
         if is_websocket_upgrade(request):
             forward_websocket(self._context, request, tally, route, pool)
         else:
-            Exchange(self._context, request, tally, route, pool, caller).start()
+            Exchange(self._context, request, tally, route, body, pool, caller).start()
 
     def _forward_keyed(self, directory: WorkloadDirectory, request: Request, tally: traffic.RequestTally, route: Route,
-                       key: bytes, caller: Caller | None = None) -> None:
+                       body: bytes, key: bytes, caller: Caller | None = None) -> None:
         """Find the key's workloads (perhaps asking the API), then forward among them."""
 
         def found(record: KeyRecord) -> None:
@@ -115,7 +121,7 @@ class ProxyResource(Resource):
                 return
             directory.started(record)
             request.notifyFinish().addBoth(record.finished)
-            self._forward(request, tally, route, pool, caller)
+            self._forward(request, tally, route, body, pool, caller)
 
         def gone() -> None:
             tally.end(traffic.CLIENT_CLOSED_STATUS, traffic.CLIENT_GONE)

@@ -39,7 +39,7 @@ from blyanproxy.core import (
     query_parameters,
     request_id_for,
 )
-from blyanproxy.logs import logger
+from blyanproxy.logs import log_info_line, logger
 
 log = logger("access")
 proxy_log = logger("proxy")
@@ -181,10 +181,11 @@ def _token_fields(record: AccessRecord) -> str:
 def write_access_line(record: AccessRecord) -> None:
     """Log ``record``'s access line (a listener of the end-of-request hook).
 
-    The event's message is the line; its fields are ``access_fields`` (for ``LOG_FORMAT=json``).
+    The event's message is the line; its fields are ``access_fields`` (for
+    ``LOG_FORMAT=json``). Written to twistd's text log straight when that is
+    the log (``logs.log_info_line``).
     """
-    line = access_line(record).replace("{", "{{").replace("}", "}}")  # the line is the event's format
-    log.info(line, **access_fields(record))
+    log_info_line(log, access_line(record), lambda: access_fields(record))
 
 
 @attrs.define

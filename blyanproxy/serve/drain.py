@@ -23,9 +23,12 @@ from twisted.internet import defer
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 from blyanproxy.logs import logger
+from blyanproxy.upstream import write_through
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IReactorTime, ITCPTransport
+    from collections.abc import Iterable
+
+    from twisted.internet.interfaces import IReactorTime, ITCPTransport, ITransport
     from twisted.web.server import Request
 
     from blyanproxy.serve.site import ProxySite
@@ -36,6 +39,28 @@ log = logger("drain")
 ABORT_SETTLE = 5.0
 
 
+class TrackedConnection(ProtocolWrapper):
+    """One client connection as the tracker sees it; it is the channel's transport.
+
+    What the channel writes (response heads, bodies, stream events) goes out
+    at once when nothing is queued (``upstream.write_through``), not on the
+    reactor's next turn.
+    """
+
+    def makeConnection(self, transport: ITransport) -> None:
+        """Connected: writes go straight to ``transport`` when they can."""
+        self._send = write_through(transport)
+        super().makeConnection(transport)
+
+    def write(self, data: bytes) -> None:
+        """Send ``data`` to the client."""
+        self._send(data)
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        """Send the pieces of ``data`` to the client, as one write."""
+        self._send(b"".join(data))
+
+
 class ConnectionTracker(WrappingFactory):
     """Wraps the ``Site``: tracks open connections and the requests under way on each.
 
@@ -44,6 +69,7 @@ class ConnectionTracker(WrappingFactory):
     """
 
     noisy = False  # no "Starting factory" / "Stopping factory" lines in the log
+    protocol = TrackedConnection
 
     def __init__(self, site: ProxySite) -> None:
         super().__init__(site)

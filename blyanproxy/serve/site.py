@@ -4,98 +4,44 @@ from __future__ import annotations
 
 from typing import Callable
 
-from twisted.internet.interfaces import IDelayedCall, IProtocol, IReactorTime, ITransport
+from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from blyanproxy.core import (
-    DIALECT_PLAIN,
-    REQUEST_ID_HEADER,
     ForwardTrust,
     ProxyError,
     check_path,
-    error_dialect,
-    request_id_for,
     unfit_request_headers,
 )
 from blyanproxy.forward import CLIENT_CLOSED_STATUS, CLIENT_GONE, COMPLETE, RequestTally, TrafficRecorder
 from blyanproxy.logs import logger
 from blyanproxy.serve.limits import BodyBudget, ConnectionCounts
-from blyanproxy.twistedinternals import ChannelWithBadRequestHook, channel_protocol, request_line_target
+from blyanproxy.serve.refusals import (
+    AMBIGUOUS_FRAMING,
+    BODIES_BUSY,
+    BODY_TIMEOUT,
+    CONTROL_IN_HEADER,
+    HEAD_TIMEOUT,
+    MALFORMED,
+    TOO_MANY_CONNECTIONS,
+    Sink,
+    body_too_large,
+    early_refusal,
+    peer_host,
+)
+from blyanproxy.twistedinternals import ChannelWithBadRequestHook, channel_protocol
 
 log = logger("server")
 
-
-def body_too_large(limit: int) -> ProxyError:
-    """The 413 for a body over ``limit`` bytes."""
-    return ProxyError(413, "body_too_large", f"the request body exceeds {limit} bytes")
-
-
-MALFORMED = ProxyError(400, "malformed_request", "the request is not valid HTTP/1.1")
-AMBIGUOUS_FRAMING = ProxyError(400, "malformed_request", "Transfer-Encoding must be chunked, once")
-HEAD_TIMEOUT = ProxyError(408, "request_timeout", "the request head did not arrive in time")
-CONTROL_IN_HEADER = ProxyError(400, "malformed_request", "a header value holds a control character")
-BODY_TIMEOUT = ProxyError(408, "request_timeout", "the request body did not arrive in time")
-BODIES_BUSY = ProxyError(503, "proxy_busy", "too many request bodies are held at once; try again", retry_after=1)
-TOO_MANY_CONNECTIONS = ProxyError(429, "too_many_connections", "this address has too many connections open")
 
 #: Defaults of the client limits (the settings' defaults).
 DEFAULT_BODY_TIMEOUT = 60.0
 DEFAULT_MAX_BUFFERED_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 256
 NO_PEERS = ForwardTrust()
-
-
-def _peer(transport: ITransport | None) -> str:
-    return getattr(transport.getPeer(), "host", "unknown") if transport is not None else "unknown"
-
-
-def early_refusal(channel: http.HTTPChannel, error: ProxyError) -> tuple[bytes, str]:
-    """``(raw response, request id)`` refusing the request whose head ``channel`` is reading.
-
-    Once its request line has arrived, the body takes the shape of the path it
-    names (``error_dialect``) and the id is the client's ``X-Request-Id``
-    among the headers read so far, when usable; else the plain shape and a new id.
-    """
-    target = request_line_target(channel)
-    sent: list[bytes] = []
-    if target is not None and channel.requests:
-        sent = list(channel.requests[-1].requestHeaders.getRawHeaders(REQUEST_ID_HEADER, []))
-    request_id = request_id_for(sent)
-    if request_id.replaced is not None:
-        log.info("replaced the X-Request-Id of a refused request by {request_id}: {why}",
-                 request_id=request_id.value, why=request_id.replaced)
-    dialect = error_dialect(target) if target is not None else DIALECT_PLAIN
-    return error.raw_response(dialect, request_id.value), request_id.value
-
-
-class _Sink:
-    """A file-like object that forgets what is written (the body of a refused request).
-
-    Twisted may still complete a refused request (a body-less one, such as
-    ``Transfer-Encoding: identity`` with nothing after the head), which asks
-    its content for ``tell``, ``seek`` and ``read``.
-    """
-
-    def write(self, data: bytes) -> None:
-        """Drop ``data``."""
-
-    def tell(self) -> int:
-        """Always at the start."""
-        return 0
-
-    def seek(self, *args: int) -> int:
-        """Stay at the start."""
-        return 0
-
-    def read(self, *args: int) -> bytes:
-        """Nothing was kept."""
-        return b""
-
-    def close(self) -> None:
-        """Nothing to close."""
 
 
 class ProxyRequest(server.Request):
@@ -203,14 +149,14 @@ class ProxyRequest(server.Request):
         self._refused = True
         self._stop_body_deadline()
         self._give_back(None)  # nothing of the body is kept from now on
-        self.content = _Sink()
+        self.content = Sink()
         # No "100 Continue" after the refusal: the channel reads Expect after gotLength.
         self.requestHeaders.removeHeader(b"expect")
         transport = self.channel.transport
         assert transport is not None  # the channel is connected: it is reading this request
         response, request_id = early_refusal(self.channel, error)
         log.info("refused a request from {client}: {why} (request_id={request_id})",
-                 client=_peer(transport), why=why, request_id=request_id)
+                 client=peer_host(transport), why=why, request_id=request_id)
         transport.write(response)
         transport.loseConnection()
 
@@ -293,6 +239,28 @@ class ProxyChannel(ChannelWithBadRequestHook):
     site: ProxySite  # set by the site, which builds the channel
     _head_deadline: IDelayedCall | None = None
     _client: str | None = None  # the peer address, once admitted by the site's connection counts
+    # A connection's ends and security do not change: asked once, not for every request.
+    _secure: bool | None = None
+    _host: IAddress | None = None
+    _peer_address: IAddress | None = None
+
+    def isSecure(self) -> bool:
+        """Whether the connection is TLS (looked up once per connection)."""
+        if self._secure is None:
+            self._secure = super().isSecure()
+        return self._secure
+
+    def getHost(self) -> IAddress:
+        """The local address (one ``getsockname`` per connection, not per request)."""
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
+    def getPeer(self) -> IAddress:
+        """The client's address (looked up once per connection)."""
+        if self._peer_address is None:
+            self._peer_address = super().getPeer()
+        return self._peer_address
 
     def connectionMade(self) -> None:
         """The connection is ready for its first request head: the deadline starts.
@@ -301,7 +269,7 @@ class ProxyChannel(ChannelWithBadRequestHook):
         already: then it gets the JSON 429 and the connection closes.
         """
         super().connectionMade()
-        client = _peer(self.transport)
+        client = peer_host(self.transport)
         if not self.site.connections.admit(client):
             log.info("refused a connection from {client}: too many connections open", client=client)
             self.write(early_refusal(self, TOO_MANY_CONNECTIONS)[0])  # the channel's write: straight to its transport
@@ -344,7 +312,7 @@ class ProxyChannel(ChannelWithBadRequestHook):
         response, request_id = early_refusal(self, HEAD_TIMEOUT)
         log.info("closed a connection from {client}: no complete request head within {seconds:g} s "
                  "(request_id={request_id})",
-                 client=_peer(self.transport), seconds=self.site.header_timeout, request_id=request_id)
+                 client=peer_host(self.transport), seconds=self.site.header_timeout, request_id=request_id)
         self.write(response)  # the channel's write: straight to its transport
         self.timeoutConnection()
 
@@ -357,7 +325,7 @@ class ProxyChannel(ChannelWithBadRequestHook):
         self._stop_head_deadline()
         response, request_id = early_refusal(self, MALFORMED)
         log.info("refused a malformed request from {client} (request_id={request_id})",
-                 client=_peer(self.transport), request_id=request_id)
+                 client=peer_host(self.transport), request_id=request_id)
         self.write(response)  # the channel's write: straight to its transport
         self.loseConnection()
 

@@ -42,3 +42,18 @@ def test_replaced_headers_take_the_one_value_given_whatever_the_case():
     assert replace_headers(headers, [(b"X-Request-Id", b"ours"), (b"traceparent", b"00-t")]) == [
         (b"Host", [b"n"]), (b"X", [b"1"]), (b"X-Request-Id", [b"ours"]), (b"traceparent", [b"00-t"])]
     assert replace_headers(headers, []) == headers
+
+
+def test_ids_come_from_fresh_randomness_read_a_chunk_at_a_time():
+    from blyanproxy.core.requestid import _RandomHex
+
+    reads = []
+
+    def read(count):
+        reads.append(count)
+        return bytes([len(reads)]) * count
+
+    source = _RandomHex(read, chunk=32)  # 64 hex characters: two ids a read
+    taken = [source.take(32) for _ in range(5)]
+    assert reads == [32, 32, 32]
+    assert taken == ["01" * 16, "01" * 16, "02" * 16, "02" * 16, "03" * 16]  # no hex character is used twice

@@ -84,7 +84,7 @@ def test_cache_aware_sends_one_prompt_to_one_node():
     clock = Clock()
     registry = registry_of("vllm", "vllm", "vllm")
     balancer = Balancer(registry, clock, "cache-aware", HealthRules())
-    keyed = evolve(parse_route(b"/v1/chat/completions"), prefix_key=b"k" * 16)
+    keyed = evolve(parse_route(b"/v1/chat/completions"), body=b'{"messages":[{"role":"user","content":"one prompt"}]}')
     chosen = set()
     for _ in range(6):
         lease = balancer.acquire(keyed, NONE)

@@ -40,16 +40,13 @@ def test_which_requests_are_model_lists():
 
 
 def test_the_model_is_read_from_the_body_of_an_inference_post_only():
-    from io import BytesIO
-
     from blyanproxy.forward.resource import with_model
 
-    class Request:
-        def __init__(self, method, body):
-            self.method, self.content = method, BytesIO(body)
-
-    body = b'{"messages": [], "model": "m-1"}'
-    assert with_model(parse_route(b"/v1/chat/completions"), Request(b"POST", body)).model == "m-1"
-    assert with_model(parse_route(b"/api/generate"), Request(b"POST", body)).model == "m-1"
-    assert with_model(parse_route(b"/v1/other"), Request(b"POST", body)).model is None
-    assert with_model(parse_route(b"/v1/chat/completions"), Request(b"POST", b"{}")).model is None
+    body = b'{"messages": [{"role": "user", "content": "hi"}], "model": "m-1"}'
+    chat = with_model(parse_route(b"/v1/chat/completions"), b"POST", body)
+    assert chat.model == "m-1" and chat.body == body and chat.prefix_key is not None
+    assert with_model(parse_route(b"/api/generate"), b"POST", body).model == "m-1"
+    other = with_model(parse_route(b"/v1/other"), b"POST", body)
+    assert other.model is None and other.prefix_key is None  # not an inference path: the body is not kept
+    assert with_model(parse_route(b"/v1/chat/completions"), b"GET", body).model is None
+    assert with_model(parse_route(b"/v1/chat/completions"), b"POST", b"{}").model is None
