@@ -61,6 +61,7 @@ from blyanproxy.serve import (
     WorkerSupervisor,
     build_admission,
     load_settings,
+    tune_garbage_collector,
     with_backlog,
     worker_endpoint,
     worker_role,
@@ -371,4 +372,6 @@ def makeService(options: Options):
     role = worker_role(os.environ)
     if role is None and options.settings.workers > 1:
         return make_supervisor_service(options.settings, reactor, options.worker_arguments())
-    return make_proxy_service(options.settings, reactor, reload_settings, role)
+    service = make_proxy_service(options.settings, reactor, reload_settings, role)
+    reactor.callWhenRunning(tune_garbage_collector)  # start-up's objects are all made by then
+    return service

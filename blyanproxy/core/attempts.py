@@ -93,6 +93,10 @@ class Pick:
     failed: str | None = None
 
 
+#: Every request's first decision (a value: one for all).
+_FIRST_PICK = Pick(frozenset())
+
+
 @attrs.frozen
 class Try:
     """Send attempt number ``attempt`` to node ``node_id``; ``fresh``: on a new connection, not a pooled one."""
@@ -136,7 +140,7 @@ class Attempts:
 
     def start(self) -> Decision:
         """The request arrived."""
-        return Pick(frozenset())
+        return _FIRST_PICK
 
     def picked(self, node_id: str | None) -> Decision:
         """The pool offered ``node_id``, or no node (None)."""

@@ -4,6 +4,7 @@ signals and reload."""
 from __future__ import annotations
 
 from blyanproxy.serve.admission import AdmissionSettings, build_admission
+from blyanproxy.serve.collector import tune_garbage_collector
 from blyanproxy.serve.drain import ConnectionTracker, Drainer
 from blyanproxy.serve.envfile import load_settings
 from blyanproxy.serve.listening import Listener, cannot_listen, with_backlog
@@ -27,6 +28,7 @@ __all__ = [
     "cannot_listen",
     "build_admission",
     "load_settings",
+    "tune_garbage_collector",
     "with_backlog",
     "worker_endpoint",
     "worker_role",
