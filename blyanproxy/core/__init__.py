@@ -37,6 +37,7 @@ from blyanproxy.core.attempts import (
     no_node_error,
 )
 from blyanproxy.core.booleans import boolean_word, parse_boolean
+from blyanproxy.core.deadline import DeadlineClock, LazyDeadline
 from blyanproxy.core.dialects import error_dialect, write_error
 from blyanproxy.core.engines import ENGINES, OLLAMA, engine_of, model_not_found, served_models, serving, strips_api
 from blyanproxy.core.errors import (
@@ -139,12 +140,14 @@ __all__ = [
     "DIALECT_OPENAI",
     "DIALECT_PLAIN",
     "DOWN",
+    "DeadlineClock",
     "Decision",
     "Dialect",
     "ENGINES",
     "FleetState",
     "ForwardTrust",
     "GiveUp",
+    "LazyDeadline",
     "HealthRules",
     "LOADING",
     "LoadFigures",

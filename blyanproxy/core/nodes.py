@@ -120,6 +120,7 @@ class NodeRegistry:
         self._nodes: dict[str, Node] = {}
         self._stats: dict[str, NodeStats] = {}
         self._listeners: list[Callable[[str, Node], None]] = []
+        self._ordered: tuple[Node, ...] | None = None  # ``nodes()`` until the next change
         self.active_id: str | None = None
 
     def listen(self, listener: Callable[[str, Node], None]) -> None:
@@ -127,12 +128,15 @@ class NodeRegistry:
         self._listeners.append(listener)
 
     def _announce(self, event: str, node: Node) -> None:
+        self._ordered = None
         for listener in list(self._listeners):
             listener(event, node)
 
-    def nodes(self) -> list[Node]:
-        """Every node, in registry order."""
-        return list(self._nodes.values())
+    def nodes(self) -> tuple[Node, ...]:
+        """Every node, in registry order (the same tuple until the registry changes)."""
+        if self._ordered is None:
+            self._ordered = tuple(self._nodes.values())
+        return self._ordered
 
     def get(self, node_id: str) -> Node | None:
         """The node with this id, or ``None``."""

@@ -11,7 +11,7 @@ import functools
 from typing import cast
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
@@ -259,7 +259,8 @@ class _Attempt:
         self.conn = conn
         self._exchange = exchange
         self.sent_at = clock.seconds()
-        self._deadline: IDelayedCall | None = clock.callLater(timeout, self._timed_out)
+        conn.deadline.arm(timeout, self._timed_out)  # the connection's own timer, not one per attempt
+        self._waiting = True
 
     def send(self, method: bytes, head: bytes, body: bytes) -> None:
         """Send the request (``head`` serialised); the head of its answer comes here."""
@@ -282,11 +283,11 @@ class _Attempt:
         self._exchange.answer_started(self, status, reason, headers, length)
 
     def _stop_waiting(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        if self._waiting:
+            self._waiting = False
+            self.conn.deadline.disarm()
 
     def _timed_out(self) -> None:
-        self._deadline = None
+        self._waiting = False
         self.conn.abort()
         self._exchange.attempt_failed(RESPONSE_TIMEOUT)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, cast
 
-from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, IReactorTime
+from twisted.internet.interfaces import IAddress, IProtocol, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from blyanproxy.core import (
+    DeadlineClock,
     ForwardTrust,
+    LazyDeadline,
     ProxyError,
     check_path,
     unfit_request_headers,
@@ -62,7 +64,7 @@ class ProxyRequest(server.Request):
     _received = 0
     _budget: BodyBudget | None = None  # once the head is in: where the body's bytes are counted
     _held = 0  # bytes counted against it
-    _body_deadline: IDelayedCall | None = None
+    _body_deadline_set = False  # the channel's deadline is this body's
 
     def gotLength(self, length: int | None) -> None:
         """The head is in: refuse an ambiguous framing or a declared length over the limit."""
@@ -86,7 +88,8 @@ class ProxyRequest(server.Request):
             return
         super().gotLength(length)
         if length != 0:  # a body follows (None: chunked)
-            self._body_deadline = self.channel.callLater(site.body_timeout, self._body_too_slow)
+            self.channel.deadline.arm(site.body_timeout, self._body_too_slow)
+            self._body_deadline_set = True
 
     def handleContentChunk(self, data: bytes) -> None:
         """A piece of the body: kept, unless it takes the body over the limit."""
@@ -127,13 +130,13 @@ class ProxyRequest(server.Request):
         content.close()
 
     def _body_too_slow(self) -> None:
-        self._body_deadline = None
+        self._body_deadline_set = False
         self._refuse(BODY_TIMEOUT, f"no complete body within {self.channel.site.body_timeout:g} s")
 
     def _stop_body_deadline(self) -> None:
-        if self._body_deadline is not None and self._body_deadline.active():
-            self._body_deadline.cancel()
-        self._body_deadline = None
+        if self._body_deadline_set:
+            self._body_deadline_set = False
+            self.channel.deadline.disarm()
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         """The body is complete: its deadline ends."""
@@ -237,7 +240,8 @@ class ProxyChannel(ChannelWithBadRequestHook):
     """
 
     site: ProxySite  # set by the site, which builds the channel
-    _head_deadline: IDelayedCall | None = None
+    #: The connection's one deadline: its next request head's, or (``ProxyRequest``) a body's.
+    deadline: LazyDeadline
     _client: str | None = None  # the peer address, once admitted by the site's connection counts
     # A connection's ends and security do not change: asked once, not for every request.
     _secure: bool | None = None
@@ -269,6 +273,7 @@ class ProxyChannel(ChannelWithBadRequestHook):
         already: then it gets the JSON 429 and the connection closes.
         """
         super().connectionMade()
+        self.deadline = LazyDeadline(cast(DeadlineClock, self.site.reactor))
         client = peer_host(self.transport)
         if not self.site.connections.admit(client):
             log.info("refused a connection from {client}: too many connections open", client=client)
@@ -292,23 +297,19 @@ class ProxyChannel(ChannelWithBadRequestHook):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """The connection closed: no deadline runs on, and it no longer counts against its address."""
-        self._stop_head_deadline()
+        self.deadline.stop()
         if self._client is not None:
             self.site.connections.closed(self._client)
             self._client = None
         super().connectionLost(reason)
 
     def _start_head_deadline(self) -> None:
-        self._stop_head_deadline()
-        self._head_deadline = self.callLater(self.site.header_timeout, self._head_too_slow)
+        self.deadline.arm(self.site.header_timeout, self._head_too_slow)
 
     def _stop_head_deadline(self) -> None:
-        if self._head_deadline is not None and self._head_deadline.active():
-            self._head_deadline.cancel()
-        self._head_deadline = None
+        self.deadline.disarm()
 
     def _head_too_slow(self) -> None:
-        self._head_deadline = None
         response, request_id = early_refusal(self, HEAD_TIMEOUT)
         log.info("closed a connection from {client}: no complete request head within {seconds:g} s "
                  "(request_id={request_id})",

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from blyanproxy.upstream.bodies import BodyTooLarge, read_capped
-from blyanproxy.upstream.client import BodyReceiver, UpstreamConnection, UpstreamPool, connect_quietly
+from blyanproxy.upstream.client import BodyReceiver, UpstreamConnection, UpstreamPool
+from blyanproxy.upstream.connecting import connect_quietly
 from blyanproxy.upstream.endpoints import NodeEndpoints, NodeTLSPolicy, load_trust_root
 from blyanproxy.upstream.http11 import (
     ProtocolError,

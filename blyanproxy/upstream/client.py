@@ -19,10 +19,12 @@ from typing import TYPE_CHECKING, TypeVar, cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from blyanproxy.core import DeadlineClock, LazyDeadline
+from blyanproxy.upstream.connecting import OneConnection, connect_quietly
 from blyanproxy.upstream.http11 import (
     MAX_HEAD,
     ChunkedBody,
@@ -35,7 +37,7 @@ from blyanproxy.upstream.http11 import (
 from blyanproxy.upstream.writethrough import write_through
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IAddress, IReactorTime, IStreamClientEndpoint
+    from twisted.internet.interfaces import IReactorTime
 
     from blyanproxy.upstream.endpoints import NodeEndpoints
 
@@ -46,24 +48,6 @@ _ONE_WRITE = 64 * 1024
 NodeAddress = tuple[str, str, int]
 
 _P = TypeVar("_P", bound=Protocol)
-
-
-class _OneConnection(Factory):
-    """Builds the one protocol given, without a log line per connection."""
-
-    noisy = False
-
-    def __init__(self, protocol: Protocol) -> None:
-        self._protocol = protocol
-
-    def buildProtocol(self, addr: IAddress | None) -> Protocol:
-        return self._protocol
-
-
-def connect_quietly(endpoint: IStreamClientEndpoint, protocol: _P) -> defer.Deferred[_P]:
-    """``endpoint.connect`` for one ready-made protocol; fires with it once connected."""
-    # An endpoint fires with the protocol its factory built (a TLS endpoint with the wrapped one).
-    return cast("defer.Deferred[_P]", endpoint.connect(_OneConnection(protocol)))
 
 
 class BodySink(typing.Protocol):
@@ -127,6 +111,10 @@ class UpstreamConnection(Protocol):
         self._in_body = False
         self._closed: defer.Deferred[None] | None = None
         self.bytes_received = 0
+        #: Fired with this connection by ``connectionMade`` (a connection made without an endpoint).
+        self.on_connected: defer.Deferred[UpstreamConnection] | None = None
+        #: The deadline of the request under way (its caller sets it); stopped when the connection closes.
+        self.deadline = LazyDeadline(cast(DeadlineClock, pool.clock))
 
     # -- the caller's side ----------------------------------------------------
 
@@ -197,6 +185,9 @@ class UpstreamConnection(Protocol):
         """Keep the transport, as what it is, and its write-through ``write``."""
         self._link = cast(_NodeTransport, self.transport)
         self._write = write_through(self.transport)
+        connected, self.on_connected = self.on_connected, None
+        if connected is not None:
+            connected.callback(self)
 
     def dataReceived(self, data: bytes) -> None:
         """Bytes from the node: the head of the response, then its body."""
@@ -312,6 +303,7 @@ class UpstreamConnection(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """The connection closed: leave the pool, and tell the receiver if one was waiting."""
+        self.deadline.stop()
         self._pool.forget(self)
         receiver, self._receiver = self._receiver, None
         if receiver is not None:
@@ -333,7 +325,7 @@ class UpstreamPool:
     """
 
     def __init__(self, clock: IReactorTime, endpoints: NodeEndpoints, max_idle: int, idle_timeout: float) -> None:
-        self._clock = clock
+        self.clock = clock
         self._endpoints = endpoints
         self._max_idle = max_idle
         self._idle_timeout = idle_timeout
@@ -344,7 +336,7 @@ class UpstreamPool:
         """A connection to the node: an idle one if young enough (unless ``fresh``), else a new one."""
         key = (scheme, host, port)
         idle = None if fresh else self._idle.get(key)
-        now = self._clock.seconds()
+        now = self.clock.seconds()
         while idle:
             conn = idle.pop()
             if now - conn.idle_since < self._idle_timeout and conn.transport is not None:
@@ -352,8 +344,15 @@ class UpstreamPool:
                 self._busy.add(conn)
                 return defer.succeed(conn)
             conn.close()
-        endpoint = self._endpoints.endpoint(scheme, host, port)
-        d = connect_quietly(endpoint, UpstreamConnection(self, key))
+        conn = UpstreamConnection(self, key)
+        if self._endpoints.connects_directly(scheme, host):
+            # Plain TCP to an address: ``connectTCP`` itself, without an endpoint's wrapping
+            # protocol between the connection and every byte it reads.
+            d: defer.Deferred[UpstreamConnection] = defer.Deferred(lambda _: connector.stopConnecting())
+            conn.on_connected = d
+            connector = self._endpoints.connect_tcp(host, port, OneConnection(conn, d))
+        else:
+            d = connect_quietly(self._endpoints.endpoint(scheme, host, port), conn)
         d.addCallback(self._connected)
         return d
 
@@ -368,7 +367,7 @@ class UpstreamPool:
         if len(idle) >= self._max_idle:
             conn.close()
             return
-        conn.idle_since = self._clock.seconds()
+        conn.idle_since = self.clock.seconds()
         idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:
@@ -380,7 +379,7 @@ class UpstreamPool:
 
     def sweep(self) -> None:
         """Close idle connections older than the idle timeout."""
-        now = self._clock.seconds()
+        now = self.clock.seconds()
         for idle in self._idle.values():
             for conn in [c for c in idle if now - c.idle_since >= self._idle_timeout]:
                 idle.remove(conn)

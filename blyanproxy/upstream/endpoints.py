@@ -19,7 +19,8 @@ from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IReactorTCP, IStreamClientEndpoint
+    from twisted.internet.interfaces import IConnector, IReactorTCP, IStreamClientEndpoint
+    from twisted.internet.protocol import ClientFactory
     from twisted.protocols.tls import TLSMemoryBIOProtocol
     from twisted.web.client import URI
 
@@ -91,6 +92,14 @@ class NodeEndpoints:
         self._reactor = reactor
         self._tls_policy = tls_policy
         self._timeout = connect_timeout
+
+    def connects_directly(self, scheme: str, host: str) -> bool:
+        """Whether a node at ``host`` is reached with ``connect_tcp`` (plain TCP to an IP address)."""
+        return scheme == "http" and (isIPAddress(host) or isIPv6Address(host))
+
+    def connect_tcp(self, host: str, port: int, factory: ClientFactory) -> IConnector:
+        """Connect to an IP address over plain TCP, with the connect timeout."""
+        return self._reactor.connectTCP(host, port, factory, timeout=self._timeout)
 
     def endpoint(self, scheme: str, host: str, port: int) -> IStreamClientEndpoint:
         """The endpoint for one node address."""

@@ -75,9 +75,15 @@ def test_nodes_keep_the_order_they_were_added_in(registry, events):
     assert registry.active_id is None
 
 
-def test_the_list_of_nodes_is_a_copy(registry):
+def test_the_nodes_are_a_tuple_kept_until_the_registry_changes(registry):
     registry.add(node(1))
-    registry.nodes().clear()
+    first = registry.nodes()
+    assert isinstance(first, tuple) and registry.nodes() is first  # nobody can change it; asked often, built once
+    registry.add(node(2))
+    assert [n.id for n in registry.nodes()] == ["n1", "n2"] and [n.id for n in first] == ["n1"]
+    registry.update("n1", name="renamed")
+    assert registry.nodes()[0].name == "renamed"
+    registry.remove("n2")
     assert [n.id for n in registry.nodes()] == ["n1"]
 
 

@@ -38,6 +38,9 @@ class FakeEndpoints:
     def __init__(self):
         self.connects = []
 
+    def connects_directly(self, scheme, host):
+        return False
+
     def endpoint(self, scheme, host, port):
         test = self
 
@@ -308,3 +311,64 @@ def test_a_101_to_a_request_that_asked_for_no_upgrade_fails_and_the_connection_i
     assert len(endpoints.connects) == 1
     connected(pool, endpoints)
     assert len(endpoints.connects) == 2  # the next request gets a new connection
+
+
+def direct_pool():
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.web.client import BrowserLikePolicyForHTTPS
+
+    from blyanproxy.upstream import NodeEndpoints
+
+    reactor = MemoryReactorClock()
+    return reactor, UpstreamPool(reactor, NodeEndpoints(reactor, BrowserLikePolicyForHTTPS(), 5.0), 4, 4.0)
+
+
+def test_a_node_at_an_address_is_connected_to_without_an_endpoint_and_fires_once_connected():
+    reactor, pool = direct_pool()
+    results = []
+    pool.connection("http", "127.0.0.1", 8000).addCallback(results.append)
+    host, port, factory, timeout, _ = reactor.tcpClients[0]
+    assert (host, port, timeout) == ("127.0.0.1", 8000, 5.0) and results == []
+    conn = factory.buildProtocol(None)
+    assert results == []  # not before the connection is made
+    conn.makeConnection(StringTransport())
+    assert results == [conn]
+    receiver = send(conn)
+    conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert receiver.body == b"ok" and receiver.ended == [None]
+    assert connected_again(pool) is conn  # kept alive, reused
+
+
+def connected_again(pool):
+    results = []
+    pool.connection("http", "127.0.0.1", 8000).addCallback(results.append)
+    return results[0]
+
+
+def test_a_direct_connection_that_fails_or_is_cancelled_reports_once():
+    from twisted.internet.error import ConnectionRefusedError
+
+    reactor, pool = direct_pool()
+    failures = []
+    pool.connection("http", "127.0.0.1", 8000).addErrback(failures.append)
+    factory = reactor.tcpClients[0][2]
+    factory.clientConnectionFailed(reactor.connectors[0], Failure(ConnectionRefusedError()))
+    assert [f.type for f in failures] == [ConnectionRefusedError]
+
+    cancelled = []
+    pending = pool.connection("http", "127.0.0.1", 8000)
+    pending.addErrback(cancelled.append)
+    pending.cancel()
+    connector = reactor.connectors[1]
+    assert connector.stoppedConnecting
+    reactor.tcpClients[1][2].clientConnectionFailed(connector, Failure(ConnectionRefusedError()))
+    assert [f.type for f in cancelled] == [defer.CancelledError]  # and no second report
+
+
+def test_a_named_or_tls_node_still_goes_through_an_endpoint():
+    from blyanproxy.upstream import NodeEndpoints
+
+    endpoints = NodeEndpoints(None, None, 5.0)
+    assert endpoints.connects_directly("http", "10.0.0.1") and endpoints.connects_directly("http", "::1")
+    assert not endpoints.connects_directly("https", "10.0.0.1")
+    assert not endpoints.connects_directly("http", "gpu-a.internal")
