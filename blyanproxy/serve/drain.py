@@ -47,6 +47,8 @@ class TrackedConnection(ProtocolWrapper):
     reactor's next turn.
     """
 
+    _held: list[bytes] | None = None  # while ``hold`` lasts: what was written
+
     def makeConnection(self, transport: ITransport) -> None:
         """Connected: writes go straight to ``transport`` when they can."""
         self._send = write_through(transport)
@@ -54,11 +56,25 @@ class TrackedConnection(ProtocolWrapper):
 
     def write(self, data: bytes) -> None:
         """Send ``data`` to the client."""
-        self._send(data)
+        if self._held is not None:
+            self._held.append(data)
+        else:
+            self._send(data)
 
     def writeSequence(self, data: Iterable[bytes]) -> None:
         """Send the pieces of ``data`` to the client, as one write."""
-        self._send(b"".join(data))
+        self.write(b"".join(data))
+
+    def hold(self) -> None:
+        """Keep what is written until ``release``, then send it as one write."""
+        if self._held is None:
+            self._held = []
+
+    def release(self) -> None:
+        """Send what was written since ``hold``."""
+        held, self._held = self._held, None
+        if held:
+            self._send(b"".join(held))
 
 
 class ConnectionTracker(WrappingFactory):

@@ -20,6 +20,7 @@ from blyanproxy.core import (
 )
 from blyanproxy.forward import CLIENT_CLOSED_STATUS, CLIENT_GONE, COMPLETE, RequestTally, TrafficRecorder
 from blyanproxy.logs import logger
+from blyanproxy.serve.drain import TrackedConnection
 from blyanproxy.serve.limits import BodyBudget, ConnectionCounts
 from blyanproxy.serve.refusals import (
     AMBIGUOUS_FRAMING,
@@ -162,6 +163,18 @@ class ProxyRequest(server.Request):
                  client=peer_host(transport), why=why, request_id=request_id)
         transport.write(response)
         transport.loseConnection()
+
+    def write(self, data: bytes) -> None:
+        """Write to the response: its head and the first piece of its body go out in one write."""
+        transport = self.channel.transport
+        if self.startedWriting or not data or not isinstance(transport, TrackedConnection):
+            super().write(data)
+            return
+        transport.hold()
+        try:
+            super().write(data)
+        finally:
+            transport.release()
 
     def process(self) -> None:
         """Render the request, unless it was refused."""

@@ -7,6 +7,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from blyanproxy.forward import TrafficRecorder
 from blyanproxy.serve import ProxySite, RootResource
@@ -248,3 +249,60 @@ def test_connections_per_client_address_are_capped():
     again, again_transport = connect(site, port=4)
     again.dataReceived(get)
     assert body_of(again_transport.value()) == b"forwarder"
+
+
+class CountingTransport(StringTransport):
+    """Counts the writes that reach it: each would be one ``send``."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.writes = 0
+
+    def write(self, data):
+        self.writes += 1
+        super().write(data)
+
+    def writeSequence(self, data):
+        self.writes += 1
+        super().write(b"".join(data))
+
+
+class Streaming(Resource):
+    """A leaf answering with a known length in one write, or streaming in three."""
+
+    isLeaf = True
+
+    def render(self, request):
+        if request.path == b"/one":
+            request.setHeader(b"content-length", b"5")
+            return b"hello"
+        request.write(b"")  # the head on its own (a stream announcing itself)
+        request.write(b"first")
+        request.write(b"second")
+        request.finish()
+        return NOT_DONE_YET
+
+
+def tracked_exchange(data):
+    from blyanproxy.serve import ConnectionTracker
+
+    tracker = ConnectionTracker(ProxySite(RootResource(Streaming(), prefixes={}, exact={}), 100, reactor=Clock()))
+    protocol = tracker.buildProtocol(IPv4Address("TCP", "192.0.2.7", 50000))
+    transport = CountingTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 50000))
+    protocol.makeConnection(transport)
+    protocol.dataReceived(data)
+    return transport
+
+
+def test_the_head_and_the_first_piece_of_the_body_go_out_in_one_write():
+    transport = tracked_exchange(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 200 OK\r\n") and transport.value().endswith(b"\r\n\r\nhello")
+    assert transport.writes == 1
+
+
+def test_a_head_written_alone_goes_out_at_once_and_the_stream_follows_in_order():
+    transport = tracked_exchange(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"Transfer-Encoding: chunked" in head
+    assert body == b"5\r\nfirst\r\n6\r\nsecond\r\n0\r\n\r\n"
+    assert transport.writes == 4  # the head, two chunks, the last chunk: nothing waits for a later write
