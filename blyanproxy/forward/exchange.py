@@ -223,12 +223,23 @@ class Exchange:
             if usage is not None:
                 self._tally.tokens_in, self._tally.tokens_out = usage.tokens_in, usage.tokens_out
         self._tally.end(self._request.code, _ENDINGS[how])
+        self._let_go()
 
     def _fail(self, err: ProxyError) -> None:
         if not self._client_gone:
             write_error(self._request, err)
             self._tally.bytes_out = self._request.sentLength  # the proxy's own answer's body
         self._tally.end(err.status, traffic.ended_by(err))
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """The exchange is over: its failover and relay hold it by their callbacks, and it holds them.
+
+        Those cycles are cut here, so the exchange and its parts are freed by
+        reference counting at once instead of by the cycle collector later.
+        """
+        self._failover.let_go()
+        self._relay = None
 
     def _on_client_gone(self, failure: Failure) -> None:
         self._client_gone = True

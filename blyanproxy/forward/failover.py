@@ -83,6 +83,18 @@ def classify_failure(failure: Failure) -> AttemptFailure:
     return NO_RESPONSE
 
 
+def _no_attempt(lease: Lease, fresh: bool) -> None:
+    """After ``Failover.let_go``: no attempt is made."""
+
+
+def _no_answer(error: ProxyError) -> None:
+    """After ``Failover.let_go``: nobody is answered."""
+
+
+def _nothing() -> None:
+    """After ``Failover.let_go``: nothing to abandon."""
+
+
 class Failover:
     """Carries out one request's ``Attempts`` decisions (see the module docstring).
 
@@ -114,6 +126,12 @@ class Failover:
         self._caller = caller
         self._ticket: Ticket | None = None
         self._queued_at = 0.0  # when the request joined the admission queue
+
+    def let_go(self) -> None:
+        """The exchange is over: forget its callbacks (they hold it), so nothing calls it again."""
+        self._try_node = _no_attempt
+        self._give_up = _no_answer
+        self._abandon = _nothing
 
     @property
     def count(self) -> int:

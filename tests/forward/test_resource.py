@@ -218,3 +218,33 @@ def test_a_websocket_handshake_waiting_on_a_node_that_goes_down_fails_over():
     other.processingFailed(Failure(error.ConnectionLost("client gone")))
     request.processingFailed(Failure(error.ConnectionLost("client gone")))
     assert registry.stats(second.id).in_flight == 0
+
+
+def test_a_finished_exchange_leaves_no_cycle_for_the_garbage_collector():
+    import gc
+
+    from blyanproxy.forward.exchange import Exchange
+    from blyanproxy.forward.failover import Failover
+    from blyanproxy.forward.relay import BodyRelay
+
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for answered in (True, False):  # an answer relayed, and a node that refused (a proxy each)
+            reactor = MemoryReactorClock()
+            root, _ = proxy_on(reactor, "http://10.1.1.1:8000")
+            request = render(root, Request(b"/v1/chat/completions", b"POST", b"{}"))
+            if answered:
+                protocol, _ = connect(reactor, 0)
+                protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                assert request.written == [b"ok"]
+            else:
+                fail_connect(reactor, 0, error.ConnectionRefusedError())
+                assert request.code == 502
+            del request
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage if isinstance(o, (Exchange, Failover, BodyRelay))]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert left == []  # freed by reference counting the moment the exchange ended
