@@ -49,6 +49,15 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{rest}s"
 
 
+def _header_names(kind: bytes) -> tuple[bytes, bytes, bytes]:
+    return b"x-ratelimit-limit-" + kind, b"x-ratelimit-remaining-" + kind, b"x-ratelimit-reset-" + kind
+
+
+#: The ``x-ratelimit-*`` header names, as OpenAI names them, for requests and for tokens.
+_REQUEST_HEADERS = _header_names(b"requests")
+_TOKEN_HEADERS = _header_names(b"tokens")
+
+
 @attrs.frozen
 class Verdict:
     """What ``RateLimiter.admit`` decided: ``allowed``, the ``headers`` to send, ``retry_after`` seconds."""
@@ -124,17 +133,16 @@ class RateLimiter:
 
     @staticmethod
     def _headers(limit: RateLimit, requests: _Bucket, tokens: _Bucket) -> tuple[tuple[bytes, bytes], ...]:
-        headers = []
-        for kind, value, bucket in (("requests", limit.rpm, requests), ("tokens", limit.tpm, tokens)):
-            if value is None:
-                continue
-            remaining = max(0, math.floor(bucket.level))
-            reset = (value - bucket.level) * 60.0 / value
-            headers += [
-                (b"x-ratelimit-limit-" + kind.encode(), b"%d" % value),
-                (b"x-ratelimit-remaining-" + kind.encode(), b"%d" % remaining),
-                (b"x-ratelimit-reset-" + kind.encode(), _duration(reset).encode()),
-            ]
+        headers: list[tuple[bytes, bytes]] = []
+        for (limit_name, remaining_name, reset_name), value, bucket in (
+            (_REQUEST_HEADERS, limit.rpm, requests), (_TOKEN_HEADERS, limit.tpm, tokens)
+        ):
+            if value is not None:
+                headers += [
+                    (limit_name, b"%d" % value),
+                    (remaining_name, b"%d" % max(0, math.floor(bucket.level))),
+                    (reset_name, _duration((value - bucket.level) * 60.0 / value).encode()),
+                ]
         return tuple(headers)
 
 

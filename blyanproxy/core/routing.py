@@ -63,6 +63,12 @@ class Route:
     model: str | None = None
     body: bytes | None = attrs.field(default=None, repr=False)
 
+    def naming(self, model: str | None, body: bytes) -> Route:
+        """This route for a body that names ``model``: ``attrs.evolve(self, model=model, body=body)``,
+        built directly (once per inference request; ``evolve`` looks the fields up each time)."""
+        return Route(upstream_target=self.upstream_target, affinity_key=self.affinity_key, tag=self.tag,
+                     index=self.index, node=self.node, api_target=self.api_target, model=model, body=body)
+
     @property
     def prefix_key(self) -> bytes | None:
         """The hash of the body's prompt's leading part (``core.prefix_key``, for ``cache-aware``), or ``None``.

@@ -37,7 +37,7 @@ def with_model(route: Route, method: bytes, body: bytes) -> Route:
     (``Route.prefix_key``), for a POST to an inference path (``names_model``)."""
     if not names_model(route, method):
         return route
-    return attrs.evolve(route, model=model_of(body), body=body)
+    return route.naming(model_of(body), body)
 
 
 class ProxyResource(Resource):

@@ -156,3 +156,15 @@ def test_dot_segments_and_backslashes_are_400_raw_or_encoded(target):
 @pytest.mark.parametrize("target", [b"/x/...", b"/x/.y", b"/x/y.", b"/v1/a..b", b"/x?p=../y", b"/x?p=a\\b"])
 def test_dots_that_are_not_dot_segments_pass(target):
     assert parse_route(target).upstream_target == target
+
+
+def test_naming_a_model_is_evolve_with_every_other_field_kept():
+    import attrs
+
+    from blyanproxy.core import Route
+
+    values = {"upstream_target": b"/v1/chat/completions?x=1", "affinity_key": b"k", "tag": "gpu", "index": 2,
+              "node": "n1", "api_target": b"/api/chat", "model": "old", "body": b"{}"}
+    assert set(values) == {field.name for field in attrs.fields(Route)}  # a new field must be kept by naming too
+    route = Route(**values)
+    assert route.naming("m-1", b'{"model":"m-1"}') == attrs.evolve(route, model="m-1", body=b'{"model":"m-1"}')
