@@ -132,6 +132,16 @@ class ChunkedBody:
         i, n = 0, len(data)
         while i < n:
             state = self._state
+            if state == 0 and framed and not self._line:
+                # The usual case when passing chunks on: a whole chunk with a bare size line is
+                # already what would be passed on, byte for byte.
+                newline = data.find(b"\r\n", i, i + 17)
+                if newline != -1 and _HEX_SIZE.match(data, i, newline):
+                    end = newline + 2 + int(data[i:newline], 16)
+                    if end > newline + 2 and data[end:end + 2] == b"\r\n":
+                        pieces.append(data[i:end + 2])
+                        i = end + 2
+                        continue
             if state == 2 and not self._crlf_seen and data[i:i + 2] == b"\r\n":
                 i += 2  # the usual case: the whole CRLF after a chunk's data
                 self._chunk_done(pieces, framed)
