@@ -93,10 +93,20 @@ def log_info_line(log: Logger, line: str, fields: Callable[[], dict[str, object]
         written = _INFO_WRITTEN.get(namespace)
         if written is None:
             written = _INFO_WRITTEN[namespace] = _PREDICATE.logLevelForNamespace(namespace) <= LogLevel.info
-        if written:
+        if not written:
+            return
+        try:
             direct.write_line(namespace, line)
-        return
+            return
+        except (OSError, ValueError):  # standard output broke (EPIPE, ENOSPC, closed): no more direct lines
+            _stop_direct_lines()
     log.info(line.replace("{", "{{").replace("}", "}}"), **fields())  # the line is the event's format
+
+
+def _stop_direct_lines() -> None:
+    """Write every line as a log event from now on (the observers' errors are the publisher's to handle)."""
+    global _DIRECT_TEXT
+    _DIRECT_TEXT = None
 
 
 # -- twistd's text log ------------------------------------------------------------------------------
@@ -256,8 +266,10 @@ def choose_process_log(runner: MutableMapping[str, Any] | None, log_format: str)
         return
     json_log = log_format == "json"
     if "logger" in runner:
-        on_stdout = runner.get("logfile") == "-" or (not runner.get("logfile") and runner.get("nodaemon"))
+        # A daemon's standard output is /dev/null: twistd itself refuses --logfile=- without -n.
+        on_stdout = runner.get("nodaemon") and runner.get("logfile") in (None, "", "-")
         if runner["logger"] is None and on_stdout and not runner.get("syslog"):
             runner["logger"] = TWISTD_JSON_LOGGER if json_log else TWISTD_TEXT_LOGGER
-    elif "fileLogObserverFactory" in runner:
-        runner["fileLogObserverFactory"] = JsonLinesObserver if json_log else text_log_observer
+    elif "fileLogObserverFactory" in runner and json_log:
+        # twist keeps its own text observer, behind its own --log-level filter.
+        runner["fileLogObserverFactory"] = JsonLinesObserver

@@ -23,7 +23,6 @@ from blyanproxy.logs import (
     log_info_line,
     logger,
     set_log_level,
-    text_log_observer,
 )
 
 
@@ -102,11 +101,14 @@ def test_twisted_python_log_events_keep_only_their_own_fields():
 
 @pytest.mark.parametrize("runner, log_format, expected", [
     ({"logger": None, "logfile": None, "nodaemon": True}, "json", TWISTD_JSON_LOGGER),
-    ({"logger": None, "logfile": "-", "nodaemon": False}, "json", TWISTD_JSON_LOGGER),
+    ({"logger": None, "logfile": "-", "nodaemon": True}, "json", TWISTD_JSON_LOGGER),
+    ({"logger": None, "logfile": "-", "nodaemon": False}, "json", None),
     ({"logger": None, "logfile": "proxy.log", "nodaemon": True}, "json", None),  # the log is not on stdout
     ({"logger": None, "logfile": None, "nodaemon": False}, "json", None),  # a daemon's twistd.log
     ({"logger": "my.observer", "logfile": None, "nodaemon": True}, "json", "my.observer"),  # the operator's
     ({"logger": None, "logfile": None, "nodaemon": True}, "text", TWISTD_TEXT_LOGGER),
+    ({"logger": None, "logfile": "-", "nodaemon": False}, "text", None),  # twistd refuses a daemon on stdout
+    ({"logger": None, "logfile": "-", "nodaemon": True}, "text", TWISTD_TEXT_LOGGER),
     ({"logger": None, "logfile": "proxy.log", "nodaemon": True}, "text", None),  # twistd writes its own file
     ({"logger": None, "logfile": None, "nodaemon": True, "syslog": True}, "json", None),  # to syslog
     ({"logger": None, "logfile": None, "nodaemon": True, "syslog": True}, "text", None),
@@ -120,8 +122,10 @@ def test_twist_is_given_our_observer_and_a_lone_options_object_is_left_alone():
     runner = {"fileLogObserverFactory": object()}
     choose_process_log(runner, "json")
     assert runner["fileLogObserverFactory"] is JsonLinesObserver
+    own = object()
+    runner = {"fileLogObserverFactory": own}
     choose_process_log(runner, "text")
-    assert runner["fileLogObserverFactory"] is text_log_observer
+    assert runner["fileLogObserverFactory"] is own  # twist's own choice (and --log-level filter) stays
     choose_process_log(None, "json")
 
 
@@ -203,3 +207,16 @@ def test_the_twistd_text_logger_name_is_the_text_observer_factory(monkeypatch):
     monkeypatch.setattr(logs, "_DIRECT_TEXT", None)
     observer = namedAny(TWISTD_TEXT_LOGGER)()
     assert isinstance(observer, ClassicTextObserver) and logs._DIRECT_TEXT is observer
+
+
+def test_a_broken_standard_output_turns_direct_lines_back_into_events(monkeypatch, captured):
+    class Broken(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(logs, "_DIRECT_TEXT", ClassicTextObserver(Broken()))
+    access = logger("access")
+    log_info_line(access, "first", lambda: {"status": 200})
+    log_info_line(access, "second", lambda: {"status": 201})
+    assert [(formatEvent(e), e["status"]) for e in captured] == [("first", 200), ("second", 201)]
+    assert logs._DIRECT_TEXT is None  # the publisher deals with a failing observer from now on

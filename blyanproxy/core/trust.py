@@ -45,12 +45,23 @@ class ForwardTrust:
         return ",".join(str(network) for network in self.networks)
 
 
-@functools.lru_cache(maxsize=4096)  # the same few peers (a proxy in front) come again and again
+#: Longer text is no IP address: it is parsed (and refused) without being remembered.
+_LONGEST_ADDRESS = 64
+
+
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``text`` as an IP address, or ``None``; the same few (a proxy in front) come again and again."""
+    return _parsed_address(text) if len(text) <= _LONGEST_ADDRESS else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         address = ipaddress.ip_address(text.strip().strip("[]"))
     except ValueError:
         return None
+    if getattr(address, "scope_id", None) is not None:
+        return None  # fe80::1%eth0: the zone is free text (``%x status=200`` would reach the access log)
     # An IPv4 peer on a dual-stack socket reads as ::ffff:a.b.c.d.
     mapped = getattr(address, "ipv4_mapped", None)
     return mapped or address

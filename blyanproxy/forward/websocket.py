@@ -1,26 +1,24 @@
 """WebSocket forwarding: the handshake goes to a node, then the two sockets are spliced.
 
-The proxy does not speak WebSocket itself. It sends the client's upgrade
-request to a node over a fresh connection and reads the node's answer head.
-On a ``101 Switching Protocols`` that completes the handshake for the
-client's key (``core.handshake_problem``: ``Upgrade: websocket``,
-``Connection: upgrade``, the right ``Sec-WebSocket-Accept``; any other 101 is
-a 502) it writes the node's head filtered like any response head, takes over
-the client's raw transport (``twistedinternals.take_over_connection``, the
-hook Twisted's own WebSocket resource uses) and copies bytes both ways, each
-side registered as the other's producer so neither direction buffers without
-bound. Any other answer is relayed as an ordinary HTTP response. The node is chosen and
-failed over like any request's (``failover.Failover``: a node that cannot be
-reached or stays silent past ``PROXY_TIMEOUT``); its answer, whatever the
-status, goes to the client. The request's tally gets the bytes each way
-after the upgrade and how the WebSocket ended (``client_closed``,
-``node_closed``).
+The proxy does not speak WebSocket itself. It sends the client's upgrade request to a node
+over a fresh connection and reads the node's answer head. On a ``101 Switching Protocols``
+that completes the handshake for the client's key (``core.handshake_problem``:
+``Upgrade: websocket``, ``Connection: upgrade``, the right ``Sec-WebSocket-Accept``; any
+other 101 is a 502) it writes the node's head filtered like any response head, takes over
+the client's raw transport (``twistedinternals.take_over_connection``, the hook Twisted's
+own WebSocket resource uses) and copies bytes both ways, each side registered as the
+other's producer so neither direction buffers without bound. Any other answer is relayed
+as an ordinary HTTP response. The node is chosen and failed over like any request's
+(``failover.Failover``: a node that cannot be reached or stays silent past
+``PROXY_TIMEOUT``); its answer, whatever the status, goes to the client. The request's
+tally gets the bytes each way after the upgrade and how the WebSocket ended
+(``client_closed``, ``node_closed``).
 """
 
 from __future__ import annotations
 
 import typing
-from typing import cast
+from typing import Callable, cast
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectingCancelledError
@@ -99,11 +97,12 @@ class _SpliceTransport(typing.Protocol):
 
 
 class _ClientSide(Protocol):
-    """The client's raw connection after the upgrade: bytes go to the node."""
+    """The client's raw connection after the upgrade: bytes go to the node (``released``: see connectionLost)."""
 
-    def __init__(self, splice: _Splice, node: _SpliceTransport) -> None:
+    def __init__(self, splice: _Splice, node: _SpliceTransport, released: Callable[[], None]) -> None:
         self._splice = splice
         self._node = node
+        self._released = released
 
     def connectionMade(self) -> None:
         """Keep the transport, as what it is (the upgrade hands over the channel's)."""
@@ -115,7 +114,9 @@ class _ClientSide(Protocol):
         self._node.write(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        """The client closed: so does the node's side."""
+        """The client closed: so does the node's side; the channel it was taken from gives back what it
+        held (``serve.ProxyChannel.released``: the upgrade replaced its own connectionLost)."""
+        self._released()
         self._splice.client_lost(reason)
 
 
@@ -183,7 +184,7 @@ class _Splice(Protocol):
 
     def _splice(self, headers: RawHeaders, rest: bytes) -> None:
         request = self._request
-        client = _ClientSide(self, self._node)
+        client = _ClientSide(self, self._node, getattr(request.channel, "released", lambda: None))
         take_over_connection(request.channel, client)
         self._client = client.link
         client.link.write(self._switched_head(headers) + rest)

@@ -55,6 +55,10 @@ class ConnectionCounts:
         self._open[address] += 1
         return True
 
+    def open_from(self, address: str) -> int:
+        """How many counted connections ``address`` has open."""
+        return self._open[address]
+
     def closed(self, address: str) -> None:
         """An admitted connection from ``address`` closed."""
         if not self._limit or self._unlimited.trusts(address):

@@ -166,8 +166,9 @@ class ProxyRequest(server.Request):
 
     def write(self, data: bytes) -> None:
         """Write to the response: its head and the first piece of its body go out in one write."""
-        transport = self.channel.transport
-        if self.startedWriting or not data or not isinstance(transport, TrackedConnection):
+        channel = None if self.startedWriting or not data else getattr(self, "channel", None)
+        transport = channel.transport if channel is not None else None
+        if not isinstance(transport, TrackedConnection):  # written already, nothing, or no connection
             super().write(data)
             return
         transport.hold()
@@ -310,11 +311,16 @@ class ProxyChannel(ChannelWithBadRequestHook):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """The connection closed: no deadline runs on, and it no longer counts against its address."""
+        self.released()
+        super().connectionLost(reason)
+
+    def released(self) -> None:
+        """The connection is gone (or, taken over by a WebSocket, has gone since): its deadline stops
+        and its address's slot is given back. Idempotent."""
         self.deadline.stop()
         if self._client is not None:
             self.site.connections.closed(self._client)
             self._client = None
-        super().connectionLost(reason)
 
     def _start_head_deadline(self) -> None:
         self.deadline.arm(self.site.header_timeout, self._head_too_slow)

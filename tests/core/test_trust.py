@@ -75,3 +75,15 @@ def test_forwarded_headers_are_kept_only_from_a_trusted_peer():
     assert stranger[b"x-forwarded-for"] == [b"198.51.100.9"]
     assert b"x-real-ip" not in stranger
     assert stranger[b"x-forwarded-proto"] == [b"http"]
+
+
+def test_an_ipv6_zone_or_an_overlong_entry_is_no_address_and_ends_the_walk():
+    from blyanproxy.core.trust import _parsed_address
+
+    trust = parse_forward_trust("127.0.0.1")
+    assert origin_address(trust, "127.0.0.1", [b"6.6.6.6, fe80::1%x status=200 node=evil"]) == "127.0.0.1"
+    assert origin_address(trust, "127.0.0.1", [b"fe80::1"]) == "fe80::1"
+    before = _parsed_address.cache_info().currsize
+    for n in range(50):  # client-chosen text is never remembered past the length of an address
+        assert origin_address(trust, "127.0.0.1", [b"1" * 70 + b"%d" % n]) == "127.0.0.1"
+    assert _parsed_address.cache_info().currsize == before

@@ -345,6 +345,27 @@ async def test_websocket_echo_through_the_proxy(devnode_factory, proxy_factory):
 
 
 @pytest_twisted.ensureDeferred
+async def test_websockets_that_ended_give_their_client_address_its_connections_back(reactor, devnode_factory,
+                                                                                   proxy_factory):
+    node = devnode_factory()
+    proxy = await proxy_factory([node.url], max_connections_per_client=2)
+
+    def one_websocket():
+        from websockets.sync.client import connect as ws_connect
+
+        with ws_connect(proxy.url.replace("http", "ws") + "/api/ws/echo", open_timeout=5, close_timeout=2) as ws:
+            ws.send("hi")
+            return ws.recv(timeout=5)
+
+    for _ in range(4):  # twice the cap, one after the other: each gives its slot back when it closes
+        assert await deferToThread(one_websocket) == "hi"
+        await eventually(reactor, lambda: proxy.site.connections.open_from("127.0.0.1") == 0)
+    response = await treq.get(proxy.url + "/_devnode/stats", timeout=5)
+    assert response.code == 200
+    await response.content()
+
+
+@pytest_twisted.ensureDeferred
 async def test_websocket_to_a_node_that_refuses_the_upgrade(devnode_factory, proxy_factory):
     node = devnode_factory()
     proxy = await proxy_factory([node.url])

@@ -306,3 +306,34 @@ def test_a_head_written_alone_goes_out_at_once_and_the_stream_follows_in_order()
     assert head.startswith(b"HTTP/1.1 200 OK") and b"Transfer-Encoding: chunked" in head
     assert body == b"5\r\nfirst\r\n6\r\nsecond\r\n0\r\n\r\n"
     assert transport.writes == 4  # the head, two chunks, the last chunk: nothing waits for a later write
+
+
+class Later(Resource):
+    """A leaf that answers some time later (as a forwarded request does)."""
+
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.requests = []
+
+    def render(self, request):
+        self.requests.append(request)
+        return NOT_DONE_YET
+
+
+def test_a_write_after_the_client_left_is_dropped_as_twisted_drops_it():
+    from twisted.internet.error import ConnectionDone
+
+    from blyanproxy.serve import ConnectionTracker
+
+    later = Later()
+    tracker = ConnectionTracker(ProxySite(RootResource(later, prefixes={}, exact={}), 100, reactor=Clock()))
+    protocol = tracker.buildProtocol(IPv4Address("TCP", "192.0.2.7", 50000))
+    transport = CountingTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 50000))
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    protocol.connectionLost(Failure(ConnectionDone()))
+    request = later.requests[0]
+    request.write(b"too late")  # no exception, nothing sent
+    assert transport.value() == b"" and transport.writes == 0
