@@ -59,25 +59,24 @@ def logger(name: str) -> Logger:
 
 def debugging(name: str) -> bool:
     """Whether DEBUG events of ``logger(name)`` are written now: callers skip building costly fields when not."""
-    written = _DEBUG_WRITTEN.get(name)
+    return _written(f"{NAMESPACE}.{name}", LogLevel.debug)
+
+
+#: Whether events of a namespace at a level are written, as last worked out (cleared when the level changes).
+_WRITTEN: dict[tuple[str, LogLevel], bool] = {}
+
+
+def _written(namespace: str, level: LogLevel) -> bool:
+    written = _WRITTEN.get((namespace, level))
     if written is None:
-        written = _DEBUG_WRITTEN[name] = _PREDICATE.logLevelForNamespace(f"{NAMESPACE}.{name}") <= LogLevel.debug
+        written = _WRITTEN[namespace, level] = _PREDICATE.logLevelForNamespace(namespace) <= level
     return written
-
-
-#: Whether DEBUG events of a part are written, as last worked out (cleared when the level changes).
-_DEBUG_WRITTEN: dict[str, bool] = {}
 
 
 def set_log_level(name: str) -> None:
     """Write blyanproxy events at ``name`` (DEBUG, INFO, WARN, ERROR) and above."""
     _PREDICATE.setLogLevelForNamespace(NAMESPACE, LOG_LEVELS[name.upper()])
-    _INFO_WRITTEN.clear()
-    _DEBUG_WRITTEN.clear()
-
-
-#: Whether INFO events of a namespace are written, as last worked out (cleared when the level changes).
-_INFO_WRITTEN: dict[str, bool] = {}
+    _WRITTEN.clear()
 
 
 def log_info_line(log: Logger, line: str, fields: Callable[[], dict[str, object]]) -> None:
@@ -88,15 +87,11 @@ def log_info_line(log: Logger, line: str, fields: Callable[[], dict[str, object]
     without building an event: the access log's way, once per request.
     """
     direct = _DIRECT_TEXT
-    namespace = log.namespace
     if direct is not None:
-        written = _INFO_WRITTEN.get(namespace)
-        if written is None:
-            written = _INFO_WRITTEN[namespace] = _PREDICATE.logLevelForNamespace(namespace) <= LogLevel.info
-        if not written:
+        if not _written(log.namespace, LogLevel.info):
             return
         try:
-            direct.write_line(namespace, line)
+            direct.write_line(log.namespace, line)
             return
         except (OSError, ValueError):  # standard output broke (EPIPE, ENOSPC, closed): no more direct lines
             _stop_direct_lines()
@@ -152,16 +147,11 @@ class ClassicTextObserver:
 _DIRECT_TEXT: ClassicTextObserver | None = None
 
 
-def text_log_observer(stream: TextIO) -> ClassicTextObserver:
-    """The process log's observer writing twistd's text format to ``stream`` (``log_info_line`` uses it)."""
-    global _DIRECT_TEXT
-    _DIRECT_TEXT = ClassicTextObserver(stream)
-    return _DIRECT_TEXT
-
-
 def text_stdout_observer() -> ClassicTextObserver:
-    """twistd's ``--logger`` factory for its text log on standard output."""
-    return text_log_observer(sys.stdout)
+    """twistd's ``--logger`` factory for its text log on standard output (``log_info_line`` writes to it)."""
+    global _DIRECT_TEXT
+    _DIRECT_TEXT = ClassicTextObserver(sys.stdout)
+    return _DIRECT_TEXT
 
 
 # -- LOG_FORMAT=json -------------------------------------------------------------------------------

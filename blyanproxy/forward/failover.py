@@ -83,16 +83,8 @@ def classify_failure(failure: Failure) -> AttemptFailure:
     return NO_RESPONSE
 
 
-def _no_attempt(lease: Lease, fresh: bool) -> None:
-    """After ``Failover.let_go``: no attempt is made."""
-
-
-def _no_answer(error: ProxyError) -> None:
-    """After ``Failover.let_go``: nobody is answered."""
-
-
-def _nothing() -> None:
-    """After ``Failover.let_go``: nothing to abandon."""
+def _ignored(*_: object) -> None:
+    """A callback after ``Failover.let_go``: nothing is tried, answered or abandoned."""
 
 
 class Failover:
@@ -129,9 +121,7 @@ class Failover:
 
     def let_go(self) -> None:
         """The exchange is over: forget its callbacks (they hold it), so nothing calls it again."""
-        self._try_node = _no_attempt
-        self._give_up = _no_answer
-        self._abandon = _nothing
+        self._try_node = self._give_up = self._abandon = _ignored
 
     @property
     def count(self) -> int:

@@ -29,7 +29,6 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from blyanproxy.core import ProxyError, UsageTail
-from blyanproxy.upstream import write_through
 
 #: How a relayed body ended, passed to the ``on_end`` callback.
 COMPLETE = "complete"
@@ -120,7 +119,9 @@ class BodyRelay:
         request.registerProducer(self, True)
         if self._raw_chunks is not None:
             request.write(b"")  # the head, announcing chunked framing
-            self._forward = write_through(request.channel.transport)
+            transport = request.channel.transport
+            assert transport is not None  # connected: the head was just written
+            self._forward = transport.write  # the tracked connection writes through
         self._schedule()
 
     def dataReceived(self, data: bytes) -> None:

@@ -257,27 +257,20 @@ class ProxyChannel(ChannelWithBadRequestHook):
     #: The connection's one deadline: its next request head's, or (``ProxyRequest``) a body's.
     deadline: LazyDeadline
     _client: str | None = None  # the peer address, once admitted by the site's connection counts
-    # A connection's ends and security do not change: asked once, not for every request.
-    _secure: bool | None = None
-    _host: IAddress | None = None
-    _peer_address: IAddress | None = None
+    _secure: bool  # the connection's security and ends: set by connectionMade
+    _host: IAddress
+    _peer_address: IAddress
 
     def isSecure(self) -> bool:
-        """Whether the connection is TLS (looked up once per connection)."""
-        if self._secure is None:
-            self._secure = super().isSecure()
+        """Whether the connection is TLS (looked up once, at ``connectionMade``)."""
         return self._secure
 
     def getHost(self) -> IAddress:
         """The local address (one ``getsockname`` per connection, not per request)."""
-        if self._host is None:
-            self._host = super().getHost()
         return self._host
 
     def getPeer(self) -> IAddress:
-        """The client's address (looked up once per connection)."""
-        if self._peer_address is None:
-            self._peer_address = super().getPeer()
+        """The client's address (looked up once, at ``connectionMade``)."""
         return self._peer_address
 
     def connectionMade(self) -> None:
@@ -286,6 +279,8 @@ class ProxyChannel(ChannelWithBadRequestHook):
         Unless the client's address has ``MAX_CONNECTIONS_PER_CLIENT`` open
         already: then it gets the JSON 429 and the connection closes.
         """
+        # A connection's ends and security do not change: asked once, not for every request.
+        self._secure, self._host, self._peer_address = super().isSecure(), super().getHost(), super().getPeer()
         super().connectionMade()
         self.deadline = LazyDeadline(cast(DeadlineClock, self.site.reactor))
         client = peer_host(self.transport)
