@@ -98,6 +98,14 @@ def logged_failures():
     globalLogPublisher.removeObserver(observe)
 
 
+async def all_timed_out(clients) -> None:
+    """Every one of ``clients`` got the JSON 408 ``request_timeout``, then the connection closed."""
+    for client in clients:
+        received = await client.wait_closed(timeout=5)
+        assert statuses(received) == [408]
+        assert error_code(json.loads(received.partition(b"\r\n\r\n")[2])) == "request_timeout"
+
+
 def statuses(received: bytes):
     """The statuses of the responses in ``received`` (bodies here never hold a status line)."""
     return [int(status) for status in re.findall(rb"HTTP/1\.[01] (\d{3}) ", received)]
@@ -147,10 +155,7 @@ async def test_slow_header_clients_get_408_and_others_are_served_meanwhile(react
         await sleep(reactor, 0.05)
         if all(client.closed.called for client in slow):
             break
-    for client in slow:
-        received = await client.wait_closed(timeout=5)
-        assert statuses(received) == [408]
-        assert error_code(json.loads(received.partition(b"\r\n\r\n")[2])) == "request_timeout"
+    await all_timed_out(slow)
     assert not any(line.startswith(b"GET /slow") for stream in node.received for line, _, _ in strict_requests(stream))
 
 
@@ -365,10 +370,7 @@ async def test_slow_bodies_are_cut_at_the_body_deadline(reactor, capture_node, p
         await sleep(reactor, 0.05)
         if all(client.closed.called for client in slow):
             break
-    for client in slow:
-        received = await client.wait_closed(timeout=5)
-        assert statuses(received) == [408]
-        assert error_code(json.loads(received.partition(b"\r\n\r\n")[2])) == "request_timeout"
+    await all_timed_out(slow)
     assert node.received == []
     assert proxy.site.body_budget.held == 0  # what they declared is free again
 
